@@ -1,0 +1,7 @@
+"""Entry point for ``python -m proxy``."""
+
+import sys
+
+from proxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""SQL access analysis: which tables and columns a statement touches, and how."""

@@ -1,0 +1,230 @@
+"""Accepting clients, counting them, forwarding cancel requests and shutting down happen here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import Callable
+
+from proxy.config import Config, is_unix_dir, parse_hostport
+from proxy.enforcement.hook import DeciderFactory, load_factory
+from proxy.session import Session, _Side, _StartupError
+from proxy.wire import codec
+
+log = logging.getLogger(__name__)
+
+
+def client_tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
+    mode = config.upstream_tls
+    if mode == "disable":
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if mode == "verify-full":
+        ctx.load_verify_locations(config.upstream_tls_ca)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:  # prefer / require: encrypt, do not verify (libpq's sslmode=require)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ProxyServer:
+    """The listening proxy: its sessions, their cancel keys, and its lifecycle."""
+
+    def __init__(self, config: Config, decider_factory: DeciderFactory | None = None) -> None:
+        self.config = config
+        self.decider_factory = decider_factory or load_factory(config.decider)
+        self.client_tls = client_tls_context(config)
+        self.upstream_tls = upstream_tls_context(config)
+        self.sessions: set[Session] = set()
+        self.admitted = 0
+        self.cancel_keys: dict[tuple[int, bytes], tuple[Session, bytes]] = {}
+        self.servers: list[asyncio.base_events.Server] = []
+        self.observers: list[Callable] = []
+        self.upstream_failures = 0
+        self.shutting_down = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for addr in self.config.listen:
+            host, port = parse_hostport(addr, "listen")
+            server = await loop.create_server(
+                lambda: _Side(Session(self), upstream=False), host, port, reuse_address=True, backlog=1024
+            )
+            self.servers.append(server)
+            log.info("listening on %s", addr)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                out.append(sock.getsockname()[:2])
+        return out
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting; let sessions finish their work; close stragglers with 57P01.
+
+        A session is closed as soon as it is idle outside a transaction block, so
+        running statements and open transactions get up to ``timeout`` seconds.
+        """
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        self.shutting_down = True
+        for server in self.servers:
+            server.close()
+        message = "terminating connection because purpose-proxy is shutting down"
+        for session in list(self.sessions):
+            session.draining = True
+            if session.relay is None or session.relay.idle:
+                session.terminate("57P01", message)
+        pending = [s.done for s in self.sessions if not s.done.done()]
+        if pending:
+            done, not_done = await asyncio.wait(pending, timeout=timeout)
+            if not_done:
+                log.warning("shutdown: closing %d sessions still busy after %.1fs", len(not_done), timeout)
+        for session in list(self.sessions):
+            session.terminate("57P01", message)
+        tasks = [s.task for s in list(self.sessions) if s.task is not None and not s.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except TimeoutError:
+                pass
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def admit(self, session: Session) -> bool:
+        if self.shutting_down:
+            raise _StartupError("57P03", "purpose-proxy is shutting down")
+        if self.admitted >= self.config.max_client_connections:
+            return False
+        self.admitted += 1
+        session.counted = True
+        return True
+
+    def forget(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            if session.counted:
+                self.admitted -= 1
+                session.counted = False
+            if session.relay is not None and session.relay.backend_key is not None and session.client_secret:
+                self.cancel_keys.pop((session.relay.backend_key[0], session.client_secret), None)
+
+    def observe(self, session: Session, events: list) -> None:
+        for observer in self.observers:
+            observer(session, events)
+
+    def upstream_failed(self) -> None:
+        self.upstream_failures += 1
+
+    # --- upstream ----------------------------------------------------------------------------
+
+    async def open_upstream(self, factory: Callable[[], _Side]) -> tuple[asyncio.Transport, _Side]:
+        """Connect to PostgreSQL and negotiate TLS as configured (55.2.10 "SSL Session Encryption")."""
+        loop = asyncio.get_running_loop()
+        upstream = self.config.upstream
+        async with asyncio.timeout(self.config.connect_timeout):
+            if is_unix_dir(upstream):
+                port = 5432
+                path = upstream
+                if ":" in upstream.rsplit("/", 1)[-1]:
+                    path, _, p = upstream.rpartition(":")
+                    port = int(p)
+                transport, side = await loop.create_unix_connection(factory, f"{path.rstrip('/')}/.s.PGSQL.{port}")
+                return transport, side
+            host, port = parse_hostport(upstream, "upstream")
+            transport, side = await loop.create_connection(factory, host, port)
+            ctx = self.upstream_tls
+            if ctx is None:
+                return transport, side
+            transport.write(codec.ssl_request())
+            await side.read_until(1, self.config.connect_timeout)
+            answer = bytes(side.buf[:1])
+            del side.buf[:1]
+            if answer == b"S":
+                transport = await loop.start_tls(transport, side, ctx, server_hostname=host)
+                side.transport = transport
+            elif self.config.upstream_tls != "prefer":
+                transport.close()
+                raise _StartupError("08006", "the upstream PostgreSQL server does not support TLS, "
+                                             f"but upstream_tls is {self.config.upstream_tls}")
+            return transport, side
+
+    # --- cancel requests ----------------------------------------------------------------------
+
+    def register_cancel_key(self, session: Session, pid: int, secret: bytes) -> bytes:
+        """Hand the client a proxy-owned secret for the backend's key (same pid, same length)."""
+        client_secret = secrets.token_bytes(len(secret))
+        self.cancel_keys[(pid, client_secret)] = (session, secret)
+        return client_secret
+
+    async def forward_cancel(self, pid: int, client_secret: bytes) -> None:
+        """Forward a CancelRequest to the backend that owns the key (55.2.8 "Canceling Requests")."""
+        entry = self.cancel_keys.get((pid, client_secret))
+        if entry is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        _, secret = entry
+        try:
+            transport, side = await self.open_upstream(lambda: _CancelSide())
+            transport.write(codec.cancel_request(pid, secret))
+            # PostgreSQL answers nothing and closes; wait briefly for that, then close.
+            try:
+                async with asyncio.timeout(2):
+                    await side.closed_future
+            except TimeoutError:
+                pass
+            transport.close()
+        except (OSError, TimeoutError, ssl.SSLError, _StartupError) as exc:
+            log.warning("could not forward cancel request: %s", exc)
+
+
+class _CancelSide(_Side):
+    """The upstream side of a cancel connection: it only waits for the server to close."""
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.buf = bytearray()
+        self.waiter = None
+        self.closed = False
+        self.closed_future = asyncio.get_running_loop().create_future()
+        self.upstream = True
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._wake()
+        if not self.closed_future.done():
+            self.closed_future.set_result(None)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass

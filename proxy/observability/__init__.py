@@ -1,0 +1,1 @@
+"""Observability: metrics, traces, audit records and logs, kept at the side of the core."""

@@ -1,0 +1,1 @@
+"""Purpose policy: decides whether a purpose may use what a statement touches."""

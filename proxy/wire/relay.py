@@ -1,0 +1,275 @@
+"""Protocol state and message routing of one proxied session happen here, without I/O.
+
+The asyncio shell (``proxy.session``) feeds bytes in with ``client_data`` and
+``server_data`` and writes out what accumulates in ``to_server`` and
+``to_client``. Nothing here awaits or touches a socket.
+
+Client messages are framed one by one (CopyData streams through opaque); every
+Query and Parse goes through ``decide`` and then ``enforcement.apply``. Backend
+messages are looked at by header only, except the few the proxy tracks:
+Authentication (to hide SCRAM channel binding), BackendKeyData (to hand the client
+a proxy-owned cancel key), ParameterStatus, ErrorResponse (to swap in refusals),
+the Copy*Responses and ReadyForQuery (phase and transaction status).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from proxy.enforcement.apply import MARKER_PREFIX, Refusal, apply, refusal_error
+from proxy.policy.decision import Block, Decision
+from proxy.wire import codec
+from proxy.wire.state import Phase
+
+log = logging.getLogger(__name__)
+
+Decide = Callable[[str, str], Decision]  # (sql, via) -> decision; via is "query" or "parse"
+KeyMapper = Callable[[int, bytes], bytes]  # (backend pid, backend secret) -> client secret
+
+# The client side frames every message except CopyData, which may be huge and is
+# never decided on.
+CLIENT_INSPECT = frozenset(range(256)) - {codec.F_COPY_DATA}
+SERVER_INSPECT = frozenset(
+    {
+        codec.B_AUTH,
+        codec.B_KEY_DATA,
+        codec.B_PARAMETER_STATUS,
+        codec.B_READY,
+        codec.B_ERROR,
+        codec.B_COPY_IN,
+        codec.B_COPY_OUT,
+        codec.B_COPY_BOTH,
+        codec.B_COPY_DONE,
+    }
+)
+_COPY_PHASES = {codec.B_COPY_IN: Phase.COPY_IN, codec.B_COPY_OUT: Phase.COPY_OUT,
+                codec.B_COPY_BOTH: Phase.COPY_BOTH}
+_EXTENDED_TYPES = frozenset({codec.F_PARSE, codec.F_BIND, codec.F_DESCRIBE, codec.F_EXECUTE,
+                             codec.F_CLOSE, codec.F_FLUSH})
+_MARKER = MARKER_PREFIX.encode()
+_MAX_PENDING_REFUSALS = 64
+
+
+@dataclass(slots=True)
+class StatementEvent:
+    """A decision the relay made: handed to the session for metrics, traces and audit."""
+
+    via: str
+    sql: str
+    decision: Decision
+    seconds: float
+
+
+class Relay:
+    """One session's protocol state machine and router (sans-IO)."""
+
+    def __init__(
+        self,
+        decide: Decide,
+        *,
+        key_mapper: KeyMapper | None = None,
+        max_message_size: int | None = codec.DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.decide = decide
+        self.key_mapper = key_mapper
+        self.phase = Phase.STARTUP
+        self.tx_status = b"I"
+        self.to_server: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.events: list[StatementEvent] = []
+        self.server_params: dict[str, str] = {}
+        self.backend_key: tuple[int, bytes] | None = None
+        self.authenticated = False
+        self.server_fatal = False  # the backend sent a FATAL/PANIC error: it is closing
+        self.close_after_flush = False
+        self._client = codec.Scanner(CLIENT_INSPECT, max_message_size)
+        self._server = codec.Scanner(SERVER_INSPECT, None)
+        self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
+        self._busy_phase = Phase.IDLE  # phase to return to after COPY ends
+        self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
+
+    # --- startup -----------------------------------------------------------------
+
+    def start(self, startup_packet: bytes) -> None:
+        """Send the client's StartupMessage upstream and begin relaying authentication."""
+        self.to_server.append(startup_packet)
+        self.phase = Phase.AUTH
+
+    @property
+    def client_at_boundary(self) -> bool:
+        """True when an ErrorResponse can be injected into the stream to the client."""
+        return self._server.at_boundary
+
+    @property
+    def idle(self) -> bool:
+        return self.phase is Phase.IDLE and self.tx_status == b"I"
+
+    # --- client -> server --------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        """Frame client bytes, decide on statements, queue what goes upstream.
+
+        Raises ``codec.ProtocolViolation`` on malformed input.
+        """
+        out = self.to_server
+        for item in self._client.feed(data):
+            if type(item) is bytes:  # CopyData, streamed opaque
+                if self.phase is not Phase.DISCARDING:
+                    out.append(item)
+                continue
+            t = item.type
+            if self.phase is Phase.DISCARDING:
+                # 55.2.3: after an error the backend discards messages until Sync. The
+                # proxy drops them too (nothing of a refused batch goes upstream) but
+                # passes Flush and Sync so the backend's own answers come as they would.
+                if t == codec.F_SYNC:
+                    self.phase = Phase.EXTENDED
+                    self._outstanding += 1
+                    out.append(item.raw)
+                elif t == codec.F_FLUSH:
+                    out.append(item.raw)
+                elif t == codec.F_TERMINATE:
+                    self.phase = Phase.CLOSED
+                    out.append(item.raw)
+                continue
+            if t == codec.F_QUERY:
+                self._outstanding += 1
+                self.phase = Phase.SIMPLE_QUERY
+                self._decide_and_forward(item, "query", None)
+            elif t == codec.F_PARSE:
+                self.phase = Phase.EXTENDED
+                self._decide_and_forward(item, "parse", codec.decode_parse(item.body))
+            elif t == codec.F_SYNC:
+                # The backend ignores Sync during COPY IN (copyfromparse.c), so only
+                # a Sync outside COPY IN earns a ReadyForQuery.
+                if self.phase is not Phase.COPY_IN:
+                    self._outstanding += 1
+                out.append(item.raw)
+            elif t in _EXTENDED_TYPES:
+                if self.phase is Phase.IDLE:
+                    self.phase = Phase.EXTENDED
+                out.append(item.raw)
+            elif t == codec.F_FUNCTION_CALL:
+                self._outstanding += 1
+                self.phase = Phase.SIMPLE_QUERY
+                out.append(item.raw)
+            elif t == codec.F_TERMINATE:
+                self.phase = Phase.CLOSED
+                out.append(item.raw)
+            else:
+                out.append(item.raw)
+
+    def _decide_and_forward(self, frame: codec.Frame, via: str, parse: codec.ParseMessage | None) -> None:
+        sql = parse.sql if parse is not None else codec.parse_query(frame.body)
+        started = time.perf_counter()
+        try:
+            decision = self.decide(sql, via)
+        except Exception:  # fail closed: a decider crash refuses the statement
+            log.exception("decision failed; refusing the statement")
+            decision = Block(
+                "purpose-proxy could not decide on this statement (internal error)",
+                sqlstate="XX000",
+                hint="The proxy log has the details. The statement was not run.",
+                reason="decider-error",
+            )
+        self.events.append(StatementEvent(via, sql, decision, time.perf_counter() - started))
+        if type(decision) is Block and decision.severity == "FATAL":
+            self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
+            return
+        wire = apply(decision, frame, parse)
+        self.to_server.append(wire.upstream)
+        if wire.refusal is not None:
+            self._refusals[wire.refusal.marker] = wire.refusal
+            while len(self._refusals) > _MAX_PENDING_REFUSALS:
+                self._refusals.popitem(last=False)
+            if parse is not None:
+                self.phase = Phase.DISCARDING
+
+    # --- server -> client --------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        out = self.to_client
+        for item in self._server.feed(data):
+            if type(item) is bytes:
+                out.append(item)
+                continue
+            t = item.type
+            if t == codec.B_READY:
+                self.tx_status = item.raw[5:6]
+                if self._outstanding > 0:
+                    self._outstanding -= 1
+                if self._outstanding == 0 and self.phase is not Phase.DISCARDING:
+                    self.phase = Phase.IDLE
+                elif self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH, Phase.AUTH):
+                    self.phase = self._busy_phase
+                if not self.authenticated:
+                    self.authenticated = True
+                out.append(item.raw)
+            elif t == codec.B_ERROR:
+                if item.raw[5:12] in (b"SFATAL\x00", b"SPANIC\x00"):
+                    self.server_fatal = True
+                out.append(self._swap_refusal(item.raw))
+                if self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH):
+                    self.phase = self._busy_phase
+            elif t in _COPY_PHASES:
+                if self.phase not in _COPY_PHASES.values():
+                    self._busy_phase = self.phase
+                self.phase = _COPY_PHASES[t]
+                out.append(item.raw)
+            elif t == codec.B_COPY_DONE:
+                if self.phase is Phase.COPY_OUT:
+                    self.phase = self._busy_phase
+                out.append(item.raw)
+            elif t == codec.B_PARAMETER_STATUS:
+                name, value = codec.parameter_status(item.body)
+                self.server_params[name] = value
+                out.append(item.raw)
+            elif t == codec.B_AUTH:
+                out.append(self._auth(item))
+            elif t == codec.B_KEY_DATA:
+                out.append(self._key_data(item))
+            else:
+                out.append(item.raw)
+
+    def _swap_refusal(self, raw: bytes) -> bytes:
+        if _MARKER not in raw:
+            return raw
+        for marker in list(self._refusals):
+            if marker in raw:
+                return self._refusals.pop(marker).error
+        # The stand-in of a refusal the proxy no longer tracks: never let the client
+        # see it as a syntax error.
+        return refusal_error(Block("statement refused by purpose-proxy", reason="expired-refusal"))
+
+    def _auth(self, frame: codec.Frame) -> bytes:
+        code = codec.auth_code(frame.body)
+        if code == codec.AUTH_SASL:
+            # SCRAM channel binding binds to the TLS channel the server sees, which is
+            # the proxy's, not the client's: it cannot work end to end, so hide it.
+            mechs = codec.sasl_mechanisms(frame.body)
+            kept = [m for m in mechs if not m.endswith("-PLUS")]
+            if kept != mechs:
+                return codec.auth_sasl(kept)
+        return frame.raw
+
+    def _key_data(self, frame: codec.Frame) -> bytes:
+        pid, secret = codec.decode_backend_key_data(frame.body)
+        self.backend_key = (pid, secret)
+        if self.key_mapper is None:
+            return frame.raw
+        return codec.backend_key_data(pid, self.key_mapper(pid, secret))
+
+    # --- failures ------------------------------------------------------------------
+
+    def fail(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
+        """Send a FATAL error to the client (when the stream allows it) and close."""
+        if self.client_at_boundary:
+            self.to_client.append(
+                codec.error_response(sqlstate, message, severity="FATAL", detail=detail, hint=hint)
+            )
+        self.phase = Phase.FAILED
+        self.close_after_flush = True
