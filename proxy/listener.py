@@ -12,8 +12,12 @@ from proxy.config import Config, is_unix_dir, parse_hostport
 from proxy.enforcement.hook import DeciderFactory, load_factory
 from proxy.session import Session, _Side, _StartupError
 from proxy.wire import codec
+from proxy.wire.state import Phase
 
 log = logging.getLogger(__name__)
+
+# Phases in which no statement is running upstream (see shutdown()).
+_NOT_RUNNING = frozenset({Phase.STARTUP, Phase.AUTH, Phase.IDLE, Phase.FAILED, Phase.CLOSED})
 
 
 def client_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -23,6 +27,20 @@ def client_tls_context(config: Config) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.tls_cert, config.tls_key)
     return ctx
+
+
+def leaf_certificate_der(path: str | None) -> bytes | None:
+    """The first certificate of a PEM file, DER-encoded (what a TLS peer receives)."""
+    if not path:
+        return None
+    with open(path) as f:
+        pem = f.read()
+    begin = pem.find("-----BEGIN CERTIFICATE-----")
+    end_marker = "-----END CERTIFICATE-----"
+    end = pem.find(end_marker, begin)
+    if begin < 0 or end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(pem[begin : end + len(end_marker)])
 
 
 def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -48,6 +66,7 @@ class ProxyServer:
         self.config = config
         self.decider_factory = decider_factory or load_factory(config.decider)
         self.client_tls = client_tls_context(config)
+        self.client_cert_der = leaf_certificate_der(config.tls_cert)
         self.upstream_tls = upstream_tls_context(config)
         self.sessions: set[Session] = set()
         self.admitted = 0
@@ -97,8 +116,17 @@ class ProxyServer:
             done, not_done = await asyncio.wait(pending, timeout=timeout)
             if not_done:
                 log.warning("shutdown: closing %d sessions still busy after %.1fs", len(not_done), timeout)
+        # A backend running a statement does not notice its connection closing until
+        # it next reads or writes, so a statement cut off here would run on (and an
+        # autocommit write commit) after the client was told the session is over.
+        # Cancel those statements, as PostgreSQL's own fast shutdown does.
+        running = [s.relay.backend_key for s in self.sessions
+                   if s.relaying and s.relay.backend_key is not None and s.relay.phase not in _NOT_RUNNING]
         for session in list(self.sessions):
             session.terminate("57P01", message)
+        if running:
+            await asyncio.wait([asyncio.ensure_future(self.cancel_backend(pid, secret))
+                                for pid, secret in running], timeout=5)
         tasks = [s.task for s in list(self.sessions) if s.task is not None and not s.task.done()]
         for task in tasks:
             task.cancel()
@@ -184,7 +212,10 @@ class ProxyServer:
         if entry is None:
             log.info("cancel request with an unknown key ignored")
             return
-        _, secret = entry
+        await self.cancel_backend(pid, entry[1])
+
+    async def cancel_backend(self, pid: int, secret: bytes) -> None:
+        """Send a CancelRequest with the backend's own key to PostgreSQL."""
         try:
             transport, side = await self.open_upstream(lambda: _CancelSide())
             transport.write(codec.cancel_request(pid, secret))

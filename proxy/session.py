@@ -203,6 +203,11 @@ class Session:
         except asyncio.CancelledError:
             self.close()
             raise
+        except ssl.SSLError as exc:
+            # The client's TLS handshake failed (upstream TLS errors become
+            # _StartupError in _connect_upstream); the connection is gone already.
+            log.info("session %s: client TLS handshake failed: %s", self.id, exc)
+            self.close()
         except Exception:
             log.exception("session %s: startup failed", self.id)
             self._fatal_startup("XX000", "purpose-proxy internal error during startup")
@@ -253,6 +258,7 @@ class Session:
         relay = Relay(decide, key_mapper=self._map_key, max_message_size=self.config.max_message_size)
         self.relay = relay
         await self._connect_upstream()
+        relay.channel_binding = self._same_certificate()
         relay.start(raw)
         self.relaying = True
         rest = bytes(client.buf)
@@ -282,6 +288,14 @@ class Session:
             side.buf.clear()
             self.relay.server_data(pending)
 
+    def _same_certificate(self) -> bool:
+        """True when client and upstream TLS both end in the same certificate (see Relay)."""
+        own = self.server.client_cert_der
+        if not self.info.tls or own is None:
+            return False
+        ssl_object = self.upstream.transport.get_extra_info("ssl_object")
+        return ssl_object is not None and ssl_object.getpeercert(binary_form=True) == own
+
     def _map_key(self, pid: int, secret: bytes) -> bytes:
         self.client_secret = self.server.register_cancel_key(self, pid, secret)
         return self.client_secret
@@ -289,7 +303,7 @@ class Session:
     def _fatal_startup(self, sqlstate: str, message: str, *, detail: str | None = None,
                        hint: str | None = None) -> None:
         client = self.client
-        if client is not None and not client.closed:
+        if client is not None and not client.closed and not client.transport.is_closing():
             client.transport.write(codec.error_response(sqlstate, message, severity="FATAL",
                                                         detail=detail, hint=hint))
         self.close()

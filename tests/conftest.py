@@ -51,12 +51,8 @@ def pg():
         return
     if find_pg_bin() is None:
         pytest.fail("PostgreSQL server binaries not found: install the postgresql package (see .ci/run)")
-    cluster = Cluster()
-    cluster.start()
-    try:
+    with Cluster() as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +76,13 @@ def start_proxy(pg):
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_tls():
+    """A second throwaway cluster with TLS on (``ssl = on``, self-signed cert at ``.cert``,
+    SAN localhost and 127.0.0.1), same users as ``pg``. Started once, on first use."""
+    if find_pg_bin() is None:
+        pytest.fail("PostgreSQL server binaries not found: install the postgresql package (see .ci/run)")
+    with Cluster(tls=True) as cluster:
+        yield cluster

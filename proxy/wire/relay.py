@@ -76,6 +76,10 @@ class Relay:
     ) -> None:
         self.decide = decide
         self.key_mapper = key_mapper
+        # True only when the client's TLS channel ends in the certificate PostgreSQL
+        # itself presents (set by the session after the upstream connect): then
+        # SCRAM-SHA-256-PLUS binds end to end and is passed through.
+        self.channel_binding = False
         self.phase = Phase.STARTUP
         self.tx_status = b"I"
         self.to_server: list[bytes] = []
@@ -242,14 +246,19 @@ class Relay:
             if marker in raw:
                 return self._refusals.pop(marker).error
         # The stand-in of a refusal the proxy no longer tracks: never let the client
-        # see it as a syntax error.
+        # see it as a syntax error. Only a syntax error (42601) can be one; any other
+        # error that merely mentions the prefix (a column of that name, say) is
+        # PostgreSQL's own answer and passes unchanged.
+        if b"C42601\x00" not in raw:
+            return raw
         return refusal_error(Block("statement refused by purpose-proxy", reason="expired-refusal"))
 
     def _auth(self, frame: codec.Frame) -> bytes:
         code = codec.auth_code(frame.body)
-        if code == codec.AUTH_SASL:
-            # SCRAM channel binding binds to the TLS channel the server sees, which is
-            # the proxy's, not the client's: it cannot work end to end, so hide it.
+        if code == codec.AUTH_SASL and not self.channel_binding:
+            # SCRAM channel binding (tls-server-end-point) binds to the certificate
+            # the server presents; the client sees the proxy's, so unless that is the
+            # same certificate the binding cannot work end to end: hide it.
             mechs = codec.sasl_mechanisms(frame.body)
             kept = [m for m in mechs if not m.endswith("-PLUS")]
             if kept != mechs:
