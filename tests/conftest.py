@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from proxy.devtools.cluster import DEFAULT_USERS, Cluster, find_pg_bin
-from tests.support.proxy import ProxyProcess
+from proxy.devtools.process import ProxyProcess
 
 
 class ExistingServer:

@@ -22,7 +22,7 @@ import pytest
 from psycopg import errors
 
 from proxy.devtools.cluster import Cluster, free_port
-from tests.support.proxy import ProxyProcess
+from proxy.devtools.process import ProxyProcess
 from tests.support.rawpg import RawConnection, ServerError, error_fields, query_message
 from tests.support.waiting import wait_for
 

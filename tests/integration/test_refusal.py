@@ -23,7 +23,7 @@ import pytest
 from psycopg import errors, pq
 
 from tests.support import deciders
-from tests.support.proxy import ProxyProcess
+from proxy.devtools.process import ProxyProcess
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from proxy.devtools.cluster import make_self_signed_cert
-from tests.support.proxy import ProxyProcess
+from proxy.devtools.process import ProxyProcess
 
 pytestmark = pytest.mark.integration
 

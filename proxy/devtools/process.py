@@ -1,4 +1,4 @@
-"""Starting the real purpose-proxy as a subprocess in front of a test cluster."""
+"""Running the real purpose-proxy as a subprocess, for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from proxy.devtools.cluster import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, so tests.support deciders import
 
 
 class ProxyProcess:

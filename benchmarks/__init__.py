@@ -1,0 +1,1 @@
+"""Benchmark harness: pgbench against PostgreSQL directly, through PgBouncer and through purpose-proxy."""
