@@ -44,7 +44,10 @@ def refusal_error(block: Block) -> bytes:
 
 
 def apply(decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | None = None) -> Wire:
-    """Return what to send upstream for a Query or Parse ``frame`` under ``decision``.
+    """Return what to send upstream for a Query, FunctionCall, Parse or Bind ``frame``.
+
+    ``parse`` is the decoded Parse when ``frame`` is one. A Bind is only ever
+    refused (a statement decided again after the purpose or policy changed).
 
     >>> q = codec.Frame(ord("Q"), codec.query("SELECT 1"))
     >>> apply(Allow(), q).upstream == q.raw
@@ -61,11 +64,15 @@ def apply(decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | No
         return Wire(codec.encode_parse(parse.name, decision.sql, parse.param_types))
     if type(decision) is Block:
         marker = MARKER_PREFIX + secrets.token_hex(12)
-        if parse is None:
-            upstream = codec.query(marker)
-        else:
+        if parse is not None:
             # Same statement name: PostgreSQL drops the unnamed statement before
             # parsing, and refuses a duplicate name only after parsing succeeded.
             upstream = codec.encode_parse(parse.name, marker, ())
+        elif frame.type == codec.F_BIND:
+            # Binding a statement that does not exist fails with 26000 naming it,
+            # and touches neither the client's statements nor its portals.
+            upstream = codec.encode_bind("", marker)
+        else:  # Query or FunctionCall: both end in one ReadyForQuery
+            upstream = codec.query(marker)
         return Wire(upstream, Refusal(marker.encode(), refusal_error(decision), decision))
     raise TypeError(f"not a decision: {decision!r}")

@@ -104,6 +104,11 @@ class Scanner:
         self._need = 0  # total bytes the held-back message needs (0: header unknown)
         self._skip = 0  # bytes of an opaque message still to pass through
 
+    def _bad_length(self, typ: int, length: int) -> None:
+        if length < 4 or length > 0x7FFFFFFF:
+            raise ProtocolViolation(f"invalid message length {length} for message type {typ!r}")
+        raise MessageTooLarge(f"message of type {chr(typ)!r} is {length} bytes, over the limit of {self.max_size}")
+
     @property
     def at_boundary(self) -> bool:
         """True when everything passed through so far ends on a message boundary."""
@@ -130,18 +135,13 @@ class Scanner:
         items: list = []
         seg = 0
         inspect = self.inspect
-        max_size = self.max_size
+        max_size = self.max_size or 0x7FFFFFFF
         unpack = _HDR.unpack_from
-        while pos < n:
-            if n - pos < 5:
-                break
+        last = n - 5  # a header needs 5 bytes
+        while pos <= last:
             typ, length = unpack(data, pos)
-            if length < 4 or length > 0x7FFFFFFF:
-                raise ProtocolViolation(f"invalid message length {length} for message type {typ!r}")
-            if max_size is not None and length > max_size:
-                raise MessageTooLarge(
-                    f"message of type {chr(typ)!r} is {length} bytes, over the limit of {max_size}"
-                )
+            if length > max_size or length < 4:
+                self._bad_length(typ, length)
             end = pos + 1 + length
             if typ in inspect:
                 if end > n:
@@ -312,6 +312,26 @@ def encode_parse(name: str, sql: str, param_types: tuple[int, ...] = ()) -> byte
         + struct.pack(f"!h{len(param_types)}I", len(param_types), *param_types)
     )
     return message(b"P", body)
+
+
+def encode_bind(portal: str, statement: str) -> bytes:
+    """A Bind with no parameters and no result-format codes."""
+    return message(b"B", cstring(portal) + cstring(statement) + b"\x00\x00\x00\x00\x00\x00")
+
+
+def cstring_at(raw: bytes, start: int) -> str:
+    """The NUL-terminated string of ``raw`` starting at ``start``."""
+    end = raw.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolViolation("missing string terminator")
+    return raw[start:end].decode("utf-8", "surrogateescape")
+
+
+def function_call_oid(body: bytes) -> int:
+    """The function OID of a FunctionCall body."""
+    if len(body) < 4:
+        raise ProtocolViolation("FunctionCall too short")
+    return _I32.unpack_from(body, 0)[0]
 
 
 def terminate() -> bytes:

@@ -4,8 +4,10 @@ The asyncio shell (``proxy.session``) feeds bytes in with ``client_data`` and
 ``server_data`` and writes out what accumulates in ``to_server`` and
 ``to_client``. Nothing here awaits or touches a socket.
 
-Client messages are framed one by one (CopyData streams through opaque); every
-Query and Parse goes through ``decide`` and then ``enforcement.apply``. Backend
+Client messages are looked at by header; the relay frames only those it acts
+on (Query, Parse, FunctionCall, Sync, Flush, Close, Terminate; Bind too once a
+decision may have gone stale) and every Query, Parse and FunctionCall goes
+through ``decide`` and then ``enforcement.apply``. Backend
 messages are looked at by header only, except the few the proxy tracks:
 Authentication (to hide SCRAM channel binding), BackendKeyData (to hand the client
 a proxy-owned cancel key), ParameterStatus, ErrorResponse (to swap in refusals),
@@ -27,12 +29,18 @@ from proxy.wire.state import Phase
 
 log = logging.getLogger(__name__)
 
-Decide = Callable[[str, str], Decision]  # (sql, via) -> decision; via is "query" or "parse"
+Decide = Callable[[str, str], Decision]  # (sql, via) -> decision; via: "query", "parse", "function_call"
 KeyMapper = Callable[[int, bytes], bytes]  # (backend pid, backend secret) -> client secret
 
-# The client side frames every message except CopyData, which may be huge and is
-# never decided on.
-CLIENT_INSPECT = frozenset(range(256)) - {codec.F_COPY_DATA}
+# Client messages the relay frames; the rest (Bind, Execute, Describe, CopyData...)
+# stream through opaque. Sync and Flush are framed so that, while discarding, every
+# opaque byte can simply be dropped.
+CLIENT_INSPECT = frozenset({codec.F_QUERY, codec.F_PARSE, codec.F_FUNCTION_CALL, codec.F_SYNC,
+                            codec.F_FLUSH, codec.F_CLOSE, codec.F_TERMINATE})
+# Once a decision may have gone stale (the decider's epoch moved: a purpose change
+# or a policy reload), Bind is framed too, so that a statement prepared earlier is
+# decided again before it runs.
+CLIENT_INSPECT_BIND = CLIENT_INSPECT | {codec.F_BIND}
 SERVER_INSPECT = frozenset(
     {
         codec.B_AUTH,
@@ -48,8 +56,6 @@ SERVER_INSPECT = frozenset(
 )
 _COPY_PHASES = {codec.B_COPY_IN: Phase.COPY_IN, codec.B_COPY_OUT: Phase.COPY_OUT,
                 codec.B_COPY_BOTH: Phase.COPY_BOTH}
-_EXTENDED_TYPES = frozenset({codec.F_PARSE, codec.F_BIND, codec.F_DESCRIBE, codec.F_EXECUTE,
-                             codec.F_CLOSE, codec.F_FLUSH})
 _MARKER = MARKER_PREFIX.encode()
 _MAX_PENDING_REFUSALS = 64
 
@@ -69,12 +75,16 @@ class Relay:
 
     def __init__(
         self,
-        decide: Decide,
+        decider: Decide,
         *,
         key_mapper: KeyMapper | None = None,
         max_message_size: int | None = codec.DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        self.decide = decide
+        # A decider is a callable, or an object with ``decide(sql, via)`` and an
+        # ``epoch`` that changes whenever earlier decisions may no longer hold.
+        self.decide: Decide = getattr(decider, "decide", decider)
+        self._decider = decider
+        self._epoch = getattr(decider, "epoch", 0)
         self.key_mapper = key_mapper
         # True only when the client's TLS channel ends in the certificate PostgreSQL
         # itself presents (set by the session after the upstream connect): then
@@ -95,6 +105,8 @@ class Relay:
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
         self._busy_phase = Phase.IDLE  # phase to return to after COPY ends
         self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
+        # Prepared statements by name: (Parse, its decision, the epoch it was decided in).
+        self._statements: dict[str, tuple[codec.ParseMessage, Decision, object]] = {}
 
     # --- startup -----------------------------------------------------------------
 
@@ -110,7 +122,15 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        return self.phase is Phase.IDLE and self.tx_status == b"I"
+        """Nothing in flight and no transaction block open: a quiet point of the session."""
+        return self.phase is Phase.IDLE and self.tx_status == b"I" and self._outstanding == 0
+
+    def refresh_epoch(self) -> None:
+        """Look at the decider's epoch again (the session calls this after a policy reload)."""
+        epoch = getattr(self._decider, "epoch", 0)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._client.inspect = CLIENT_INSPECT_BIND
 
     # --- client -> server --------------------------------------------------------
 
@@ -121,12 +141,16 @@ class Relay:
         """
         out = self.to_server
         for item in self._client.feed(data):
-            if type(item) is bytes:  # CopyData, streamed opaque
-                if self.phase is not Phase.DISCARDING:
-                    out.append(item)
+            phase = self.phase
+            if type(item) is bytes:  # Bind/Execute/Describe/CopyData...: opaque
+                if phase is Phase.IDLE:
+                    self.phase = Phase.EXTENDED
+                elif phase is Phase.DISCARDING:
+                    continue
+                out.append(item)
                 continue
             t = item.type
-            if self.phase is Phase.DISCARDING:
+            if phase is Phase.DISCARDING:
                 # 55.2.3: after an error the backend discards messages until Sync. The
                 # proxy drops them too (nothing of a refused batch goes upstream) but
                 # passes Flush and Sync so the backend's own answers come as they would.
@@ -144,32 +168,78 @@ class Relay:
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
                 self._decide_and_forward(item, "query", None)
-            elif t == codec.F_PARSE:
-                self.phase = Phase.EXTENDED
-                self._decide_and_forward(item, "parse", codec.decode_parse(item.body))
             elif t == codec.F_SYNC:
                 # The backend ignores Sync during COPY IN (copyfromparse.c), so only
                 # a Sync outside COPY IN earns a ReadyForQuery.
-                if self.phase is not Phase.COPY_IN:
+                if phase is not Phase.COPY_IN:
                     self._outstanding += 1
+                    if phase is Phase.IDLE:
+                        self.phase = Phase.EXTENDED
                 out.append(item.raw)
-            elif t in _EXTENDED_TYPES:
-                if self.phase is Phase.IDLE:
+            elif t == codec.F_PARSE:
+                self.phase = Phase.EXTENDED
+                parse = codec.decode_parse(item.body)
+                decision = self._decide_and_forward(item, "parse", parse)
+                if decision is not None and type(decision) is not Block:
+                    self._statements[parse.name] = (parse, decision, self._epoch)
+                else:
+                    self._statements.pop(parse.name, None)
+            elif t == codec.F_BIND:
+                self._bind(item)
+            elif t == codec.F_CLOSE:
+                if item.raw[5:6] == b"S":
+                    self._statements.pop(codec.cstring_at(item.raw, 6), None)
+                if phase is Phase.IDLE:
                     self.phase = Phase.EXTENDED
                 out.append(item.raw)
             elif t == codec.F_FUNCTION_CALL:
+                # FunctionCall (55.7) runs a function by OID outside SQL: decided
+                # like a statement, refused through the same stand-in as a Query.
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
-                out.append(item.raw)
+                self._decide_and_forward(item, "function_call", None)
             elif t == codec.F_TERMINATE:
                 self.phase = Phase.CLOSED
                 out.append(item.raw)
             else:
+                if phase is Phase.IDLE:
+                    self.phase = Phase.EXTENDED
                 out.append(item.raw)
 
-    def _decide_and_forward(self, frame: codec.Frame, via: str, parse: codec.ParseMessage | None) -> None:
-        sql = parse.sql if parse is not None else codec.parse_query(frame.body)
-        started = time.perf_counter()
+    def _bind(self, frame: codec.Frame) -> None:
+        """Bind after the epoch moved: decide the statement again before it runs."""
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.EXTENDED
+        portal_end = frame.raw.find(b"\x00", 5)  # Bind: portal name, then statement name
+        if portal_end < 0:
+            raise codec.ProtocolViolation("malformed Bind message")
+        name = codec.cstring_at(frame.raw, portal_end + 1)
+        entry = self._statements.get(name)
+        if entry is None or entry[2] == self._epoch:
+            self.to_server.append(frame.raw)
+            return
+        parse, before, _ = entry
+        now = self._decide(parse.sql, "parse")
+        if now == before or (type(now) is type(before) and type(now) is not Block
+                             and getattr(now, "sql", None) == getattr(before, "sql", None)):
+            self._statements[name] = (parse, before, self._epoch)
+            self.to_server.append(frame.raw)
+            return
+        if type(now) is not Block:
+            now = Block(
+                "prepared statement was decided under another purpose or policy and must be prepared again",
+                sqlstate="0A000",
+                detail=f"statement {name or '(unnamed)'!s} was prepared before the session's purpose or the policy changed",
+                hint="Prepare the statement again (DEALLOCATE it, or reconnect).",
+                reason="stale-prepared-statement",
+            )
+        self._statements.pop(name, None)
+        wire = apply(now, frame)
+        self.to_server.append(wire.upstream)
+        self._refuse(wire.refusal)
+        self.phase = Phase.DISCARDING
+
+    def _decide(self, sql: str, via: str) -> Decision:
         try:
             decision = self.decide(sql, via)
         except Exception:  # fail closed: a decider crash refuses the statement
@@ -180,18 +250,38 @@ class Relay:
                 hint="The proxy log has the details. The statement was not run.",
                 reason="decider-error",
             )
+        epoch = getattr(self._decider, "epoch", 0)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._client.inspect = CLIENT_INSPECT_BIND
+        return decision
+
+    def _decide_and_forward(self, frame: codec.Frame, via: str, parse: codec.ParseMessage | None) -> Decision | None:
+        if parse is not None:
+            sql = parse.sql
+        elif via == "query":
+            sql = codec.parse_query(frame.body)
+        else:
+            sql = f"-- FunctionCall of function oid {codec.function_call_oid(frame.body)}"
+        started = time.perf_counter()
+        decision = self._decide(sql, via)
         self.events.append(StatementEvent(via, sql, decision, time.perf_counter() - started))
         if type(decision) is Block and decision.severity == "FATAL":
             self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
-            return
+            return None
         wire = apply(decision, frame, parse)
         self.to_server.append(wire.upstream)
         if wire.refusal is not None:
-            self._refusals[wire.refusal.marker] = wire.refusal
-            while len(self._refusals) > _MAX_PENDING_REFUSALS:
-                self._refusals.popitem(last=False)
+            self._refuse(wire.refusal)
             if parse is not None:
                 self.phase = Phase.DISCARDING
+        return decision
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Remember a refusal until PostgreSQL's error on its stand-in comes back."""
+        self._refusals[refusal.marker] = refusal
+        while len(self._refusals) > _MAX_PENDING_REFUSALS:
+            self._refusals.popitem(last=False)
 
     # --- server -> client --------------------------------------------------------
 

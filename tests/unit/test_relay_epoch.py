@@ -1,0 +1,116 @@
+"""A prepared statement is decided again at Bind once the decider's epoch moved."""
+
+from proxy.policy.decision import ALLOW, Block
+from proxy.wire import codec
+from proxy.wire.relay import Relay
+from proxy.wire.state import Phase
+
+
+class Decider:
+    """A decider whose answer and epoch the test sets (a purpose change, say)."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.answer = ALLOW
+        self.seen = []
+
+    def decide(self, sql, via):
+        self.seen.append((sql, via))
+        return self.answer
+
+
+def ready_relay(decider):
+    relay = Relay(decider)
+    relay.phase = Phase.IDLE
+    return relay
+
+
+def execute(portal=""):
+    return codec.message(b"E", codec.cstring(portal) + b"\x00\x00\x00\x00")
+
+
+def sync():
+    return codec.message(b"S", b"")
+
+
+def test_bind_is_opaque_while_the_epoch_holds():
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    r.to_server.clear()
+    bind = codec.encode_bind("", "s1")
+    r.client_data(bind + execute() + sync())
+    assert b"".join(r.to_server) == bind + execute() + sync()
+    assert d.seen == [("SELECT 1", "parse")]
+
+
+def test_bind_after_epoch_change_with_same_decision_passes():
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    d.epoch = 1
+    r.client_data(codec.query("SET pii.purpose = 'x'"))  # any decision notices the epoch
+    r.to_server.clear()
+    bind = codec.encode_bind("", "s1")
+    r.client_data(bind + execute() + sync())
+    assert b"".join(r.to_server) == bind + execute() + sync()
+    assert d.seen[-1] == ("SELECT 1", "parse")
+
+
+def test_bind_after_epoch_change_to_block_is_refused_until_sync():
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT secret FROM t", ()) + sync())
+    d.epoch = 1
+    d.answer = Block("purpose x may not read secret", detail="column t.secret")
+    r.refresh_epoch()  # as the session does after a policy reload
+    r.to_server.clear()
+    r.client_data(codec.encode_bind("", "s1") + execute() + sync())
+    sent = b"".join(r.to_server)
+    marker = sent[sent.index(b"purpose_proxy_refused_"):].split(b"\x00")[0].decode()
+    # The stand-in Bind, then only the Sync: the Execute was discarded.
+    assert sent == codec.encode_bind("", marker) + sync()
+    assert r.phase is Phase.EXTENDED  # Sync ended the discarding
+    # PostgreSQL answers the stand-in Bind with 26000 naming it; the client sees the refusal.
+    r.server_data(codec.error_response("26000", f'prepared statement "{marker}" does not exist')
+                  + codec.ready_for_query(b"I"))
+    out = b"".join(r.to_client)
+    fields = codec.parse_error_fields(out[5:out.index(b"Z")])
+    assert fields["C"] == "42501" and fields["M"] == "purpose x may not read secret"
+
+
+def test_bind_of_statement_allowed_before_but_masked_now_must_be_prepared_again():
+    from proxy.policy.decision import Mask
+
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT email FROM m", ()) + sync())
+    d.epoch = 1
+    d.answer = Mask("SELECT masked FROM m")
+    r.refresh_epoch()
+    r.to_server.clear()
+    r.client_data(codec.encode_bind("", "s1") + execute() + sync())
+    marker = b"".join(r.to_server).split(b"purpose_proxy_refused_")[1][:24]
+    r.server_data(codec.error_response("26000", "prepared statement \"purpose_proxy_refused_" + marker.decode()
+                                       + "\" does not exist") + codec.ready_for_query(b"I"))
+    out = b"".join(r.to_client)
+    assert codec.parse_error_fields(out[5:out.index(b"Z")])["C"] == "0A000"
+
+
+def test_closed_statement_is_forgotten():
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    r.client_data(codec.message(b"C", b"Ss1\x00") + sync())
+    assert "s1" not in r._statements
+
+
+def test_function_call_is_decided_and_refused_like_a_query():
+    d = Decider()
+    d.answer = Block("function calls are refused")
+    r = ready_relay(d)
+    fc = codec.message(b"F", b"\x00\x00\x0b\xb8" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+    r.client_data(fc)
+    sent = b"".join(r.to_server)
+    assert sent.startswith(b"Q") and b"purpose_proxy_refused_" in sent
+    assert d.seen == [("-- FunctionCall of function oid 3000", "function_call")]
