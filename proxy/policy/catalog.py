@@ -1,0 +1,303 @@
+"""The personal-data catalog (catalog.yaml): categories, which columns hold which categories, and declared functions.
+
+Lookups fail closed where the catalog says so: a column not listed falls into its
+table's or schema's ``personal_by_default`` category; only columns outside both are
+not personal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from proxy.analysis.model import Column, Table
+from proxy.policy import vocabulary as v
+from proxy.policy.problems import Collector
+from proxy.policy.sources import YamlList, YamlMap, line_of, load_yaml
+
+FILE = "catalog.yaml"
+TOP_KEYS = ("categories", "schemas", "tables", "functions")
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    name: str
+    description: str
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TableEntry:
+    table: Table
+    columns: Mapping[str, tuple[str, ...]]
+    subject: str | None = None
+    personal_by_default: str | None = None
+    line: int | None = None
+    column_lines: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionEntry:
+    """A user-defined function and the columns it reads (and writes)."""
+
+    name: str
+    reads: tuple[Column, ...] = ()
+    writes: tuple[Column, ...] = ()
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    categories: Mapping[str, Category]
+    tables: Mapping[Table, TableEntry]
+    schema_defaults: Mapping[str, str]  # schema -> personal_by_default category
+    functions: Mapping[str, FunctionEntry]
+    file: str = FILE
+    schema_lines: Mapping[str, int] = field(default_factory=dict)
+
+    def categories_of(self, column: Column) -> tuple[str, ...]:
+        """The categories a column holds; () when it is not personal.
+
+        >>> cat = parse_catalog(EXAMPLE)
+        >>> cat.categories_of(Column("crm", "members", "email"))
+        ('contact.email',)
+        >>> cat.categories_of(Column("crm", "members", "added_later"))  # table default
+        ('contact',)
+        >>> cat.categories_of(Column("billing", "anything", "x"))  # schema default
+        ('payment',)
+        >>> cat.categories_of(Column("public", "t", "x"))
+        ()
+        """
+        entry = self.tables.get(Table(column.schema, column.table))
+        if entry is not None:
+            listed = entry.columns.get(column.name)
+            if listed is not None:
+                return listed
+            if entry.personal_by_default:
+                return (entry.personal_by_default,)
+        default = self.schema_defaults.get(column.schema)
+        return (default,) if default else ()
+
+    def subject_of(self, table: Table) -> Column | None:
+        """The data-subject id column of a table, if the catalog names one.
+
+        >>> parse_catalog(EXAMPLE).subject_of(Table("crm", "members"))
+        Column(schema='crm', table='members', name='member_id')
+        """
+        entry = self.tables.get(table)
+        return Column(table.schema, table.name, entry.subject) if entry and entry.subject else None
+
+    def children(self, category: str) -> tuple[str, ...]:
+        """The category and all its descendants, sorted.
+
+        >>> parse_catalog(EXAMPLE).children("contact")
+        ('contact', 'contact.email')
+        """
+        return tuple(sorted(c for c in self.categories if c == category or c.startswith(category + ".")))
+
+
+EXAMPLE = """
+categories:
+  contact: {description: Contact details}
+  contact.email: {description: E-mail address}
+  payment: {description: Payment data}
+schemas:
+  billing: {personal_by_default: payment}
+tables:
+  crm.members:
+    subject: member_id
+    personal_by_default: contact
+    columns:
+      member_id: []
+      email: [contact.email]
+functions:
+  crm.mask_email: {reads: [crm.members.email]}
+"""
+
+
+def split_qualified(name: object, parts: int) -> tuple[str, ...] | None:
+    """Split ``schema.table`` (parts=2) or ``schema.table.column`` (parts=3); None if malformed.
+
+    >>> split_qualified("crm.members", 2), split_qualified("crm.members.email", 3), split_qualified("crm", 2)
+    (('crm', 'members'), ('crm', 'members', 'email'), None)
+    """
+    if not isinstance(name, str):
+        return None
+    pieces = tuple(name.split("."))
+    if len(pieces) != parts or any(not p or p != p.strip() for p in pieces):
+        return None
+    return pieces
+
+
+def _mapping(node: Any, what: str, line: int | None, c: Collector) -> YamlMap:
+    if node is None:
+        return YamlMap()
+    if not isinstance(node, YamlMap):
+        c.error(line_of(node, default=line), f"{what} must be a mapping")
+        return YamlMap()
+    return node
+
+
+def _check_keys(node: YamlMap, allowed: tuple[str, ...], what: str, c: Collector) -> None:
+    for key in node:
+        if key not in allowed:
+            c.error(node.line_of(key), f"unknown key {key!r} in {what} (expected one of: {', '.join(allowed)})")
+
+
+def _category_ref(value: Any, categories: Mapping[str, Any], line: int | None, what: str, c: Collector) -> str | None:
+    if not isinstance(value, str):
+        c.error(line, f"{what}: expected a category name, got {value!r}")
+        return None
+    if value not in categories:
+        c.error(line, f"{what}: unknown category {value!r}")
+        return None
+    return value
+
+
+def _parse_categories(node: YamlMap, c: Collector) -> dict[str, Category]:
+    out: dict[str, Category] = {}
+    for name, body in node.items():
+        line = node.line_of(name)
+        if not v.is_dotted_name(name):
+            c.error(line, f"category name {name!r} must be lower-case words joined by dots (e.g. contact.email)")
+            continue
+        if v.depth(name) > v.MAX_DEPTH:
+            c.error(line, f"category {name!r} is nested deeper than {v.MAX_DEPTH} levels")
+            continue
+        body = _mapping(body, f"category {name!r}", line, c)
+        _check_keys(body, ("description",), f"category {name!r}", c)
+        description = body.get("description")
+        if not isinstance(description, str) or not description.strip():
+            c.error(line, f"category {name!r} needs a description")
+            description = ""
+        out[name] = Category(name, description, line)
+    for name, cat in out.items():
+        p = v.parent(name)
+        if p is not None and p not in out:
+            c.error(cat.line, f"category {name!r}: its parent category {p!r} is not defined")
+    return out
+
+
+def _parse_tables(node: YamlMap, categories: Mapping[str, Category], c: Collector) -> dict[Table, TableEntry]:
+    out: dict[Table, TableEntry] = {}
+    for key, body in node.items():
+        line = node.line_of(key)
+        parts = split_qualified(key, 2)
+        if parts is None:
+            c.error(line, f"table {key!r} must be written schema.table")
+            continue
+        table = Table(*parts)
+        body = _mapping(body, f"table {key}", line, c)
+        _check_keys(body, ("subject", "personal_by_default", "columns"), f"table {key}", c)
+        subject = body.get("subject")
+        if subject is not None and (not isinstance(subject, str) or not subject):
+            c.error(body.line_of("subject"), f"table {key}: subject must be a column name")
+            subject = None
+        default = body.get("personal_by_default")
+        if default is not None:
+            default = _category_ref(default, categories, body.line_of("personal_by_default"),
+                                    f"table {key}: personal_by_default", c)
+        columns: dict[str, tuple[str, ...]] = {}
+        column_lines: dict[str, int] = {}
+        cols = _mapping(body.get("columns"), f"table {key}: columns", body.line_of("columns"), c)
+        for col, cats in cols.items():
+            cline = cols.line_of(col)
+            if not isinstance(col, str) or not col or "." in col:
+                c.error(cline, f"table {key}: column name {col!r} must be a plain name")
+                continue
+            if isinstance(cats, str):
+                cats = [cats]
+            if cats is None:
+                cats = []
+            if not isinstance(cats, list):
+                c.error(cline, f"table {key}: column {col}: expected a list of categories")
+                continue
+            refs = []
+            for i, cat in enumerate(cats):
+                ref = _category_ref(cat, categories, cats.line_of(i) if isinstance(cats, YamlList) else cline,
+                                    f"table {key}: column {col}", c)
+                if ref is not None and ref not in refs:
+                    refs.append(ref)
+            columns[col] = tuple(refs)
+            column_lines[col] = cline
+        out[table] = TableEntry(table, columns, subject, default, line, column_lines)
+    return out
+
+
+def _parse_schemas(node: YamlMap, categories: Mapping[str, Category], c: Collector) -> tuple[dict, dict]:
+    defaults: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for name, body in node.items():
+        line = node.line_of(name)
+        if not isinstance(name, str) or not name or "." in name:
+            c.error(line, f"schema name {name!r} must be a plain name")
+            continue
+        body = _mapping(body, f"schema {name}", line, c)
+        _check_keys(body, ("personal_by_default",), f"schema {name}", c)
+        default = body.get("personal_by_default")
+        if default is None:
+            c.error(line, f"schema {name}: personal_by_default is required in the schemas section")
+            continue
+        ref = _category_ref(default, categories, body.line_of("personal_by_default"),
+                            f"schema {name}: personal_by_default", c)
+        if ref is not None:
+            defaults[name] = ref
+            lines[name] = line
+    return defaults, lines
+
+
+def _column_list(node: Any, what: str, line: int | None, c: Collector) -> tuple[Column, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        c.error(line, f"{what}: expected a list of schema.table.column")
+        return ()
+    out = []
+    for i, item in enumerate(node):
+        parts = split_qualified(item, 3)
+        if parts is None:
+            c.error(node.line_of(i) if isinstance(node, YamlList) else line,
+                    f"{what}: {item!r} must be written schema.table.column")
+            continue
+        out.append(Column(*parts))
+    return tuple(out)
+
+
+def _parse_functions(node: YamlMap, c: Collector) -> dict[str, FunctionEntry]:
+    out: dict[str, FunctionEntry] = {}
+    for name, body in node.items():
+        line = node.line_of(name)
+        if split_qualified(name, 2) is None:
+            c.error(line, f"function {name!r} must be written schema.function")
+            continue
+        body = _mapping(body, f"function {name}", line, c)
+        _check_keys(body, ("reads", "writes"), f"function {name}", c)
+        if "reads" not in body:
+            c.error(line, f"function {name}: 'reads' is required (use [] for a function that reads no table)")
+        reads = _column_list(body.get("reads"), f"function {name}: reads", body.line_of("reads"), c)
+        writes = _column_list(body.get("writes"), f"function {name}: writes", body.line_of("writes"), c)
+        out[name.lower()] = FunctionEntry(name.lower(), reads, writes, line)
+    return out
+
+
+def parse_catalog(text: str, file: str = FILE) -> Catalog:
+    """Parse catalog.yaml text; every problem found raises one ``PolicyError``.
+
+    >>> parse_catalog("categories: {a: {description: A}}\\ntables: {crm.t: {columns: {x: [b]}}}\\n")
+    Traceback (most recent call last):
+    ...
+    proxy.policy.problems.PolicyError: catalog.yaml:2: table crm.t: column x: unknown category 'b'
+    """
+    c = Collector(file)
+    doc = load_yaml(text, file)
+    doc = _mapping(doc, "catalog.yaml", 1, c)
+    _check_keys(doc, TOP_KEYS, "the catalog", c)
+    if "categories" not in doc:
+        c.error(1, "the catalog needs a 'categories' section")
+    categories = _parse_categories(_mapping(doc.get("categories"), "categories", doc.line_of("categories"), c), c)
+    schemas, schema_lines = _parse_schemas(_mapping(doc.get("schemas"), "schemas", doc.line_of("schemas"), c),
+                                           categories, c)
+    tables = _parse_tables(_mapping(doc.get("tables"), "tables", doc.line_of("tables"), c), categories, c)
+    functions = _parse_functions(_mapping(doc.get("functions"), "functions", doc.line_of("functions"), c), c)
+    c.raise_if_any()
+    return Catalog(categories, tables, schemas, functions, file, schema_lines)

@@ -1,0 +1,167 @@
+"""Static checks of a loaded policy: findings a loader cannot reject outright but a reviewer must see.
+
+``check_policy`` reports purposes nobody may declare, default purposes a role may
+not declare, rules that never decide anything (shadowed by a deny or covered by
+another rule) or can never take effect, names that are not database roles, and
+catalog entries that do not match the database schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterable
+
+from proxy.analysis.model import Column, Table
+from proxy.policy import vocabulary as v
+from proxy.policy.engine import Policy
+from proxy.policy.problems import ERROR, WARNING, PolicyError, Problem
+
+
+def table_columns(schema: Any, table: Table) -> set[str] | None:
+    """The column names of ``table`` in ``schema``, or None when the table does not exist.
+
+    ``schema`` is the analysis' ``Schema`` (anything with ``relation(schema, name)``
+    returning an object with ``columns``, or None), an object with ``columns(table)``
+    returning names or None, or a mapping from ``Table`` (or ``"schema.table"``) to
+    column names (or to a mapping keyed by column name).
+
+    >>> table_columns({"crm.members": ["member_id", "email"]}, Table("crm", "members")) == {"member_id", "email"}
+    True
+    >>> table_columns({Table("crm", "members"): {"email": "text"}}, Table("crm", "nope")) is None
+    True
+    """
+    if callable(getattr(schema, "relation", None)):
+        rel = schema.relation(table.schema, table.name)
+        return None if rel is None else set(rel.columns)
+    if callable(getattr(schema, "columns", None)):
+        found = schema.columns(table)
+        return None if found is None else set(found)
+    mapping = schema
+    if not isinstance(mapping, Mapping):
+        raise TypeError("schema must map tables to column names (see proxy.policy.checks.table_columns)")
+    for key in (table, str(table)):
+        if key in mapping:
+            return set(mapping[key])
+    return None
+
+
+def _schema_problems(policy: Policy, schema: Any) -> list[Problem]:
+    out: list[Problem] = []
+    cat = policy.catalog
+    for table, entry in sorted(cat.tables.items()):
+        cols = table_columns(schema, table)
+        if cols is None:
+            out.append(Problem(cat.file, entry.line, f"table {table} is not in the database schema"))
+            continue
+        for col in sorted(set(entry.columns) - cols):
+            out.append(Problem(cat.file, entry.column_lines.get(col, entry.line),
+                               f"column {table}.{col} is not in the database schema"))
+        if entry.subject and entry.subject not in cols:
+            out.append(Problem(cat.file, entry.line, f"subject column {table}.{entry.subject} is not in the "
+                                                     f"database schema"))
+        for col in sorted(cols - set(entry.columns)):
+            if not cat.categories_of(Column(table.schema, table.name, col)):
+                out.append(Problem(cat.file, entry.line, f"column {table}.{col} is not in the catalog and no "
+                                                         f"personal_by_default covers it: it is treated as not "
+                                                         f"personal", WARNING))
+    for fn in sorted(cat.functions.values(), key=lambda f: f.name):
+        for col in fn.reads + fn.writes:
+            cols = table_columns(schema, Table(col.schema, col.table))
+            if cols is None or col.name not in cols:
+                out.append(Problem(cat.file, fn.line, f"function {fn.name}: column {col} is not in the database "
+                                                      f"schema"))
+    return out
+
+
+def _role_problems(policy: Policy, roles: set[str]) -> list[Problem]:
+    out: list[Problem] = []
+    rs = policy.ruleset
+    for rule in rs.rules:
+        if rule.sub not in roles and rule.sub not in policy.groups:
+            out.append(Problem(rs.file, rule.line, f"rule for {rule.sub!r}, which is neither a database role nor a "
+                                                   f"group: it can never match", WARNING))
+    for g in rs.groupings:
+        if g.role not in roles and g.role not in policy.groups:
+            out.append(Problem(rs.file, g.line, f"{g.role!r} is neither a database role nor a group", WARNING))
+    for role, line in policy.purposes.default_lines.items():
+        if role not in roles:
+            out.append(Problem(policy.purposes.file, line, f"default purpose for {role!r}, which is not a database "
+                                                           f"role", WARNING))
+    return out
+
+
+def _members(policy: Policy, sub: str) -> list[str]:
+    rm = policy.enforcer.get_role_manager()
+    return [s for s in policy.subjects if rm.has_link(s, sub)]
+
+
+def _rule_problems(policy: Policy) -> list[Problem]:
+    out: list[Problem] = []
+    decisive = {rule for d in policy.table.values() for rule in d.rules}
+    everyone = sorted(policy.purposes.purposes)
+    for rule in policy.ruleset.rules:
+        if rule.act != v.DECLARE and rule.effect != v.DENY:
+            purposes = everyone if rule.purpose == v.ANY else policy.purposes.descendants(rule.purpose)
+            members = _members(policy, rule.sub)
+            if not any(policy.may_declare(s, p).allowed for s in members for p in purposes):
+                out.append(Problem(rule.file, rule.line,
+                                   f"rule can never take effect: no role it covers may declare purpose "
+                                   f"{rule.purpose!r}" + ("" if rule.purpose == v.ANY else " or one under it"),
+                                   WARNING))
+                continue
+        if str(rule) in decisive:
+            continue
+        cells = policy.applies_at(rule)
+        if not cells:
+            out.append(Problem(rule.file, rule.line, "rule can never match any request", WARNING))
+            continue
+        deciders = sorted({r for cell in cells for r in policy.table[cell].rules})
+        rules = [policy.rule_named(d) for d in deciders]
+        if rules and all(r is not None and r.effect == v.DENY for r in rules):
+            what = "shadowed by deny " + "; ".join(r.text + f" (line {r.line})" for r in rules[:3])
+        else:
+            what = "every request it applies to is decided by " + "; ".join(
+                (r.text + f" (line {r.line})") if r else "?" for r in rules[:3])
+        out.append(Problem(rule.file, rule.line, f"rule never decides anything: {what}", WARNING))
+    return out
+
+
+def _purpose_problems(policy: Policy) -> list[Problem]:
+    out: list[Problem] = []
+    pf = policy.purposes
+    for name, purpose in sorted(pf.purposes.items()):
+        if not any(policy.may_declare(s, name).allowed for s in policy.subjects):
+            out.append(Problem(pf.file, purpose.line, f"purpose {name!r} cannot be declared by any role "
+                                                      f"(no declare rule covers it)", WARNING))
+    for role, purpose in sorted(pf.defaults.items()):
+        d = policy.may_declare(role, purpose)
+        if not d.allowed:
+            out.append(Problem(pf.file, pf.default_lines.get(role), f"role {role!r} has default purpose "
+                                                                     f"{purpose!r} but may not declare it: {d.why}",
+                               ERROR))
+    return out
+
+
+def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None = None) -> list[Problem]:
+    """Static findings about ``policy``, errors first, then by file and line.
+
+    ``schema`` (optional) is the database schema to compare the catalog with (see
+    ``table_columns``); ``roles`` (optional) the database role names.
+    """
+    problems = _purpose_problems(policy) + _rule_problems(policy)
+    if roles is not None:
+        problems += _role_problems(policy, set(roles))
+    if schema is not None:
+        problems += _schema_problems(policy, schema)
+    return sorted(problems, key=lambda p: (p.severity != ERROR, p.file, p.line or 0, p.message))
+
+
+def check_directory(directory: str | Path, schema: Any = None, roles: Iterable[str] | None = None
+                    ) -> list[Problem]:
+    """Load the policy in ``directory`` and check it: load errors or ``check_policy`` findings."""
+    try:
+        policy = Policy.load(directory)
+    except PolicyError as exc:
+        return list(exc.problems)
+    return check_policy(policy, schema, roles)
