@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.devtools.cluster import Cluster, User, free_port
-from proxy.devtools.process import ProxyProcess
+from proxy.devtools.process import RELAY_ONLY, ProxyProcess
 
 # A trust user keeps authentication out of the measurement on every path.
 BENCH_USER = User("bench", None, "trust")
@@ -109,7 +109,7 @@ class Stack:
             stack.callback(self.pgbouncer.stop)
             self.pgbouncer.start()
             # A free metrics port too, so concurrent proxies on this machine do not collide.
-            self.proxy = ProxyProcess(self.cluster.address, "--metrics-listen", f"127.0.0.1:{free_port()}")
+            self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, "--metrics-listen", f"127.0.0.1:{free_port()}")
             stack.callback(self.proxy.stop)
             self.proxy.start()
             self._cleanup = stack.pop_all()

@@ -10,6 +10,7 @@ import sys
 
 from proxy import __version__
 from proxy.config import FIELDS, Config, ConfigError, load
+from proxy.policy.problems import PolicyError
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-tls", choices=["disable", "prefer", "require", "verify-full"],
                    help="TLS to PostgreSQL (default disable)")
     p.add_argument("--upstream-tls-ca", metavar="FILE", help="CA file for --upstream-tls verify-full")
-    p.add_argument("--decider", metavar="MODULE:CALLABLE", help="decider factory (extension point)")
+    p.add_argument("--decider", metavar="purpose|MODULE:CALLABLE",
+                   help="'purpose' (default: enforce the policy) or a decider factory; "
+                        "proxy.enforcement.hook:allow_all relays everything")
+    p.add_argument("--schema-dsn", metavar="DSN",
+                   help="the proxy's own connection for reading schemas (required for purpose enforcement)")
+    p.add_argument("--purpose-setting", metavar="NAME", help="the setting that declares the purpose (default pii.purpose)")
+    p.add_argument("--schema-refresh-interval", type=float, metavar="SECONDS", help="default 300")
+    p.add_argument("--policy-watch-interval", type=float, metavar="SECONDS",
+                   help="how often policy files are checked for changes (default 2; 0 disables)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--log-format", choices=["text", "json"], help="default text")
 
@@ -82,6 +91,7 @@ async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
     print(f"purpose-proxy listening on {', '.join(config.listen)}, upstream {config.upstream}", flush=True)
     await stop.wait()
     log.info("shutting down: waiting up to %.1fs for %d sessions", config.shutdown_timeout, len(server.sessions))
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             return serve(config)
     except ConfigError as exc:
         print(f"purpose-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except PolicyError as exc:
+        print(f"purpose-proxy: invalid policy: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2

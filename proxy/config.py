@@ -38,8 +38,16 @@ class Config:
     # Upstream TLS: disable | prefer | require | verify-full
     upstream_tls: str = "disable"
     upstream_tls_ca: str | None = None
-    # Where statements are decided: "module:callable" returning a decider factory.
-    decider: str = "proxy.enforcement.hook:allow_all"
+    # Where statements are decided: "purpose" (the policy in `policies`), or
+    # "module:callable" naming a decider factory (proxy.enforcement.hook:allow_all
+    # relays everything: for measuring the relay alone).
+    decider: str = "purpose"
+    # The proxy's own connection for reading each database's schema (asyncpg DSN;
+    # the database name is replaced by the session's).
+    schema_dsn: str | None = None
+    purpose_setting: str = "pii.purpose"
+    schema_refresh_interval: float = 300.0
+    policy_watch_interval: float = 2.0
     log_level: str = "info"
     log_format: str = "text"
 
@@ -60,6 +68,11 @@ class Config:
             raise ConfigError("client_tls_required needs tls_cert and tls_key")
         if self.max_client_connections < 1:
             raise ConfigError("max_client_connections must be at least 1")
+        if self.decider == "purpose" and not self.schema_dsn:
+            raise ConfigError("schema_dsn is required for purpose enforcement: a DSN the proxy uses to read "
+                              "each database's schema (e.g. postgresql://proxy_reader:...@db:5432/postgres)")
+        if "." not in self.purpose_setting:
+            raise ConfigError("purpose_setting must be a custom setting name with a dot, like pii.purpose")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         return self

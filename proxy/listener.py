@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import ssl
 from typing import Callable
 
 from proxy.config import Config, is_unix_dir, parse_hostport
-from proxy.enforcement.hook import DeciderFactory, load_factory
+from proxy.enforcement.hook import DeciderFactory, SessionInfo, StartupRefused, load_factory
 from proxy.session import Session, _Side, _StartupError
 from proxy.wire import codec
 from proxy.wire.state import Phase
@@ -64,6 +65,14 @@ class ProxyServer:
 
     def __init__(self, config: Config, decider_factory: DeciderFactory | None = None) -> None:
         self.config = config
+        self.runtime = None
+        if decider_factory is None and config.decider == "purpose":
+            from proxy.enforcement.purpose import decider_factory as purpose_factory
+            from proxy.enforcement.runtime import PolicyRuntime
+
+            self.runtime = PolicyRuntime(config)  # raises PolicyError on an invalid policy
+            self.runtime.listeners.append(self._decisions_changed)
+            decider_factory = purpose_factory(self.runtime)
         self.decider_factory = decider_factory or load_factory(config.decider)
         self.client_tls = client_tls_context(config)
         self.client_cert_der = leaf_certificate_der(config.tls_cert)
@@ -80,6 +89,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.runtime is not None:
+            self.runtime.start()
         for addr in self.config.listen:
             host, port = parse_hostport(addr, "listen")
             server = await loop.create_server(
@@ -137,6 +148,36 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except TimeoutError:
                 pass
+        if self.runtime is not None:
+            await self.runtime.close()
+
+    # --- decisions -------------------------------------------------------------------------
+
+    async def new_decider(self, info: SessionInfo):
+        """The session's decider (a factory may be a coroutine: the purpose runtime loads schemas)."""
+        try:
+            decider = self.decider_factory(info)
+            if inspect.isawaitable(decider):
+                decider = await decider
+            return decider
+        except StartupRefused:
+            raise
+        except Exception as exc:
+            log.error("session %s: cannot prepare decisions: %s", info.session_id, exc)
+            raise _StartupError("08006", f"purpose-proxy could not read the schema of database \"{info.database}\": "
+                                         f"{exc.__class__.__name__}",
+                                hint="Check schema_dsn and that PostgreSQL is reachable.") from None
+
+    def reload_policy(self, why: str = "SIGHUP") -> bool:
+        if self.runtime is None:
+            return False
+        return self.runtime.reload_policy(why)
+
+    def _decisions_changed(self) -> None:
+        # Statements prepared before must be decided again before they next run.
+        for session in self.sessions:
+            if session.relay is not None:
+                session.relay.refresh_epoch()
 
     # --- sessions ----------------------------------------------------------------------------
 

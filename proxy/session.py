@@ -254,8 +254,10 @@ class Session:
             raise _StartupError("28000", "purpose-proxy requires TLS (connect with sslmode=require)")
         if not self.server.admit(self):
             raise _StartupError("53300", "sorry, too many clients already")
-        decide = self.server.decider_factory(self.info)
-        relay = Relay(decide, key_mapper=self._map_key, max_message_size=self.config.max_message_size)
+        decider = await self.server.new_decider(self.info)
+        relay = Relay(decider, key_mapper=self._map_key, max_message_size=self.config.max_message_size)
+        if hasattr(decider, "attach"):
+            decider.attach(relay)
         self.relay = relay
         await self._connect_upstream()
         relay.channel_binding = self._same_certificate()

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from proxy.devtools.cluster import DEFAULT_USERS, Cluster, find_pg_bin
-from proxy.devtools.process import ProxyProcess
+from proxy.devtools.process import RELAY_ONLY, ProxyProcess
 
 
 class ExistingServer:
@@ -58,18 +58,19 @@ def pg():
 @pytest.fixture(scope="session")
 def proxy(pg):
     """The real proxy (relay only: every statement allowed) in front of ``pg``."""
-    p = ProxyProcess(pg.address).start()
+    p = ProxyProcess(pg.address, *RELAY_ONLY).start()
     yield p
     p.stop()
 
 
 @pytest.fixture
 def start_proxy(pg):
-    """Factory: start a proxy with extra CLI arguments; stopped after the test."""
+    """Factory: start a proxy with extra CLI arguments (relay only unless --decider is given)."""
     started: list[ProxyProcess] = []
 
     def start(*args: str, upstream: str | None = None, env: dict | None = None) -> ProxyProcess:
-        p = ProxyProcess(upstream or pg.address, *args, env=env).start()
+        extra = () if "--decider" in args else RELAY_ONLY
+        p = ProxyProcess(upstream or pg.address, *extra, *args, env=env).start()
         started.append(p)
         return p
 

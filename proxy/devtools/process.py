@@ -12,6 +12,10 @@ from pathlib import Path
 
 from proxy.devtools.cluster import free_port
 
+# Arguments that make the proxy relay every statement (no policy): for the protocol
+# tests and the relay-only benchmark.
+RELAY_ONLY = ("--decider", "proxy.enforcement.hook:allow_all")
+
 REPO = Path(__file__).resolve().parents[2]  # the checkout, so tests.support deciders import
 
 

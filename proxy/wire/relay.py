@@ -98,6 +98,9 @@ class Relay:
         self.server_params: dict[str, str] = {}
         self.backend_key: tuple[int, bytes] | None = None
         self.authenticated = False
+        # True while the statement being decided arrived at a quiet point: outside a
+        # transaction block, nothing in flight (the decider gates setting changes on it).
+        self.quiet = False
         self.server_fatal = False  # the backend sent a FATAL/PANIC error: it is closing
         self.close_after_flush = False
         self._client = codec.Scanner(CLIENT_INSPECT, max_message_size)
@@ -165,6 +168,7 @@ class Relay:
                     out.append(item.raw)
                 continue
             if t == codec.F_QUERY:
+                self._mark_quiet(phase)
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
                 self._decide_and_forward(item, "query", None)
@@ -177,6 +181,7 @@ class Relay:
                         self.phase = Phase.EXTENDED
                 out.append(item.raw)
             elif t == codec.F_PARSE:
+                self._mark_quiet(phase)
                 self.phase = Phase.EXTENDED
                 parse = codec.decode_parse(item.body)
                 decision = self._decide_and_forward(item, "parse", parse)
@@ -195,6 +200,7 @@ class Relay:
             elif t == codec.F_FUNCTION_CALL:
                 # FunctionCall (55.7) runs a function by OID outside SQL: decided
                 # like a statement, refused through the same stand-in as a Query.
+                self._mark_quiet(phase)
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
                 self._decide_and_forward(item, "function_call", None)
@@ -205,6 +211,9 @@ class Relay:
                 if phase is Phase.IDLE:
                     self.phase = Phase.EXTENDED
                 out.append(item.raw)
+
+    def _mark_quiet(self, phase: Phase) -> None:
+        self.quiet = phase is Phase.IDLE and self._outstanding == 0 and self.tx_status == b"I"
 
     def _bind(self, frame: codec.Frame) -> None:
         """Bind after the epoch moved: decide the statement again before it runs."""

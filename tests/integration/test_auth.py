@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from proxy.devtools.cluster import make_self_signed_cert
-from proxy.devtools.process import ProxyProcess
+from proxy.devtools.process import RELAY_ONLY, ProxyProcess
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,7 @@ def test_many_sequential_logins(pg, proxy):
 @pytest.fixture(scope="module")
 def proxy_up_tls(pg_tls):
     """A proxy that talks TLS to the TLS cluster; plain TCP to its clients."""
-    p = ProxyProcess(pg_tls.address, "--upstream-tls", "require").start()
+    p = ProxyProcess(pg_tls.address, *RELAY_ONLY, "--upstream-tls", "require").start()
     yield p
     p.stop()
 
@@ -137,7 +137,7 @@ def proxy_up_tls(pg_tls):
 def proxy_both_tls(pg_tls, tmp_path_factory):
     """TLS on both legs, the proxy with its own certificate (not the server's)."""
     crt, key = make_self_signed_cert(tmp_path_factory.mktemp("proxy-cert"))
-    p = ProxyProcess(pg_tls.address, "--upstream-tls", "require", "--tls-cert", str(crt), "--tls-key", str(key)).start()
+    p = ProxyProcess(pg_tls.address, *RELAY_ONLY, "--upstream-tls", "require", "--tls-cert", str(crt), "--tls-key", str(key)).start()
     yield p
     p.stop()
 
@@ -145,7 +145,7 @@ def proxy_both_tls(pg_tls, tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy_same_cert(pg_tls):
     """TLS on both legs, the proxy presenting PostgreSQL's own certificate and key."""
-    p = ProxyProcess(pg_tls.address, "--upstream-tls", "verify-full", "--upstream-tls-ca", str(pg_tls.cert),
+    p = ProxyProcess(pg_tls.address, *RELAY_ONLY, "--upstream-tls", "verify-full", "--upstream-tls-ca", str(pg_tls.cert),
                      "--tls-cert", str(pg_tls.cert), "--tls-key", str(pg_tls.data_dir / "server.key")).start()
     yield p
     p.stop()

@@ -22,7 +22,7 @@ import pytest
 from psycopg import errors
 
 from proxy.devtools.cluster import Cluster, free_port
-from proxy.devtools.process import ProxyProcess
+from proxy.devtools.process import RELAY_ONLY, ProxyProcess
 from tests.support.rawpg import RawConnection, ServerError, error_fields, query_message
 from tests.support.waiting import wait_for
 
@@ -274,7 +274,7 @@ def own_cluster():
 @pytest.fixture(scope="module")
 def own_proxy(own_cluster):
     # A small session limit, to show that failed upstream connections give their slot back.
-    p = ProxyProcess(own_cluster.address, "--max-client-connections", "3").start()
+    p = ProxyProcess(own_cluster.address, *RELAY_ONLY, "--max-client-connections", "3").start()
     yield p
     p.stop()
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from proxy.devtools.cluster import make_self_signed_cert
-from proxy.devtools.process import ProxyProcess
+from proxy.devtools.process import RELAY_ONLY, ProxyProcess
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def other_cert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy_tls(pg, cert):
     crt, key = cert
-    p = ProxyProcess(pg.address, "--tls-cert", str(crt), "--tls-key", str(key)).start()
+    p = ProxyProcess(pg.address, *RELAY_ONLY, "--tls-cert", str(crt), "--tls-key", str(key)).start()
     yield p
     p.stop()
 
@@ -41,7 +41,7 @@ def proxy_tls(pg, cert):
 @pytest.fixture(scope="module")
 def proxy_tls_required(pg, cert):
     crt, key = cert
-    p = ProxyProcess(pg.address, "--tls-cert", str(crt), "--tls-key", str(key), "--client-tls-required").start()
+    p = ProxyProcess(pg.address, *RELAY_ONLY, "--tls-cert", str(crt), "--tls-key", str(key), "--client-tls-required").start()
     yield p
     p.stop()
 

@@ -1,0 +1,236 @@
+"""A session's purpose, search_path and prepared statements, and the decision on each statement.
+
+``PurposeSession.decide`` is the inspection hook of a session under purpose
+enforcement: it analyses the SQL against the database's schema with the
+session's search_path, lets the policy decide, and keeps the session state that
+later decisions depend on. It never awaits.
+
+The purpose setting (``pii.purpose`` by default) is a PostgreSQL custom setting:
+statements that set it are decided here and then still run upstream, so ``SHOW``
+and ``current_setting`` answer as usual. Because the proxy must know the value
+PostgreSQL has, the settings the analysis depends on (the purpose and
+search_path) may only change at a quiet point of the session: outside a
+transaction block, with nothing else in flight, in a statement of their own,
+and never with ``SET LOCAL`` or ``set_config``. Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from proxy.analysis.access import analyze
+from proxy.analysis.model import Analysis, Kind
+from proxy.analysis.schema import parse_search_path
+from proxy.enforcement.hook import SessionInfo, StartupRefused
+from proxy.enforcement.startup import startup_settings
+from proxy.policy.decision import Block, Decision
+from proxy.policy.verdict import Explanation, decide_statement
+
+if TYPE_CHECKING:
+    from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
+
+log = logging.getLogger(__name__)
+
+# Settings whose change would move the ground the analysis stands on.
+IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
+_DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
+_WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
+_CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
+
+
+def _refuse(message: str, *, reason: str, sqlstate: str = "42501", detail: str | None = None,
+            hint: str | None = None) -> Block:
+    return Block(message, sqlstate=sqlstate, detail=detail, hint=hint, reason=reason)
+
+
+class PurposeSession:
+    """Decides one session's statements under its declared purpose."""
+
+    def __init__(self, runtime: "PolicyRuntime", info: SessionInfo, db: "DatabaseState") -> None:
+        self.runtime = runtime
+        self.info = info
+        self.db = db
+        self.role = info.role
+        self.database = info.database
+        self.setting = runtime.config.purpose_setting
+        settings = startup_settings(info.params)
+        self.startup_purpose = settings.get(self.setting) or None
+        self.purpose = self.startup_purpose
+        sp = settings.get("search_path")
+        self.startup_search_path = (parse_search_path(sp) if sp is not None
+                                    else db.default_search_path(self.role, self.database))
+        self.search_path = list(self.startup_search_path)
+        self._purpose_epoch = 0
+        self.prepared: dict[str, tuple[str, Decision, object]] = {}  # SQL-level PREPARE name -> decision
+        self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
+        self.relay = None
+        self.last: Explanation | None = None  # the explanation of the latest decision
+        self._check_startup_purpose()
+
+    # --- wiring -------------------------------------------------------------------------
+
+    def attach(self, relay) -> None:
+        """The relay whose quiet points gate setting changes."""
+        self.relay = relay
+
+    @property
+    def epoch(self) -> tuple:
+        """Changes whenever a decision made earlier may no longer hold."""
+        return self._purpose_epoch, self.runtime.policy.version, self.db.schema.version
+
+    def _quiet(self) -> bool:
+        return self.relay is None or self.relay.quiet
+
+    def _check_startup_purpose(self) -> None:
+        purpose = self.purpose
+        if purpose is None:
+            return
+        policy = self.runtime.policy
+        if not policy.is_purpose(purpose):
+            raise StartupRefused(Block(
+                f"unknown purpose declared at connect time in {self.setting}", sqlstate="42501", severity="FATAL",
+                hint=self._declare_hint(), reason="unknown-purpose"))
+        declared = policy.may_declare(self.role, purpose)
+        if not declared.allowed:
+            raise StartupRefused(Block(
+                f"role \"{self.role}\" may not act under purpose \"{purpose}\"", sqlstate="42501", severity="FATAL",
+                detail=f"Declaring {purpose}: {declared.why}.", hint=self._declare_hint(),
+                reason="purpose-not-declarable"))
+
+    def _declare_hint(self) -> str:
+        purposes = self.runtime.policy.declarable_purposes(self.role)
+        if not purposes:
+            return f"Role {self.role} may not declare any purpose."
+        return f"Role {self.role} may declare: {', '.join(purposes)}."
+
+    # --- deciding -------------------------------------------------------------------------
+
+    def decide(self, sql: str, via: str) -> Decision:
+        self.last = None
+        if via == "function_call":
+            return _refuse("the FunctionCall protocol message is refused: purpose-proxy cannot see what the "
+                           "function reads", reason="function-call",
+                           hint="Call the function from SQL (SELECT f(...)) so the proxy can analyse it.")
+        # Read the state in force once: a reload swaps these objects whole.
+        db = self.runtime.database(self.database) or self.db
+        self.db = db
+        policy = self.runtime.policy
+        scs = True
+        if self.relay is not None:
+            scs = self.relay.server_params.get("standard_conforming_strings", "on") == "on"
+        analysis = analyze(sql, db.schema, self.search_path, self.role, standard_conforming_strings=scs)
+        statements = analysis.statements
+        refused = self._session_rules(analysis)
+        if refused is not None:
+            return refused
+        decision, self.last = decide_statement(analysis, role=self.role, purpose=self.purpose, policy=policy)
+        if type(decision) is Block:
+            if any(r.startswith("unknown relation") for st in statements for r in st.unsupported):
+                self.runtime.refresh_schema(self.database, "unknown relation")
+            return decision
+        self._apply(analysis, decision)
+        return decision
+
+    def _session_rules(self, analysis: Analysis) -> Block | None:
+        """Refusals that depend on the session rather than the policy."""
+        statements = analysis.statements
+        for st in statements:
+            if st.kind is Kind.EXECUTE and st.prepared_name is not None:
+                stale = self._stale_prepared(st.prepared_name)
+                if stale is not None:
+                    return stale
+            if "pg_catalog.set_config" in st.functions:
+                names = {name for name, _, _ in st.settings}
+                if not names or names & ({self.setting, "search_path", "all"} | IDENTITY_SETTINGS):
+                    return _refuse(
+                        "set_config() on the purpose, search_path or role is refused by purpose-proxy",
+                        reason="set-config", hint=f"Use SET {self.setting} / SET search_path in a statement of "
+                                                  "its own, outside a transaction block.")
+            for name, value, local in st.settings:
+                if name in IDENTITY_SETTINGS:
+                    return _refuse(f"changing the session's role ({name.replace('_', ' ')}) is refused by "
+                                   "purpose-proxy", reason="set-role",
+                                   hint="Connect as the role that should run the statements.")
+                if name in (self.setting, "search_path", "all"):
+                    what = "settings" if name == "all" else name
+                    if local:
+                        return _refuse(f"SET LOCAL {what} is refused by purpose-proxy", reason="set-local",
+                                       hint=f"Use SET {what} outside a transaction block.")
+                    if len(statements) > 1 or not self._quiet():
+                        return _refuse(
+                            f"{what} can only change outside a transaction block, in a statement of its own",
+                            sqlstate="25001", reason="setting-in-transaction",
+                            hint="COMMIT or ROLLBACK first, and send the SET on its own (not pipelined "
+                                 "behind other statements).")
+                    if name in (self.setting, "all") and self.holdable_cursors:
+                        return _refuse("the purpose cannot change while WITH HOLD cursors may be open",
+                                       sqlstate="25001", reason="cursor-open",
+                                       hint="CLOSE ALL first.")
+        return None
+
+    def _stale_prepared(self, name: str) -> Block | None:
+        entry = self.prepared.get(name)
+        if entry is None:
+            return _refuse(f"prepared statement \"{name}\" was not prepared through purpose-proxy", sqlstate="26000",
+                           reason="unknown-prepared")
+        sql, before, epoch = entry
+        if epoch == self.epoch:
+            return None
+        now = self.decide(sql, "query")  # decide the PREPARE again under what holds now
+        if type(now) is Block:
+            return now
+        if type(now) is not type(before) or getattr(now, "sql", None) != getattr(before, "sql", None):
+            return _refuse(f"prepared statement \"{name}\" was decided under another purpose or policy and must "
+                           "be prepared again", sqlstate="0A000", reason="stale-prepared-statement",
+                           hint=f"DEALLOCATE {name} and PREPARE it again.")
+        self.prepared[name] = (sql, before, self.epoch)
+        return None
+
+    def _apply(self, analysis: Analysis, decision: Decision) -> None:
+        """Update the session state for an allowed (or masked) statement."""
+        sql = analysis.sql
+        for st in analysis.statements:
+            for name, value, _ in st.settings:
+                if name == self.setting:  # RESET (value None) goes back to the connect-time purpose
+                    self._set_purpose(self.startup_purpose if value is None else (value or None))
+                elif name == "search_path":
+                    self.search_path = (parse_search_path(value) if value is not None
+                                        else list(self.startup_search_path))
+                elif name == "all":  # RESET ALL / DISCARD ALL: back to the connect-time values
+                    self._set_purpose(self.startup_purpose)
+                    self.search_path = list(self.startup_search_path)
+            if st.kind is Kind.PREPARE and st.prepared_name:
+                self.prepared[st.prepared_name] = (sql, decision, self.epoch)
+            elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
+                self.prepared.pop(st.prepared_name, None)
+            elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
+                self.prepared.clear()
+            elif st.kind is Kind.DECLARE and _WITH_HOLD.search(sql):
+                self.holdable_cursors = True
+            elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
+                self.holdable_cursors = False
+            elif st.kind is Kind.DDL:
+                self.runtime.refresh_schema(self.database, "DDL")
+        if any(name == "all" for st in analysis.statements for name, _, _ in st.settings):
+            if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
+                self.prepared.clear()
+                self.holdable_cursors = False
+
+    def _set_purpose(self, purpose: str | None) -> None:
+        if purpose != self.purpose:
+            log.info("session %s: purpose %s -> %s", self.info.session_id, self.purpose, purpose)
+            self.purpose = purpose
+            self._purpose_epoch += 1
+
+
+def decider_factory(runtime: "PolicyRuntime"):
+    """A decider factory for ``ProxyServer``: sessions decide under ``runtime``."""
+
+    async def open_session(info: SessionInfo) -> PurposeSession:
+        db = await runtime.database_state(info.database)
+        return PurposeSession(runtime, info, db)
+
+    return open_session
+

@@ -1,0 +1,209 @@
+"""The policy and the live schemas in force, and their reloading, are kept here.
+
+One ``PolicyRuntime`` serves every session. The policy is read from the policy
+directory at start and again on SIGHUP or when a file changes; a new policy is
+validated whole before it replaces the old one, so an invalid change leaves the
+previous policy enforcing and sessions are never dropped. Each database's schema
+is read through a connection the proxy opens itself (``schema_dsn``), on first
+use, on an interval, and after DDL or an unknown name passed through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from proxy.analysis.schema import Schema, load_schema, parse_search_path
+from proxy.config import Config
+from proxy.policy.engine import Policy
+from proxy.policy.problems import PolicyError
+
+log = logging.getLogger(__name__)
+
+POLICY_FILES = ("catalog.yaml", "purposes.yaml", "model.conf", "policy.csv")
+
+_ROLE_SETTINGS_SQL = """
+SELECT coalesce(r.rolname, '') AS role, coalesce(d.datname, '') AS database, s.setconfig
+  FROM pg_catalog.pg_db_role_setting s
+  LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.setrole
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
+"""
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    """One database as the proxy knows it: its schema and its search_path defaults."""
+
+    schema: Schema
+    server_search_path: tuple[str, ...] = ("$user", "public")
+    # (role or "", database or "") -> search_path set with ALTER ROLE/DATABASE ... SET
+    search_path_settings: dict[tuple[str, str], str] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    def default_search_path(self, role: str, database: str) -> list[str]:
+        """The search_path a new session of ``role`` starts with, as PostgreSQL picks it.
+
+        Role-and-database settings beat role settings, which beat database settings,
+        which beat the server's (section "ALTER ROLE", notes on setting precedence).
+        """
+        for key in ((role, database), (role, ""), ("", database)):
+            value = self.search_path_settings.get(key)
+            if value is not None:
+                return parse_search_path(value)
+        return list(self.server_search_path)
+
+
+async def load_database_state(dsn: str, database: str, connect_timeout: float) -> DatabaseState:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout)
+    try:
+        schema = await load_schema(conn)
+        server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
+        settings: dict[tuple[str, str], str] = {}
+        for row in await conn.fetch(_ROLE_SETTINGS_SQL):
+            for item in row["setconfig"] or ():
+                name, _, value = item.partition("=")
+                if name.lower() == "search_path":
+                    settings[(row["role"], row["database"])] = value
+    finally:
+        await conn.close()
+    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic())
+
+
+class PolicyRuntime:
+    """What every session decides against: the policy and one schema per database."""
+
+    def __init__(self, config: Config,
+                 loader: Callable[[str, str, float], "asyncio.Future[DatabaseState]"] | None = None) -> None:
+        self.config = config
+        self.directory = Path(config.policies)
+        self.policy: Policy = Policy.load(self.directory)  # PolicyError on an invalid policy
+        self._mtimes = self._stat()
+        self._loader = loader or load_database_state
+        self._databases: dict[str, DatabaseState] = {}
+        self._loading: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload = time.time()
+        self.listeners: list[Callable[[], None]] = []  # called after a policy or schema change
+
+    # --- policy -------------------------------------------------------------------------
+
+    def _stat(self) -> tuple:
+        out = []
+        for name in POLICY_FILES:
+            try:
+                st = (self.directory / name).stat()
+                out.append((name, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append((name, None, None))
+        return tuple(out)
+
+    def reload_policy(self, why: str = "request") -> bool:
+        """Load the policy again; keep the old one if the new one is invalid. True if swapped."""
+        self._mtimes = self._stat()
+        try:
+            policy = Policy.load(self.directory)
+        except (PolicyError, OSError) as exc:
+            self.reloads_failed += 1
+            log.error("policy reload (%s) failed; the previous policy %s stays in force: %s",
+                      why, self.policy.version, exc)
+            return False
+        self.last_reload = time.time()
+        self.reloads_ok += 1
+        if policy.version == self.policy.version:
+            return False
+        old, self.policy = self.policy.version, policy
+        log.info("policy reloaded (%s): version %s -> %s", why, old, policy.version)
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    async def watch(self, interval: float) -> None:
+        """Reload when a policy file changes (checked every ``interval`` seconds)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._stat() != self._mtimes:
+                self.reload_policy("file change")
+
+    # --- schemas ------------------------------------------------------------------------
+
+    def database(self, name: str) -> DatabaseState | None:
+        return self._databases.get(name)
+
+    async def database_state(self, name: str) -> DatabaseState:
+        """The state of database ``name``, loading it the first time."""
+        state = self._databases.get(name)
+        if state is not None:
+            return state
+        task = self._loading.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(name), name=f"schema-load-{name}")
+            self._loading[name] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str) -> DatabaseState:
+        try:
+            state = await asyncio.wait_for(
+                self._loader(self.config.schema_dsn, name, self.config.connect_timeout),
+                self.config.connect_timeout * 3)
+            self._databases[name] = state
+            log.info("schema of database %s loaded (%d relations, version %s)", name,
+                     len(state.schema.relations()), state.schema.version)
+            return state
+        finally:
+            self._loading.pop(name, None)
+
+    def refresh_schema(self, name: str, why: str) -> None:
+        """Reload a database's schema in the background (at most one load at a time, once a second)."""
+        state = self._databases.get(name)
+        if name in self._loading or (state is not None and time.monotonic() - state.loaded_at < 1.0):
+            return
+        log.info("refreshing schema of database %s (%s)", name, why)
+
+        async def run() -> None:
+            try:
+                old = self._databases.get(name)
+                new = await self._load(name)
+                if old is None or old.schema.version != new.schema.version:
+                    self._changed()
+            except Exception as exc:  # the old schema stays in use
+                log.warning("schema refresh of database %s failed: %s", name, exc)
+
+        self._spawn(run(), f"schema-refresh-{name}")
+
+    async def refresh_all(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for name in list(self._databases):
+                self.refresh_schema(name, "interval")
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start(self) -> None:
+        if self.config.policy_watch_interval > 0:
+            self._spawn(self.watch(self.config.policy_watch_interval), "policy-watch")
+        if self.config.schema_refresh_interval > 0:
+            self._spawn(self.refresh_all(self.config.schema_refresh_interval), "schema-refresh")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks) + list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
