@@ -58,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the proxy. Settings come from defaults, then --config, "
                                        "then PURPOSE_PROXY_* variables, then these flags.")
     _add_serve_flags(serve)
+
+    ex = sub.add_parser("explain", help="show how a statement is decided for a role and purpose",
+                        description="List every column the statement touches, how it is used, its categories, "
+                                    "the decision per column with the rule that produced it, and the verdict.")
+    ex.add_argument("sql", help="the SQL text")
+    ex.add_argument("--role", required=True, help="the database role running the statement")
+    ex.add_argument("--purpose", help="the declared purpose (omit for none)")
+    ex.add_argument("--policies", default="policies", metavar="DIR", help="policy directory (default policies)")
+    ex.add_argument("--dsn", help="resolve names against this live database (asyncpg DSN)")
+    ex.add_argument("--schema", metavar="FILE", help="resolve names against this schema file (YAML/JSON)")
+    ex.add_argument("--search-path", metavar="PATH", help='session search_path (default "$user", public)')
+    ex.add_argument("--json", action="store_true", help="JSON output")
+
+    ck = sub.add_parser("check", help="validate a policy directory and run its test cases",
+                        description="Validate model, policy and catalog, then run the YAML test cases in "
+                                    "DIR/tests. Exit status 1 on any problem (for CI).")
+    ck.add_argument("directory", nargs="?", default="policies", help="policy directory (default policies)")
+    ck.add_argument("--dsn", help="also compare the catalog with this live database")
+    ck.add_argument("--schema", metavar="FILE", help="schema file for the test cases (default DIR/schema.yaml)")
+    ck.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     return parser
 
 
@@ -107,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args)
             setup_logging(config)
             return serve(config)
+        if args.command in ("explain", "check"):
+            from proxy import tools
+
+            return getattr(tools, args.command)(args)
     except ConfigError as exc:
         print(f"purpose-proxy: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,92 @@
+"""The security team's commands: ``explain`` a decision and ``check`` a policy directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from proxy.analysis.access import analyze
+from proxy.analysis.schema import Schema, parse_search_path
+from proxy.policy.cases import load_policy_cases, run_policy_tests, summary
+from proxy.policy.checks import check_policy
+from proxy.policy.decision import Block, Mask
+from proxy.policy.engine import Policy
+from proxy.policy.verdict import decide_statement
+
+SCHEMA_FILE = "schema.yaml"  # the schema a policy directory's test cases are written against
+
+
+def load_schema_source(dsn: str | None, schema_file: str | None, policies: Path) -> Schema | None:
+    """The schema for name resolution: a live server, a schema file, or ``policies/schema.yaml``."""
+    if dsn:
+        from proxy.enforcement.runtime import load_database_state
+
+        return asyncio.run(load_database_state(dsn, None, 10.0)).schema
+    if schema_file:
+        return Schema.from_file(schema_file)
+    default = policies / SCHEMA_FILE
+    if default.exists():
+        return Schema.from_file(str(default))
+    return None
+
+
+def explain(args) -> int:
+    policies = Path(args.policies)
+    policy = Policy.load(policies)
+    schema = load_schema_source(args.dsn, args.schema, policies)
+    if schema is None:
+        print("purpose-proxy explain: no schema to resolve names against: give --dsn or --schema "
+              f"(or put {SCHEMA_FILE} in {policies})", file=sys.stderr)
+        return 2
+    search_path = parse_search_path(args.search_path) if args.search_path else ["$user", "public"]
+    analysis = analyze(args.sql, schema, search_path, args.role)
+    decision, expl = decide_statement(analysis, role=args.role, purpose=args.purpose or None, policy=policy)
+    rewritten = decision.sql if isinstance(decision, Mask) else None
+    if args.json:
+        out = expl.to_dict()
+        out["decision"] = type(decision).__name__.lower()
+        if isinstance(decision, Block):
+            out["error"] = {"sqlstate": decision.sqlstate, "message": decision.message,
+                            "detail": decision.detail, "hint": decision.hint}
+        if rewritten is not None:
+            out["rewritten_sql"] = rewritten
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        print(expl.to_text())
+        if rewritten is not None:
+            print(f"\nrewritten SQL:\n  {rewritten}")
+    return 0
+
+
+def check(args) -> int:
+    policies = Path(args.directory)
+    try:
+        policy = Policy.load(policies)
+    except Exception as exc:
+        print(f"FAIL: {exc}")
+        return 1
+    schema = load_schema_source(args.dsn, args.schema, policies)
+    problems = check_policy(policy, schema=schema)
+    failed = False
+    for problem in problems:
+        print(problem)
+        failed = failed or getattr(problem, "severity", "error") == "error"
+    case_files = sorted((policies / "tests").glob("*.yaml")) if (policies / "tests").is_dir() else []
+    results = []
+    if case_files:
+        if schema is None:
+            print(f"FAIL: policy test cases need a schema: give --dsn or --schema, or put {SCHEMA_FILE} "
+                  f"in {policies}")
+            return 1
+        cases = [case for f in case_files for case in load_policy_cases(f)]
+        results = run_policy_tests(policy, cases, analyze, schema)
+        for result in results:
+            if not result.passed or args.verbose:
+                print(result)
+        print(summary(results))
+        failed = failed or any(not r.passed for r in results)
+    print(f"policy {policy.version}: {len(problems)} problem(s), {len(results)} test case(s): "
+          f"{'FAIL' if failed else 'ok'}")
+    return 1 if failed else 0
