@@ -1,0 +1,96 @@
+"""A statement's fingerprint for telemetry: its tokens with every literal replaced by ``?``.
+
+The fingerprint keeps keywords and identifiers (unquoted ones folded to lower case,
+quoted ones quoted), operators and ``$n`` parameters, and drops comments and
+whitespace, so statements that differ only in their constants share one
+fingerprint. It never contains a literal value: strings of every kind, numbers,
+bit strings and dollar-quoted bodies all become ``?``, and where a string's extent
+depends on ``standard_conforming_strings`` whatever either reading calls a literal
+is masked. Text the lexer cannot read yields a constant placeholder. No schema is
+needed and nothing is parsed beyond the lexer.
+"""
+
+from __future__ import annotations
+
+from proxy.analysis.lexer import LITERALS, LexError, T, literal_mask, scan
+
+UNREADABLE = "<unreadable sql>"
+MAX_LENGTH = 4096
+
+_NO_SPACE_BEFORE = {T.COMMA, T.RPAREN, T.RBRACKET, T.DOT, T.SEMI}
+_NO_SPACE_AFTER = {T.LPAREN, T.LBRACKET, T.DOT}
+
+
+def fingerprint(sql: str) -> str:
+    """The statement with literals replaced by ``?`` (normalized, no values).
+
+    >>> fingerprint("SELECT email FROM Crm.Members WHERE id = 42 AND name = 'Ann' -- note")
+    'select email from crm.members where id = ? and name = ?'
+    >>> fingerprint("SELECT * FROM t WHERE id IN (1, 2, 3) AND x = $1")
+    'select * from t where id in (?, ...) and x = $1'
+    >>> fingerprint("SELECT 'unterminated")
+    '<unreadable sql>'
+    """
+    try:
+        tokens = scan(sql, True)
+    except LexError:
+        return UNREADABLE
+    masked: list[tuple[int, int]] = []
+    if any(t.kind is T.STRING and "\\" in t.text for t in tokens):
+        try:
+            masked = literal_mask(sql, False)
+        except LexError:
+            return UNREADABLE
+    out: list[str] = []
+    kinds: list[T | None] = []
+    for t in tokens:
+        if t.kind in LITERALS or t.kind is T.NUMBER or _overlaps(t.start, t.end, masked):
+            text, kind = "?", None
+        elif t.kind is T.IDENT:
+            text, kind = t.value, t.kind
+        elif t.kind is T.QIDENT:
+            text, kind = '"' + t.value.replace('"', '""') + '"', t.kind
+        else:
+            text, kind = t.text, t.kind
+        out.append(text)
+        kinds.append(kind)
+    return _join(_collapse(out, kinds))[:MAX_LENGTH]
+
+
+def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:
+    return any(s < b and a < e for s, e in spans)
+
+
+def _collapse(out: list[str], kinds: list[T | None]) -> list[tuple[str, T | None]]:
+    """Shorten parenthesized lists of two or more placeholders to ``(?, ...)``."""
+    res: list[tuple[str, T | None]] = []
+    i, n = 0, len(out)
+    while i < n:
+        if kinds[i] is T.LPAREN:
+            j, count = i + 1, 0
+            while j < n and kinds[j] is None:  # a placeholder
+                count += 1
+                j += 1
+                if j < n and kinds[j] is T.COMMA:
+                    j += 1
+                else:
+                    break
+            if count >= 2 and j < n and kinds[j] is T.RPAREN and kinds[j - 1] is None:
+                res.extend([("(", T.LPAREN), ("?", None), (",", T.COMMA), ("...", None), (")", T.RPAREN)])
+                i = j + 1
+                continue
+        res.append((out[i], kinds[i]))
+        i += 1
+    return res
+
+
+def _join(items: list[tuple[str, T | None]]) -> str:
+    parts: list[str] = []
+    prev: T | None = None
+    for k, (text, kind) in enumerate(items):
+        if k and kind not in _NO_SPACE_BEFORE and prev not in _NO_SPACE_AFTER and not (
+                kind is T.OP and text == "::") and not (prev is T.OP and parts and parts[-1] == "::"):
+            parts.append(" ")
+        parts.append(text)
+        prev = kind
+    return "".join(parts)

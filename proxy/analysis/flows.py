@@ -1,0 +1,1534 @@
+"""Walking a parsed statement scope by scope and recording which base columns it uses, and how.
+
+``analyze_tree(tree, ctx, acc)`` interprets one sqlglot tree (a query or a DML
+statement) the way PostgreSQL's parse analysis would: it builds each query
+level's FROM namespace (``proxy.analysis.resolve``), resolves every column
+reference, expands ``*``, follows subqueries, CTEs (recursive and data-modifying),
+set operations, views and materialized views down to base columns, and computes
+for every expression a *flow*: the base columns (and relations) whose values reach
+it, with PROJECT, AGGREGATE (only through a statistical aggregate) or WHOLE_ROW.
+Flows are recorded into the ``StatementAccess`` when they are consumed: the
+statement's outputs as PROJECT, WHERE/JOIN/GROUP BY/ORDER BY/... as FILTER.
+A column of a subquery, CTE or view that nothing consumes is not reported; every
+filter inside one is.
+
+Anything it does not understand raises ``Unsupported`` (the caller fails closed).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlglot import exp
+
+from proxy.analysis import functions as fn
+from proxy.analysis.model import Column, Kind, StatementAccess, Table, Use
+from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
+                                    column_of, consumed, ident, lookup_qualified, lookup_refname,
+                                    lookup_unqualified, merge_into, resolve_relation, union, whole_row)
+from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, VIEW, RelationInfo, Schema
+
+# Unquoted names that PostgreSQL reads as keywords, never as columns.
+SQL_VALUE_KEYWORDS = frozenset({
+    "current_user", "session_user", "user", "current_role", "current_catalog", "current_schema",
+    "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp", "system_user",
+    "default",
+})
+
+_STAT_AGG_TYPES = (
+    exp.Count, exp.Sum, exp.Avg, exp.Stddev, exp.StddevPop, exp.StddevSamp, exp.Variance, exp.VariancePop,
+    exp.Corr, exp.CovarPop, exp.CovarSamp, exp.RegrAvgx, exp.RegrAvgy, exp.RegrCount, exp.RegrIntercept,
+    exp.RegrR2, exp.RegrSlope, exp.RegrSxx, exp.RegrSxy, exp.RegrSyy, exp.BitwiseAndAgg, exp.BitwiseOrAgg,
+    exp.BitwiseXorAgg, exp.LogicalAnd, exp.LogicalOr, exp.PercentileCont, exp.Rank, exp.DenseRank,
+    exp.PercentRank, exp.CumeDist,
+)
+# Typed nodes that are syntax, not calls of a pg_proc function.
+_NOT_CALLS = (
+    exp.Cast, exp.TryCast, exp.Case, exp.If, exp.Coalesce, exp.Greatest, exp.Least, exp.Nullif, exp.Extract,
+    exp.Array, exp.Exists, exp.Anonymous, exp.Paren, exp.Interval, exp.Tuple, exp.CurrentDate,
+    exp.CurrentTimestamp, exp.CurrentTime, exp.CurrentUser, exp.SessionUser, exp.CurrentSchema,
+    exp.CurrentCatalog, exp.Localtime, exp.Localtimestamp, exp.Unnest, exp.Struct, exp.Bracket,
+)
+_NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+_EMPTY = (None, False, [], "")
+_TYPED_NAMES: dict[type, str | None] = {}  # typed sqlglot function class -> PostgreSQL name
+
+
+@dataclass
+class Context:
+    """What the analysis of one statement needs besides the tree."""
+
+    schema: Schema
+    path: list[str]  # effective search path (pg_catalog included)
+    role: str = ""
+    parse: Callable[[str], exp.Expr] | None = None  # parses a view definition
+    max_view_depth: int = 32
+
+
+@dataclass
+class Result:
+    """A query's outputs: column names (None when the analysis cannot tell), their flows, its rows."""
+
+    names: list[str | None]
+    flows: list[Flow]
+    rows: Flow = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Cte:
+    name: str
+    node: exp.Expr
+    colnames: list[str]
+    env: Env | None = None
+    recursive: bool = False
+    result: Result | None = None
+    busy: bool = False
+
+
+@dataclass
+class _Frame:
+    aggregated: bool = False
+
+
+def _check_args(node: exp.Expr, allowed: frozenset[str] | set[str], what: str) -> None:
+    for k, v in node.args.items():
+        if k not in allowed and v not in _EMPTY:
+            raise Unsupported(f"{what} with {k.rstrip('_').replace('_', ' ').upper()} is not supported by the analysis")
+
+
+_SELECT_ARGS = frozenset({"with_", "expressions", "distinct", "into", "from_", "joins", "where", "group",
+                          "having", "windows", "order", "limit", "offset", "locks"})
+_SETOP_ARGS = frozenset({"with_", "this", "expression", "distinct", "order", "limit", "offset", "locks"})
+_WRAPPER_ARGS = frozenset({"this", "with_", "order", "limit", "offset", "locks"})
+_TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "joins", "only", "rows_from", "ordinality", "sample"})
+
+
+class Analyzer:
+    """Interprets statements into a ``StatementAccess``; one instance per statement."""
+
+    def __init__(self, ctx: Context, acc: StatementAccess) -> None:
+        self.ctx = ctx
+        self.acc = acc
+        self.path = ctx.path
+        self.frames: list[_Frame] = [_Frame()]
+        self.modifying: list[Kind] = []
+        self.view_depth = 0
+        self.views: dict[tuple[str, str], Result] = {}
+        self.views_busy: set[tuple[str, str]] = set()
+
+    # --- recording ---------------------------------------------------------------------------------------
+
+    def consume(self, flow: Flow, ctx: Use) -> None:
+        acc = self.acc
+        for k, u in flow.items():
+            use = consumed(u, ctx)
+            if isinstance(k, Column):
+                acc.columns[k] = acc.columns.get(k, Use.NONE) | use
+            else:
+                acc.tables[k] = acc.tables.get(k, Use.NONE) | use
+
+    def consume_result(self, r: Result, ctx: Use) -> None:
+        for fl in r.flows:
+            self.consume(fl, ctx)
+        self.consume(r.rows, ctx)
+
+    # --- statements ------------------------------------------------------------------------------------------
+
+    def statement(self, tree: exp.Expr) -> Kind:
+        """Analyse a whole statement; return its kind."""
+        env = Env()
+        if isinstance(tree, exp.Insert):
+            self.insert(tree, env)
+            kind = Kind.INSERT
+        elif isinstance(tree, exp.Update):
+            self.update(tree, env)
+            kind = Kind.UPDATE
+        elif isinstance(tree, exp.Delete):
+            self.delete(tree, env)
+            kind = Kind.DELETE
+        elif isinstance(tree, exp.Merge):
+            self.merge(tree, env)
+            kind = Kind.MERGE
+        elif isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery, exp.Values)):
+            r = self.query(tree, env)
+            self.consume_result(r, P)
+            kind = Kind.SELECT
+            if isinstance(tree, exp.Select) and tree.args.get("into"):
+                kind = Kind.DDL
+        else:
+            raise Unsupported(f"{type(tree).__name__.upper()} statements are not supported by the analysis")
+        if kind is Kind.SELECT and self.modifying:
+            kind = self.modifying[0]
+        return kind
+
+    # --- queries ----------------------------------------------------------------------------------------------
+
+    def query(self, node: exp.Expr, env: Env) -> Result:
+        if isinstance(node, exp.Select):
+            return self.select(node, env)
+        if isinstance(node, exp.SetOperation):
+            return self.setop(node, env)
+        if isinstance(node, exp.Subquery):
+            return self.wrapper(node, env)
+        if isinstance(node, exp.Values):
+            return self.values(node, env)
+        if isinstance(node, exp.Paren):
+            return self.query(node.this, env)
+        if isinstance(node, (exp.Insert, exp.Update, exp.Delete, exp.Merge)):
+            raise Unsupported("a data-modifying statement is only allowed at the top level or in WITH")
+        raise Unsupported(f"{type(node).__name__} is not a query the analysis understands")
+
+    def select(self, node: exp.Select, env: Env) -> Result:
+        _check_args(node, _SELECT_ARGS, "SELECT")
+        env = self.with_(node, env)
+        level = Level()
+        from_ = node.args.get("from_")
+        self.add_from(level, from_.this if from_ is not None else None, node.args.get("joins") or [], env)
+        inner = env.inner(level)
+        frame = _Frame()
+        self.frames.append(frame)
+        try:
+            where = node.args.get("where")
+            if where is not None:
+                self.consume(self.expr(where.this, inner), F)
+            for w in node.args.get("windows") or []:
+                self.window_spec(w, inner)
+            names, flows = self.select_list(node.expressions, inner)
+            group = node.args.get("group")
+            if group is not None:
+                frame.aggregated = True
+                self.group_items(list(group.expressions) + _group_extras(group), inner, level, names, flows)
+            having = node.args.get("having")
+            if having is not None:
+                frame.aggregated = True
+                self.consume(self.expr(having.this, inner), F)
+            distinct = node.args.get("distinct")
+            if distinct is not None:
+                on = distinct.args.get("on")
+                if on is not None:
+                    for e in on.expressions if isinstance(on, exp.Tuple) else [on]:
+                        self.order_key(e, inner, names, flows)
+                elif distinct.expressions:
+                    raise Unsupported("DISTINCT with expressions is not supported by the analysis")
+                else:
+                    for fl in flows:
+                        self.consume(fl, F)
+            order = node.args.get("order")
+            if order is not None:
+                for o in order.expressions:
+                    self.order_key(o.this, inner, names, flows)
+            self.limits(node, inner)
+        finally:
+            self.frames.pop()
+        rows = union(*(it.rows for it in level.items))
+        if frame.aggregated:
+            rows = aggregated(rows)
+        return Result(names, flows, rows)
+
+    def limits(self, node: exp.Expr, env: Env) -> None:
+        for key in ("limit", "offset"):
+            lim = node.args.get(key)
+            if lim is None:
+                continue
+            if isinstance(lim, exp.Fetch):
+                count = lim.args.get("count")
+                if count is not None:
+                    self.consume(self.expr(count, env), F)
+                continue
+            for k in ("this", "expression", "offset"):
+                v = lim.args.get(k)
+                if isinstance(v, exp.Expr):
+                    self.consume(self.expr(v, env), F)
+
+    def order_key(self, e: exp.Expr, env: Env | None, names: list[str | None], flows: list[Flow]) -> None:
+        """An ORDER BY / DISTINCT ON item: an ordinal, an output column name, or an input expression."""
+        if isinstance(e, exp.Literal) and not e.is_string:
+            self.consume(_ordinal(e, flows), F)
+            return
+        if isinstance(e, exp.Column) and not e.args.get("table") and not isinstance(e.this, exp.Star):
+            n = ident(e.this)
+            hits = [fl for nm, fl in zip(names, flows) if nm == n]
+            if hits:
+                self.consume(union(*hits), F)
+                return
+        if env is None:
+            raise Unsupported("ORDER BY on a set operation must name an output column")
+        self.consume(self.expr(e, env), F)
+
+    def group_items(self, items: list[exp.Expr], env: Env, level: Level, names: list[str | None],
+                    flows: list[Flow]) -> None:
+        for g in items:
+            if isinstance(g, (exp.GroupingSets, exp.Cube, exp.Rollup, exp.Tuple)):
+                self.group_items(list(g.expressions), env, level, names, flows)
+            elif isinstance(g, exp.Literal) and not g.is_string:
+                self.consume(_ordinal(g, flows), F)
+            elif isinstance(g, exp.Column) and not g.args.get("table") and not isinstance(g.this, exp.Star):
+                n = ident(g.this)
+                local = _find_local(level, n)
+                if local is not None:
+                    self.consume(local, F)
+                    continue
+                hits = [fl for nm, fl in zip(names, flows) if nm == n]
+                if hits:
+                    self.consume(union(*hits), F)
+                else:
+                    self.consume(self.expr(g, env), F)
+            else:
+                self.consume(self.expr(g, env), F)
+
+    def window_spec(self, w: exp.Expr, env: Env) -> None:
+        for key in ("partition_by",):
+            for e in w.args.get(key) or []:
+                self.consume(self.expr(e, env), F)
+        order = w.args.get("order")
+        if order is not None:
+            for o in order.expressions:
+                self.consume(self.expr(o.this, env), F)
+        spec = w.args.get("spec")
+        if spec is not None:
+            for e in spec.iter_expressions():
+                if isinstance(e, exp.Expr):
+                    self.consume(self.expr(e, env), F)
+
+    def select_list(self, items: list[exp.Expr], env: Env) -> tuple[list[str | None], list[Flow]]:
+        names: list[str | None] = []
+        flows: list[Flow] = []
+        level = env.levels[0] if env.levels else Level()
+        for item in items:
+            alias = None
+            inner = item
+            if isinstance(item, exp.Alias):
+                alias = ident(item.args.get("alias"))
+                inner = item.this
+            if isinstance(inner, exp.Star):
+                if not level.items:
+                    raise Unsupported("SELECT * with no tables specified")
+                for it in level.items:
+                    if it.unknown:
+                        raise Unsupported(f"cannot expand * over {it.unknown[0].label}, whose output columns are "
+                                          f"unknown")
+                    for nm, fl in it.entries:
+                        names.append(nm)
+                        flows.append(fl)
+                continue
+            if isinstance(inner, exp.Column) and isinstance(inner.this, exp.Star):
+                src = self.star_source(inner, env)
+                if not src.known:
+                    raise Unsupported(f"cannot expand {src.name}.* over {src.label}, whose output columns are unknown")
+                names.extend(src.columns)
+                flows.extend(src.flows)
+                continue
+            if isinstance(inner, exp.Dot) and isinstance(inner.expression, exp.Star):
+                src = self.row_source(inner.this, env)
+                if src is None or not src.known:
+                    raise Unsupported("(composite).* expansion is only supported for whole-row references")
+                names.extend(src.columns)
+                flows.extend(whole_row(fl) for fl in src.flows)
+                continue
+            if isinstance(inner, exp.Subquery) and inner.args.get("alias") is None:
+                r = self.query(inner, env)  # a scalar subquery is named after its column
+                flows.append(union(*r.flows, r.rows))
+                names.append(alias if alias is not None else (r.names[0] if len(r.names) == 1 else None))
+                continue
+            flows.append(self.expr(inner, env))
+            names.append(alias if alias is not None else self.figure_name(inner))
+        return names, flows
+
+    def star_source(self, col: exp.Column, env: Env) -> Source:
+        parts = _column_parts(col, self.ctx.schema)[:-1]
+        if len(parts) == 1:
+            src = lookup_refname(env, parts[0])
+        elif len(parts) == 2:
+            src = lookup_refname(env, parts[1], parts[0])
+        else:
+            src = None
+        if src is None:
+            raise Unsupported(f'missing FROM-clause entry for table "{".".join(parts)}"')
+        return src
+
+    def row_source(self, node: exp.Expr, env: Env) -> Source | None:
+        """The FROM item a whole-row expression ``(t)`` / ``t`` refers to, if it is one."""
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Column) and not node.args.get("table") and not isinstance(node.this, exp.Star):
+            name = ident(node.this)
+            for lv in env.levels:
+                for it in lv.items:
+                    if any(nm == name for nm, _ in it.entries) or it.unknown:
+                        return None
+            return lookup_refname(env, name)
+        if isinstance(node, exp.Column) and isinstance(node.this, exp.Star):
+            return self.star_source(node, env)
+        return None
+
+    def setop(self, node: exp.SetOperation, env: Env) -> Result:
+        """UNION/INTERSECT/EXCEPT; a left-deep chain of them is walked without recursion."""
+        _check_args(node, _SETOP_ARGS, "set operation")
+        env = self.with_(node, env)
+        chain = [node]
+        cur = node.this
+        while isinstance(cur, exp.SetOperation) and not any(
+                cur.args.get(k) not in _EMPTY for k in ("with_", "order", "limit", "offset", "locks")):
+            _check_args(cur, _SETOP_ARGS, "set operation")
+            chain.append(cur)
+            cur = cur.this
+        result = self.query(cur, env)
+        for op in reversed(chain):
+            right = self.query(op.expression, env)
+            result = self.combine(op, result, right)
+        self.wrapper_clauses(node, result)
+        return result
+
+    def combine(self, node: exp.SetOperation, left: Result, right: Result) -> Result:
+        if len(left.flows) != len(right.flows):
+            raise Unsupported("each side of a set operation must have the same number of columns")
+        distinct = node.args.get("distinct") is not False or not isinstance(node, exp.Union)
+        if isinstance(node, exp.Except):
+            for fl in right.flows:
+                self.consume(fl, F)
+            self.consume(right.rows, F)
+            flows = [dict(fl) for fl in left.flows]
+            rows = dict(left.rows)
+        else:
+            flows = [union(a, b) for a, b in zip(left.flows, right.flows)]
+            rows = union(left.rows, right.rows)
+        if distinct:
+            for fl in flows:
+                self.consume(fl, F)
+        return Result(list(left.names), flows, rows)
+
+    def wrapper(self, node: exp.Subquery, env: Env) -> Result:
+        _check_args(node, _WRAPPER_ARGS, "parenthesized query")
+        env = self.with_(node, env)
+        r = self.query(node.this, env)
+        self.wrapper_clauses(node, r)
+        return r
+
+    def wrapper_clauses(self, node: exp.Expr, r: Result) -> None:
+        order = node.args.get("order")
+        if order is not None:
+            for o in order.expressions:
+                self.order_key(o.this, None, r.names, r.flows)
+        self.limits(node, Env())
+
+    def values(self, node: exp.Values, env: Env) -> Result:
+        _check_args(node, frozenset({"expressions", "alias"}), "VALUES")
+        flows: list[Flow] = []
+        for row in node.expressions:
+            cells = row.expressions if isinstance(row, exp.Tuple) else [row]
+            if flows and len(cells) != len(flows):
+                raise Unsupported("VALUES lists must all be the same length")
+            if not flows:
+                flows = [{} for _ in cells]
+            for i, c in enumerate(cells):
+                merge_into(flows[i], self.expr(c, env))
+        return Result([f"column{i + 1}" for i in range(len(flows))], flows, {})
+
+    # --- WITH --------------------------------------------------------------------------------------------------
+
+    def with_(self, node: exp.Expr, env: Env) -> Env:
+        w = node.args.get("with_")
+        if w is None:
+            return env
+        _check_args(w, frozenset({"expressions", "recursive"}), "WITH")
+        recursive = bool(w.args.get("recursive"))
+        ctes = dict(env.ctes)
+        defs: list[_Cte] = []
+        for cte in w.expressions:
+            _check_args(cte, frozenset({"this", "alias", "materialized"}), "WITH query")
+            alias = cte.args.get("alias")
+            name = ident(alias.this)
+            colnames = [ident(c) for c in alias.columns] if alias is not None else []
+            d = _Cte(name, cte.this, colnames, recursive=recursive)
+            if name in {x.name for x in defs}:
+                raise Unsupported(f'WITH query name "{name}" specified more than once')
+            defs.append(d)
+            if recursive:
+                ctes[name] = d
+            d.env = Env(env.levels, ctes if recursive else dict(ctes))
+            if not recursive:
+                ctes[name] = d
+        for d in defs:
+            self.cte_result(d)
+        return Env(env.levels, ctes)
+
+    def cte_result(self, d: _Cte) -> Result:
+        if d.result is not None:
+            return d.result
+        if d.busy:
+            raise Unsupported(f'recursive reference to query "{d.name}" must be in the second part of a UNION')
+        d.busy = True
+        try:
+            body = d.node
+            if isinstance(body, (exp.Insert, exp.Update, exp.Delete, exp.Merge)):
+                kind = {exp.Insert: Kind.INSERT, exp.Update: Kind.UPDATE, exp.Delete: Kind.DELETE,
+                        exp.Merge: Kind.MERGE}[type(body)]
+                self.modifying.append(kind)
+                r = self.dml(body, d.env)
+                d.result = self._rename(d, r)
+            elif d.recursive and isinstance(body, exp.Union) and not body.args.get("order") \
+                    and not body.args.get("limit"):
+                env = d.env
+                left = self.query(body.this, env)
+                d.result = self._rename(d, left)
+                d.busy = False
+                distinct = body.args.get("distinct") is not False
+                for _ in range(64):
+                    right = self.query(body.expression, env)
+                    if len(right.flows) != len(left.flows):
+                        raise Unsupported("each side of a set operation must have the same number of columns")
+                    cur = d.result
+                    new = Result(cur.names, [union(a, b) for a, b in zip(cur.flows, right.flows)],
+                                 union(cur.rows, right.rows))
+                    if new.flows == cur.flows and new.rows == cur.rows:
+                        break
+                    d.result = new
+                else:  # pragma: no cover - flows grow monotonically over a finite set
+                    raise Unsupported(f'cannot analyse recursive query "{d.name}"')
+                if distinct:
+                    for fl in d.result.flows:
+                        self.consume(fl, F)
+            else:
+                d.result = self._rename(d, self.query(body, d.env))
+        finally:
+            d.busy = False
+        return d.result
+
+    @staticmethod
+    def _rename(d: _Cte, r: Result) -> Result:
+        if len(d.colnames) > len(r.names):
+            raise Unsupported(f'WITH query "{d.name}" has {len(r.names)} columns available but '
+                              f"{len(d.colnames)} columns specified")
+        names = list(d.colnames) + list(r.names[len(d.colnames):])
+        return Result(names, r.flows, r.rows)
+
+    # --- FROM ----------------------------------------------------------------------------------------------------
+
+    def add_from(self, level: Level, first: exp.Expr | None, joins: list[exp.Join], env: Env) -> None:
+        """Add a FROM list (its first item, then comma items and joins) to ``level``."""
+        if first is None:
+            if joins:
+                raise Unsupported("JOIN without FROM")
+            return
+        current: Item | None = None
+        for node, join in _from_sequence(first, joins):
+            if current is not None and (join is None or _is_comma(join)):
+                level.add(current)
+                current = None
+            lateral = env.inner(Level(level.items + ([current] if current is not None else [])))
+            right = self.from_item(node, env, lateral)
+            if current is None:
+                current = right
+            else:
+                current = self.join(current, right, join, env)
+        if current is not None:
+            level.add(current)
+
+    def join(self, left: Item, right: Item, join: exp.Join, env: Env) -> Item:
+        _check_args(join, frozenset({"this", "on", "side", "kind", "using", "method"}), "JOIN")
+        method = (join.args.get("method") or "").upper()
+        kind = (join.args.get("kind") or "").upper()
+        if method and method != "NATURAL":
+            raise Unsupported(f"{method} JOIN is not supported by the analysis")
+        if kind and kind not in ("CROSS", "INNER", "OUTER"):
+            raise Unsupported(f"{kind} JOIN is not supported by the analysis")
+        check_conflicts(left.sources, right.sources)
+        using = join.args.get("using")
+        if method == "NATURAL":
+            if left.unknown or right.unknown:
+                raise Unsupported("NATURAL JOIN over a function whose output columns are unknown")
+            lnames = [nm for nm, _ in left.entries]
+            rnames = {nm for nm, _ in right.entries}
+            using_names = [nm for i, nm in enumerate(lnames) if nm in rnames and nm not in lnames[:i]]
+        elif using:
+            using_names = [ident(u.this if isinstance(u, exp.Column) else u) for u in using]
+        else:
+            using_names = []
+        entries: list[tuple[str | None, Flow]]
+        if using_names:
+            merged: list[tuple[str | None, Flow]] = []
+            lrest, rrest = list(left.entries), list(right.entries)
+            for n in using_names:
+                lf = _take_one(lrest, n, "left", left)
+                rf = _take_one(rrest, n, "right", right)
+                self.consume(lf, F)
+                self.consume(rf, F)
+                merged.append((n, union(lf, rf)))
+            entries = merged + lrest + rrest
+        else:
+            entries = left.entries + right.entries
+        combined = Item(entries, left.sources + right.sources, left.unknown + right.unknown)
+        on = join.args.get("on")
+        if on is not None:
+            self.consume(self.expr(on, env.inner(Level([combined]))), F)
+        return combined
+
+    def from_item(self, node: exp.Expr, env: Env, lateral: Env) -> Item:
+        if isinstance(node, exp.Table):
+            _check_args(node, _TABLE_ARGS, "FROM item")
+            if node.args.get("rows_from"):
+                calls = [t.this if isinstance(t, exp.Table) else t for t in node.args["rows_from"]]
+                return Item.of(self.function_source(calls,
+                                                    node.args.get("alias"), bool(node.args.get("ordinality")),
+                                                    lateral))
+            if isinstance(node.this, (exp.Func, exp.Dot)):
+                return Item.of(self.function_source([node.this], node.args.get("alias"),
+                                                    bool(node.args.get("ordinality")), lateral))
+            return Item.of(self.table_source(node, env))
+        if isinstance(node, exp.Lateral):
+            _check_args(node, frozenset({"this", "alias", "ordinality", "view", "outer"}), "LATERAL")
+            if node.args.get("view") or node.args.get("outer"):
+                raise Unsupported("LATERAL VIEW is not PostgreSQL")
+            inner = node.this
+            if isinstance(inner, exp.Subquery):
+                r = self.query(inner.this, lateral)
+                return Item.of(_derived(r, node.args.get("alias") or inner.args.get("alias"), "subquery"))
+            return Item.of(self.function_source([inner], node.args.get("alias"), bool(node.args.get("ordinality")),
+                                                lateral))
+        if isinstance(node, exp.Unnest):
+            _check_args(node, frozenset({"expressions", "alias", "offset"}), "UNNEST")
+            self.acc.functions.add("pg_catalog.unnest")
+            flows = [self.expr(e, lateral) for e in node.expressions]
+            alias = node.args.get("alias")
+            names: list[str | None] = ["unnest"] * len(flows)
+            if len(flows) == 1 and alias is not None and alias.this is not None and not alias.columns:
+                names = [ident(alias.this)]
+            offset = node.args.get("offset")
+            if offset:  # WITH ORDINALITY; sqlglot keeps the ordinality column's alias here
+                names.append(ident(offset) if isinstance(offset, exp.Identifier) else "ordinality")
+                flows.append({})
+            src = _derived(Result(names, flows, union(*flows)), alias, "unnest", default_name="unnest")
+            return Item.of(src)
+        if isinstance(node, exp.Values):
+            r = self.values(node, env)
+            return Item.of(_derived(r, node.args.get("alias"), "VALUES"))
+        if isinstance(node, exp.Subquery):
+            inner = node.this
+            alias = node.args.get("alias")
+            _check_args(node, frozenset({"this", "alias", "joins"}), "FROM item")
+            if isinstance(inner, (exp.Table, exp.Subquery)) and _is_join_group(inner):
+                if node.args.get("joins"):
+                    raise Unsupported("unexpected joins on a parenthesized join")
+                grp = Level()
+                self.add_from(grp, inner, [], lateral)
+                if len(grp.items) != 1:
+                    raise Unsupported("unexpected parenthesized FROM list")
+                item = grp.items[0]
+                if alias is None:
+                    return item
+                if item.unknown:
+                    raise Unsupported("an aliased join over a function whose output columns are unknown")
+                r = Result([nm for nm, _ in item.entries], [fl for _, fl in item.entries], item.rows)
+                return Item.of(_derived(r, alias, "join"))
+            if node.args.get("joins"):
+                raise Unsupported("unexpected joins on a subquery")
+            r = self.query(inner, env)
+            return Item.of(_derived(r, alias, "subquery"))
+        raise Unsupported(f"{type(node).__name__} in FROM is not supported by the analysis")
+
+    def table_source(self, node: exp.Table, env: Env) -> Source:
+        sample = node.args.get("sample")
+        if sample is not None:  # TABLESAMPLE method (args) [REPEATABLE (seed)]: constants only
+            for e in sample.iter_expressions():
+                self.consume(self.expr(e, env), F)
+        name = ident(node.this)
+        sch = ident(node.args.get("db")) if node.args.get("db") else None
+        cat = ident(node.args.get("catalog")) if node.args.get("catalog") else None
+        alias = node.args.get("alias")
+        if sch is None and name in env.ctes:
+            r = self.cte_result(env.ctes[name])
+            return _derived(r, alias, f'WITH query "{name}"', default_name=name)
+        rel = resolve_relation(self.ctx.schema, self.path, name, sch, cat)
+        src = self.relation_source(rel)
+        return _aliased(src, alias)
+
+    def relation_source(self, rel: RelationInfo) -> Source:
+        """A FROM item for a relation: base columns, or a view resolved through its definition.
+
+        A materialized view stores its rows: its own columns are reported as well as the
+        base columns its definition read.
+        """
+        if rel.kind in (VIEW, MATERIALIZED_VIEW) and rel.definition is not None and rel.schema not in BUILTIN_SCHEMAS:
+            r = self.view_result(rel)
+            if len(r.flows) != len(rel.columns):
+                raise Unsupported(f"the definition of view {rel} has {len(r.flows)} columns, not "
+                                  f"{len(rel.columns)}")
+            if rel.kind == MATERIALIZED_VIEW:
+                flows = [union(fl, {Column(rel.schema, rel.name, c): P}) for c, fl in zip(rel.columns, r.flows)]
+                rows = union(r.rows, {Table(rel.schema, rel.name): P})
+                return Source(rel.name, list(rel.columns), flows, rows, relation=rel, base=True,
+                              label=f"materialized view {rel}")
+            return Source(rel.name, list(rel.columns), r.flows, r.rows, relation=rel, label=f"view {rel}")
+        if rel.kind == VIEW and rel.schema not in BUILTIN_SCHEMAS:
+            raise Unsupported(f"the definition of view {rel} is unknown")
+        cols = list(rel.columns)
+        flows = [{Column(rel.schema, rel.name, c): P} for c in cols]
+        return Source(rel.name, cols, flows, {Table(rel.schema, rel.name): P}, relation=rel, base=True,
+                      label=f"relation {rel}")
+
+    def plain_view_columns(self, rel: RelationInfo, depth: int = 0) -> set[int]:
+        """Positions of the columns of an automatically updatable view that are plain base columns.
+
+        Raises ``Unsupported`` when the view is not automatically updatable (one FROM
+        item that is a table or such a view; no WITH, DISTINCT, GROUP BY, HAVING, LIMIT,
+        OFFSET, set operation, window or aggregate).
+        """
+        tree = self.ctx.schema.parsed_definition(rel, _safe_parse(self.ctx.parse))
+        simple = isinstance(tree, exp.Select) and not tree.args.get("joins") and tree.args.get("from_") is not None
+        if simple:
+            for k, v in tree.args.items():
+                if k not in ("expressions", "from_", "where") and v not in _EMPTY:
+                    simple = False
+            if any(isinstance(n, (exp.AggFunc, exp.Window)) for e in tree.expressions for n in e.walk()):
+                simple = False
+        src = tree.args["from_"].this if simple else None
+        if not isinstance(src, exp.Table) or isinstance(src.this, (exp.Func, exp.Dot)) or depth > 16:
+            raise Unsupported(f"writing through view {rel}, which is not a simple view of one table")
+        name = ident(src.this)
+        sch = ident(src.args.get("db")) if src.args.get("db") else None
+        inner = resolve_relation(self.ctx.schema, ["pg_catalog"], name, sch)
+        if inner.kind in (VIEW, MATERIALIZED_VIEW):
+            if inner.kind == MATERIALIZED_VIEW:
+                raise Unsupported(f"writing through view {rel}, which is not a simple view of one table")
+            ok = self.plain_view_columns(inner, depth + 1)
+            alias = src.args.get("alias")
+            inner_names = [ident(c) for c in alias.columns] if alias is not None else []
+            inner_names += list(inner.columns)[len(inner_names):]
+            plain_names = {inner_names[i] for i in ok if i < len(inner_names)}
+        else:
+            plain_names = None
+        out = set()
+        for i, e in enumerate(tree.expressions):
+            e = e.this if isinstance(e, exp.Alias) else e
+            if isinstance(e, exp.Column) and not isinstance(e.this, exp.Star):
+                if plain_names is None or ident(e.this) in plain_names:
+                    out.add(i)
+            elif isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)):
+                raise Unsupported(f"writing through view {rel}, whose definition is not expanded")
+        return out
+
+    def view_result(self, rel: RelationInfo) -> Result:
+        """The outputs of a view's definition, analysed once per statement (its filters are recorded then)."""
+        key = (rel.schema, rel.name)
+        cached = self.views.get(key)
+        if cached is not None:
+            return cached
+        if key in self.views_busy:
+            raise Unsupported(f"view {rel} refers to itself")
+        self.views_busy.add(key)
+        try:
+            r = self._view_result(rel)
+        finally:
+            self.views_busy.discard(key)
+        self.views[key] = r
+        return r
+
+    def _view_result(self, rel: RelationInfo) -> Result:
+        if self.view_depth >= self.ctx.max_view_depth:
+            raise Unsupported(f"views nested too deeply at {rel}")
+        tree = self.ctx.schema.parsed_definition(rel, _safe_parse(self.ctx.parse))
+        if isinstance(tree, str):
+            raise Unsupported(f"cannot analyse the definition of view {rel}: {tree}")
+        saved_path, saved_frames = self.path, self.frames
+        self.path, self.frames = ["pg_catalog"], [_Frame()]
+        self.view_depth += 1
+        try:
+            return self.query(tree, Env())
+        finally:
+            self.path, self.frames = saved_path, saved_frames
+            self.view_depth -= 1
+
+    def function_source(self, calls: list[exp.Expr], alias: exp.TableAlias | None, ordinality: bool,
+                        env: Env) -> Source:
+        """A function (or ROWS FROM list) in FROM: its outputs all carry the flows of its arguments."""
+        generic: Flow = {}
+        names: list[str | None] = []
+        known = True
+        fname = ""
+        for call in calls:
+            merge_into(generic, self.expr(call, env))
+            qual, name, cols = self.function_columns(call)
+            fname = fname or name
+            if cols is None:
+                if len(calls) == 1 and alias is not None and alias.columns:
+                    cols = [None] * len(alias.columns)
+                else:
+                    known = False
+                    cols = []
+            names.extend(cols)
+        if ordinality:
+            if not known:
+                raise Unsupported("WITH ORDINALITY over a function whose output columns are unknown")
+            names.append("ordinality")
+        aname = ident(alias.this) if alias is not None and alias.this is not None else None
+        acols = [ident(c.this if isinstance(c, exp.ColumnDef) else c) for c in alias.columns] if alias else []
+        if known and len(calls) == 1 and len(names) == 1 + int(ordinality) and aname and not acols \
+                and names[0] == fname and fname not in fn.SRF_COLUMNS:
+            names[0] = aname
+        if acols:
+            if known and len(acols) > len(names):
+                raise Unsupported(f"function {fname} has {len(names)} columns available but {len(acols)} "
+                                  f"columns specified")
+            if not known:
+                names, known = list(acols), True
+            else:
+                names = acols + names[len(acols):]
+        label = f"function {fname}()"
+        return Source(aname or fname, names, [generic] * len(names), dict(generic), aliased=aname is not None,
+                      known=known, generic=generic, label=label)
+
+    def function_columns(self, call: exp.Expr) -> tuple[str, str, list[str | None] | None]:
+        sch = None
+        if isinstance(call, exp.Dot):
+            sch = ident(call.this)
+            call = call.expression
+        if isinstance(call, exp.Anonymous):
+            name = _func_name(call)
+        elif isinstance(call, exp.ExplodingGenerateSeries):
+            name = "generate_series"
+        elif isinstance(call, exp.Func):
+            name = self.typed_name(call) or ""
+        else:
+            raise Unsupported("unexpected function call in FROM")
+        res = fn.classify_function(name, sch, self.ctx.schema, self.path) if name else None
+        if res is not None and res.schema:
+            info = self.ctx.schema.function(res.schema, name)
+            if info is not None and info.result_columns is not None:
+                return res.qualified, name, list(info.result_columns)
+        if name in fn.SRF_COLUMNS and (res is None or res.cls in (fn.FunctionClass.SAFE_BUILTIN,)):
+            return name, name, list(fn.SRF_COLUMNS[name])
+        if res is not None and res.cls is fn.FunctionClass.SAFE_BUILTIN:
+            return res.qualified, name, [name]
+        return name, name, None
+
+    # --- DML ------------------------------------------------------------------------------------------------------
+
+    def dml(self, node: exp.Expr, env: Env, top: bool = False) -> Result:
+        if isinstance(node, exp.Insert):
+            return self.insert(node, env, top)
+        if isinstance(node, exp.Update):
+            return self.update(node, env, top)
+        if isinstance(node, exp.Delete):
+            return self.delete(node, env, top)
+        return self.merge(node, env, top)
+
+    def target(self, node: exp.Expr, verb: str) -> tuple[Source, dict[str, list[Column]], list[Table]]:
+        """The relation a DML statement writes: its FROM item, base columns by name, and base tables."""
+        if not isinstance(node, exp.Table) or isinstance(node.this, (exp.Func, exp.Dot)):
+            raise Unsupported(f"unexpected {verb} target")
+        _check_args(node, frozenset({"this", "db", "catalog", "alias", "only"}), f"{verb} target")
+        name = ident(node.this)
+        sch = ident(node.args.get("db")) if node.args.get("db") else None
+        cat = ident(node.args.get("catalog")) if node.args.get("catalog") else None
+        rel = resolve_relation(self.ctx.schema, self.path, name, sch, cat)
+        if rel.kind == MATERIALIZED_VIEW:
+            raise Unsupported(f"cannot change materialized view {rel}")
+        src = self.relation_source(rel)
+        if src.base:
+            mapping = {c: [Column(rel.schema, rel.name, c)] for c in rel.columns}
+            tables = [Table(rel.schema, rel.name)]
+        else:
+            mapping, tables = _simple_view(rel, src, self.plain_view_columns(rel))
+        alias = node.args.get("alias")
+        return _aliased(src, alias), mapping, tables
+
+    def returning(self, node: exp.Expr, env: Env, top: bool) -> Result:
+        """RETURNING: consumed as PROJECT at the top level; in a WITH query, by whoever reads it."""
+        ret = node.args.get("returning")
+        if ret is None:
+            return Result([], [], {})
+        if ret.args.get("into"):
+            raise Unsupported("RETURNING INTO is not supported by the analysis")
+        names, flows = self.select_list(ret.expressions, env)
+        if top:
+            for fl in flows:
+                self.consume(fl, P)
+        return Result(names, flows, {})
+
+    def delete_rows(self, tables: list[Table]) -> None:
+        """Deleting rows uses every column of the base table (DELETE)."""
+        for t in tables:
+            self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | Use.DELETE
+            rel = self.ctx.schema.relation(t.schema, t.name)
+            for c in rel.columns if rel is not None else ():
+                self.acc.use(Column(t.schema, t.name, c), Use.DELETE)
+
+    def write(self, mapping: dict[str, list[Column]], name: str, rel: str, use: Use = Use.WRITE) -> None:
+        cols = mapping.get(name)
+        if cols is None:
+            raise Unsupported(f'column "{name}" of relation {rel} does not exist')
+        if not cols:
+            raise Unsupported(f'column "{name}" of view {rel} is not a plain column of its base table')
+        for c in cols:
+            self.acc.use(c, use)
+
+    def insert(self, node: exp.Insert, env: Env, top: bool = True) -> Result:
+        _check_args(node, frozenset({"with_", "this", "expression", "conflict", "returning", "default"}), "INSERT")
+        env = self.with_(node, env)
+        target = node.this
+        cols: list[str] | None = None
+        if isinstance(target, exp.Schema):
+            cols = [ident(c) for c in target.expressions]
+            target = target.this
+        src, mapping, tables = self.target(target, "INSERT")
+        relname = str(src.relation)
+        inserted: dict[str, Flow] = {}
+        written: list[str] = cols or []  # DEFAULT VALUES writes defaults only
+        if not node.args.get("default"):
+            body = node.expression
+            if body is None:
+                raise Unsupported("INSERT without VALUES or a query")
+            r = self.query(body, Env((), env.ctes))
+            for fl in r.flows:
+                self.consume(fl, P)
+            self.consume(r.rows, P)
+            all_cols = [c for c in src.columns if c is not None]
+            written = cols if cols is not None else all_cols[: len(r.flows)]
+            if len(r.flows) > len(written):
+                raise Unsupported("INSERT has more expressions than target columns")
+            inserted = dict(zip(written, r.flows))
+        for c in written:
+            self.write(mapping, c, relname)
+        for t in tables:
+            self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | Use.WRITE
+        conflict = node.args.get("conflict")
+        if conflict is not None:
+            self.on_conflict(conflict, src, mapping, inserted, env, relname)
+        level = Level([Item.of(src)])
+        res = self.returning(node, env.inner(level), top)
+        return Result(res.names, res.flows, dict(src.rows) if res.flows else {})
+
+    def on_conflict(self, conflict: exp.OnConflict, src: Source, mapping: dict[str, list[Column]],
+                    inserted: dict[str, Flow], env: Env, relname: str) -> None:
+        _check_args(conflict, frozenset({"expressions", "action", "conflict_keys", "index_predicate", "constraint",
+                                         "where"}), "ON CONFLICT")
+        action = conflict.args.get("action")
+        action_name = action.name.upper() if isinstance(action, exp.Expr) else ""
+        if action_name not in ("DO NOTHING", "DO UPDATE"):
+            raise Unsupported(f"ON CONFLICT {action_name or '?'} is not supported by the analysis")
+        excluded = Source("excluded", list(src.columns), [inserted.get(c or "", {}) for c in src.columns], {},
+                          aliased=True, label="EXCLUDED")
+        tenv = env.inner(Level([Item.of(src)]))
+        for k in conflict.args.get("conflict_keys") or []:
+            self.consume(self.expr(k.this if isinstance(k, exp.Ordered) else k, tenv), F)
+        pred = conflict.args.get("index_predicate")
+        if pred is not None:
+            self.consume(self.expr(pred.this, tenv), F)
+        uenv = env.inner(Level([Item.of(src), Item([], [excluded])]))
+        self.set_items(conflict.args.get("expressions") or [], mapping, uenv, relname)
+        where = conflict.args.get("where")
+        if where is not None:
+            self.consume(self.expr(where.this, uenv), F)
+
+    def set_items(self, items: list[exp.Expr], mapping: dict[str, list[Column]], env: Env, relname: str) -> None:
+        for eq in items:
+            if not isinstance(eq, exp.EQ):
+                raise Unsupported("unexpected SET item")
+            lhs, rhs = eq.this, eq.expression
+            targets = lhs.expressions if isinstance(lhs, exp.Tuple) else [lhs]
+            for t in targets:
+                self.write(mapping, _set_target(t), relname)
+            if isinstance(lhs, exp.Tuple) and isinstance(rhs, exp.Tuple):
+                values = list(rhs.expressions)
+            else:
+                values = [rhs]
+            for v in values:
+                if isinstance(v, exp.Column) and not v.args.get("table") and isinstance(v.this, exp.Identifier) \
+                        and not v.this.quoted and v.this.this.lower() == "default":
+                    continue
+                if isinstance(v, exp.Subquery):
+                    r = self.query(v.this, env)
+                    self.consume_result(r, P)
+                else:
+                    self.consume(self.expr(v, env), P)
+
+    def update(self, node: exp.Update, env: Env, top: bool = True) -> Result:
+        _check_args(node, frozenset({"with_", "this", "expressions", "from_", "where", "returning"}), "UPDATE")
+        env = self.with_(node, env)
+        src, mapping, tables = self.target(node.this, "UPDATE")
+        level = Level()
+        from_ = node.args.get("from_")
+        if from_ is not None:
+            self.add_from(level, from_.this, [], env)
+        others = union(*(it.rows for it in level.items))
+        level.add(Item.of(src))
+        inner = env.inner(level)
+        self.set_items(node.expressions, mapping, inner, str(src.relation))
+        where = node.args.get("where")
+        if where is not None:
+            self.consume(self.expr(where.this, inner), F)
+        self.consume(others, F)
+        for t in tables:
+            self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | Use.WRITE
+        res = self.returning(node, inner, top)
+        return Result(res.names, res.flows, dict(src.rows) if res.flows else {})
+
+    def delete(self, node: exp.Delete, env: Env, top: bool = True) -> Result:
+        _check_args(node, frozenset({"with_", "this", "using", "where", "returning"}), "DELETE")
+        env = self.with_(node, env)
+        src, mapping, tables = self.target(node.this, "DELETE")
+        level = Level()
+        for u in node.args.get("using") or []:
+            self.add_from(level, u, [], env)
+        others = union(*(it.rows for it in level.items))
+        level.add(Item.of(src))
+        inner = env.inner(level)
+        self.delete_rows(tables)
+        where = node.args.get("where")
+        if where is not None:
+            self.consume(self.expr(where.this, inner), F)
+        self.consume(others, F)
+        res = self.returning(node, inner, top)
+        return Result(res.names, res.flows, dict(src.rows) if res.flows else {})
+
+    def merge(self, node: exp.Merge, env: Env, top: bool = True) -> Result:
+        _check_args(node, frozenset({"this", "using", "on", "whens", "with_", "returning"}), "MERGE")
+        env = self.with_(node, env)
+        src, mapping, tables = self.target(node.this, "MERGE")
+        relname = str(src.relation)
+        level = Level()
+        self.add_from(level, node.args["using"], [], env)
+        others = union(*(it.rows for it in level.items))
+        level.add(Item.of(src))
+        inner = env.inner(level)
+        on = node.args.get("on")
+        if on is None:
+            raise Unsupported("MERGE without ON")
+        self.consume(self.expr(on, inner), F)
+        self.consume(others, F)
+        use = Use.NONE
+        for when in node.args["whens"].expressions:
+            _check_args(when, frozenset({"matched", "source", "condition", "then"}), "MERGE WHEN")
+            cond = when.args.get("condition")
+            if cond is not None:
+                self.consume(self.expr(cond, inner), F)
+            then = when.args.get("then")
+            if isinstance(then, exp.Update):
+                _check_args(then, frozenset({"expressions"}), "MERGE UPDATE")
+                self.set_items(then.expressions, mapping, inner, relname)
+                use |= Use.WRITE
+            elif isinstance(then, exp.Insert):
+                _check_args(then, frozenset({"this", "expression"}), "MERGE INSERT")
+                cols_node, vals = then.this, then.expression
+                if cols_node is None:
+                    cols = [c for c in src.columns if c is not None]
+                else:
+                    cols = [_set_target(c) for c in (cols_node.expressions if isinstance(cols_node, exp.Tuple)
+                                                     else [cols_node])]
+                values = vals.expressions if isinstance(vals, exp.Tuple) else ([vals] if vals is not None else [])
+                if len(values) > len(cols):
+                    raise Unsupported("INSERT has more expressions than target columns")
+                for c in cols[: len(values)] if cols_node is None else cols:
+                    self.write(mapping, c, relname)
+                for v in values:
+                    if isinstance(v, exp.Column) and isinstance(v.this, exp.Identifier) and not v.this.quoted \
+                            and v.this.this.lower() == "default" and not v.args.get("table"):
+                        continue
+                    self.consume(self.expr(v, inner), P)
+                use |= Use.WRITE
+            elif isinstance(then, exp.Var) and then.name.upper() == "DELETE":
+                self.delete_rows(tables)
+                use |= Use.DELETE
+            elif isinstance(then, exp.Var) and then.name.upper() == "DO NOTHING":
+                pass
+            else:
+                raise Unsupported("unexpected MERGE action")
+        for t in tables:
+            self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | (use or Use.WRITE)
+        res = self.returning(node, inner, top)
+        return Result(res.names, res.flows, dict(src.rows) if res.flows else {})
+
+    # --- expressions -----------------------------------------------------------------------------------------------
+
+    def expr(self, node: exp.Expr, env: Env) -> Flow:
+        """The flow of an expression; subqueries inside record their own filters.
+
+        Nodes without a meaning of their own (operators, CASE, casts' targets, ...) pass
+        on the union of their children's flows; they are walked without recursion so
+        that long chains (``a OR b OR ...``) stay cheap.
+        """
+        fl = self.special(node, env)
+        if fl is not None:
+            return fl
+        out: Flow = {}
+        stack = list(node.iter_expressions())
+        while stack:
+            child = stack.pop()
+            fl = self.special(child, env)
+            if fl is None:
+                stack.extend(child.iter_expressions())
+            else:
+                merge_into(out, fl)
+        return out
+
+    def special(self, node: exp.Expr, env: Env) -> Flow | None:
+        """The flow of a node that has a meaning of its own, or None for a plain operator node."""
+        if isinstance(node, exp.Column):
+            return self.column(node, env)
+        if isinstance(node, (exp.Literal, exp.Null, exp.Boolean, exp.Placeholder, exp.Parameter, exp.DataType)):
+            return {}
+        if isinstance(node, (exp.Var, exp.Identifier)):
+            return self.name_flow(node, env)
+        if isinstance(node, exp.Star):
+            raise Unsupported("* is not allowed here")
+        if isinstance(node, exp.Subquery):
+            if node.args.get("alias") is not None:
+                raise Unsupported("unexpected aliased subquery in an expression")
+            r = self.query(node, env)
+            return union(*r.flows, r.rows)
+        if isinstance(node, (exp.Select, exp.SetOperation)):
+            r = self.query(node, env)
+            return union(*r.flows, r.rows)
+        if isinstance(node, exp.Exists):
+            r = self.query(node.this, env)
+            self.consume_result(r, F)
+            return {}
+        if isinstance(node, exp.In):
+            _check_args(node, frozenset({"this", "expressions", "query"}), "IN")
+            out = dict(self.expr(node.this, env))
+            q = node.args.get("query")
+            if q is not None:
+                r = self.query(q, env)
+                self.consume_result(r, F)
+            for e in node.expressions:
+                merge_into(out, self.expr(e, env))
+            return out
+        if isinstance(node, (exp.Any, exp.All)):
+            inner = node.this
+            if isinstance(inner, (exp.Subquery, exp.Select, exp.SetOperation)):
+                r = self.query(inner, env)
+                self.consume_result(r, F)
+                return {}
+            return self.expr(inner, env)
+        if isinstance(node, exp.Dot):
+            return self.dot(node, env)
+        if isinstance(node, exp.Window):
+            return self.window(node, env)
+        if isinstance(node, exp.Filter):
+            out = dict(self.expr(node.this, env))
+            where = node.expression
+            self.consume(self.expr(where.this if isinstance(where, exp.Where) else where, env), F)
+            return out
+        if isinstance(node, exp.WithinGroup):
+            return self.within_group(node, env)
+        if isinstance(node, (exp.Cast, exp.TryCast)):
+            return self.expr(node.this, env)
+        if isinstance(node, exp.Anonymous):
+            return self.anonymous(node, env, None)
+        if isinstance(node, exp.AggFunc):
+            return self.aggregate(node, env, isinstance(node, _STAT_AGG_TYPES), windowed=False)
+        if isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS) and not (
+                isinstance(node, (exp.Binary, exp.Connector, exp.Unary))):
+            return self.typed_call(node, env)
+        if isinstance(node, (exp.Table, exp.From, exp.Join, exp.Lateral, exp.Insert, exp.Update, exp.Delete,
+                             exp.Merge, exp.Command, exp.Alias)):
+            raise Unsupported(f"unexpected {type(node).__name__} in an expression")
+        return None
+
+    def name_flow(self, node: exp.Var | exp.Identifier, env: Env) -> Flow:
+        """A bare name sqlglot did not make a column (EXTRACT's field, date_part's or date_trunc's first
+        argument, an interval unit, ...): sqlglot sometimes turns a column into one (``date_part(col, d)``),
+        so every column of that name in scope counts, whatever its case (sqlglot may change it)."""
+        name = node.name
+        if not name:
+            return {}
+        key = name.lower()
+        out: Flow = {}
+        for lv in env.levels:
+            for it in lv.items:
+                for nm, fl in it.entries:
+                    if nm is not None and nm.lower() == key:
+                        merge_into(out, fl)
+        return out
+
+    def column(self, node: exp.Column, env: Env) -> Flow:
+        if isinstance(node.this, exp.Star):
+            return self.star_source(node, env).whole()
+        parts = _column_parts(node, self.ctx.schema)
+        if len(parts) == 1:
+            name = parts[0]
+            this = node.this
+            if name in SQL_VALUE_KEYWORDS and isinstance(this, exp.Identifier) and not this.quoted:
+                return {}
+            return lookup_unqualified(env, name)
+        return lookup_qualified(env, parts)
+
+    def dot(self, node: exp.Dot, env: Env) -> Flow:
+        this, field_ = node.this, node.expression
+        if isinstance(field_, exp.Func):
+            if not isinstance(this, exp.Identifier):
+                raise Unsupported(f"improper qualified function name {node.sql('postgres')}")
+            sch = ident(this)
+            if isinstance(field_, exp.Anonymous):
+                return self.anonymous(field_, env, sch)
+            raise Unsupported(f"unexpected qualified call {node.sql('postgres')}")
+        if isinstance(field_, exp.Star):
+            return whole_row(self.expr(this, env))
+        if isinstance(field_, exp.Identifier):
+            src = self.row_source(this, env)
+            if src is not None:
+                return column_of(src, ident(field_))
+            return self.expr(this, env)
+        raise Unsupported(f"unexpected expression {node.sql('postgres')}")
+
+    def window(self, node: exp.Window, env: Env) -> Flow:
+        _check_args(node, frozenset({"this", "partition_by", "order", "spec", "alias", "over"}), "window")
+        self.window_spec(node, env)
+        func = node.this
+        out: Flow = {}
+        if isinstance(func, exp.Filter):
+            where = func.expression
+            self.consume(self.expr(where.this if isinstance(where, exp.Where) else where, env), F)
+            func = func.this
+        if isinstance(func, exp.AggFunc):
+            merge_into(out, self.aggregate(func, env, False, windowed=True))
+        elif isinstance(func, exp.Anonymous):
+            merge_into(out, self.anonymous(func, env, None, windowed=True))
+        else:
+            merge_into(out, self.expr(func, env))
+        return out
+
+    def within_group(self, node: exp.WithinGroup, env: Env) -> Flow:
+        func, order = node.this, node.expression
+        if isinstance(func, exp.Anonymous):
+            name = _func_name(func)
+            self.record_function(func, None)
+            stat = name in fn.STATISTICAL_AGGREGATES
+            args = [self.expr(a, env) for a in func.expressions]
+        elif isinstance(func, exp.AggFunc):
+            name = self.typed_name(func) or type(func).__name__.lower()
+            self.acc.functions.add(f"pg_catalog.{name}")
+            stat = isinstance(func, _STAT_AGG_TYPES)
+            args = [self.expr(a, env) for a in func.iter_expressions()]
+        else:
+            raise Unsupported("WITHIN GROUP on something that is not an aggregate")
+        self.frames[-1].aggregated = True
+        keys = union(*(self.expr(o.this, env) for o in (order.expressions if isinstance(order, exp.Order) else [])))
+        return union(aggregated(keys) if stat else keys, *args)
+
+    def aggregate(self, node: exp.Expr, env: Env, stat: bool, windowed: bool) -> Flow:
+        """An aggregate call: its input flows become AGGREGATE if it only computes a statistic."""
+        name = self.typed_name(node) if not isinstance(node, exp.Anonymous) else _func_name(node)
+        if name and not isinstance(node, exp.Anonymous):
+            self.acc.functions.add(f"pg_catalog.{name}")
+        if not windowed:
+            self.frames[-1].aggregated = True
+        out: Flow = {}
+        children = node.expressions if isinstance(node, exp.Anonymous) else list(node.iter_expressions())
+        for child in children:
+            merge_into(out, self._agg_arg(child, env))
+        if stat and not windowed:
+            return aggregated(out)
+        return out
+
+    def _agg_arg(self, child: exp.Expr, env: Env) -> Flow:
+        if isinstance(child, exp.Star):
+            return {}
+        if isinstance(child, exp.Order):  # string_agg(x, ',' ORDER BY y): y only orders
+            for o in child.expressions:
+                self.consume(self.expr(o.this, env), F)
+            return self.expr(child.this, env) if child.this is not None else {}
+        if isinstance(child, exp.Distinct):
+            out: Flow = {}
+            for e in child.expressions:
+                merge_into(out, self._agg_arg(e, env))
+            return out
+        return self.expr(child, env)
+
+    def typed_name(self, node: exp.Expr) -> str | None:
+        """The PostgreSQL name of a function sqlglot parsed into a typed node (as it would print it)."""
+        cls = type(node)
+        if isinstance(node, (exp.Binary, exp.Connector, exp.Unary)) and not isinstance(node, exp.AggFunc):
+            return None  # an operator (sqlglot models some operators as functions)
+        if cls not in _TYPED_NAMES:
+            try:
+                sql = node.sql("postgres")
+            except Exception:  # pragma: no cover - generator failure
+                sql = ""
+            m = _NAME_RE.match(sql)
+            _TYPED_NAMES[cls] = m.group(1).lower() if m else None
+        return _TYPED_NAMES[cls]
+
+    def typed_call(self, node: exp.Func, env: Env) -> Flow:
+        name = self.typed_name(node)
+        if name:
+            res = fn.classify_function(name, None, self.ctx.schema, self.path)
+            if res.cls is fn.FunctionClass.USER_DEFINED:
+                self.acc.functions.add(res.qualified)
+            elif res.cls is fn.FunctionClass.DATA_READING_BUILTIN:
+                self._deny(res)
+            else:
+                self.acc.functions.add(f"pg_catalog.{name}")
+        out: Flow = {}
+        for child in node.iter_expressions():
+            merge_into(out, self.expr(child, env))
+        return out
+
+    def record_function(self, node: exp.Anonymous, sch: str | None) -> fn.Resolved:
+        name = _func_name(node)
+        res = fn.classify_function(name, sch, self.ctx.schema, self.path)
+        if res.cls is fn.FunctionClass.UNKNOWN:
+            raise Unsupported(f"unknown function {res.qualified}")
+        if res.cls is fn.FunctionClass.DATA_READING_BUILTIN:
+            self._deny(res)
+        self.acc.functions.add(res.qualified)
+        return res
+
+    def _deny(self, res: fn.Resolved) -> None:
+        reason = f"function {res.qualified} {res.reason}"
+        if reason not in self.acc.unsupported:
+            self.acc.unsupported.append(reason)
+
+    def anonymous(self, node: exp.Anonymous, env: Env, sch: str | None, windowed: bool = False) -> Flow:
+        if sch is None and isinstance(node.this, str) and node.this.lower() == "row":
+            out: Flow = {}  # the ROW(...) constructor
+            for child in node.expressions:
+                merge_into(out, self.expr(child, env))
+            return out
+        res = self.record_function(node, sch)
+        if res.name == "set_config" and res.schema == "pg_catalog":
+            self.set_config(node)
+        if res.aggregate:
+            stat = res.schema == "pg_catalog" and res.name in fn.STATISTICAL_AGGREGATES
+            return self.aggregate(node, env, stat, windowed)
+        out: Flow = {}
+        for child in node.expressions:
+            merge_into(out, self.expr(child, env))
+        return out
+
+    def set_config(self, node: exp.Anonymous) -> None:
+        """Record set_config(name, value, is_local) as a setting.
+
+        The name must be a constant; a value that is not one is recorded as None (unknown),
+        an is_local that is not one as False (the lasting case).
+        """
+        args = node.expressions
+        if len(args) != 3 or not (isinstance(args[0], exp.Literal) and args[0].is_string):
+            raise Unsupported("set_config with a setting name that is not a constant")
+        value = args[1].this if isinstance(args[1], exp.Literal) and args[1].is_string else None
+        local = args[2]
+        if isinstance(local, exp.Boolean):
+            is_local = bool(local.this)
+        elif isinstance(local, exp.Literal) and local.is_string:
+            is_local = str(local.this).lower() in ("true", "t", "on", "yes", "y", "1")
+        else:
+            is_local = False
+        self.acc.settings.append((args[0].this.lower(), value, is_local))
+
+    # --- naming -------------------------------------------------------------------------------------------------------
+
+    def figure_name(self, node: exp.Expr) -> str | None:
+        """The name PostgreSQL gives an unaliased output column (FigureColname), or None if unsure."""
+        while isinstance(node, exp.Paren):
+            node = node.this
+        if isinstance(node, exp.Column):
+            return None if isinstance(node.this, exp.Star) else ident(node.this)
+        if isinstance(node, (exp.Cast, exp.TryCast)):
+            inner = self.figure_name(node.this)
+            return inner if inner not in (None, "?column?") else None
+        if isinstance(node, exp.Anonymous):
+            return _func_name(node)
+        if isinstance(node, exp.Dot):
+            if isinstance(node.expression, exp.Identifier):
+                return ident(node.expression)
+            if isinstance(node.expression, exp.Anonymous):
+                return _func_name(node.expression)
+            return None
+        if isinstance(node, (exp.Window, exp.Filter, exp.WithinGroup)):
+            return self.figure_name(node.this)
+        if isinstance(node, exp.Case):
+            return "case"
+        if isinstance(node, exp.Coalesce):
+            return "coalesce"
+        if isinstance(node, exp.Nullif):
+            return "nullif"
+        if isinstance(node, exp.Greatest):
+            return "greatest"
+        if isinstance(node, exp.Least):
+            return "least"
+        if isinstance(node, exp.Exists):
+            return "exists"
+        if isinstance(node, exp.Array):
+            return "array"
+        if isinstance(node, (exp.Literal, exp.Binary, exp.Not, exp.Neg, exp.Boolean, exp.Null)):
+            return None if isinstance(node, exp.Boolean) else "?column?"
+        if isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS):
+            name = self.typed_name(node)
+            if name in ("count", "sum", "avg", "min", "max", "lower", "upper", "length", "array_agg",
+                        "string_agg", "concat", "abs", "round", "now", "date_trunc", "generate_series"):
+                return name
+        return None
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _func_name(node: exp.Anonymous) -> str:
+    this = node.this
+    return ident(this) if isinstance(this, exp.Identifier) else ident(str(this))
+
+
+def _column_parts(node: exp.Column, schema: Schema) -> list[str]:
+    parts = []
+    cat = node.args.get("catalog")
+    if cat is not None:
+        c = ident(cat)
+        if c != schema.database:
+            raise Unsupported(f"cross-database reference {node.sql('postgres')}")
+    for key in ("db", "table"):
+        v = node.args.get(key)
+        if v is not None:
+            parts.append(ident(v))
+    parts.append(ident(node.this) if not isinstance(node.this, exp.Star) else "*")
+    return parts
+
+
+def _ordinal(e: exp.Literal, flows: list[Flow]) -> Flow:
+    try:
+        i = int(e.this)
+    except ValueError:
+        raise Unsupported(f"non-integer constant {e.this} in ORDER BY/GROUP BY") from None
+    if not 1 <= i <= len(flows):
+        raise Unsupported(f"position {i} is not in select list")
+    return flows[i - 1]
+
+
+def _find_local(level: Level, name: str) -> Flow | None:
+    hits = [fl for it in level.items for nm, fl in it.entries if nm == name]
+    if len(hits) > 1:
+        raise Unsupported(f'ambiguous column reference "{name}"')
+    if hits:
+        return hits[0]
+    if any(it.unknown for it in level.items):
+        raise Unsupported(f'cannot tell whether column "{name}" comes from a function whose output columns are '
+                          f"unknown")
+    return None
+
+
+def _group_extras(group: exp.Group) -> list[exp.Expr]:
+    out: list[exp.Expr] = []
+    for key in ("grouping_sets", "cube", "rollup"):
+        v = group.args.get(key)
+        if isinstance(v, list):
+            out.extend(v)
+        elif isinstance(v, exp.Expr):
+            out.append(v)
+    if group.args.get("totals"):
+        raise Unsupported("GROUP BY ... WITH TOTALS is not PostgreSQL")
+    return out
+
+
+def _from_sequence(first: exp.Expr, joins: list[exp.Join]):
+    yield first, None
+    if isinstance(first, exp.Table):
+        for j in first.args.get("joins") or []:
+            yield j.this, j
+    for j in joins:
+        yield j.this, j
+
+
+def _is_comma(join: exp.Join) -> bool:
+    return not any(join.args.get(k) for k in ("on", "side", "kind", "using", "method"))
+
+
+def _is_join_group(node: exp.Expr) -> bool:
+    if isinstance(node, exp.Table):
+        return bool(node.args.get("joins"))
+    if isinstance(node, exp.Subquery):
+        return _is_join_group(node.this) or bool(node.args.get("joins"))
+    return False
+
+
+def _take_one(entries: list[tuple[str | None, Flow]], name: str, side: str, item: Item) -> Flow:
+    hits = [i for i, (nm, _) in enumerate(entries) if nm == name]
+    if len(hits) > 1:
+        raise Unsupported(f'common column name "{name}" appears more than once in {side} table')
+    if not hits:
+        if item.unknown:
+            raise Unsupported(f'cannot tell whether column "{name}" exists in the {side} table of a join')
+        raise Unsupported(f'column "{name}" specified in USING clause does not exist in {side} table')
+    _, fl = entries.pop(hits[0])
+    return fl
+
+
+def _derived(r: Result, alias: exp.TableAlias | None, what: str, default_name: str = "") -> Source:
+    names = list(r.names)
+    aname = default_name
+    aliased = False
+    if alias is not None:
+        if alias.this is not None:
+            aname = ident(alias.this)
+            aliased = True
+        cols = [ident(c.this if isinstance(c, exp.ColumnDef) else c) for c in alias.columns]
+        if len(cols) > len(names):
+            raise Unsupported(f"{what} has {len(names)} columns available but {len(cols)} columns specified")
+        names = cols + names[len(cols):]
+    return Source(aname, names, list(r.flows), dict(r.rows), aliased=aliased, label=what)
+
+
+def _aliased(src: Source, alias: exp.TableAlias | None) -> Source:
+    if alias is None:
+        return src
+    names = list(src.columns)
+    cols = [ident(c) for c in alias.columns]
+    if len(cols) > len(names):
+        raise Unsupported(f"{src.label} has {len(names)} columns available but {len(cols)} columns specified")
+    names = cols + names[len(cols):]
+    name = ident(alias.this) if alias.this is not None else src.name
+    return Source(name, names, src.flows, src.rows, relation=src.relation, aliased=alias.this is not None,
+                  known=src.known, base=src.base, generic=src.generic, label=src.label)
+
+
+def _set_target(t: exp.Expr) -> str:
+    while isinstance(t, exp.Bracket):  # SET arr[1] = ...
+        t = t.this
+    if isinstance(t, exp.Column) and not t.args.get("table") and isinstance(t.this, exp.Identifier):
+        return ident(t.this)
+    if isinstance(t, exp.Identifier):
+        return ident(t)
+    raise Unsupported(f"unsupported SET target {t.sql('postgres')}")
+
+
+def _simple_view(rel: RelationInfo, src: Source, plain: set[int]) -> tuple[dict[str, list[Column]], list[Table]]:
+    """Writes through an automatically updatable view map to the base columns of its one table."""
+    tables = [k for k in src.rows if isinstance(k, Table)]
+    if len(tables) != 1:
+        raise Unsupported(f"writing through view {rel}, which is not a simple view of one table")
+    mapping: dict[str, list[Column]] = {}
+    for i, (name, fl) in enumerate(zip(src.columns, src.flows)):
+        cols = [k for k in fl if isinstance(k, Column)]
+        if i in plain and len(fl) == 1 and len(cols) == 1:
+            mapping[name or ""] = cols
+        else:
+            mapping[name or ""] = []  # not a plain base column: the server refuses writes to it
+    return mapping, tables
+
+
+def _safe_parse(parse: Callable[[str], exp.Expr] | None) -> Callable[[str], object]:
+    def run(sql: str) -> object:
+        if parse is None:
+            return "no parser"
+        try:
+            return parse(sql)
+        except Unsupported as exc:
+            return str(exc)
+    return run
+
+
+def analyze_tree(tree: exp.Expr, ctx: Context, acc: StatementAccess) -> Kind:
+    """Record into ``acc`` every base column ``tree`` uses; return the statement's kind.
+
+    >>> from proxy.analysis.schema import Schema
+    >>> from proxy.analysis.parse import parse_statement
+    >>> from proxy.analysis.lexer import scan
+    >>> s = Schema.from_dict({"schemas": {"crm": {"tables": {"members": ["id", "email"]}}}})
+    >>> sql = "SELECT email FROM crm.members WHERE id = 1"
+    >>> acc = StatementAccess(Kind.OTHER)
+    >>> analyze_tree(parse_statement(sql, scan(sql)), Context(s, ["pg_catalog"]), acc)
+    <Kind.SELECT: 'select'>
+    >>> {str(c): u.name for c, u in acc.columns.items()}
+    {'crm.members.id': 'FILTER', 'crm.members.email': 'PROJECT'}
+    """
+    return Analyzer(ctx, acc).statement(tree)

@@ -1,0 +1,220 @@
+"""Turning one lexed statement into a sqlglot tree without letting sqlglot re-read literals or comments.
+
+sqlglot's own tokenizer is close to PostgreSQL's but not the same (``U&""``
+identifiers, strings continued across lines, non-ASCII whitespace, ...). So the
+statement's literals, quoted identifiers and comments come from
+``proxy.analysis.lexer``; sqlglot's tokenizer only sees the code between them,
+and every identifier it produces must line up with an identifier of the
+PostgreSQL lexer. Anything that does not line up, does not parse, or parses into
+sqlglot's opaque ``exp.Command`` fallback raises ``Unparsable``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+from sqlglot.errors import ErrorLevel, ParseError, TokenError
+from sqlglot.tokens import Token as SqlglotToken
+from sqlglot.tokens import TokenType
+
+from proxy.analysis.lexer import T, Token, truncate_identifier
+
+DIALECT = Postgres()
+_TOKENIZER_CLS = Postgres.Tokenizer
+_CODE_KINDS = frozenset({T.IDENT, T.OP, T.LPAREN, T.RPAREN, T.LBRACKET, T.RBRACKET, T.COMMA, T.DOT})
+_UNEXPECTED_IN_CODE = {
+    TokenType.STRING, TokenType.IDENTIFIER, TokenType.HEREDOC_STRING, TokenType.BYTE_STRING,
+    TokenType.NATIONAL_STRING, TokenType.RAW_STRING, TokenType.BIT_STRING, TokenType.HEX_STRING,
+    TokenType.UNICODE_STRING, TokenType.UNKNOWN,
+}
+
+
+
+def _no_command_fallback_warning(record: logging.LogRecord) -> bool:
+    """sqlglot warns whenever it falls back to exp.Command; the analysis reports that case itself."""
+    return "Falling back to parsing as a 'Command'" not in record.getMessage()
+
+
+logging.getLogger("sqlglot").addFilter(_no_command_fallback_warning)
+
+
+class Unparsable(ValueError):
+    """The statement cannot be turned into a tree the analysis can trust."""
+
+
+def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> list[SqlglotToken]:
+    r"""sqlglot tokens for a statement: literals from the PostgreSQL lexer, code from sqlglot's tokenizer.
+
+    sqlglot's tokenizer runs over the statement with every comment blanked out and
+    every literal, quoted identifier, number and parameter replaced by a same-length
+    placeholder word; each placeholder then becomes the token the PostgreSQL lexer
+    read there.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> sql = 'SELECT U&"\\0061" FROM t'
+    >>> [(t.token_type.name, t.text) for t in to_sqlglot_tokens(sql, scan(sql))]
+    [('SELECT', 'SELECT'), ('IDENTIFIER', 'a'), ('FROM', 'FROM'), ('VAR', 't')]
+    """
+    chars = [" "] * len(text)
+    opaque: dict[int, Token] = {}
+    for t in tokens:
+        if t.kind in _CODE_KINDS:
+            chars[t.start:t.end] = text[t.start:t.end]
+        else:
+            chars[t.start:t.end] = "_" * (t.end - t.start)
+            opaque[t.start] = t
+    blanked = "".join(chars)
+    try:
+        stoks = _TOKENIZER_CLS(dialect=DIALECT).tokenize(blanked)
+    except TokenError as exc:
+        raise Unparsable(f"cannot tokenize: {exc}") from None
+    # Every sqlglot token must begin and end where a PostgreSQL token begins and ends (it
+    # may span several, e.g. the keyword ORDER BY), and every non-blank character must
+    # belong to a sqlglot token: then both read the same identifiers.
+    my_starts = {t.start for t in tokens}
+    my_ends = {t.end for t in tokens}
+    covered = 0
+    out: list[SqlglotToken] = []
+    for st in stoks:
+        a, b = st.start, st.end + 1
+        if st.token_type in _UNEXPECTED_IN_CODE or a not in my_starts or b not in my_ends:
+            raise Unparsable(f"the analysis reads {blanked[a:b]!r} differently from PostgreSQL")
+        covered += b - a - blanked.count(" ", a, b)
+        mine = opaque.get(a)
+        if mine is None:
+            if any(p in opaque for p in range(a + 1, b)):
+                raise Unparsable(f"the analysis reads {text[a:b]!r} differently from PostgreSQL")
+            out.append(st)
+            continue
+        if mine.end != b:
+            raise Unparsable(f"the analysis reads {text[a:b]!r} differently from PostgreSQL")
+        out.extend(_literal_tokens(mine))
+    if covered != len(blanked) - blanked.count(" "):
+        raise Unparsable("the analysis reads the statement's code differently from PostgreSQL")
+    return out
+
+
+def _literal_tokens(tok: Token) -> list[SqlglotToken]:
+    col = tok.start + 1
+    if tok.kind is T.PARAM:
+        return [SqlglotToken(TokenType.PARAMETER, "$", line=1, col=col, start=tok.start, end=tok.start),
+                SqlglotToken(TokenType.NUMBER, tok.value[1:], line=1, col=col + 1, start=tok.start + 1,
+                             end=tok.end - 1)]
+    tt = {T.QIDENT: TokenType.IDENTIFIER, T.STRING: TokenType.STRING, T.BITSTRING: TokenType.BIT_STRING,
+          T.HEXSTRING: TokenType.HEX_STRING, T.NUMBER: TokenType.NUMBER}.get(tok.kind)
+    if tt is None:  # pragma: no cover - SEMI never reaches here (statements are split)
+        raise Unparsable(f"unexpected token {tok.text!r}")
+    return [SqlglotToken(tt, tok.value, line=1, col=col, start=tok.start, end=tok.end - 1)]
+
+
+def parse_statement(text: str, tokens: tuple[Token, ...] | list[Token]) -> exp.Expr:
+    """Parse one statement (no trailing semicolon) into a sqlglot tree, or raise ``Unparsable``.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_statement("SELECT email FROM crm.members", scan("SELECT email FROM crm.members")).sql()
+    'SELECT email FROM crm.members'
+    """
+    stoks = to_sqlglot_tokens(text, tokens)
+    parser = DIALECT.parser(error_level=ErrorLevel.RAISE)
+    try:
+        trees = parser.parse(stoks, text)
+    except (ParseError, TokenError) as exc:
+        msg = str(exc).split("\n")[0]
+        raise Unparsable(f"cannot parse the statement: {msg}") from None
+    except RecursionError:
+        raise Unparsable("the statement is nested too deeply") from None
+    trees = [t for t in trees if t is not None]
+    if len(trees) != 1:
+        raise Unparsable("cannot parse the statement")
+    tree = trees[0]
+    if isinstance(tree, exp.Command) or tree.find(exp.Command):
+        raise Unparsable("cannot parse the statement (syntax the analysis does not understand)")
+    lost = dropped_names(tokens, tree)
+    if lost:
+        raise Unparsable(f"the analysis lost the name {lost[0]} while parsing the statement")
+    return tree
+
+
+# PostgreSQL's key words (pg_get_keywords() of PostgreSQL 15, plus a few of later versions) and
+# built-in type names: words that may appear in a statement without being names in its tree.
+PG_KEYWORDS = frozenset("""
+    abort absent absolute access action add admin after aggregate all also alter always analyse analyze and
+    any array as asc asensitive assertion assignment asymmetric at atomic attach attribute authorization
+    backward before begin between bigint binary bit boolean both breadth by cache call called cascade cascaded
+    case cast catalog chain char character characteristics check checkpoint class close cluster coalesce
+    collate collation column columns comment comments commit committed compression concurrently configuration
+    conflict connection constraint constraints content continue conversion copy cost create cross csv cube
+    current current_catalog current_date current_role current_schema current_time current_timestamp
+    current_user cursor cycle data database day deallocate dec decimal declare default defaults deferrable
+    deferred definer delete delimiter delimiters depends depth desc detach dictionary disable discard distinct
+    do document domain double drop each else enable encoding encrypted end enum escape event except exclude
+    excluding exclusive execute exists explain expression extension external extract false family fetch filter
+    finalize first float following for force foreign format forward freeze from full function functions
+    generated global grant granted greatest group grouping groups handler having header hold hour identity if
+    ilike immediate immutable implicit import in include including increment index indexes inherit inherits
+    initially inline inner inout input insensitive insert instead int integer intersect interval into invoker
+    is isnull isolation join json json_array json_arrayagg json_object json_objectagg json_scalar
+    json_serialize key keys label language large last lateral leading leakproof least left level like limit
+    listen load local localtime localtimestamp location lock locked logged mapping match matched materialized
+    maxvalue merge method minute minvalue mode month move name names national natural nchar new next nfc nfd
+    nfkc nfkd no none normalize normalized not nothing notify notnull nowait null nullif nulls numeric object
+    of off offset oids old on only operator option options or order ordinality others out outer over overlaps
+    overlay overriding owned owner parallel parameter parser partial partition passing password placing plans
+    policy position preceding precision prepare prepared preserve primary prior privileges procedural
+    procedure procedures program publication quote range read real reassign recheck recursive ref references
+    referencing refresh reindex relative release rename repeatable replace replica reset restart restrict
+    return returning returns revoke right role rollback rollup routine routines row rows rule savepoint scalar
+    schema schemas scroll search second security select sequence sequences serializable server session
+    session_user set setof sets share show similar simple skip smallint snapshot some sql stable standalone
+    start statement statistics stdin stdout storage stored strict string strip subscription substring support
+    symmetric sysid system system_user table tables tablesample tablespace temp template temporary text then
+    ties time timestamp to trailing transaction transform treat trigger trim true truncate trusted type types
+    uescape unbounded uncommitted unencrypted union unique unknown unlisten unlogged until update user using
+    vacuum valid validate validator value values varchar variadic varying verbose version view views volatile
+    when where whitespace window with within without work wrapper write xml xmlattributes xmlconcat xmlelement
+    xmlexists xmlforest xmlnamespaces xmlparse xmlpi xmlroot xmlserialize xmltable year yes zone
+""".split())
+PG_TYPE_NAMES = frozenset("""
+    aclitem any anyarray anycompatible anycompatiblearray anycompatiblemultirange anycompatiblenonarray
+    anycompatiblerange anyelement anyenum anymultirange anynonarray anyrange bigint bigserial bit bool boolean
+    box bpchar bytea char character cid cidr circle cstring date datemultirange daterange dec decimal double
+    event_trigger fdw_handler float float4 float8 gtsvector index_am_handler inet int int2 int2vector int4
+    int4multirange int4range int8 int8multirange int8range integer internal interval json jsonb jsonpath
+    language_handler line lseg macaddr macaddr8 money name numeric nummultirange numrange oid oidvector path
+    point polygon precision real record refcursor regclass regcollation regconfig regdictionary regnamespace
+    regoper regoperator regproc regprocedure regrole regtype serial smallint smallserial table_am_handler text
+    tid time timestamp timestamptz timetz trigger tsm_handler tsmultirange tsquery tsrange tstzmultirange
+    tstzrange tsvector txid_snapshot unknown uuid varbit varchar varying void xid xid8 xml
+""".split())
+
+
+def dropped_names(tokens: tuple[Token, ...] | list[Token], tree: exp.Expr) -> list[str]:
+    """Identifiers of the statement that appear nowhere in its tree (sqlglot dropped or rewrote them).
+
+    Key words, built-in type names and called function names are exempt (sqlglot keeps
+    neither as names); everything else the PostgreSQL lexer read as an identifier must
+    be somewhere in the tree, or the tree may not say what PostgreSQL will run.
+    """
+    names: set[str] = set()
+    for node in tree.walk():
+        if isinstance(node, (exp.Identifier, exp.Var)):
+            names.add(str(node.this).lower())
+        elif isinstance(node, exp.Anonymous) and isinstance(node.this, str):
+            names.add(node.this.lower())
+        elif isinstance(node, exp.DataType) and isinstance(node.args.get("kind"), str):
+            names.update(p.strip('"').lower() for p in node.args["kind"].split("."))
+    out = []
+    for i, tok in enumerate(tokens):
+        if tok.kind is T.IDENT:
+            if tok.value in PG_KEYWORDS or tok.value in PG_TYPE_NAMES:
+                continue
+        elif tok.kind is not T.QIDENT:
+            continue
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if nxt is not None and nxt.kind is T.LPAREN:
+            continue  # a function name (sqlglot keeps typed calls as node types) or a type modifier
+        if tok.value.lower() not in names and truncate_identifier(tok.value).lower() not in names:
+            out.append(tok.text)
+    return out

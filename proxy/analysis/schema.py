@@ -1,0 +1,371 @@
+"""The database schema the analysis resolves names against, and loading it from a live server.
+
+A ``Schema`` is a value: relations (tables, partitioned and foreign tables,
+materialized views, views) with their ordered column names and, for views and
+materialized views, their definition; functions by qualified name with their
+language, volatility and kind; a ``version`` string that changes whenever any of
+that changes (for the decision cache). ``Schema.from_dict`` reads the form used by
+tests and by ``purpose-proxy explain --schema FILE``; ``load_schema`` reads the
+catalogs of a live server through asyncpg. This module is the only one of
+``proxy.analysis`` that does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+TABLE = "table"
+PARTITIONED_TABLE = "partitioned_table"
+FOREIGN_TABLE = "foreign_table"
+VIEW = "view"
+MATERIALIZED_VIEW = "materialized_view"
+RELATION_KINDS = (TABLE, PARTITIONED_TABLE, FOREIGN_TABLE, VIEW, MATERIALIZED_VIEW)
+_RELKIND = {"r": TABLE, "p": PARTITIONED_TABLE, "f": FOREIGN_TABLE, "v": VIEW, "m": MATERIALIZED_VIEW}
+
+FUNCTION = "function"
+AGGREGATE = "aggregate"
+WINDOW = "window"
+PROCEDURE = "procedure"
+_PROKIND = {"f": FUNCTION, "a": AGGREGATE, "w": WINDOW, "p": PROCEDURE}
+_VOLATILITY = {"i": "immutable", "s": "stable", "v": "volatile"}
+_VOLATILITY_RANK = {"immutable": 0, "stable": 1, "volatile": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class RelationInfo:
+    """A relation: ``columns`` in attribute order; ``definition`` is the SELECT of a (materialized) view."""
+
+    schema: str
+    name: str
+    kind: str = TABLE
+    columns: tuple[str, ...] = ()
+    definition: str | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.schema in BUILTIN_SCHEMAS
+
+    @property
+    def is_view(self) -> bool:
+        return self.kind in (VIEW, MATERIALIZED_VIEW)
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionInfo:
+    """All overloads of one qualified function name, merged."""
+
+    schema: str
+    name: str
+    languages: frozenset[str] = frozenset({"internal"})
+    volatility: str = "volatile"
+    kinds: frozenset[str] = frozenset({FUNCTION})
+    # The output column names when it is used in FROM, if known (OUT/TABLE parameters or a
+    # composite result type); None when unknown.
+    result_columns: tuple[str, ...] | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.schema in BUILTIN_SCHEMAS
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+class Schema:
+    """Relations and functions by (schema, name); treat as immutable once built."""
+
+    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed")
+
+    def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
+                 version: str | None = None, database: str | None = None) -> None:
+        self._relations: dict[tuple[str, str], RelationInfo] = {(r.schema, r.name): r for r in relations}
+        merged: dict[tuple[str, str], FunctionInfo] = {}
+        for f in functions:
+            key = (f.schema, f.name)
+            old = merged.get(key)
+            if old is not None:
+                vol = max(old.volatility, f.volatility, key=lambda v: _VOLATILITY_RANK.get(v, 2))
+                f = FunctionInfo(f.schema, f.name, old.languages | f.languages, vol, old.kinds | f.kinds,
+                                 old.result_columns if old.result_columns == f.result_columns else None)
+            merged[key] = f
+        self._functions = merged
+        self._schemas = frozenset(s for s, _ in self._relations) | frozenset(s for s, _ in self._functions)
+        self.database = database
+        self._version = version or self._digest()
+        self._parsed: dict[tuple[str, str], Any] = {}  # view definitions, parsed on first use
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def relation(self, schema: str, name: str) -> RelationInfo | None:
+        return self._relations.get((schema, name))
+
+    def function(self, schema: str, name: str) -> FunctionInfo | None:
+        return self._functions.get((schema, name))
+
+    def functions_named(self, name: str) -> list[FunctionInfo]:
+        return [f for (s, n), f in self._functions.items() if n == name]
+
+    @property
+    def relations(self) -> list[RelationInfo]:
+        return list(self._relations.values())
+
+    @property
+    def functions(self) -> list[FunctionInfo]:
+        return list(self._functions.values())
+
+    @property
+    def schemas(self) -> frozenset[str]:
+        return self._schemas
+
+    @property
+    def knows_builtin_functions(self) -> bool:
+        """Whether pg_catalog's functions are listed (a loaded schema) or must be assumed (a test schema)."""
+        return any(s == "pg_catalog" for s, _ in self._functions)
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def parsed_definition(self, rel: RelationInfo, parse: Any) -> Any:
+        """The parsed view definition of ``rel`` (``parse(sql)`` computes it once)."""
+        key = (rel.schema, rel.name)
+        if key not in self._parsed:
+            self._parsed[key] = parse(rel.definition or "")
+        return self._parsed[key]
+
+    def __repr__(self) -> str:
+        return f"Schema({len(self._relations)} relations, {len(self._functions)} functions, version={self._version})"
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.to_dict(include_version=False), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def to_dict(self, include_version: bool = True) -> dict[str, Any]:
+        """The ``from_dict`` form of this schema."""
+        schemas: dict[str, dict[str, Any]] = {}
+        section = {TABLE: "tables", PARTITIONED_TABLE: "tables", FOREIGN_TABLE: "foreign_tables",
+                   VIEW: "views", MATERIALIZED_VIEW: "materialized_views"}
+        for r in sorted(self._relations.values(), key=lambda r: (r.schema, r.name)):
+            sec = schemas.setdefault(r.schema, {}).setdefault(section[r.kind], {})
+            if r.kind in (VIEW, MATERIALIZED_VIEW):
+                entry: dict[str, Any] = {"columns": list(r.columns)}
+                if r.definition is not None:
+                    entry["sql"] = r.definition
+                sec[r.name] = entry
+            elif r.kind == PARTITIONED_TABLE:
+                sec[r.name] = {"columns": list(r.columns), "partitioned": True}
+            else:
+                sec[r.name] = list(r.columns)
+        for f in sorted(self._functions.values(), key=lambda f: (f.schema, f.name)):
+            entry = {"language": ",".join(sorted(f.languages)), "volatility": f.volatility,
+                     "kind": ",".join(sorted(f.kinds))}
+            if f.result_columns is not None:
+                entry["result_columns"] = list(f.result_columns)
+            schemas.setdefault(f.schema, {}).setdefault("functions", {})[f.name] = entry
+        out: dict[str, Any] = {"schemas": schemas}
+        if self.database:
+            out["database"] = self.database
+        if include_version:
+            out["version"] = self._version
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Schema":
+        """Build a schema from plain data (names are exact: no case folding, no quoting).
+
+        >>> s = Schema.from_dict({"schemas": {"crm": {
+        ...     "tables": {"members": ["member_id", "email"]},
+        ...     "views": {"emails": {"columns": ["email"], "sql": "SELECT email FROM crm.members"}},
+        ...     "functions": {"lookup": {"language": "plpgsql"}}}}})
+        >>> s.relation("crm", "members").columns, s.relation("crm", "emails").kind
+        (('member_id', 'email'), 'view')
+        >>> sorted(s.function("crm", "lookup").languages)
+        ['plpgsql']
+
+        View definitions are resolved with an empty search_path (only pg_catalog), so
+        they must qualify the relations they read, as ``pg_get_viewdef`` does when the
+        loader runs it.
+        """
+        relations: list[RelationInfo] = []
+        functions: list[FunctionInfo] = []
+        for sname, sdef in (data.get("schemas") or {}).items():
+            sdef = sdef or {}
+            for key, kind in (("tables", TABLE), ("foreign_tables", FOREIGN_TABLE)):
+                for tname, cols in (sdef.get(key) or {}).items():
+                    if isinstance(cols, Mapping):
+                        k = PARTITIONED_TABLE if cols.get("partitioned") else kind
+                        relations.append(RelationInfo(sname, tname, k, tuple(cols.get("columns") or ())))
+                    else:
+                        relations.append(RelationInfo(sname, tname, kind, tuple(cols or ())))
+            for key, kind in (("views", VIEW), ("materialized_views", MATERIALIZED_VIEW)):
+                for vname, vdef in (sdef.get(key) or {}).items():
+                    if isinstance(vdef, Mapping):
+                        relations.append(RelationInfo(sname, vname, kind, tuple(vdef.get("columns") or ()),
+                                                      vdef.get("sql")))
+                    else:
+                        relations.append(RelationInfo(sname, vname, kind, tuple(vdef or ())))
+            for fname, fdef in (sdef.get("functions") or {}).items():
+                fdef = fdef or {}
+                langs = frozenset(x.strip() for x in str(fdef.get("language", "sql")).split(",") if x.strip())
+                kinds = frozenset(x.strip() for x in str(fdef.get("kind", FUNCTION)).split(",") if x.strip())
+                rc = fdef.get("result_columns")
+                functions.append(FunctionInfo(sname, fname, langs, str(fdef.get("volatility", "volatile")), kinds,
+                                              tuple(rc) if rc is not None else None))
+        return cls(relations, functions, version=data.get("version"), database=data.get("database"))
+
+    @classmethod
+    def from_file(cls, path: str) -> "Schema":
+        """Read a YAML or JSON schema file (the ``from_dict`` form)."""
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+
+# --- loading from a live server ---------------------------------------------------------------
+
+_RELATIONS_SQL = """
+SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
+       coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum)
+                   FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}') AS columns,
+       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END AS definition
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
+   AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+_FUNCTIONS_SQL = """
+SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolatile::text AS volatility,
+       p.prokind::text AS kind,
+       CASE
+         WHEN p.proargmodes IS NOT NULL AND p.proargnames IS NOT NULL
+              AND EXISTS (SELECT 1 FROM unnest(p.proargmodes) m WHERE m IN ('o', 'b', 't'))
+         THEN (SELECT array_agg(x.name ORDER BY x.ord)
+                 FROM unnest(p.proargnames, p.proargmodes) WITH ORDINALITY AS x(name, mode, ord)
+                WHERE x.mode IN ('o', 'b', 't'))
+         WHEN t.typrelid <> 0
+         THEN (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped)
+       END AS result_columns
+  FROM pg_catalog.pg_proc p
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+  LEFT JOIN pg_catalog.pg_type t ON t.oid = p.prorettype
+ WHERE n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+"""
+
+
+async def load_schema(conn: Any) -> Schema:
+    """Read relations, view definitions and functions from a live server (an asyncpg connection).
+
+    View definitions are read with ``search_path`` set to ``pg_catalog`` only, inside a
+    transaction, so that ``pg_get_viewdef`` qualifies every relation outside pg_catalog;
+    the connection's search_path is restored afterwards (also when the caller had a
+    transaction open). pg_toast and temporary schemas are left out; pg_catalog and
+    information_schema are kept.
+    """
+    async with conn.transaction():
+        old_path = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
+        await conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
+        rel_rows = await conn.fetch(_RELATIONS_SQL)
+        fn_rows = await conn.fetch(_FUNCTIONS_SQL)
+        database = await conn.fetchval("SELECT pg_catalog.current_database()")
+        await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old_path)
+    relations = []
+    for r in rel_rows:
+        definition = r["definition"]
+        if definition is not None:
+            definition = definition.strip().rstrip(";").strip()
+        relations.append(RelationInfo(r["schema"], r["name"], _RELKIND[r["relkind"]], tuple(r["columns"] or ()),
+                                      definition))
+    functions = [
+        FunctionInfo(r["schema"], r["name"], frozenset({r["language"]}),
+                     _VOLATILITY.get(r["volatility"], "volatile"), frozenset({_PROKIND.get(r["kind"], FUNCTION)}),
+                     tuple(r["result_columns"]) if r["result_columns"] is not None else None)
+        for r in fn_rows
+    ]
+    return Schema(relations, functions, database=database)
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier the way PostgreSQL's quote_ident does (for plain lower-case names, not at all).
+
+    >>> quote_ident("crm"), quote_ident("Crm"), quote_ident("$user"), quote_ident("select")
+    ('crm', '"Crm"', '"$user"', '"select"')
+    """
+    import re
+
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) and name not in _RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def parse_search_path(value: str | None) -> list[str]:
+    """Split a search_path setting (as SET records it, or SHOW prints it) into schema names.
+
+    >>> parse_search_path('"$user", public, "Crm", CRM')
+    ['$user', 'public', 'Crm', 'crm']
+    """
+    from proxy.analysis.lexer import ascii_lower
+
+    if not value:
+        return []
+    out: list[str] = []
+    i, n = 0, len(value)
+    while i < n:
+        while i < n and value[i] in " \t\n\r\f":
+            i += 1
+        if i >= n:
+            break
+        if value[i] == '"':
+            j = i + 1
+            buf = []
+            while j < n:
+                if value[j] == '"':
+                    if j + 1 < n and value[j + 1] == '"':
+                        buf.append('"')
+                        j += 2
+                        continue
+                    break
+                buf.append(value[j])
+                j += 1
+            out.append("".join(buf))
+            i = j + 1
+        else:
+            j = i
+            while j < n and value[j] != ",":
+                j += 1
+            out.append(ascii_lower(value[i:j].strip()))
+            i = j
+        while i < n and value[i] in " \t\n\r\f":
+            i += 1
+        if i < n and value[i] == ",":
+            i += 1
+    return [x for x in out if x]
+
+
+# Reserved key words (they must be quoted as identifiers); enough for quote_ident's purposes.
+_RESERVED = frozenset("""
+all analyse analyze and any array as asc asymmetric authorization binary both case cast check collate
+collation column concurrently constraint create cross current_catalog current_date current_role
+current_schema current_time current_timestamp current_user default deferrable desc distinct do else end
+except false fetch for foreign freeze from full grant group having ilike in initially inner intersect into
+is isnull join lateral leading left like limit localtime localtimestamp natural not notnull null offset on
+only or order outer overlaps placing primary references returning right select session_user similar some
+symmetric system_user table tablesample then to trailing true union unique user using variadic verbose when
+where window with
+""".split())

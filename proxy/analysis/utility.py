@@ -1,0 +1,554 @@
+"""Reading, from PostgreSQL tokens, the statements sqlglot does not parse or parses loosely (utilities and DDL).
+
+SET/RESET/SHOW, transaction control, EXPLAIN/PREPARE/EXECUTE/DECLARE, COPY,
+TRUNCATE, CALL/DO, cursors, LISTEN/NOTIFY and the other utilities, and the DDL family.
+
+Each reader takes the tokens of one statement (``proxy.analysis.lexer``) and
+returns plain values; a statement they do not recognise raises ``Unsupported``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.analysis.lexer import LITERALS, T, Token, truncate_identifier
+from proxy.analysis.model import Kind
+from proxy.analysis.resolve import Unsupported
+from proxy.analysis.schema import quote_ident
+
+QUERY_WORDS = frozenset({"select", "with", "values", "table"})
+DML_WORDS = frozenset({"insert", "update", "delete", "merge"})
+TRANSACTION_WORDS = frozenset({"begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release"})
+UTILITY_WORDS = frozenset({"listen", "notify", "unlisten", "discard", "close", "fetch", "move", "checkpoint",
+                           "lock"})
+DDL_WORDS = frozenset({"create", "alter", "drop", "grant", "revoke", "comment", "security", "vacuum", "analyze",
+                       "analyse", "cluster", "reindex", "refresh", "import", "reassign"})
+LIST_QUOTE_SETTINGS = frozenset({"search_path", "temp_tablespaces"})
+
+Setting = tuple[str, "str | None", bool]
+
+
+def word(tok: Token | None) -> str | None:
+    """The lower-case keyword of an unquoted identifier token, else None."""
+    return tok.value if tok is not None and tok.kind is T.IDENT else None
+
+
+def classify(tokens: tuple[Token, ...] | list[Token]) -> Kind | None:
+    """The kind a statement has from its first keywords; None for queries and DML (sqlglot parses those).
+
+    >>> from proxy.analysis.lexer import scan
+    >>> classify(scan("SHOW search_path")), classify(scan("SELECT 1")), classify(scan("ROLLBACK TO SAVEPOINT a"))
+    (<Kind.SHOW: 'show'>, None, <Kind.TRANSACTION: 'transaction'>)
+    """
+    first = tokens[0]
+    w = word(first)
+    if first.kind is T.LPAREN or w in QUERY_WORDS or w in DML_WORDS:
+        return None
+    nxt = word(tokens[1]) if len(tokens) > 1 else None
+    if w in ("set", "reset"):
+        return Kind.SET
+    if w == "show":
+        return Kind.SHOW
+    if w in TRANSACTION_WORDS:
+        return Kind.TRANSACTION
+    if w == "prepare":
+        if nxt == "transaction" and len(tokens) > 2 and tokens[2].kind in LITERALS:
+            return Kind.TRANSACTION
+        return Kind.PREPARE
+    if w in UTILITY_WORDS or w == "deallocate":
+        return Kind.UTILITY
+    if w == "explain":
+        return Kind.EXPLAIN
+    if w == "execute":
+        return Kind.EXECUTE
+    if w == "declare":
+        return Kind.DECLARE
+    if w == "copy":
+        return Kind.COPY_TO
+    if w == "truncate":
+        return Kind.TRUNCATE
+    if w == "do":
+        return Kind.DO
+    if w == "call":
+        return Kind.CALL
+    if w in DDL_WORDS:
+        return Kind.DDL
+    return Kind.OTHER
+
+
+# --- small token readers -------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, tokens: tuple[Token, ...] | list[Token], what: str) -> None:
+        self.t = list(tokens)
+        self.i = 0
+        self.what = what
+
+    def peek(self, k: int = 0) -> Token | None:
+        j = self.i + k
+        return self.t[j] if j < len(self.t) else None
+
+    def at_end(self) -> bool:
+        return self.i >= len(self.t)
+
+    def next(self) -> Token:
+        tok = self.peek()
+        if tok is None:
+            self.fail()
+        self.i += 1
+        return tok
+
+    def accept(self, *words: str) -> str | None:
+        tok = self.peek()
+        if tok is not None and tok.kind is T.IDENT and tok.value in words:
+            self.i += 1
+            return tok.value
+        return None
+
+    def expect(self, *words: str) -> str:
+        w = self.accept(*words)
+        if w is None:
+            self.fail()
+        return w
+
+    def accept_kind(self, kind: T) -> Token | None:
+        tok = self.peek()
+        if tok is not None and tok.kind is kind:
+            self.i += 1
+            return tok
+        return None
+
+    def name(self) -> str:
+        tok = self.next()
+        if tok.kind not in (T.IDENT, T.QIDENT):
+            self.fail()
+        return truncate_identifier(tok.value)
+
+    def qualified_name(self) -> list[str]:
+        parts = [self.name()]
+        while self.accept_kind(T.DOT):
+            parts.append(self.name())
+        return parts
+
+    def fail(self) -> None:
+        raise Unsupported(f"cannot read {self.what} statement")
+
+
+# --- SET / RESET -------------------------------------------------------------------------------------------
+
+
+def parse_set(tokens: tuple[Token, ...] | list[Token]) -> list[Setting]:
+    """The settings a SET or RESET statement changes: (name, value or None, is_local).
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_set(scan("SET LOCAL pii.purpose = 'billing'"))
+    [('pii.purpose', 'billing', True)]
+    >>> parse_set(scan("SET search_path TO crm, \\"Crm\\", '$user'"))
+    [('search_path', 'crm, "Crm", "$user"', False)]
+    >>> parse_set(scan("RESET ALL")), parse_set(scan("SET TIME ZONE 'UTC'"))
+    ([('all', None, False)], [('timezone', 'UTC', False)])
+    """
+    r = _Reader(tokens, "SET")
+    if r.accept("reset"):
+        return [_parse_reset(r)]
+    r.expect("set")
+    scope = r.accept("session", "local")
+    is_local = scope == "local"
+    if scope == "session" and r.accept("characteristics"):
+        r.expect("as")
+        r.expect("transaction")
+        return _transaction_modes(r, "default_", False)
+    if r.accept("transaction"):
+        if r.accept("snapshot"):
+            r.next()
+            return []
+        return _transaction_modes(r, "", True)
+    if scope == "session" and r.accept("authorization"):
+        if r.accept("default"):
+            _end(r)
+            return [("session_authorization", None, is_local)]
+        value = _value(r)
+        _end(r)
+        return [("session_authorization", value, is_local)]
+    if r.accept("constraints"):
+        return []
+    save = r.i
+    w = r.accept("time", "names", "schema", "role", "xml")
+    if w == "time" and r.accept("zone"):
+        if r.accept("local", "default"):
+            _end(r)
+            return [("timezone", None, is_local)]
+        if r.accept("interval"):
+            value = _value(r)
+            r.i = len(r.t)
+            return [("timezone", value, is_local)]
+        value = _value(r)
+        _end(r)
+        return [("timezone", value, is_local)]
+    if w == "names":
+        if r.at_end() or r.accept("default"):
+            _end(r)
+            return [("client_encoding", None, is_local)]
+        value = _value(r)
+        _end(r)
+        return [("client_encoding", value, is_local)]
+    if w == "schema":
+        value = _value(r)
+        _end(r)
+        return [("search_path", quote_ident(value), is_local)]
+    if w == "role":
+        if r.accept("none"):
+            _end(r)
+            return [("role", None, is_local)]
+        value = _value(r)
+        _end(r)
+        return [("role", value, is_local)]
+    if w == "xml" and r.accept("option"):
+        value = r.expect("document", "content")
+        _end(r)
+        return [("xmloption", value, is_local)]
+    r.i = save
+    name = ".".join(r.qualified_name()).lower()
+    tok = r.next()
+    if not (tok.kind is T.OP and tok.value == "=") and word(tok) != "to":
+        if word(tok) == "from" and r.accept("current"):
+            raise Unsupported("SET ... FROM CURRENT is only allowed in function definitions")
+        r.fail()
+    if r.accept("default"):
+        _end(r)
+        return [(name, None, is_local)]
+    values = [_value(r, list_quote=name in LIST_QUOTE_SETTINGS)]
+    while r.accept_kind(T.COMMA):
+        values.append(_value(r, list_quote=name in LIST_QUOTE_SETTINGS))
+    _end(r)
+    return [(name, ", ".join(values), is_local)]
+
+
+def _parse_reset(r: _Reader) -> Setting:
+    if r.accept("all"):
+        name = "all"
+    elif r.accept("time"):
+        r.expect("zone")
+        name = "timezone"
+    elif r.accept("session"):
+        r.expect("authorization")
+        name = "session_authorization"
+    elif r.accept("transaction"):
+        r.expect("isolation")
+        r.expect("level")
+        name = "transaction_isolation"
+    else:
+        name = ".".join(r.qualified_name()).lower()
+    _end(r)
+    return (name, None, False)
+
+
+def _transaction_modes(r: _Reader, prefix: str, is_local: bool) -> list[Setting]:
+    out: list[Setting] = []
+    while not r.at_end():
+        if r.accept("isolation"):
+            r.expect("level")
+            w = r.expect("serializable", "repeatable", "read")
+            if w == "repeatable":
+                r.expect("read")
+                level = "repeatable read"
+            elif w == "read":
+                level = "read " + r.expect("committed", "uncommitted")
+            else:
+                level = w
+            out.append((prefix + "transaction_isolation", level, is_local))
+        elif r.accept("read"):
+            w = r.expect("only", "write")
+            out.append((prefix + "transaction_read_only", "on" if w == "only" else "off", is_local))
+        elif r.accept("not"):
+            r.expect("deferrable")
+            out.append((prefix + "transaction_deferrable", "off", is_local))
+        elif r.accept("deferrable"):
+            out.append((prefix + "transaction_deferrable", "on", is_local))
+        elif not r.accept_kind(T.COMMA):
+            r.fail()
+    return out
+
+
+def _value(r: _Reader, list_quote: bool = False) -> str:
+    tok = r.next()
+    if tok.kind in LITERALS:
+        return quote_ident(tok.value) if list_quote else tok.value
+    if tok.kind in (T.IDENT, T.QIDENT):
+        name = truncate_identifier(tok.value)
+        return quote_ident(name) if list_quote else name
+    if tok.kind is T.OP and tok.value in "+-":
+        num = r.next()
+        if num.kind is not T.NUMBER:
+            r.fail()
+        return ("-" if tok.value == "-" else "") + num.value
+    if tok.kind is T.NUMBER:
+        return tok.value
+    r.fail()
+    return ""
+
+
+def _end(r: _Reader) -> None:
+    if not r.at_end():
+        r.fail()
+
+
+# --- EXPLAIN / PREPARE / EXECUTE / DECLARE / DEALLOCATE ------------------------------------------------------
+
+
+def parse_explain(tokens: tuple[Token, ...] | list[Token]) -> tuple[bool, int]:
+    """(whether EXPLAIN executes the statement, index of the explained statement's first token).
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_explain(scan("EXPLAIN (ANALYZE true, BUFFERS) SELECT 1")), parse_explain(scan("EXPLAIN VERBOSE SELECT 1"))
+    ((True, 7), (False, 2))
+    """
+    r = _Reader(tokens, "EXPLAIN")
+    r.expect("explain")
+    analyze = False
+    if r.accept_kind(T.LPAREN):
+        while True:
+            opt = r.next()
+            if opt.kind is not T.IDENT:
+                r.fail()
+            value: str | None = None
+            nxt = r.peek()
+            if nxt is not None and nxt.kind not in (T.COMMA, T.RPAREN):
+                v = r.next()
+                value = v.value.lower() if v.kind in (T.IDENT, T.NUMBER) or v.kind in LITERALS else None
+                if value is None:
+                    r.fail()
+            if opt.value in ("analyze", "analyse"):
+                if value in (None, "true", "on", "1", "yes"):
+                    analyze = True
+                elif value in ("false", "off", "0", "no"):
+                    analyze = False
+                else:
+                    raise Unsupported(f"unrecognised EXPLAIN ANALYZE value {value}")
+            if r.accept_kind(T.COMMA):
+                continue
+            if r.accept_kind(T.RPAREN):
+                break
+            r.fail()
+    else:
+        if r.accept("analyze", "analyse"):
+            analyze = True
+        r.accept("verbose")
+    if r.at_end():
+        r.fail()
+    return analyze, r.i
+
+
+def parse_prepare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int]:
+    """(prepared statement name, index of the prepared statement's first token).
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_prepare(scan("PREPARE q1 (int, text) AS SELECT $1"))
+    ('q1', 8)
+    """
+    r = _Reader(tokens, "PREPARE")
+    r.expect("prepare")
+    name = r.name()
+    if r.accept_kind(T.LPAREN):
+        depth = 1
+        while depth:
+            tok = r.next()
+            depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+    r.expect("as")
+    if r.at_end():
+        r.fail()
+    return name, r.i
+
+
+def parse_execute(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, tuple[int, int] | None]:
+    """(prepared statement name, token range of the parenthesized arguments or None)."""
+    r = _Reader(tokens, "EXECUTE")
+    r.expect("execute")
+    name = r.name()
+    if r.at_end():
+        return name, None
+    if r.peek().kind is not T.LPAREN or tokens[-1].kind is not T.RPAREN:
+        r.fail()
+    return name, (r.i, len(tokens))
+
+
+def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int]:
+    """(cursor name, index of the cursor query's first token)."""
+    r = _Reader(tokens, "DECLARE")
+    r.expect("declare")
+    name = r.name()
+    while r.accept("binary", "asensitive", "insensitive", "no", "scroll"):
+        pass
+    r.expect("cursor")
+    if r.accept("with", "without"):
+        r.expect("hold")
+    r.expect("for")
+    if r.at_end():
+        r.fail()
+    return name, r.i
+
+
+def parse_deallocate(tokens: tuple[Token, ...] | list[Token]) -> str | None:
+    """The prepared statement DEALLOCATE drops, or None for DEALLOCATE ALL."""
+    r = _Reader(tokens, "DEALLOCATE")
+    r.expect("deallocate")
+    r.accept("prepare")
+    if r.accept("all"):
+        _end(r)
+        return None
+    name = r.name()
+    _end(r)
+    return name
+
+
+# --- COPY / TRUNCATE -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CopySpec:
+    direction: str  # "to" | "from"
+    relation: list[str] | None  # qualified name parts, or None for COPY (query)
+    columns: list[str] | None
+    query: tuple[int, int] | None  # token range of the query inside the parentheses
+    where: tuple[int, int] | None  # token range of a COPY FROM ... WHERE condition
+
+
+def parse_copy(tokens: tuple[Token, ...] | list[Token]) -> CopySpec:
+    """Read COPY: what it copies, in which direction; refuses server files and programs.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_copy(scan("COPY crm.members (email) TO STDOUT WITH (FORMAT csv)"))
+    CopySpec(direction='to', relation=['crm', 'members'], columns=['email'], query=None, where=None)
+    """
+    r = _Reader(tokens, "COPY")
+    r.expect("copy")
+    r.accept("binary")
+    relation = columns = query = None
+    if r.accept_kind(T.LPAREN):
+        start = r.i
+        depth = 1
+        while depth:
+            tok = r.next()
+            depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+        query = (start, r.i - 1)
+    else:
+        relation = r.qualified_name()
+        if r.accept_kind(T.LPAREN):
+            columns = [r.name()]
+            while r.accept_kind(T.COMMA):
+                columns.append(r.name())
+            if not r.accept_kind(T.RPAREN):
+                r.fail()
+    direction = r.expect("to", "from")
+    if query is not None and direction == "from":
+        r.fail()
+    target = r.peek()
+    if word(target) == "program":
+        raise Unsupported("COPY to or from a program runs it on the server")
+    if target is not None and target.kind in LITERALS:
+        raise Unsupported("COPY to or from a server file is not supported by the analysis")
+    r.expect("stdout" if direction == "to" else "stdin")
+    where = None
+    depth = 0
+    for j in range(r.i, len(tokens)):
+        tok = tokens[j]
+        depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+        if depth == 0 and tok.is_word("where"):
+            if direction != "from" or j + 1 >= len(tokens):
+                r.fail()
+            where = (j + 1, len(tokens))
+            break
+    return CopySpec(direction, relation, columns, query, where)
+
+
+def parse_truncate(tokens: tuple[Token, ...] | list[Token]) -> list[list[str]]:
+    """The relations TRUNCATE empties; CASCADE (which empties unnamed tables too) is refused."""
+    r = _Reader(tokens, "TRUNCATE")
+    r.expect("truncate")
+    r.accept("table")
+    names = []
+    while True:
+        r.accept("only")
+        names.append(r.qualified_name())
+        tok = r.peek()
+        if tok is not None and tok.kind is T.OP and tok.value == "*":
+            r.next()
+        if not r.accept_kind(T.COMMA):
+            break
+    while not r.at_end():
+        w = r.expect("restart", "continue", "identity", "cascade", "restrict")
+        if w == "cascade":
+            raise Unsupported("TRUNCATE ... CASCADE also empties the tables that reference these, which the "
+                              "analysis does not know")
+    return names
+
+
+def parse_refresh(tokens: tuple[Token, ...] | list[Token]) -> tuple[list[str], bool]:
+    """(materialized view name, whether it is populated) for REFRESH MATERIALIZED VIEW."""
+    r = _Reader(tokens, "REFRESH")
+    r.expect("refresh")
+    r.expect("materialized")
+    r.expect("view")
+    r.accept("concurrently")
+    name = r.qualified_name()
+    data = True
+    if r.accept("with"):
+        data = not r.accept("no")
+        r.expect("data")
+    _end(r)
+    return name, data
+
+
+# --- DDL ------------------------------------------------------------------------------------------------------
+
+
+def ddl_query(tokens: tuple[Token, ...] | list[Token]) -> tuple[int, int] | None:
+    """The token range of the query a CREATE TABLE/VIEW/MATERIALIZED VIEW ... AS defines, if any.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> ddl_query(scan("CREATE MATERIALIZED VIEW v AS SELECT 1 WITH NO DATA"))
+    (5, 7)
+    """
+    r = _Reader(tokens, "CREATE")
+    if not r.accept("create"):
+        return None
+    if r.accept("or"):
+        r.expect("replace")
+    while r.accept("global", "local", "temp", "temporary", "unlogged", "recursive"):
+        pass
+    w = r.accept("table", "view", "materialized")
+    if w is None:
+        return None
+    if w == "materialized":
+        r.expect("view")
+    depth = 0
+    for j in range(r.i, len(tokens)):
+        tok = tokens[j]
+        depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+        if depth == 0 and tok.is_word("as") and j + 1 < len(tokens):
+            nxt = tokens[j + 1]
+            if word(nxt) == "execute":
+                raise Unsupported("CREATE TABLE ... AS EXECUTE is not supported by the analysis")
+            if word(nxt) in QUERY_WORDS or nxt.kind is T.LPAREN:
+                end = len(tokens)
+                tail = [word(t) for t in tokens[-4:]]
+                if tail[-2:] == ["with", "data"]:
+                    end -= 2
+                elif tail[-3:] == ["with", "no", "data"]:
+                    end -= 3
+                elif tail[-3:] == ["with", "check", "option"]:
+                    end -= 3
+                elif tail[-4:] in (["with", "cascaded", "check", "option"], ["with", "local", "check", "option"]):
+                    end -= 4
+                return j + 1, end
+    return None
+
+
+def called_names(tokens: tuple[Token, ...] | list[Token]) -> list[str]:
+    """Names immediately followed by "(" (calls, but also type modifiers and column lists)."""
+    out = []
+    for a, b in zip(tokens, tokens[1:]):
+        if b.kind is T.LPAREN and a.kind in (T.IDENT, T.QIDENT):
+            out.append(truncate_identifier(a.value))
+    return out

@@ -1,0 +1,348 @@
+"""``load_schema`` against a real PostgreSQL, and the analysis checked against what PostgreSQL reads.
+
+A dedicated database gets the objects of ``tests/fixtures/analysis/schema.yaml``
+(with types). The tests check that ``load_schema`` returns them (columns in order,
+view and materialized-view definitions, functions, pg_catalog and
+information_schema relations), that a view definition read back from the server
+analyses to its base columns, that the loaded schema analyses every fixture the
+same way as the YAML schema does, and, for every fixture query, that each base
+column PostgreSQL's plan reads (``EXPLAIN (VERBOSE, FORMAT JSON)``) is reported by
+the analysis, and that statements the analysis refuses as invalid are refused by
+PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+
+import asyncpg
+import pytest
+
+from proxy.analysis.access import analyze
+from proxy.analysis.model import Column, Kind
+from proxy.analysis.schema import MATERIALIZED_VIEW, TABLE, VIEW, load_schema
+from tests.unit.test_analysis import CASES, DEFAULT_PATH, SCHEMA as YAML_SCHEMA
+
+pytestmark = pytest.mark.integration
+
+DDL = """
+CREATE SCHEMA crm;
+CREATE SCHEMA billing;
+CREATE TABLE crm.members (member_id int PRIMARY KEY, name text, email text, phone text, birth_date date,
+                          postal_code text);
+CREATE TABLE crm.notes (note_id serial PRIMARY KEY, member_id int, body text, created_at timestamptz DEFAULT now());
+CREATE TABLE crm."CustomerFile" ("FileId" int, "OwnerName" text, member_id int, name text);
+CREATE TABLE billing.cards (card_id int PRIMARY KEY, member_id int, card_number text, expiry date);
+CREATE TABLE billing.invoices (invoice_id serial PRIMARY KEY, member_id int, amount numeric, issued_at date);
+CREATE TABLE public.audit_log (id serial, at timestamptz DEFAULT now(), actor text, action text);
+CREATE TABLE public.members (id int, label text);
+CREATE VIEW crm.member_contacts AS
+  SELECT m.member_id, m.name, m.email, m.phone FROM crm.members m WHERE m.email IS NOT NULL;
+CREATE VIEW crm.member_emails (id, email_lower) AS
+  SELECT c.member_id, lower(c.email) FROM crm.member_contacts c;
+CREATE VIEW crm.member_summary AS
+  SELECT m.member_id, sum(i.amount) AS invoice_total
+  FROM crm.members m JOIN billing.invoices i ON i.member_id = m.member_id GROUP BY m.member_id;
+CREATE MATERIALIZED VIEW crm.member_stats AS
+  SELECT postal_code, count(*) AS members FROM crm.members GROUP BY postal_code;
+CREATE FUNCTION crm.member_score(id int) RETURNS int LANGUAGE plpgsql STABLE AS $$ BEGIN RETURN id; END $$;
+CREATE FUNCTION crm.search_members(q text) RETURNS TABLE (member_id int, name text) LANGUAGE sql STABLE
+  AS $$ SELECT m.member_id, m.name FROM crm.members m WHERE m.name = q $$;
+CREATE FUNCTION crm.opaque_rows() RETURNS SETOF record LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
+CREATE FUNCTION crm.legacy_rows() RETURNS TABLE (x int, label text) LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
+CREATE PROCEDURE crm.archive_member(id int) LANGUAGE plpgsql AS $$ BEGIN NULL; END $$;
+"""
+
+
+@pytest.fixture(scope="module")
+def db(pg):
+    """A fresh database owned by ``app`` holding the fixture schema; yields its URL."""
+    name = "pp_analysis_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+    url = pg.url("app", dbname=name)
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(DDL)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    try:
+        yield url
+    finally:
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _load(url: str):
+    conn = await asyncpg.connect(url)
+    try:
+        return await load_schema(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(db):
+    return asyncio.run(_load(db))
+
+
+def test_load_schema_returns_tables_views_and_functions(loaded):
+    s = loaded
+    members = s.relation("crm", "members")
+    assert members is not None and members.kind == TABLE
+    assert members.columns == ("member_id", "name", "email", "phone", "birth_date", "postal_code")
+    mixed = s.relation("crm", "CustomerFile")
+    assert mixed is not None and mixed.columns == ("FileId", "OwnerName", "member_id", "name")
+    assert s.relation("crm", "customerfile") is None
+    contacts = s.relation("crm", "member_contacts")
+    assert contacts.kind == VIEW and contacts.columns == ("member_id", "name", "email", "phone")
+    assert "crm.members" in contacts.definition  # qualified although crm is on no search_path
+    emails = s.relation("crm", "member_emails")
+    assert emails.columns == ("id", "email_lower") and "crm.member_contacts" in emails.definition
+    stats = s.relation("crm", "member_stats")
+    assert stats.kind == MATERIALIZED_VIEW and stats.definition and stats.columns == ("postal_code", "members")
+    assert s.database and s.database.startswith("pp_analysis_")
+    # pg_catalog and information_schema relations are kept (a statement reading them is analysed).
+    assert s.relation("pg_catalog", "pg_class") is not None
+    assert s.relation("pg_catalog", "pg_stat_activity") is not None
+    assert s.relation("information_schema", "tables") is not None
+    assert not any(r.schema == "pg_toast" or r.schema.startswith("pg_temp") for r in s.relations)
+    score = s.function("crm", "member_score")
+    assert score.languages == {"plpgsql"} and score.volatility == "stable" and not score.builtin
+    assert s.function("crm", "search_members").result_columns == ("member_id", "name")
+    assert s.function("crm", "opaque_rows").result_columns is None
+    assert "procedure" in s.function("crm", "archive_member").kinds
+    lower = s.function("pg_catalog", "lower")
+    assert lower is not None and lower.builtin
+    assert "aggregate" in s.function("pg_catalog", "count").kinds
+    assert s.knows_builtin_functions
+
+
+def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
+    again = asyncio.run(_load(db))
+    assert again.version == loaded.version
+
+    async def alter() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute("CREATE TABLE public.scratch (x int)")
+        finally:
+            await conn.close()
+
+    asyncio.run(alter())
+    changed = asyncio.run(_load(db))
+    assert changed.version != loaded.version
+    assert changed.relation("public", "scratch").columns == ("x",)
+
+
+def test_loaded_view_definition_analyses_to_base_columns(loaded):
+    a = analyze("SELECT email_lower FROM crm.member_emails WHERE id = 1", loaded)
+    st = a.statements[0]
+    assert not st.unsupported, st.unsupported
+    assert st.columns == {
+        Column("crm", "members", "email"): st.columns[Column("crm", "members", "email")],
+        Column("crm", "members", "member_id"): st.columns[Column("crm", "members", "member_id")],
+    }
+    from proxy.analysis.model import Use
+
+    assert st.columns[Column("crm", "members", "email")] == Use.PROJECT | Use.FILTER
+    assert st.columns[Column("crm", "members", "member_id")] == Use.FILTER
+    assert "pg_catalog.lower" in st.functions
+
+
+def test_loaded_schema_classifies_functions(loaded):
+    st = analyze("SELECT crm.member_score(member_id), lower(email) FROM crm.members", loaded).statements[0]
+    assert not st.unsupported and {"crm.member_score", "pg_catalog.lower"} <= st.functions
+    st = analyze("SELECT query_to_xml('select 1', true, true, '')", loaded).statements[0]
+    assert any("executes SQL" in r for r in st.unsupported)
+    st = analyze("SELECT no_such_function(1)", loaded).statements[0]
+    assert any("unknown function" in r for r in st.unsupported)
+    st = analyze("SELECT relname FROM pg_class WHERE relnamespace = 11", loaded).statements[0]
+    assert not st.unsupported and Column("pg_catalog", "pg_class", "relname") in st.columns
+
+
+# --- the fixtures against the real server ---------------------------------------------------------------
+
+_SCAN_TYPES = {"Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan", "Tid Scan", "Tid Range Scan",
+               "Sample Scan"}
+_EXPR_KEYS = ("Output", "Filter", "Index Cond", "Recheck Cond", "Hash Cond", "Merge Cond", "Join Filter",
+              "Sort Key", "Group Key", "Presorted Key", "One-Time Filter", "TID Cond", "Function Call",
+              "Table Function Call", "Conflict Filter", "Run Condition", "Cache Key", "Order By", "Hash Key")
+_STRING = re.compile(r"'(?:[^']|'')*'")
+_REF = re.compile(r'(?<![\w"$.])("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)\.("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*|\*)')
+
+
+def _unquote(s: str) -> str:
+    return s[1:-1].replace('""', '"') if s.startswith('"') else s
+
+
+def pg_reads(plan: dict, schema) -> set[Column]:
+    """The base columns a plan reads: expressions of every node, scan outputs only where they are the result.
+
+    EXPLAIN VERBOSE qualifies column references with the scan's alias (``m.email``,
+    whole rows as ``m.*``) unless the query has a single range table entry, where it
+    leaves them bare.
+    """
+    aliases: dict[str, tuple[str, str]] = {}
+
+    def collect_aliases(node: dict) -> None:
+        if node.get("Relation Name") and node.get("Alias"):
+            aliases[node["Alias"]] = (node.get("Schema"), node["Relation Name"])
+        for child in node.get("Plans", []):
+            collect_aliases(child)
+
+    collect_aliases(plan)
+    single = next(iter(aliases.values())) if len(aliases) == 1 else None
+    out: set[Column] = set()
+
+    def add_refs(text: str) -> None:
+        text = _STRING.sub("''", text)
+        for a, c in _REF.findall(text):
+            alias, col = _unquote(a), _unquote(c)
+            if alias not in aliases:
+                continue
+            sch, rel = aliases[alias]
+            info = schema.relation(sch, rel)
+            if col == "*":
+                out.update(Column(sch, rel, x) for x in info.columns)
+            elif col in info.columns:
+                out.add(Column(sch, rel, col))
+        if single is not None:
+            info = schema.relation(*single)
+            for w in _BARE.findall(text):
+                if _unquote(w) in info.columns:
+                    out.add(Column(single[0], single[1], _unquote(w)))
+
+    def walk(node: dict, parent: dict | None, in_cte: bool) -> None:
+        ntype = node.get("Node Type")
+        is_scan = ntype in _SCAN_TYPES
+        for key in _EXPR_KEYS:
+            val = node.get(key)
+            if val is None:
+                continue
+            if key == "Output":
+                if is_scan and parent is not None and parent.get("Node Type") != "ModifyTable":
+                    continue  # a scan's output feeds its parent (and may be the whole physical tuple)
+                if ntype in _PASS_THROUGH:
+                    continue  # these copy their child's tuple
+                if ntype == "ModifyTable" and in_cte:
+                    continue  # RETURNING of a WITH query: delivered only if the query reads it
+            for text in val if isinstance(val, list) else [val]:
+                add_refs(str(text))
+        for child in node.get("Plans", []):
+            walk(child, node, in_cte or str(child.get("Subplan Name", "")).startswith("CTE "))
+
+    walk(plan, None, False)
+    return out
+
+
+_PASS_THROUGH = {"Hash", "Materialize", "Memoize", "Sort", "Unique", "Gather", "Gather Merge", "Append",
+                 "Incremental Sort", "Merge Append", "SetOp", "Recursive Union"}
+_BARE = re.compile(r'(?<![\w"$.:])("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)(?![\w"$.(])')
+
+
+_EXPLAINABLE = {Kind.SELECT, Kind.INSERT, Kind.UPDATE, Kind.DELETE, Kind.MERGE}
+# Reasons for refusing a statement that PostgreSQL must agree with (the statement is invalid).
+_INVALID = ("does not exist", "ambiguous", "unknown relation", "specified more than once", "missing FROM-clause",
+            "columns available but", "same number of columns", "more expressions than target columns",
+            "must all be the same length", "unknown function")
+
+
+def _single(case: dict) -> dict | None:
+    stmts = case.get("statements")
+    if stmts is not None:
+        return None
+    if "$" in case["sql"] and re.search(r"\$\d", case["sql"]):
+        return None  # parameters need types
+    return case
+
+
+def _path_sql(case: dict) -> str:
+    role = case.get("role", "app")
+    path = [role if p == "$user" else p for p in case.get("search_path", DEFAULT_PATH)]
+    return "SET LOCAL search_path = " + (", ".join('"' + p.replace('"', '""') + '"' for p in path) or "''")
+
+
+async def _explain_all(url: str, loaded) -> list[str]:
+    conn = await asyncpg.connect(url)
+    problems: list[str] = []
+    checked = 0
+    try:
+        for param in CASES:
+            case = _single(param.values[0])
+            if case is None or case.get("standard_conforming_strings") is False:
+                continue
+            sql = case["sql"]
+            a = analyze(sql, loaded, case.get("search_path", DEFAULT_PATH), case.get("role", "app"))
+            st = a.statements[0] if len(a.statements) == 1 else None
+            if st is None or "pg_stat_activity" in sql or "pg_class" in sql or "app.crm" in sql:
+                continue
+            ref = analyze(sql, YAML_SCHEMA, case.get("search_path", DEFAULT_PATH), case.get("role", "app"))
+            rst = ref.statements[0]
+            if (st.kind, st.columns, st.tables, bool(st.unsupported)) != (rst.kind, rst.columns, rst.tables,
+                                                                          bool(rst.unsupported)):
+                problems.append(f"{param.id}: the loaded schema analyses differently: {st} vs {rst}")
+            if st.kind not in _EXPLAINABLE:
+                continue
+            if any(not f.startswith("pg_catalog.") for f in st.functions) and not st.unsupported:
+                continue  # the body of a user-defined function is the policy's business, not the analysis'
+            invalid = [r for r in st.unsupported if any(x in r for x in _INVALID)]
+            if st.unsupported and not invalid:
+                continue  # refused for a reason of the analysis' own
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute(_path_sql(case))
+                raw = await conn.fetchval("EXPLAIN (VERBOSE, FORMAT JSON) " + sql)
+                error = None
+            except asyncpg.PostgresError as exc:
+                error = exc
+            finally:
+                await tr.rollback()
+            checked += 1
+            if invalid:
+                if error is None:
+                    problems.append(f"{param.id}: refused as {invalid} but PostgreSQL accepts it")
+                continue
+            if error is not None:
+                problems.append(f"{param.id}: analysed, but PostgreSQL refuses it: {error}")
+                continue
+            plan = json.loads(raw)[0]["Plan"]
+            reads = pg_reads(plan, loaded)
+            reported = {c for c, u in st.columns.items() if u.reads}
+            missing = reads - reported
+            if missing:
+                problems.append(f"{param.id}: PostgreSQL reads {sorted(map(str, missing))} which the analysis "
+                                f"does not report (it reports {sorted(map(str, reported))})")
+    finally:
+        await conn.close()
+    assert checked >= 100, f"only {checked} fixture statements were checked against PostgreSQL"
+    return problems
+
+
+def test_fixtures_agree_with_postgresql(db, loaded):
+    problems = asyncio.run(_explain_all(db, loaded))
+    assert not problems, "\n".join(problems)
+
+
+def test_load_schema_leaves_the_connection_as_it_was(db):
+    async def run() -> tuple[str, str, bool]:
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute("SET search_path = crm, public")
+            async with conn.transaction():
+                await load_schema(conn)
+                inside = await conn.fetchval("SHOW search_path")
+            after = await conn.fetchval("SHOW search_path")
+            await load_schema(conn)
+            return inside, after, conn.is_in_transaction()
+        finally:
+            await conn.close()
+
+    inside, after, in_tx = asyncio.run(run())
+    assert inside == after == "crm, public" and not in_tx

@@ -1,0 +1,240 @@
+"""Unit tests of the analysis' parts: schema values, lexer, search_path, functions, fingerprint, robustness."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.analysis.access import analyze, lex
+from proxy.analysis.fingerprint import UNREADABLE, fingerprint
+from proxy.analysis.functions import FunctionClass, classify_function, effective_search_path
+from proxy.analysis.lexer import LexError, T, scan, split_statements
+from proxy.analysis.model import Column, Kind, Use
+from proxy.analysis.schema import FunctionInfo, RelationInfo, Schema, parse_search_path, quote_ident
+from tests.unit.test_analysis import FIXTURES, SCHEMA
+
+# --- Schema --------------------------------------------------------------------------------------------
+
+
+def test_schema_round_trips_through_dict():
+    again = Schema.from_dict(SCHEMA.to_dict())
+    assert again.to_dict() == SCHEMA.to_dict()
+    assert again.version == SCHEMA.version == "test-schema-1"
+
+
+def test_schema_version_is_a_digest_of_the_content():
+    d = SCHEMA.to_dict(include_version=False)
+    a, b = Schema.from_dict(d), Schema.from_dict(d)
+    assert a.version == b.version and len(a.version) == 16
+    d["schemas"]["crm"]["tables"]["members"] = ["member_id"]
+    assert Schema.from_dict(d).version != a.version
+
+
+def test_schema_from_file(tmp_path):
+    p = tmp_path / "schema.yaml"
+    p.write_text(yaml.safe_dump({"schemas": {"s": {"tables": {"T": ["A", "b"]}}}}))
+    s = Schema.from_file(str(p))
+    assert s.relation("s", "T") == RelationInfo("s", "T", "table", ("A", "b"))
+    assert s.relation("s", "t") is None
+
+
+def test_schema_merges_function_overloads():
+    s = Schema([], [FunctionInfo("x", "f", frozenset({"sql"}), "immutable", frozenset({"function"}), ("a",)),
+                    FunctionInfo("x", "f", frozenset({"plpgsql"}), "volatile", frozenset({"function"}), ("b",))])
+    f = s.function("x", "f")
+    assert f.languages == {"sql", "plpgsql"} and f.volatility == "volatile" and f.result_columns is None
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("crm, public", ["crm", "public"]),
+    ('"$user", public', ["$user", "public"]),
+    ('"Crm", CRM, "a""b"', ["Crm", "crm", 'a"b']),
+    ("", []),
+])
+def test_parse_search_path(value, expected):
+    assert parse_search_path(value) == expected
+
+
+def test_set_search_path_round_trips():
+    st = analyze("SET search_path = '$user', \"Crm\", crm, 'x y'", SCHEMA).statements[0]
+    name, value, _ = st.settings[0]
+    assert name == "search_path" and parse_search_path(value) == ["$user", "Crm", "crm", "x y"]
+    assert quote_ident("x y") == '"x y"'
+
+
+# --- search_path and functions --------------------------------------------------------------------------
+
+
+def test_effective_search_path():
+    assert effective_search_path(("$user", "public"), "") == ["pg_catalog", "public"]
+    assert effective_search_path(("pg_temp", "crm"), "a") == ["pg_catalog", "crm"]
+    assert effective_search_path(("crm", "pg_catalog", "public")) == ["crm", "pg_catalog", "public"]
+
+
+def test_pg_catalog_listed_late_lets_a_user_function_shadow_a_builtin():
+    s = Schema.from_dict({"schemas": {"crm": {"functions": {"lower": {"language": "plpgsql"}}}}})
+    assert classify_function("lower", None, s, ["pg_catalog", "crm"]).cls is FunctionClass.SAFE_BUILTIN
+    assert classify_function("lower", None, s, ["crm", "pg_catalog"]).cls is FunctionClass.USER_DEFINED
+    a = analyze("SELECT lower('x')", s, ["crm", "pg_catalog"]).statements[0]
+    assert "crm.lower" in a.functions
+
+
+def test_dblink_is_refused_wherever_it_is_installed():
+    s = Schema.from_dict({"schemas": {"public": {"functions": {"dblink": {"language": "c"}}}}})
+    r = classify_function("dblink", None, s, ["pg_catalog", "public"])
+    assert r.cls is FunctionClass.DATA_READING_BUILTIN and r.qualified == "public.dblink"
+
+
+# --- lexer ---------------------------------------------------------------------------------------------------
+
+
+def test_lexer_kinds():
+    toks = scan("SELECT \"A\"\"b\", E'\\n', $tag$x$tag$, B'01', X'ff', $1, 1.5, a.b::int[]")
+    kinds = [t.kind for t in toks]
+    assert kinds[:12] == [T.IDENT, T.QIDENT, T.COMMA, T.STRING, T.COMMA, T.STRING, T.COMMA, T.BITSTRING,
+                          T.COMMA, T.HEXSTRING, T.COMMA, T.PARAM]
+    assert toks[1].value == 'A"b' and toks[3].value == "\n" and toks[5].value == "x"
+
+
+@pytest.mark.parametrize("sql", ["SELECT 'abc", 'SELECT "abc', "SELECT $a$ x", "/* /* */", "SELECT \\", "SELECT {1}",
+                                 'SELECT ""', "SELECT $", "SELECT 1e", "SELECT $1x"])
+def test_lexer_refuses(sql):
+    with pytest.raises(LexError):
+        scan(sql)
+
+
+def test_statements_split_only_at_top_level_semicolons():
+    sql = "SELECT 1; CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; NOTIFY b);;SELECT ';'"
+    parts = split_statements(sql, scan(sql))
+    assert [p.text for p in parts] == ["SELECT 1", "CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; NOTIFY b)",
+                                       "SELECT ';'"]
+
+
+def test_lex_refuses_text_whose_tokens_depend_on_standard_conforming_strings():
+    with pytest.raises(LexError):
+        lex("SELECT 'a\\'; SELECT 1 --'")
+    assert [t.value for t in lex("SELECT 'a\\b'")] == ["select", "a\\b"]
+    assert [t.value for t in lex("SELECT 'a\\b'", standard_conforming_strings=False)] == ["select", "a\x08"]
+
+
+# --- analysis odds and ends ------------------------------------------------------------------------------------
+
+
+def test_statement_level_error_does_not_hide_other_statements():
+    a = analyze("SELECT email FROM crm.members; SELECT * FROM nope", SCHEMA)
+    assert a.error is None and not a.statements[0].unsupported and a.statements[1].unsupported
+    assert a.columns == {Column("crm", "members", "email"): Use.PROJECT}
+
+
+def test_lexical_failure_is_an_analysis_error():
+    a = analyze("SELECT 'oops", SCHEMA)
+    assert a.error and a.statements[0].unsupported and a.statements[0].kind is Kind.OTHER
+
+
+def test_huge_statement_is_refused():
+    a = analyze("SELECT " + "1," * 600_000 + "1", SCHEMA)
+    assert a.error and "longer than" in a.error
+
+
+def test_long_chains_are_analysed_without_recursion():
+    ors = " OR ".join(f"member_id = {i}" for i in range(3000))
+    st = analyze(f"SELECT email FROM crm.members WHERE {ors}", SCHEMA).statements[0]
+    assert not st.unsupported and st.columns[Column("crm", "members", "member_id")] == Use.FILTER
+    unions = " UNION ALL ".join("SELECT phone FROM crm.members" for _ in range(1500))
+    st = analyze(unions, SCHEMA).statements[0]
+    assert not st.unsupported and st.columns == {Column("crm", "members", "phone"): Use.PROJECT}
+
+
+def test_too_deep_nesting_fails_closed():
+    st = analyze("SELECT " + "(" * 400 + "email" + ")" * 400 + " FROM crm.members", SCHEMA).statements[0]
+    assert st.unsupported
+
+
+SQLISH = st.text(alphabet=string.ascii_letters + string.digits + " ,.;()'\"$*=<>-/\\:[]\n_&|!", max_size=80)
+WORDS = st.lists(st.sampled_from([
+    "SELECT", "FROM", "WHERE", "crm.members", "email", "m", "m.*", "JOIN", "USING", "(member_id)", "ON", "=",
+    "(", ")", ",", "1", "'x'", "UNION", "WITH", "c", "AS", "INSERT", "INTO", "VALUES", "UPDATE", "SET", "DELETE",
+    "GROUP BY", "ORDER BY", "LATERAL", "EXISTS", "count(*)", "row_to_json(m)", ";", "RETURNING", "*", "billing.cards",
+    "NATURAL", "LEFT", "TABLE", "COPY", "TO", "STDOUT", "EXPLAIN", "PREPARE", "p", "EXECUTE", "DECLARE", "CURSOR",
+    "FOR", "$1", "::text", "DISTINCT", "ON", "HAVING", "OVER", "()", "MERGE", "WHEN", "MATCHED", "THEN",
+]), max_size=25).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(SQLISH, WORDS))
+def test_analyze_never_raises(sql):
+    a = analyze(sql, SCHEMA, ["crm", "public"])
+    assert a.statements
+    for s in a.statements:
+        assert not any("internal error" in r for r in s.unsupported), (sql, s.unsupported)
+
+
+# --- fingerprint ------------------------------------------------------------------------------------------------
+
+
+def _sql_string(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=30), st.integers(min_value=0, max_value=10**12),
+       st.text(alphabet=string.ascii_letters + "$ ;'\\", min_size=1, max_size=20))
+def test_fingerprint_never_contains_literal_values(text, number, dollar_body):
+    marker = "zqx" + str(number)
+    templates = [
+        "SELECT email FROM crm.members WHERE name = {s} AND member_id = {n}",
+        "INSERT INTO t (a, b) VALUES ({s}, {n}), ({n}, {s})",
+        "SELECT $q$ {d} $q$, E{s}, {n}::text",
+        "SET pii.purpose = {s}",
+    ]
+    for tpl in templates:
+        sql = tpl.format(s=_sql_string(marker + text), n=number, d=dollar_body.replace("$q$", ""))
+        fp = fingerprint(sql)
+        assert marker not in fp
+        assert str(number) not in fp or str(number) in tpl
+        if fp != UNREADABLE:
+            other = tpl.format(s=_sql_string("other"), n=7, d="x")
+            assert fp == fingerprint(other), (sql, fp)
+
+
+def test_fingerprint_masks_strings_whose_extent_is_uncertain():
+    fp = fingerprint("SELECT 'a\\'; SELECT email FROM members WHERE x = 'secret' --'")
+    assert "secret" not in fp and "email" not in fp
+
+
+def test_fingerprint_is_normalized():
+    assert fingerprint("select  EMAIL\nfrom CRM.members where  id=1") == fingerprint("SELECT email FROM crm.members WHERE id = 99")
+    assert fingerprint('SELECT "Email" FROM t') == 'select "Email" from t'
+    assert fingerprint("/* app=web */ SELECT 1") == "select ?"
+
+
+def test_fixture_files_exist():
+    assert len(list(FIXTURES.glob("*.yaml"))) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(__import__("proxy.analysis.functions", fromlist=["DENYLIST"]).DENYLIST))
+def test_every_denylisted_builtin_is_refused(name):
+    """Also guards against a sqlglot upgrade parsing one of them into a typed node under another name."""
+    for sql in (f"SELECT {name}('x', 1)", f"SELECT pg_catalog.{name}('x', 1)", f"SELECT * FROM {name}('x') AS t(a int)"):
+        st = analyze(sql, SCHEMA).statements[0]
+        assert st.unsupported, sql
+
+
+def test_names_sqlglot_drops_are_refused():
+    from proxy.analysis.lexer import scan
+    from proxy.analysis.parse import dropped_names, parse_statement
+
+    sql = "SELECT email AS e, date_part(phone, birth_date) FROM crm.members m WHERE m.name = 'x'"
+    tree = parse_statement(sql, scan(sql))
+    assert dropped_names(scan(sql), tree) == []
+    tree.expressions[0].set("alias", None)  # as if sqlglot had lost the alias
+    assert dropped_names(scan(sql), tree) == ["e"]
+
+
+def test_search_path_may_be_given_as_the_setting_text():
+    a = analyze("SELECT card_number FROM cards", SCHEMA, '"$user", public', role="billing")
+    assert a.statements[0].columns == {Column("billing", "cards", "card_number"): Use.PROJECT}
