@@ -96,13 +96,61 @@ def parse_view(sql: str) -> exp.Expr:
         raise Unsupported(str(exc)) from None
     if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery, exp.Values)):
         raise Unsupported("it is not a query")
+    tree.meta["statement"] = statements[0]  # positions of its references, for the rewrite
     return tree
+
+
+def operator_runs(st: Statement) -> list[str]:
+    """The operator texts of a statement: runs of adjacent operator characters.
+
+    >>> from proxy.analysis.lexer import scan, split_statements
+    >>> sql = "SELECT a %%% 0, b OPERATOR(crm.<->) c, d::int"
+    >>> operator_runs(split_statements(sql, scan(sql))[0])
+    ['%%%', '<->', '::']
+    """
+    runs: list[str] = []
+    end = -1
+    for tok in st.tokens:
+        if tok.kind is T.OP:
+            if tok.start == end and runs:
+                runs[-1] += tok.text or st.text[tok.start:tok.end]
+            else:
+                runs.append(tok.text or st.text[tok.start:tok.end])
+            end = tok.end
+        else:
+            end = -1
+    return runs
+
+
+def operator_functions(st: Statement, schema: Schema) -> set[str]:
+    """The functions behind the user-defined operators a statement may use.
+
+    PostgreSQL picks an operator by symbol and argument types along the search_path,
+    so a symbol defined outside pg_catalog may run its function wherever it appears:
+    every function behind any overload of a symbol the statement's operator text
+    contains is reported (the policy then refuses undeclared functions).
+
+    >>> from proxy.analysis.lexer import scan, split_statements
+    >>> s = Schema(operators={"%%%": ["crm.card_of"]})
+    >>> sql = "SELECT 3 %%% 0"
+    >>> operator_functions(split_statements(sql, scan(sql))[0], s)
+    {'crm.card_of'}
+    """
+    if not schema.operators:
+        return set()
+    found: set[str] = set()
+    for run in operator_runs(st):
+        for symbol, functions in schema.operators.items():
+            if symbol in run:
+                found.update(functions)
+    return found
 
 
 def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
     """The access of one statement (never raises: problems go to ``unsupported``)."""
     acc = StatementAccess(Kind.OTHER)
     try:
+        acc.functions.update(operator_functions(st, ctx.schema))
         _dispatch(st, ctx, acc)
     except Unsupported as exc:
         msg = str(exc)
@@ -125,7 +173,7 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
         acc.kind = {"insert": Kind.INSERT, "update": Kind.UPDATE, "delete": Kind.DELETE,
                     "merge": Kind.MERGE}.get(first or "", Kind.SELECT)
         tree = parse_statement(st.text, toks)
-        acc.kind = analyze_tree(tree, ctx, acc)
+        acc.kind = analyze_tree(tree, ctx, acc, st)
         return
     acc.kind = kind
     if kind is Kind.SET:
@@ -199,16 +247,29 @@ def _copy(inner: StatementAccess, acc: StatementAccess, settings: bool) -> None:
         acc.settings.extend(inner.settings)
 
 
+def _copy_positions(inner: StatementAccess, acc: StatementAccess) -> None:
+    """Keep the references and aggregates of an inner query that is not ``acc.inner`` (COPY, CREATE AS)."""
+    acc.references.extend(inner.references)
+    acc.aggregates.extend(inner.aggregates)
+
+
 def _sub(st: Statement, i: int, j: int | None = None, prefix: str = "") -> Statement:
-    """The statement made of tokens ``i:j`` of ``st`` (optionally after a ``prefix`` of code)."""
+    """The statement made of tokens ``i:j`` of ``st`` (optionally after a ``prefix`` of code).
+
+    Its ``offset`` and ``first`` still place its own tokens in the whole SQL string (the
+    prefix's tokens are not in it).
+    """
     toks = st.tokens[i:j]
     base = toks[0].start
     text = prefix + st.text[base: toks[-1].end]
     shift = len(prefix) - base
     new = [Token(t.kind, t.start + shift, t.end + shift, t.value, t.text) for t in toks]
+    extra = 0
     if prefix:
-        new = list(scan(prefix)) + new
-    return Statement(text, tuple(new))
+        head = list(scan(prefix))
+        extra = len(head)
+        new = head + new
+    return Statement(text, tuple(new), st.offset - shift, st.first + i - extra)
 
 
 def _expressions(st: Statement, rng: tuple[int, int], ctx: Context, acc: StatementAccess) -> None:
@@ -218,7 +279,7 @@ def _expressions(st: Statement, rng: tuple[int, int], ctx: Context, acc: Stateme
     if not isinstance(tree, exp.Select) or any(
             v not in (None, False, []) for k, v in tree.args.items() if k != "expressions"):
         raise Unsupported("cannot read the arguments of the statement")
-    analyze_tree(tree, ctx, acc)
+    analyze_tree(tree, ctx, acc, sub)
 
 
 def _relation(ctx: Context, parts: list[str]):
@@ -241,6 +302,7 @@ def _copy_statement(st: Statement, ctx: Context, acc: StatementAccess) -> None:
             inner.unsupported.append(f"COPY of a {inner.kind.value} statement")
         acc.unsupported.extend(inner.unsupported)
         _copy(inner, acc, settings=True)
+        _copy_positions(inner, acc)
         return
     rel = _relation(ctx, spec.relation or [])
     if spec.direction == "to" and rel.kind != TABLE:
@@ -291,6 +353,7 @@ def _ddl(st: Statement, ctx: Context, acc: StatementAccess, first: str | None) -
             inner.unsupported.append(f"CREATE ... AS of a {inner.kind.value} statement")
         acc.unsupported.extend(inner.unsupported)
         _copy(inner, acc, settings=True)
+        _copy_positions(inner, acc)
         return
     # Calls in DDL (defaults, index expressions, checks, policies) run later on the server;
     # only the denylisted built-ins are refused here.

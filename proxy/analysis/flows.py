@@ -24,7 +24,10 @@ from typing import Callable
 from sqlglot import exp
 
 from proxy.analysis import functions as fn
-from proxy.analysis.model import Column, Kind, StatementAccess, Table, Use
+from proxy.analysis import positions as pos
+from proxy.analysis.lexer import Statement
+from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
+                                  Use)
 from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
                                     column_of, consumed, ident, lookup_qualified, lookup_refname,
                                     lookup_unqualified, merge_into, resolve_relation, union, whole_row)
@@ -108,7 +111,7 @@ _TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "joins", "only", "row
 class Analyzer:
     """Interprets statements into a ``StatementAccess``; one instance per statement."""
 
-    def __init__(self, ctx: Context, acc: StatementAccess) -> None:
+    def __init__(self, ctx: Context, acc: StatementAccess, statement: Statement | None = None) -> None:
         self.ctx = ctx
         self.acc = acc
         self.path = ctx.path
@@ -117,6 +120,14 @@ class Analyzer:
         self.view_depth = 0
         self.views: dict[tuple[str, str], Result] = {}
         self.views_busy: set[tuple[str, str]] = set()
+        # Positions, for the rewrite: the text being read (the statement, or a view's
+        # definition while it is analysed), and where its references and aggregates go.
+        self.text: pos.Text | None = (pos.Text(statement.tokens, statement.offset, statement.first)
+                                      if statement is not None else None)
+        self.refs: list[RelationRef] = acc.references
+        self.aggs: list[AggregateCall] = acc.aggregates
+        self.view_parts: dict[tuple[str, str], tuple[list, list, frozenset[str], str | None]] = {}
+        self._filtered: exp.Expr | None = None  # the aggregate call under a FILTER clause being read
 
     # --- recording ---------------------------------------------------------------------------------------
 
@@ -642,7 +653,124 @@ class Analyzer:
             return _derived(r, alias, f'WITH query "{name}"', default_name=name)
         rel = resolve_relation(self.ctx.schema, self.path, name, sch, cat)
         src = self.relation_source(rel)
+        src.ref = self.reference(node, rel)
+        if src.ref is not None and sample is not None:
+            src.ref.problems.append(f"{rel} is read with TABLESAMPLE")
         return _aliased(src, alias)
+
+    # --- positions (for the rewrite) -----------------------------------------------------------------
+
+    def reference(self, node: exp.Table, rel: RelationInfo, target: bool = False) -> RelationRef | None:
+        """Record where relation ``rel`` is referenced by ``node`` (None when positions are not tracked)."""
+        text = self.text
+        if text is None:
+            return None
+        parts = [node.args.get(k) for k in ("catalog", "db")] + [node.this]
+        idx = []
+        for part in parts:
+            if part is None:
+                continue
+            start = part.meta.get("start") if isinstance(part, exp.Identifier) else None
+            i = text.index_at(start) if start is not None else None
+            if i is None:  # not expected: every identifier sqlglot reads carries its position
+                ref = RelationRef(Table(rel.schema, rel.name), rel.kind, None, target=target,
+                                  problems=["its place in the text is unknown"])
+                self.refs.append(ref)
+                return ref
+            idx.append(i)
+        first, last = min(idx), max(idx) + 1
+        only = bool(node.args.get("only"))
+        command = False
+        if only and first > 0 and text.tokens[first - 1].is_word("only"):
+            first -= 1
+        elif not target and first > 0 and text.tokens[first - 1].is_word("table"):
+            first -= 1  # the TABLE name command
+            command = True
+        alias = node.args.get("alias")
+        alias_name = ident(alias.this) if alias is not None and alias.this is not None else None
+        alias_cols = tuple(ident(c.this if isinstance(c, exp.ColumnDef) else c) for c in alias.columns) \
+            if alias is not None else ()
+        ref = RelationRef(Table(rel.schema, rel.name), rel.kind, text.span(first, last), alias_name, alias_cols,
+                          target=target, only=only, table_command=command)
+        parts_ = self.view_parts.get((rel.schema, rel.name))
+        if parts_ is not None:
+            ref.inner, ref.aggregates, ref.functions, ref.definition = parts_
+        self.refs.append(ref)
+        return ref
+
+    def local_source(self, col: exp.Expr, env: Env) -> Source | None:
+        """The FROM item of the innermost query level a plain column reference names, if it is exactly one."""
+        if not isinstance(col, exp.Column) or isinstance(col.this, exp.Star) or not env.levels:
+            return None
+        parts = _column_parts(col, self.ctx.schema)
+        level = env.levels[0]
+        if any(it.unknown for it in level.items):
+            return None
+        if len(parts) == 2:
+            hits = [src for it in level.items for src in it.sources if src.name == parts[0]]
+            if len(hits) == 1 and hits[0].known and hits[0].columns.count(parts[1]) == 1:
+                return hits[0]
+            return None
+        if len(parts) != 1:
+            return None
+        items = [it for it in level.items for nm, _ in it.entries if nm == parts[0]]
+        if len(items) != 1:
+            return None
+        srcs = [src for src in items[0].sources if src.known and parts[0] in src.columns]
+        return srcs[0] if len(srcs) == 1 and srcs[0].columns.count(parts[0]) == 1 else None
+
+    def block_of(self, ref: RelationRef) -> AggregateBlock | None:
+        """The query block (SELECT) whose FROM list holds ``ref``, with where its HAVING is."""
+        text = self.text
+        if text is None:
+            return None
+        if ref.span is None:
+            return None
+        local = ref.span.first - text.first
+        sel = pos.block_start(text, local)
+        if sel is None:
+            return None
+        block = text.blocks.get(sel)
+        if block is None:
+            having, at, token = pos.having_position(text, sel)
+            block = text.blocks[sel] = AggregateBlock(sel + text.first, having, None if having else at,
+                                                      None if having else token + text.first)
+        return block
+
+    def record_aggregate(self, node: exp.Expr, args: list[exp.Expr], env: Env, flow: Flow,
+                         other: Flow | None = None) -> None:
+        """Record a statistical aggregate over base columns, and whether it is of the simple form
+        (one plain column of a FROM item of the same block; see ``AggregateCall``)."""
+        columns = frozenset(k for k in union(flow, other or {}) if isinstance(k, Column))
+        if not columns:
+            return
+        call = AggregateCall(columns)
+        arg = args[0] if len(args) == 1 else None
+        if isinstance(arg, exp.Distinct) and len(arg.expressions) == 1:
+            arg = arg.expressions[0]
+        if node is self._filtered:
+            call.why = "it has a FILTER clause"
+        elif other and any(isinstance(k, Column) for k in other):
+            call.why = "its other arguments read columns"
+        elif arg is None:
+            call.why = "it has more than one argument"
+        elif not isinstance(arg, exp.Column) or isinstance(arg.this, exp.Star):
+            call.why = "its argument is an expression, not a plain column"
+        else:
+            src = self.local_source(arg, env)
+            if src is None:
+                call.why = "its argument is not a column of a FROM item of the same query"
+            elif src.ref is None or src.ref.kind in (VIEW, MATERIALIZED_VIEW) or not src.base:
+                call.why = "its argument is read through a view, subquery, WITH query or function"
+            else:
+                call.block = self.block_of(src.ref)
+                if call.block is None:
+                    call.why = "cannot find the query block that reads the table"
+                else:
+                    call.ref = src.ref
+                    level = env.levels[0]
+                    call.sole = len(level.items) == 1 and len(level.items[0].sources) == 1
+        self.aggs.append(call)
 
     def relation_source(self, rel: RelationInfo) -> Source:
         """A FROM item for a relation: base columns, or a view resolved through its definition.
@@ -734,9 +862,20 @@ class Analyzer:
         saved_path, saved_frames = self.path, self.frames
         self.path, self.frames = ["pg_catalog"], [_Frame()]
         self.view_depth += 1
+        # The definition's references and aggregates are recorded with positions in its
+        # own text (parse_view keeps the lexed statement with the tree).
+        st = tree.meta.get("statement") if isinstance(tree, exp.Expr) else None
+        saved = (self.text, self.refs, self.aggs, self.acc.functions)
+        self.text = pos.Text(st.tokens) if isinstance(st, Statement) else None
+        self.refs, self.aggs, self.acc.functions = [], [], set()
         try:
             return self.query(tree, Env())
         finally:
+            functions = self.acc.functions
+            self.view_parts[(rel.schema, rel.name)] = (self.refs, self.aggs, frozenset(functions),
+                                                       st.text if isinstance(st, Statement) else None)
+            self.text, self.refs, self.aggs, self.acc.functions = saved
+            self.acc.functions |= functions
             self.path, self.frames = saved_path, saved_frames
             self.view_depth -= 1
 
@@ -826,6 +965,9 @@ class Analyzer:
         if rel.kind == MATERIALIZED_VIEW:
             raise Unsupported(f"cannot change materialized view {rel}")
         src = self.relation_source(rel)
+        src.ref = self.reference(node, rel, target=True)
+        if src.ref is not None:
+            src.ref.statement = verb.lower()
         if src.base:
             mapping = {c: [Column(rel.schema, rel.name, c)] for c in rel.columns}
             tables = [Table(rel.schema, rel.name)]
@@ -873,6 +1015,8 @@ class Analyzer:
             cols = [ident(c) for c in target.expressions]
             target = target.this
         src, mapping, tables = self.target(target, "INSERT")
+        if src.ref is not None:
+            src.ref.top_level = top and not self.view_depth
         relname = str(src.relation)
         inserted: dict[str, Flow] = {}
         written: list[str] = cols or []  # DEFAULT VALUES writes defaults only
@@ -895,6 +1039,9 @@ class Analyzer:
             self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | Use.WRITE
         conflict = node.args.get("conflict")
         if conflict is not None:
+            if src.ref is not None:
+                action = conflict.args.get("action")
+                src.ref.conflict_update = isinstance(action, exp.Expr) and action.name.upper() == "DO UPDATE"
             self.on_conflict(conflict, src, mapping, inserted, env, relname)
         level = Level([Item.of(src)])
         res = self.returning(node, env.inner(level), top)
@@ -944,10 +1091,22 @@ class Analyzer:
                 else:
                     self.consume(self.expr(v, env), P)
 
+    def dml_position(self, src: Source, verb: str, top: bool) -> None:
+        """For the target of a top-level UPDATE/DELETE: where its WHERE condition is (for the rewrite)."""
+        ref = src.ref
+        if ref is None or ref.span is None or not top or self.text is None or self.view_depth:
+            return
+        ref.top_level = True
+        ref.where, ref.where_at, token, problem = pos.dml_where(self.text, verb)
+        ref.where_token = token + self.text.first
+        if problem:
+            ref.problems.append(problem)
+
     def update(self, node: exp.Update, env: Env, top: bool = True) -> Result:
         _check_args(node, frozenset({"with_", "this", "expressions", "from_", "where", "returning"}), "UPDATE")
         env = self.with_(node, env)
         src, mapping, tables = self.target(node.this, "UPDATE")
+        self.dml_position(src, "update", top)
         level = Level()
         from_ = node.args.get("from_")
         if from_ is not None:
@@ -969,6 +1128,7 @@ class Analyzer:
         _check_args(node, frozenset({"with_", "this", "using", "where", "returning"}), "DELETE")
         env = self.with_(node, env)
         src, mapping, tables = self.target(node.this, "DELETE")
+        self.dml_position(src, "delete", top)
         level = Level()
         for u in node.args.get("using") or []:
             self.add_from(level, u, [], env)
@@ -987,6 +1147,8 @@ class Analyzer:
         _check_args(node, frozenset({"this", "using", "on", "whens", "with_", "returning"}), "MERGE")
         env = self.with_(node, env)
         src, mapping, tables = self.target(node.this, "MERGE")
+        if src.ref is not None:
+            src.ref.top_level = top and not self.view_depth
         relname = str(src.relation)
         level = Level()
         self.add_from(level, node.args["using"], [], env)
@@ -1107,7 +1269,11 @@ class Analyzer:
         if isinstance(node, exp.Window):
             return self.window(node, env)
         if isinstance(node, exp.Filter):
-            out = dict(self.expr(node.this, env))
+            saved, self._filtered = self._filtered, node.this
+            try:
+                out = dict(self.expr(node.this, env))
+            finally:
+                self._filtered = saved
             where = node.expression
             self.consume(self.expr(where.this if isinstance(where, exp.Where) else where, env), F)
             return out
@@ -1205,7 +1371,10 @@ class Analyzer:
         else:
             raise Unsupported("WITHIN GROUP on something that is not an aggregate")
         self.frames[-1].aggregated = True
-        keys = union(*(self.expr(o.this, env) for o in (order.expressions if isinstance(order, exp.Order) else [])))
+        ordered = [o.this for o in (order.expressions if isinstance(order, exp.Order) else [])]
+        keys = union(*(self.expr(o, env) for o in ordered))
+        if stat:
+            self.record_aggregate(node, ordered, env, keys, union(*args))
         return union(aggregated(keys) if stat else keys, *args)
 
     def aggregate(self, node: exp.Expr, env: Env, stat: bool, windowed: bool) -> Flow:
@@ -1220,6 +1389,7 @@ class Analyzer:
         for child in children:
             merge_into(out, self._agg_arg(child, env))
         if stat and not windowed:
+            self.record_aggregate(node, list(children), env, out)
             return aggregated(out)
         return out
 
@@ -1478,7 +1648,7 @@ def _aliased(src: Source, alias: exp.TableAlias | None) -> Source:
     names = cols + names[len(cols):]
     name = ident(alias.this) if alias.this is not None else src.name
     return Source(name, names, src.flows, src.rows, relation=src.relation, aliased=alias.this is not None,
-                  known=src.known, base=src.base, generic=src.generic, label=src.label)
+                  known=src.known, base=src.base, generic=src.generic, label=src.label, ref=src.ref)
 
 
 def _set_target(t: exp.Expr) -> str:
@@ -1517,8 +1687,11 @@ def _safe_parse(parse: Callable[[str], exp.Expr] | None) -> Callable[[str], obje
     return run
 
 
-def analyze_tree(tree: exp.Expr, ctx: Context, acc: StatementAccess) -> Kind:
+def analyze_tree(tree: exp.Expr, ctx: Context, acc: StatementAccess, statement: Statement | None = None) -> Kind:
     """Record into ``acc`` every base column ``tree`` uses; return the statement's kind.
+
+    With the lexed ``statement`` the tree was parsed from, the relation references and
+    aggregates are also recorded with their positions (``acc.references``, ``acc.aggregates``).
 
     >>> from proxy.analysis.schema import Schema
     >>> from proxy.analysis.parse import parse_statement
@@ -1531,4 +1704,4 @@ def analyze_tree(tree: exp.Expr, ctx: Context, acc: StatementAccess) -> Kind:
     >>> {str(c): u.name for c, u in acc.columns.items()}
     {'crm.members.id': 'FILTER', 'crm.members.email': 'PROJECT'}
     """
-    return Analyzer(ctx, acc).statement(tree)
+    return Analyzer(ctx, acc, statement).statement(tree)

@@ -468,10 +468,17 @@ def literal_mask(sql: str, standard_conforming_strings: bool = True) -> list[tup
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """One statement of a SQL string: its tokens and its text (offsets relative to ``text``)."""
+    """One statement of a SQL string: its tokens and its text (offsets relative to ``text``).
+
+    ``offset`` is what to add to an offset in ``text`` to get the offset in the whole
+    SQL string, ``first`` the index of the statement's first token among the tokens of
+    the whole string.
+    """
 
     text: str
     tokens: tuple[Token, ...]
+    offset: int = 0
+    first: int = 0
 
 
 def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
@@ -488,7 +495,10 @@ def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
     depth = 0
     atomic = 0  # nesting of BEGIN ATOMIC / CASE ... END inside a function body
     cur: list[Token] = []
+    first = 0
     for i, tok in enumerate(tokens):
+        if not cur:
+            first = i
         if tok.kind is T.LPAREN:
             depth += 1
         elif tok.kind is T.RPAREN:
@@ -502,13 +512,13 @@ def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
                 atomic -= 1
         if tok.kind is T.SEMI and depth <= 0 and atomic == 0:
             if cur:
-                out.append(_statement(sql, cur))
+                out.append(_statement(sql, cur, first))
             cur = []
             depth = 0
             continue
         cur.append(tok)
     if cur:
-        out.append(_statement(sql, cur))
+        out.append(_statement(sql, cur, first))
     return out
 
 
@@ -521,10 +531,10 @@ def _is_routine(cur: list[Token]) -> bool:
     return rest in (["function"], ["procedure"])
 
 
-def _statement(sql: str, toks: list[Token]) -> Statement:
+def _statement(sql: str, toks: list[Token], first: int = 0) -> Statement:
     base = toks[0].start
     text = sql[base : toks[-1].end]
     shifted = tuple(
         Token(t.kind, t.start - base, t.end - base, t.value, t.text) for t in toks
     )
-    return Statement(text, shifted)
+    return Statement(text, shifted, base, first)

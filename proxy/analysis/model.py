@@ -3,6 +3,12 @@
 These are the contract between ``proxy.analysis`` (which fills them from sqlglot
 trees and the live schema) and ``proxy.policy`` (which decides on them). Views are
 already resolved to the base columns they read.
+
+For the SQL rewrite (``proxy.enforcement.rewrite``) each statement also lists where
+its relation references are in the text (``RelationRef``) and where statistical
+aggregates over base columns are computed (``AggregateCall``), as character and
+token positions: enough to rewrite the statement by substituting text, without
+parsing it again.
 """
 
 from __future__ import annotations
@@ -78,6 +84,95 @@ class Kind(str, enum.Enum):
     OTHER = "other"
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A stretch of SQL text: characters ``[start, end)`` and tokens ``[first, last)``.
+
+    Character offsets are into ``Analysis.sql`` (or, for references inside a view,
+    into the view's definition ``RelationRef.definition``); token indexes are into the
+    tokens ``proxy.analysis.lexer.scan`` reads from that same text, so that a statement
+    of the same shape with other literals maps to the same tokens.
+    """
+
+    start: int
+    end: int
+    first: int
+    last: int
+
+
+@dataclass(slots=True, eq=False)
+class RelationRef:
+    """One reference to a stored relation (table, view, materialized view, ...) in a statement.
+
+    ``span`` covers ``[ONLY] [[catalog.]schema.]name`` (and a leading ``TABLE`` for the
+    ``TABLE name`` form, then ``table_command`` is set); the alias, if any, follows it.
+    ``problems`` says why the reference could not be replaced by a derived table of the
+    same name (e.g. TABLESAMPLE, or a column named ``schema.table.column`` through it).
+    For a view, ``inner`` and ``aggregates`` are the references and aggregates of its
+    definition, with spans into ``definition``. For the target of a top-level UPDATE or
+    DELETE, ``where`` is the span of its WHERE condition and ``where_at`` the offset
+    where a WHERE clause would go when it has none.
+    """
+
+    table: Table
+    kind: str  # a proxy.analysis.schema relation kind: table, view, materialized_view, ...
+    span: Span | None  # None only if the analysis could not place it (then it is never substituted)
+    alias: str | None = None
+    alias_columns: tuple[str, ...] = ()
+    target: bool = False  # the relation an INSERT/UPDATE/DELETE/MERGE writes
+    only: bool = False
+    table_command: bool = False
+    problems: list[str] = field(default_factory=list)
+    inner: list["RelationRef"] = field(default_factory=list)
+    aggregates: list["AggregateCall"] = field(default_factory=list)
+    definition: str | None = None
+    functions: frozenset[str] = frozenset()  # for a view: the functions its definition calls
+    statement: str = ""  # for a target: the statement kind (insert, update, delete, merge)
+    top_level: bool = False  # for a target: the statement itself, not a WITH query
+    where: Span | None = None
+    where_at: int | None = None
+    where_token: int | None = None  # the token ``where_at`` is before (the number of tokens: at the end)
+    conflict_update: bool = False  # INSERT ... ON CONFLICT DO UPDATE
+
+    @property
+    def name(self) -> str:
+        """The name the reference is known by in its query: its alias, or the relation's name."""
+        return self.alias if self.alias is not None else self.table.name
+
+
+@dataclass(slots=True, eq=False)
+class AggregateBlock:
+    """A query block (one SELECT) in which statistical aggregates are computed.
+
+    ``having`` is the span of its HAVING condition; without one, ``having_at`` is the
+    character offset where a HAVING clause goes (before WINDOW/ORDER BY/LIMIT/... or at
+    the end of the block). Offsets are into the text of the statement or view holding it.
+    """
+
+    select: int  # token index of its SELECT keyword
+    having: Span | None = None
+    having_at: int | None = None
+    having_token: int | None = None  # the token ``having_at`` is before (the number of tokens: at the end)
+
+
+@dataclass(slots=True, eq=False)
+class AggregateCall:
+    """One statistical aggregate (count, sum, avg, ...) whose input reads base columns.
+
+    ``ref`` is set when its one argument is a plain column (or DISTINCT column) of a
+    relation reference in the FROM list of the same query block (``block``), with no
+    FILTER, ORDER BY or further arguments: only such calls can be held to a minimum
+    group size by a HAVING clause on that block. ``sole`` says that reference is the
+    block's only FROM item.
+    """
+
+    columns: frozenset[Column]
+    ref: RelationRef | None = None
+    block: AggregateBlock | None = None
+    sole: bool = False
+    why: str = ""  # why it is not of the simple form
+
+
 @dataclass(slots=True)
 class StatementAccess:
     """The analysis of one statement of a (possibly multi-statement) SQL string."""
@@ -94,6 +189,10 @@ class StatementAccess:
     prepared_name: str | None = None
     # For PREPARE / DECLARE / EXPLAIN ANALYZE: the analysis of the inner statement.
     inner: "StatementAccess | None" = None
+    # Where the statement's relation references and statistical aggregates are (for the
+    # rewrite); for PREPARE/DECLARE/EXPLAIN those of the inner statement are on ``inner``.
+    references: list[RelationRef] = field(default_factory=list)
+    aggregates: list[AggregateCall] = field(default_factory=list)
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

@@ -93,6 +93,27 @@ def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> lis
         out.extend(_literal_tokens(mine))
     if covered != len(blanked) - blanked.count(" "):
         raise Unparsable("the analysis reads the statement's code differently from PostgreSQL")
+    return _object_identifier_arrays(out)
+
+
+def _object_identifier_arrays(out: list[SqlglotToken]) -> list[SqlglotToken]:
+    """Let ``oid[]``, ``regclass[]`` and the other OID alias types take an array suffix.
+
+    sqlglot parses ``x::oid`` but not ``x::oid[]`` (asyncpg's type introspection sends
+    ``$1::oid[]``): before ``[]`` such a type name is read as an integer type, which
+    sqlglot takes with an array suffix. For the analysis the two are alike (an array
+    of OIDs reads no data), and rewrites edit the original text, which keeps ``oid``.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> sql = "SELECT $1::oid[]"
+    >>> [t.token_type.name for t in to_sqlglot_tokens(sql, scan(sql))][-4:]
+    ['DCOLON', 'BIGINT', 'L_BRACKET', 'R_BRACKET']
+    """
+    for i in range(len(out) - 2):
+        t = out[i]
+        if (t.token_type is TokenType.OBJECT_IDENTIFIER and out[i + 1].token_type is TokenType.L_BRACKET
+                and out[i + 2].token_type is TokenType.R_BRACKET):
+            out[i] = SqlglotToken(TokenType.BIGINT, t.text, line=t.line, col=t.col, start=t.start, end=t.end)
     return out
 
 

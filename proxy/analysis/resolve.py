@@ -19,7 +19,7 @@ from typing import Union
 from sqlglot import exp
 
 from proxy.analysis.lexer import ascii_lower, truncate_identifier
-from proxy.analysis.model import Column, Table, Use
+from proxy.analysis.model import Column, RelationRef, Table, Use
 from proxy.analysis.schema import RelationInfo, Schema
 
 Flow = dict[Union[Column, Table], Use]
@@ -143,6 +143,7 @@ class Source:
     base: bool = False  # a stored relation (has system columns)
     generic: Flow = field(default_factory=dict)  # the flow of any column when ``known`` is False
     label: str = ""
+    ref: RelationRef | None = None  # where a stored relation is referenced in the text (for the rewrite)
 
     def whole(self) -> Flow:
         """The flow of a whole-row reference to this item."""
@@ -259,6 +260,11 @@ def lookup_refname(env: Env, name: str, schema_name: str | None = None) -> Sourc
         if len(hits) > 1:
             raise Unsupported(f'table reference "{name}" is ambiguous')
         if hits:
+            ref = hits[0].ref
+            if schema_name is not None and ref is not None:
+                problem = f"a column of {schema_name}.{name} is named with its schema ({schema_name}.{name}.column)"
+                if problem not in ref.problems:
+                    ref.problems.append(problem)
             return hits[0]
     return None
 

@@ -38,13 +38,31 @@ _VOLATILITY_RANK = {"immutable": 0, "stable": 1, "volatile": 2}
 
 @dataclass(frozen=True, slots=True)
 class RelationInfo:
-    """A relation: ``columns`` in attribute order; ``definition`` is the SELECT of a (materialized) view."""
+    """A relation: ``columns`` in attribute order; ``definition`` is the SELECT of a (materialized) view.
+
+    ``types`` are the columns' types as ``format_type`` prints them (``integer``,
+    ``character varying(20)``, ``date``), in the same order; empty when unknown.
+    """
 
     schema: str
     name: str
     kind: str = TABLE
     columns: tuple[str, ...] = ()
     definition: str | None = None
+    types: tuple[str, ...] = ()
+
+    def type_of(self, column: str) -> str | None:
+        """The type of ``column``, or None when unknown.
+
+        >>> RelationInfo("crm", "t", columns=("a", "b"), types=("integer", "text")).type_of("b")
+        'text'
+        """
+        if len(self.types) != len(self.columns):
+            return None
+        try:
+            return self.types[self.columns.index(column)]
+        except ValueError:
+            return None
 
     @property
     def builtin(self) -> bool:
@@ -83,10 +101,16 @@ class FunctionInfo:
 class Schema:
     """Relations and functions by (schema, name); treat as immutable once built."""
 
-    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed")
+    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators")
 
     def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
-                 version: str | None = None, database: str | None = None) -> None:
+                 version: str | None = None, database: str | None = None,
+                 operators: Mapping[str, Iterable[str]] | None = None) -> None:
+        # User-defined operators (outside pg_catalog and information_schema): symbol ->
+        # the qualified functions behind its overloads. An operator runs its function,
+        # which may read any table, so a statement using the symbol reports them all.
+        self.operators: dict[str, tuple[str, ...]] = {
+            sym: tuple(sorted(set(fns))) for sym, fns in (operators or {}).items()}
         self._relations: dict[tuple[str, str], RelationInfo] = {(r.schema, r.name): r for r in relations}
         merged: dict[tuple[str, str], FunctionInfo] = {}
         for f in functions:
@@ -159,13 +183,16 @@ class Schema:
                    VIEW: "views", MATERIALIZED_VIEW: "materialized_views"}
         for r in sorted(self._relations.values(), key=lambda r: (r.schema, r.name)):
             sec = schemas.setdefault(r.schema, {}).setdefault(section[r.kind], {})
+            types = {"types": dict(zip(r.columns, r.types))} if r.types else {}
             if r.kind in (VIEW, MATERIALIZED_VIEW):
-                entry: dict[str, Any] = {"columns": list(r.columns)}
+                entry: dict[str, Any] = {"columns": list(r.columns), **types}
                 if r.definition is not None:
                     entry["sql"] = r.definition
                 sec[r.name] = entry
             elif r.kind == PARTITIONED_TABLE:
-                sec[r.name] = {"columns": list(r.columns), "partitioned": True}
+                sec[r.name] = {"columns": list(r.columns), "partitioned": True, **types}
+            elif types:
+                sec[r.name] = {"columns": list(r.columns), **types}
             else:
                 sec[r.name] = list(r.columns)
         for f in sorted(self._functions.values(), key=lambda f: (f.schema, f.name)):
@@ -175,6 +202,8 @@ class Schema:
                 entry["result_columns"] = list(f.result_columns)
             schemas.setdefault(f.schema, {}).setdefault("functions", {})[f.name] = entry
         out: dict[str, Any] = {"schemas": schemas}
+        if self.operators:
+            out["operators"] = {sym: list(fns) for sym, fns in sorted(self.operators.items())}
         if self.database:
             out["database"] = self.database
         if include_version:
@@ -196,7 +225,8 @@ class Schema:
 
         View definitions are resolved with an empty search_path (only pg_catalog), so
         they must qualify the relations they read, as ``pg_get_viewdef`` does when the
-        loader runs it.
+        loader runs it. A table or view in the mapping form may give its columns' types
+        (``types: {birth_date: date}``); the masking rewrite needs them for some methods.
         """
         relations: list[RelationInfo] = []
         functions: list[FunctionInfo] = []
@@ -206,14 +236,16 @@ class Schema:
                 for tname, cols in (sdef.get(key) or {}).items():
                     if isinstance(cols, Mapping):
                         k = PARTITIONED_TABLE if cols.get("partitioned") else kind
-                        relations.append(RelationInfo(sname, tname, k, tuple(cols.get("columns") or ())))
+                        names = tuple(cols.get("columns") or ())
+                        relations.append(RelationInfo(sname, tname, k, names, None, _types(names, cols.get("types"))))
                     else:
                         relations.append(RelationInfo(sname, tname, kind, tuple(cols or ())))
             for key, kind in (("views", VIEW), ("materialized_views", MATERIALIZED_VIEW)):
                 for vname, vdef in (sdef.get(key) or {}).items():
                     if isinstance(vdef, Mapping):
-                        relations.append(RelationInfo(sname, vname, kind, tuple(vdef.get("columns") or ()),
-                                                      vdef.get("sql")))
+                        names = tuple(vdef.get("columns") or ())
+                        relations.append(RelationInfo(sname, vname, kind, names, vdef.get("sql"),
+                                                      _types(names, vdef.get("types"))))
                     else:
                         relations.append(RelationInfo(sname, vname, kind, tuple(vdef or ())))
             for fname, fdef in (sdef.get("functions") or {}).items():
@@ -223,7 +255,8 @@ class Schema:
                 rc = fdef.get("result_columns")
                 functions.append(FunctionInfo(sname, fname, langs, str(fdef.get("volatility", "volatile")), kinds,
                                               tuple(rc) if rc is not None else None))
-        return cls(relations, functions, version=data.get("version"), database=data.get("database"))
+        return cls(relations, functions, version=data.get("version"), database=data.get("database"),
+                   operators=data.get("operators"))
 
     @classmethod
     def from_file(cls, path: str) -> "Schema":
@@ -234,6 +267,13 @@ class Schema:
             return cls.from_dict(yaml.safe_load(f) or {})
 
 
+def _types(columns: tuple[str, ...], types: Any) -> tuple[str, ...]:
+    """Column types in column order from a ``{column: type}`` mapping (() unless every column has one)."""
+    if not isinstance(types, Mapping) or any(c not in types for c in columns):
+        return ()
+    return tuple(str(types[c]) for c in columns)
+
+
 # --- loading from a live server ---------------------------------------------------------------
 
 _RELATIONS_SQL = """
@@ -241,11 +281,23 @@ SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum)
                    FROM pg_catalog.pg_attribute a
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}') AS columns,
+       coalesce((SELECT array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
+                   FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}') AS types,
        CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END AS definition
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
    AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+_OPERATORS_SQL = """
+SELECT o.oprname AS symbol, fn.nspname || '.' || p.proname AS function
+  FROM pg_catalog.pg_operator o
+  JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+  JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 _FUNCTIONS_SQL = """
@@ -283,6 +335,7 @@ async def load_schema(conn: Any) -> Schema:
         await conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
         rel_rows = await conn.fetch(_RELATIONS_SQL)
         fn_rows = await conn.fetch(_FUNCTIONS_SQL)
+        op_rows = await conn.fetch(_OPERATORS_SQL)
         database = await conn.fetchval("SELECT pg_catalog.current_database()")
         await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old_path)
     relations = []
@@ -291,14 +344,17 @@ async def load_schema(conn: Any) -> Schema:
         if definition is not None:
             definition = definition.strip().rstrip(";").strip()
         relations.append(RelationInfo(r["schema"], r["name"], _RELKIND[r["relkind"]], tuple(r["columns"] or ()),
-                                      definition))
+                                      definition, tuple(r["types"] or ())))
     functions = [
         FunctionInfo(r["schema"], r["name"], frozenset({r["language"]}),
                      _VOLATILITY.get(r["volatility"], "volatile"), frozenset({_PROKIND.get(r["kind"], FUNCTION)}),
                      tuple(r["result_columns"]) if r["result_columns"] is not None else None)
         for r in fn_rows
     ]
-    return Schema(relations, functions, database=database)
+    operators: dict[str, list[str]] = {}
+    for r in op_rows:
+        operators.setdefault(r["symbol"], []).append(r["function"])
+    return Schema(relations, functions, database=database, operators=operators)
 
 
 def quote_ident(name: str) -> str:

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["lexer", "parse", "schema", "functions", "resolve", "flows", "utility", "access", "fingerprint"]
+MODULES = ["lexer", "parse", "schema", "functions", "resolve", "flows", "utility", "access", "fingerprint", "positions"]
 
 
 @pytest.mark.parametrize("name", MODULES)
