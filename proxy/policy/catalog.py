@@ -16,7 +16,8 @@ from proxy.policy.problems import Collector
 from proxy.policy.sources import YamlList, YamlMap, line_of, load_yaml
 
 FILE = "catalog.yaml"
-TOP_KEYS = ("categories", "schemas", "tables", "functions")
+TOP_KEYS = ("categories", "schemas", "tables", "functions", "consent")
+CONSENT_KEYS = ("table", "subject", "purpose", "status", "withdrawn", "granted", "recorded_at", "barrier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,31 @@ class FunctionEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsentSource:
+    """The table in the database that records data subjects' consent decisions, per purpose.
+
+    A row says that subject ``subject`` decided ``status`` for purpose ``purpose`` (a
+    name from purposes.yaml; a decision on a purpose covers the purposes under it).
+    ``withdrawn`` are the status values that mean "withdrew", ``granted`` those that
+    mean "consented" (needed for opt-in purposes). With ``recorded_at``, only the latest
+    row per subject and purpose counts; without it, every row counts. ``barrier`` (the
+    default) makes PostgreSQL filter by consent before it evaluates anything of the
+    statement on a row (no error or side effect can reveal a filtered row), at the cost
+    of predicates not reaching the table's indexes.
+    """
+
+    table: Table
+    subject: str
+    purpose: str
+    status: str
+    withdrawn: tuple[str | bool | int, ...]
+    granted: tuple[str | bool | int, ...] = ()
+    recorded_at: str | None = None
+    line: int | None = None
+    barrier: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     categories: Mapping[str, Category]
     tables: Mapping[Table, TableEntry]
@@ -54,6 +80,7 @@ class Catalog:
     functions: Mapping[str, FunctionEntry]
     file: str = FILE
     schema_lines: Mapping[str, int] = field(default_factory=dict)
+    consent: ConsentSource | None = None  # where per-subject consent is recorded, if anywhere
 
     def categories_of(self, column: Column) -> tuple[str, ...]:
         """The categories a column holds; () when it is not personal.
@@ -112,6 +139,13 @@ tables:
       email: [contact.email]
 functions:
   crm.mask_email: {reads: [crm.members.email]}
+consent:
+  table: privacy.consents
+  subject: member_id
+  purpose: purpose
+  status: status
+  withdrawn: [withdrawn]
+  granted: [granted]
 """
 
 
@@ -280,6 +314,51 @@ def _parse_functions(node: YamlMap, c: Collector) -> dict[str, FunctionEntry]:
     return out
 
 
+def _parse_consent(node: Any, line: int | None, c: Collector) -> ConsentSource | None:
+    """The consent section: a table and the names of its columns; every problem is reported."""
+    if node is None:
+        return None
+    body = _mapping(node, "consent", line, c)
+    _check_keys(body, CONSENT_KEYS, "consent", c)
+    ok = True
+    table = split_qualified(body.get("table"), 2)
+    if table is None:
+        c.error(body.line_of("table") or line, "consent: table must be written schema.table")
+        ok = False
+    names: dict[str, str | None] = {}
+    for key in ("subject", "purpose", "status", "recorded_at"):
+        value = body.get(key)
+        if value is None and key == "recorded_at":
+            names[key] = None
+            continue
+        if not isinstance(value, str) or not value or "." in value:
+            c.error(body.line_of(key) or line, f"consent: {key} must be a column name of the consent table")
+            ok = False
+        names[key] = value
+    values: dict[str, tuple] = {}
+    for key in ("withdrawn", "granted"):
+        raw = body.get(key)
+        if raw is None and key == "granted":
+            values[key] = ()
+            continue
+        if isinstance(raw, (str, bool, int)):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw or not all(isinstance(x, (str, bool, int)) for x in raw):
+            c.error(body.line_of(key) or line, f"consent: {key} must be a list of status values (text, "
+                                                f"true/false or numbers)")
+            ok = False
+            continue
+        values[key] = tuple(raw)
+    barrier = body.get("barrier", True)
+    if not isinstance(barrier, bool):
+        c.error(body.line_of("barrier") or line, "consent: barrier must be true or false")
+        ok = False
+    if not ok:
+        return None
+    return ConsentSource(Table(*table), names["subject"], names["purpose"], names["status"], values["withdrawn"],
+                         values["granted"], names["recorded_at"], line, barrier)
+
+
 def parse_catalog(text: str, file: str = FILE) -> Catalog:
     """Parse catalog.yaml text; every problem found raises one ``PolicyError``.
 
@@ -299,5 +378,6 @@ def parse_catalog(text: str, file: str = FILE) -> Catalog:
                                            categories, c)
     tables = _parse_tables(_mapping(doc.get("tables"), "tables", doc.line_of("tables"), c), categories, c)
     functions = _parse_functions(_mapping(doc.get("functions"), "functions", doc.line_of("functions"), c), c)
+    consent = _parse_consent(doc.get("consent"), doc.line_of("consent"), c)
     c.raise_if_any()
-    return Catalog(categories, tables, schemas, functions, file, schema_lines)
+    return Catalog(categories, tables, schemas, functions, file, schema_lines, consent)

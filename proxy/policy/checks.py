@@ -71,6 +71,17 @@ def _schema_problems(policy: Policy, schema: Any) -> list[Problem]:
             if cols is None or col.name not in cols:
                 out.append(Problem(cat.file, fn.line, f"function {fn.name}: column {col} is not in the database "
                                                       f"schema"))
+    consent = cat.consent
+    if consent is not None:
+        cols = table_columns(schema, consent.table)
+        if cols is None:
+            out.append(Problem(cat.file, consent.line, f"consent table {consent.table} is not in the database schema"))
+        else:
+            for key in ("subject", "purpose", "status", "recorded_at"):
+                name = getattr(consent, key)
+                if name is not None and name not in cols:
+                    out.append(Problem(cat.file, consent.line, f"consent: {key} column {consent.table}.{name} is not "
+                                                               f"in the database schema"))
     return out
 
 

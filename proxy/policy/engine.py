@@ -19,6 +19,7 @@ from proxy.analysis.model import Column
 from proxy.policy import vocabulary as v
 from proxy.policy.casbin_model import (
     CATEGORY_CONJUNCT,
+    REQUIRED_CONJUNCTS,
     PURPOSE_CONJUNCT,
     conjuncts,
     load_model,
@@ -171,6 +172,13 @@ class Policy:
                 problems.extend(exc.problems)
         if problems:  # policy.csv is checked against the other files: they must be sound first
             raise PolicyError(problems)
+        consent = parsed["catalog"].consent
+        for purpose in parsed["purposes"].purposes.values():
+            if purpose.opt_in and (consent is None or not consent.granted):
+                problems.append(Problem("purposes.yaml", purpose.line, f"purpose {purpose.name!r} is opt_in, but "
+                                        "catalog.yaml has no consent section with granted values"))
+        if problems:
+            raise PolicyError(problems)
         ruleset = parse_policy_csv(policy, parsed["purposes"].purposes, parsed["catalog"].categories)
         version = content_version({"catalog.yaml": catalog, "purposes.yaml": purposes, "model.conf": model,
                                    "policy.csv": policy})
@@ -188,13 +196,17 @@ class Policy:
                         yield sub, purpose, category, act
 
     def _build_table(self) -> dict[tuple[str, str, str, str], RuleDecision]:
-        # Casbin answers every cell, offered only the rules whose subject the request's
-        # role is (or belongs to) and whose action matches: the matcher requires both
-        # (checked in casbin_model), so no other rule could apply. Where the matcher
-        # also has the canonical purpose and category conditions, a cell no rule's
-        # purpose and category cover is a deny without asking (no rule can apply).
+        # A cell's candidate rules are those whose subject the request's role is (or
+        # belongs to), whose action matches and, where the matcher has the canonical
+        # purpose and category conditions, whose purpose and category cover the cell:
+        # the matcher requires all of these (checked in casbin_model), so no other
+        # rule can apply, and no candidate means deny. When the matcher is exactly
+        # those conditions, every candidate matches and Casbin, which takes rules in
+        # precedence order, answers with the first: the table takes it without the
+        # call. A matcher with further conditions is asked through Casbin per cell.
         # tests/unit/test_policy.py checks the table against the full enforcer.
         present = conjuncts(self.enforcer.model["m"]["m"].value)
+        canonical = present == {*REQUIRED_CONJUNCTS, PURPOSE_CONJUNCT, CATEGORY_CONJUNCT}
         rm = {key: self.enforcer.get_named_role_manager(key) for key in ("g", "g2", "g3")}
         up_purpose = {p: {q for q in self.purposes.purposes if rm["g2"].has_link(p, q)} | {v.ANY}
                       for p in self.purposes.purposes} if PURPOSE_CONJUNCT in present else None
@@ -207,17 +219,21 @@ class Policy:
         for sub in self.subjects:
             mine = [r for r in self.ordered_rules if rm["g"].has_link(sub, r.sub)]
             by_act = {act: [r for r in mine if r.act == act] for act in v.ACTIONS}
-            enforcers = {act: new_enforcer(self.model_text, [r.fields for r in rules], self.links)
-                         for act, rules in by_act.items() if rules}
+            enforcers = {} if canonical else {act: new_enforcer(self.model_text, [r.fields for r in rules], self.links)
+                                              for act, rules in by_act.items() if rules}
             for cell in self.cells([sub]):
                 _, purpose, category, act = cell
-                rules = by_act[act]
-                if not any((up_purpose is None or r.purpose in up_purpose[purpose])
-                           and (up_category is None or r.category in up_category[category]) for r in rules):
+                first = next((r for r in by_act[act]
+                              if (up_purpose is None or r.purpose in up_purpose[purpose])
+                              and (up_category is None or r.category in up_category[category])), None)
+                if first is None:
                     table[cell] = DEFAULT_DENY
                     continue
-                ok, rule = enforcers[act].enforce_ex(*cell)
-                key = tuple(rule) if ok else None
+                if canonical:
+                    key = tuple(first.fields)
+                else:
+                    ok, rule = enforcers[act].enforce_ex(*cell)
+                    key = tuple(rule) if ok else None
                 if key not in interned:
                     interned[key] = decision_of(self._by_fields[key])
                 table[cell] = interned[key]
@@ -275,6 +291,15 @@ class Policy:
 
     def is_purpose(self, name: str) -> bool:
         return name in self.purposes.purposes
+
+    def consent_mode(self, purpose: str | None) -> str | None:
+        """How per-subject consent filters rows under ``purpose``: ``opt_in`` (only subjects who consented),
+        ``opt_out`` (all but subjects who withdrew), or None (no consent source, or not withdrawable)."""
+        if self.catalog.consent is None or purpose is None or purpose not in self.purposes.purposes:
+            return None
+        if self.purposes.is_opt_in(purpose):
+            return "opt_in"
+        return "opt_out" if self.purposes.is_withdrawable(purpose) else None
 
     def categories_of(self, column: Column) -> tuple[str, ...]:
         """The personal-information categories of ``column``; () when it is not personal."""

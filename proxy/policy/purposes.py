@@ -15,7 +15,8 @@ from proxy.policy.sources import YamlMap, load_yaml
 
 FILE = "purposes.yaml"
 TOP_KEYS = ("purposes", "defaults")
-PURPOSE_KEYS = ("description", "original", "source")
+PURPOSE_KEYS = ("description", "original", "source", "opt_in", "withdrawable")
+TEXT_KEYS = ("description", "original", "source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,13 @@ class Purpose:
     source: str
     original: str = ""
     line: int | None = None
+    # Rows of data subjects are used under this purpose only if they consented to it (or
+    # to a purpose above it); see the consent section of catalog.yaml. A purpose under an
+    # opt-in purpose is opt-in too.
+    opt_in: bool = False
+    # False: data subjects cannot withdraw this purpose (e.g. a legal obligation), so no
+    # consent filtering applies under it or under the purposes below it.
+    withdrawable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,23 @@ class Purposes:
     def __contains__(self, name: object) -> bool:
         return name in self.purposes
 
+    def is_opt_in(self, name: str) -> bool:
+        """Whether ``name`` or a purpose above it is marked ``opt_in``.
+
+        >>> p = parse_purposes(EXAMPLE)
+        >>> p.is_opt_in("marketing.email"), p.is_opt_in("billing")
+        (True, False)
+        """
+        return any(self.purposes[a].opt_in for a in v.ancestors(name) if a in self.purposes)
+
+    def is_withdrawable(self, name: str) -> bool:
+        """Whether consent to ``name`` can be withdrawn (no purpose from it upwards says ``withdrawable: false``).
+
+        >>> parse_purposes(EXAMPLE).is_withdrawable("billing"), parse_purposes(EXAMPLE).is_withdrawable("marketing")
+        (False, True)
+        """
+        return all(self.purposes[a].withdrawable for a in v.ancestors(name) if a in self.purposes)
+
     def descendants(self, name: str) -> tuple[str, ...]:
         """The purpose and every purpose under it, sorted.
 
@@ -50,8 +75,8 @@ class Purposes:
 
 EXAMPLE = """
 purposes:
-  billing: {description: Billing for the service, source: notice 1}
-  marketing: {description: Announcements and advertising, original: 宣伝物等のご提供, source: notice 1}
+  billing: {description: Billing for the service, source: notice 1, withdrawable: false}
+  marketing: {description: Announcements and advertising, original: 宣伝物等のご提供, source: notice 1, opt_in: true}
   marketing.email: {description: Announcements by e-mail, source: notice 2}
 defaults:
   billing_batch: billing
@@ -100,7 +125,15 @@ def parse_purposes(text: str, file: str = FILE) -> Purposes:
                 c.error(body.line_of(key), f"purpose {name!r}: unknown key {key!r} "
                                            f"(expected one of: {', '.join(PURPOSE_KEYS)})")
         values = {}
-        for key in PURPOSE_KEYS:
+        flags = {}
+        for key, default in (("opt_in", False), ("withdrawable", True)):
+            flags[key] = body.get(key, default)
+            if not isinstance(flags[key], bool):
+                c.error(body.line_of(key), f"purpose {name!r}: {key} must be true or false")
+                flags[key] = default
+        if flags["opt_in"] and not flags["withdrawable"]:
+            c.error(line, f"purpose {name!r}: an opt_in purpose is always withdrawable")
+        for key in TEXT_KEYS:
             value = body.get(key, "")
             if not isinstance(value, str):
                 c.error(body.line_of(key), f"purpose {name!r}: {key} must be text")
@@ -109,7 +142,8 @@ def parse_purposes(text: str, file: str = FILE) -> Purposes:
         for key in ("description", "source"):
             if not values[key]:
                 c.error(line, f"purpose {name!r} needs a {key}")
-        purposes[name] = Purpose(name, values["description"], values["source"], values["original"], line)
+        purposes[name] = Purpose(name, values["description"], values["source"], values["original"], line,
+                                 flags["opt_in"], flags["withdrawable"])
     for name, purpose in purposes.items():
         p = v.parent(name)
         if p is not None and p not in purposes:

@@ -129,8 +129,9 @@ def _check_rule(fields: list[str], line: int, purposes: Container[str], categori
     elif effect == v.MASK:
         if not option:
             bad(f"a mask rule needs a masking method (one of: {', '.join(v.MASK_METHODS)})")
-        elif option not in v.MASK_METHODS:
-            bad(f"unknown masking method {option!r} (expected one of: {', '.join(v.MASK_METHODS)})")
+        elif not v.is_mask_method(option):
+            bad(f"unknown masking method {option!r} (expected one of: {', '.join(v.MASK_METHODS)}, "
+                f"optionally with an option after a colon, e.g. partial:2)")
     elif effect == v.AGGREGATE:
         k = v.parse_k(option)
         if k is None or k < 2:

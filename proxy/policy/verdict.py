@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
-from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Use
+from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Table, Use
 from proxy.policy import vocabulary as v
 from proxy.policy.decision import Allow, Block, Decision, Mask
 from proxy.policy.engine import Policy, RuleDecision
@@ -36,7 +36,24 @@ OPAQUE_BUILTINS = frozenset({
     "pg_catalog.pg_read_file", "pg_catalog.pg_read_binary_file", "pg_catalog.pg_ls_dir", "pg_catalog.pg_stat_file",
     "pg_catalog.lo_get", "pg_catalog.lo_export", "pg_catalog.lo_import", "pg_catalog.loread",
     "pg_catalog.lo_open", "pg_catalog.lo_from_bytea", "pg_catalog.lo_put",
+    # ts_rewrite(query, select) and ts_stat(sqlquery) run their text argument as a query.
+    "pg_catalog.ts_rewrite", "pg_catalog.ts_stat",
 })
+# Catalog relations whose rows hold values of other tables' columns (planner statistics:
+# most common values, histogram bounds) or other sessions' statement texts. Refused: the
+# proxy cannot tell whose personal data they show.
+OPAQUE_RELATIONS = {
+    "pg_catalog.pg_stats": "holds sample values of every column (planner statistics)",
+    "pg_catalog.pg_stats_ext": "holds sample values of columns (extended statistics)",
+    "pg_catalog.pg_stats_ext_exprs": "holds sample values of expressions (extended statistics)",
+    "pg_catalog.pg_statistic": "holds sample values of every column (planner statistics)",
+    "pg_catalog.pg_statistic_ext_data": "holds sample values of columns (extended statistics)",
+}
+# Columns of catalog relations that hold other sessions' statement texts (and the literal
+# values written in them).
+OPAQUE_COLUMNS = {
+    "pg_catalog.pg_stat_activity.query": "holds the statement texts of other sessions",
+}
 
 USE_NAMES = ((Use.PROJECT, "project"), (Use.FILTER, "filter"), (Use.WHOLE_ROW, "whole_row"),
              (Use.AGGREGATE, "aggregate"), (Use.WRITE, "write"), (Use.DELETE, "delete"))
@@ -349,6 +366,13 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
                 t = touched.setdefault(col, _Touch())
                 t.use |= use
                 t.via.add(name)
+    used = {f"{c.schema}.{c.table}" for c in touched} | {str(t) for st in statements for t in st.tables}
+    opaque = [(name, OPAQUE_RELATIONS[name]) for name in sorted(used & OPAQUE_RELATIONS.keys())]
+    opaque += [(name, OPAQUE_COLUMNS[name]) for name in sorted({str(c) for c in touched} & OPAQUE_COLUMNS.keys())]
+    for name, why in opaque:
+        return touched, expl, _block(
+            expl, f"purpose-proxy could not analyse the statement with certainty: {name} {why}",
+            "unsupported", hint="The proxy refuses what it cannot analyse (fail closed).")
     tables = {f"{c.schema}.{c.table}" for c in touched}
     relations = sorted({str(t) for st in statements for t in st.tables} - tables)
     return touched, replace(expl, relations=tuple(relations)), None
@@ -441,7 +465,8 @@ def _deny_block(expl: Explanation, purpose: str, role: str, policy: Policy) -> O
     denied = [(c.column, d) for c in expl.columns for d in c.decisions if d.decision.denied]
     if not denied:
         return None
-    _, first = denied[0]
+    # Name an explicit prohibition when there is one: it is the rule the notice promised.
+    first = next((d for _, d in denied if d.decision.rules), denied[0][1])
     message = f"purpose \"{purpose}\" may not {first.action} personal data of category \"{first.category}\""
     detail = "\n".join(f"{col} ({d.category}, {d.action}): {'denied by ' if d.decision.rules else ''}"
                        f"{d.decision.why}" for col, d in denied)
@@ -455,6 +480,12 @@ def _deny_block(expl: Explanation, purpose: str, role: str, policy: Policy) -> O
     return _block(expl, message, "denied", detail=detail, hint=hint)
 
 
+# How a row-level use of an aggregate-only column is named in the refusal.
+_ROW_LEVEL_USES = {"project": "project (a value in the output)",
+                   "filter": "filter (in WHERE, JOIN, GROUP BY, ORDER BY or the like, which reveals its values)",
+                   "whole_row": "whole_row (part of a whole-row value)"}
+
+
 def _aggregate_block(expl: Explanation, purpose: str) -> Outcome | None:
     """Step 8: a column under an aggregate rule used other than inside aggregates blocks."""
     misused = [c for c in expl.columns if c.outcome == "block" and c.k is not None]
@@ -462,7 +493,7 @@ def _aggregate_block(expl: Explanation, purpose: str) -> Outcome | None:
         return None
     first = misused[0]
     d = next(d for d in first.decisions if d.decision.effect == v.AGGREGATE)
-    uses = ", ".join(u for u in first.uses if u != "aggregate")
+    uses = ", ".join(_ROW_LEVEL_USES.get(u, u) for u in first.uses if u != "aggregate")
     message = (f"purpose \"{purpose}\" allows category \"{d.category}\" only inside aggregate functions, "
                f"but {first.column} is used as {uses}")
     detail = "\n".join(
@@ -471,12 +502,29 @@ def _aggregate_block(expl: Explanation, purpose: str) -> Outcome | None:
         for c in misused for x in c.decisions if x.decision.effect == v.AGGREGATE)
     return _block(expl, message, "aggregate-only", detail=detail,
                   hint=f"Use {first.column} only inside aggregates such as count(), sum() or avg(); "
-                       f"groups smaller than k={first.k} are suppressed.")
+                       f"groups smaller than k={first.k} are suppressed. Grouping by it (GROUP BY), filtering "
+                       f"or ordering by it would reveal its values row by row, so those are refused too.")
 
 
-def _rewrite(analysis: Analysis, expl: Explanation, purpose: str, rewrite: Rewrite | None) -> Outcome:
-    """Step 9: masks and aggregate-only use go to the rewrite; without one, or if it fails, block."""
+def _consent_tables(statements: list[StatementAccess], touched: Iterable[Column], policy: Policy,
+                    purpose: str | None) -> list[str]:
+    """The tables with a data-subject column the statement touches (also through declared functions), when
+    consent filters rows under ``purpose``."""
+    if policy.consent_mode(purpose) is None:
+        return []
+    tables = {(c.schema, c.table) for c in touched}
+    tables |= {(t.schema, t.name) for st in statements for t in st.tables}
+    return sorted(f"{s}.{t}" for s, t in tables if policy.catalog.subject_of(Table(s, t)) is not None)
+
+
+def _rewrite(analysis: Analysis, expl: Explanation, purpose: str, rewrite: Rewrite | None,
+             consent: list[str] | None = None) -> Outcome:
+    """Step 9: masks, aggregate-only use and consent filtering go to the rewrite; without one, or if it fails, block."""
     requirements = expl.requirements
+    if rewrite is None and not requirements:
+        return _block(expl, f"rows of {_quote_list(consent or [])} are filtered by per-subject consent under purpose "
+                            f"\"{purpose}\"; consent rewrite unavailable", "rewrite-unavailable",
+                      hint="Use a purpose that does not depend on consent.")
     if rewrite is None:
         first = requirements[0]
         if first.effect == v.MASK:
@@ -493,8 +541,13 @@ def _rewrite(analysis: Analysis, expl: Explanation, purpose: str, rewrite: Rewri
     except Exception as exc:  # a failing rewrite must not let the statement through
         return _block(expl, f"masking rewrite failed ({type(exc).__name__}); statement refused", "rewrite-error")
     if isinstance(decision, Mask):
-        done = ", ".join(f"{r.column} {r.label}" for r in requirements)
-        return decision, replace(expl, verdict="mask", reason=decision.reason or "mask", message=f"rewritten: {done}")
+        done = [f"{r.column} {r.label}" for r in requirements]
+        if consent and ("consent" in decision.methods or not requirements):
+            done.append(f"rows of {_quote_list(consent)} filtered by consent")
+        return decision, replace(expl, verdict="mask", reason=decision.reason or "mask",
+                                 message=f"rewritten: {', '.join(done)}")
+    if isinstance(decision, Allow) and not requirements:
+        return decision, replace(expl, verdict="allow", reason=decision.reason or "policy")
     if isinstance(decision, Block):
         return decision, replace(expl, verdict="block", reason=decision.reason or "rewrite", message=decision.message,
                                  sqlstate=decision.sqlstate, detail=decision.detail, hint=decision.hint)
@@ -506,8 +559,10 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     """Decide one analysed SQL string for ``role`` acting under ``purpose`` (None: not declared).
 
     Returns Allow, Block, or whatever ``rewrite(analysis, explanation)`` returns when
-    columns need masking or aggregate-only treatment (a ``Mask``, or a ``Block``);
-    without ``rewrite`` those statements are blocked. The steps are numbered as in
+    columns need masking or aggregate-only treatment, or rows of tables with a
+    data-subject column need consent filtering under the purpose (a ``Mask``, a
+    ``Block``, or ``Allow`` when there is nothing to filter); without ``rewrite`` those
+    statements are blocked. The steps are numbered as in
     policies/README.md ("How a statement is decided").
     """
     purpose = purpose or None
@@ -532,6 +587,9 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     if blocked := _purpose_change_block(statements, needs_purpose, policy, role, expl):
         return blocked
     if not needs_purpose:
+        if purpose is not None and policy.is_purpose(purpose) and \
+                (consent := _consent_tables(statements, touched, policy, purpose)):
+            return _rewrite(analysis, expl, purpose, rewrite, consent)
         return Allow("no personal data"), replace(expl, verdict="allow", reason="no personal data")
 
     personal_names = [str(c) for c, cats in sorted(personal.items()) if cats]
@@ -548,6 +606,7 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
                    requirements=tuple(req for _, req in explained if req is not None))
     if blocked := _deny_block(expl, purpose, role, policy) or _aggregate_block(expl, purpose):
         return blocked
-    if expl.requirements:
-        return _rewrite(analysis, expl, purpose, rewrite)
+    consent = _consent_tables(statements, touched, policy, purpose)
+    if expl.requirements or consent:
+        return _rewrite(analysis, expl, purpose, rewrite, consent)
     return Allow("policy"), replace(expl, verdict="allow", reason="policy")

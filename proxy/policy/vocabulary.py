@@ -19,7 +19,8 @@ DENY, AGGREGATE, MASK, ALLOW = "deny", "aggregate", "mask", "allow"
 EFFECTS = (DENY, AGGREGATE, MASK, ALLOW)
 
 # Masking methods, the one revealing least first. When two mask rules apply to the
-# same request, the one earlier here wins.
+# same request, the one earlier here wins. A method may take an option after a colon
+# (``partial:2``, ``generalize:10``); proxy.enforcement.masks says what each accepts.
 MASK_METHODS = ("redact", "generalize", "year", "hash", "email_domain", "last4", "partial")
 
 ANY = "*"  # in a rule: any purpose / any category; in a request: "no particular category"
@@ -31,6 +32,7 @@ _SEGMENT = r"[a-z][a-z0-9_]*"
 _DOTTED = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
 _SUBJECT = re.compile(r"[^\s,*\"']+")
 _K = re.compile(r"k\s*=\s*(\d+)")
+_METHOD_OPTION = re.compile(r"[A-Za-z0-9_.,-]+")
 
 
 def is_dotted_name(name: object) -> bool:
@@ -82,6 +84,26 @@ def depth(name: str) -> int:
     return name.count(".") + 1
 
 
+def split_method(option: str) -> tuple[str, str | None]:
+    """A mask rule's option as (method, method option or None).
+
+    >>> split_method("partial:2"), split_method("hash")
+    (('partial', '2'), ('hash', None))
+    """
+    method, colon, arg = option.partition(":")
+    return method.strip(), (arg.strip() if colon else None)
+
+
+def is_mask_method(option: str) -> bool:
+    """True for a known masking method, with or without a well-formed option.
+
+    >>> is_mask_method("last4"), is_mask_method("partial:2,2"), is_mask_method("partial:"), is_mask_method("blur")
+    (True, True, False, False)
+    """
+    method, arg = split_method(option)
+    return method in MASK_METHODS and (arg is None or _METHOD_OPTION.fullmatch(arg) is not None)
+
+
 def parse_k(option: str) -> int | None:
     """The k of an aggregate option ``k=N``, or None when malformed.
 
@@ -108,5 +130,6 @@ def precedence(effect: str, method: str | None = None, k: int | None = None) -> 
     if effect == AGGREGATE:
         return rank, -(k or 0)
     if effect == MASK:
-        return rank, MASK_METHODS.index(method) if method in MASK_METHODS else -1
+        name = split_method(method)[0] if method else method
+        return rank, MASK_METHODS.index(name) if name in MASK_METHODS else -1
     return rank, 0

@@ -8,31 +8,32 @@ from proxy.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
-SQL = ("SELECT m.name, c.card_number FROM crm.members m JOIN billing.cards c USING (member_id) "
+SQL = ("SELECT m.family_name, c.card_number FROM member.members m JOIN billing.payment_methods c USING (member_id) "
        "WHERE m.email LIKE '%@secret-literal.example'")
 
 
 def test_explain_names_columns_uses_categories_rules_and_verdict(capsys):
-    assert main(["explain", "--role", "app", "--purpose", "marketing", "--policies", str(POLICIES), SQL]) == 0
+    assert main(["explain", "--role", "app_marketing", "--purpose", "marketing", "--policies", str(POLICIES), SQL]) == 0
     out = capsys.readouterr().out
     assert "verdict: block (42501)" in out
-    assert "billing.cards.card_number  [project]  -> block" in out
-    assert "crm.members.email  [filter]  -> allow" in out
+    assert "billing.payment_methods.card_number  [project]  -> block" in out
+    assert "member.members.email  [filter]  -> allow" in out
     assert "policy.csv:" in out and "p, staff, marketing, payment, read, deny" in out
     assert "secret-literal" not in out  # never a value from the statement
 
 
 def test_explain_json(capsys):
-    assert main(["explain", "--json", "--role", "app", "--purpose", "billing", "--policies", str(POLICIES), SQL]) == 0
+    assert main(["explain", "--json", "--role", "app_billing", "--purpose", "billing", "--policies", str(POLICIES),
+                 SQL]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["decision"] == "allow"
     cols = {c["column"]: c for c in out["columns"]}
-    assert cols["billing.cards.card_number"]["categories"] == ["payment.card"]
+    assert cols["billing.payment_methods.card_number"]["categories"] == ["payment.card"]
     assert "secret-literal" not in json.dumps(out)
 
 
 def test_explain_without_purpose_blocks_personal_data(capsys):
-    main(["explain", "--role", "app", "--policies", str(POLICIES), "SELECT email FROM crm.members"])
+    main(["explain", "--role", "app_marketing", "--policies", str(POLICIES), "SELECT email FROM member.members"])
     assert "no purpose declared" in capsys.readouterr().out
 
 
@@ -52,8 +53,8 @@ def test_check_fails_when_a_case_is_not_met(tmp_path, capsys):
     d = tmp_path / "policies"
     shutil.copytree(POLICIES, d)
     (d / "tests" / "wrong.yaml").write_text(
-        "cases:\n  - name: marketing may read card numbers (it may not)\n    role: app\n"
-        "    purpose: marketing\n    sql: SELECT card_number FROM billing.cards\n    expect: allow\n")
+        "cases:\n  - name: marketing may read card numbers (it may not)\n    role: app_marketing\n"
+        "    purpose: marketing\n    sql: SELECT card_number FROM billing.payment_methods\n    expect: allow\n")
     assert main(["check", str(d)]) == 1
     out = capsys.readouterr().out
     assert "FAIL: " in out and "marketing may read card numbers" in out
