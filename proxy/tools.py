@@ -9,6 +9,7 @@ from pathlib import Path
 
 from proxy.analysis.access import analyze
 from proxy.analysis.schema import Schema, parse_search_path
+from proxy.enforcement.rewrite import make_rewrite
 from proxy.policy.cases import load_policy_cases, run_policy_tests, summary
 from proxy.policy.checks import check_policy
 from proxy.policy.decision import Block, Mask
@@ -42,7 +43,8 @@ def explain(args) -> int:
         return 2
     search_path = parse_search_path(args.search_path) if args.search_path else ["$user", "public"]
     analysis = analyze(args.sql, schema, search_path, args.role)
-    decision, expl = decide_statement(analysis, role=args.role, purpose=args.purpose or None, policy=policy)
+    decision, expl = decide_statement(analysis, role=args.role, purpose=args.purpose or None, policy=policy,
+                                      rewrite=make_rewrite(policy, schema, search_path, args.role))
     rewritten = decision.sql if isinstance(decision, Mask) else None
     if args.json:
         out = expl.to_dict()

@@ -76,3 +76,38 @@ def apply(decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | No
             upstream = codec.query(marker)
         return Wire(upstream, Refusal(marker.encode(), refusal_error(decision), decision))
     raise TypeError(f"not a decision: {decision!r}")
+
+
+# Errors whose DETAIL can hold values of the row that failed or of an existing row:
+# integrity constraint violations (class 23: "Failing row contains (...)", "Key (...)=(...)
+# already exists / conflicts with existing key") and WITH CHECK OPTION violations. The
+# statement may have been allowed to write some columns and still not to read the
+# others; PostgreSQL itself leaves out columns the role may not SELECT, so does the proxy.
+_ROW_VALUE_STATES = (b"C23", b"C44000\x00")
+WITHHELD_DETAIL = "purpose-proxy withheld the detail of this error: it can contain values of the row."
+
+
+def withhold_row_values(raw: bytes) -> bytes:
+    """An ErrorResponse ``raw`` without the DETAIL field if its SQLSTATE can echo row values.
+
+    >>> err = codec.error_response("23502", "null value", detail="Failing row contains (1, x).")
+    >>> b"Failing row" in withhold_row_values(err), b"withheld" in withhold_row_values(err)
+    (False, True)
+    >>> withhold_row_values(codec.error_response("42601", "syntax error", detail="d")) == \\
+    ...     codec.error_response("42601", "syntax error", detail="d")
+    True
+    """
+    if b"\x00D" not in raw or not any(b"\x00" + s in raw or raw[5:].startswith(s) for s in _ROW_VALUE_STATES):
+        return raw
+    fields = []
+    sqlstate = b""
+    for part in raw[5:].split(b"\x00"):
+        if not part:
+            continue
+        if part[:1] == b"C":
+            sqlstate = part[1:]
+        fields.append(part)
+    if not (sqlstate.startswith(b"23") or sqlstate == b"44000"):
+        return raw
+    body = b"".join((b"D" + WITHHELD_DETAIL.encode() if f[:1] == b"D" else f) + b"\x00" for f in fields) + b"\x00"
+    return codec.message(raw[:1], body)

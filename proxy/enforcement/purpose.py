@@ -21,12 +21,13 @@ import re
 from typing import TYPE_CHECKING
 
 from proxy.analysis.access import analyze
-from proxy.analysis.model import Analysis, Kind
+from proxy.analysis.model import Analysis, Kind, Table
 from proxy.analysis.schema import parse_search_path
 from proxy.enforcement.hook import SessionInfo, StartupRefused
+from proxy.enforcement.rewrite import make_rewrite
 from proxy.enforcement.startup import startup_settings
 from proxy.policy.decision import Block, Decision
-from proxy.policy.verdict import Explanation, decide_statement
+from proxy.policy.verdict import Explanation, decide_statement, flatten
 
 if TYPE_CHECKING:
     from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
@@ -38,6 +39,8 @@ IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
+# An UPDATE of pg_settings runs set_config() for each row it changes.
+PG_SETTINGS = Table("pg_catalog", "pg_settings")
 
 
 def _refuse(message: str, *, reason: str, sqlstate: str = "42501", detail: str | None = None,
@@ -47,6 +50,10 @@ def _refuse(message: str, *, reason: str, sqlstate: str = "42501", detail: str |
 
 class PurposeSession:
     """Decides one session's statements under its declared purpose."""
+
+    # The relay withholds the DETAIL of constraint-violation errors, which can echo
+    # columns of the row the purpose may not read (see enforcement.apply).
+    withhold_error_rows = True
 
     def __init__(self, runtime: "PolicyRuntime", info: SessionInfo, db: "DatabaseState") -> None:
         self.runtime = runtime
@@ -63,7 +70,14 @@ class PurposeSession:
                                     else db.default_search_path(self.role, self.database))
         self.search_path = list(self.startup_search_path)
         self._purpose_epoch = 0
-        self.prepared: dict[str, tuple[str, Decision, object]] = {}  # SQL-level PREPARE name -> decision
+        # SQL-level PREPARE name -> every statement that may be behind the name, as
+        # (sql, decision, epoch): a PREPARE of a name that exists fails in PostgreSQL,
+        # which the proxy does not see, so the earlier statements stay candidates.
+        self.prepared: dict[str, list[tuple[str, Decision, object]]] = {}
+        # The (purpose, search_path) before a SET the server has not yet confirmed:
+        # until its ReadyForQuery, statements are decided under both (see ``ready``).
+        self._unsettled: tuple[str | None, list[str]] | None = None
+        self._ddl_sent = False
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self.relay = None
         self.last: Explanation | None = None  # the explanation of the latest decision
@@ -108,11 +122,18 @@ class PurposeSession:
     # --- deciding -------------------------------------------------------------------------
 
     def decide(self, sql: str, via: str) -> Decision:
+        decision, analysis = self._judge(sql, via)
+        if analysis is not None:
+            self._apply(analysis, decision)
+        return decision
+
+    def _judge(self, sql: str, via: str) -> tuple[Decision, Analysis | None]:
+        """The decision on ``sql``, and its analysis when the session state must follow it."""
         self.last = None
         if via == "function_call":
             return _refuse("the FunctionCall protocol message is refused: purpose-proxy cannot see what the "
                            "function reads", reason="function-call",
-                           hint="Call the function from SQL (SELECT f(...)) so the proxy can analyse it.")
+                           hint="Call the function from SQL (SELECT f(...)) so the proxy can analyse it."), None
         # Read the state in force once: a reload swaps these objects whole.
         db = self.runtime.database(self.database) or self.db
         self.db = db
@@ -122,20 +143,60 @@ class PurposeSession:
             scs = self.relay.server_params.get("standard_conforming_strings", "on") == "on"
         analysis = analyze(sql, db.schema, self.search_path, self.role, standard_conforming_strings=scs)
         statements = analysis.statements
-        refused = self._session_rules(analysis)
+        refused = self._session_rules(analysis, via)
         if refused is not None:
-            return refused
-        decision, self.last = decide_statement(analysis, role=self.role, purpose=self.purpose, policy=policy)
+            return refused, None
+        decision, self.last = decide_statement(analysis, role=self.role, purpose=self.purpose, policy=policy,
+                                               rewrite=make_rewrite(policy, db.schema, self.search_path, self.role))
         if type(decision) is Block:
             if any(r.startswith("unknown relation") for st in statements for r in st.unsupported):
                 self.runtime.refresh_schema(self.database, "unknown relation")
-            return decision
-        self._apply(analysis, decision)
-        return decision
+            return decision, None
+        if self._unsettled is not None:
+            # A SET is still in flight: PostgreSQL may yet refuse it, so the statement
+            # must also pass under the purpose and search_path from before it.
+            purpose, path = self._unsettled
+            before = analyze(sql, db.schema, path, self.role, standard_conforming_strings=scs)
+            other, expl = decide_statement(before, role=self.role, purpose=purpose, policy=policy,
+                                           rewrite=make_rewrite(policy, db.schema, path, self.role))
+            if type(other) is not type(decision) or getattr(other, "sql", None) != getattr(decision, "sql", None):
+                self.last = expl
+                return other if type(other) is Block else _refuse(
+                    "the statement was sent before the server confirmed a change of the purpose or search_path",
+                    sqlstate="25001", reason="setting-unconfirmed",
+                    hint="Wait for the SET to complete before sending statements that depend on it."), None
+        return decision, analysis
 
-    def _session_rules(self, analysis: Analysis) -> Block | None:
+    def ready(self, errored: bool) -> None:
+        """The relay saw a ReadyForQuery (``errored``: an error came since the previous one).
+
+        A SET of the purpose or search_path is only sent at a quiet point, on its own,
+        so the first ReadyForQuery after it ends it: if an error came, PostgreSQL did
+        not apply it, and neither does the proxy.
+        """
+        if self._ddl_sent:
+            self._ddl_sent = False
+            self.runtime.refresh_schema(self.database, "DDL done", stale=True)
+        if self._unsettled is None:
+            return
+        purpose, path = self._unsettled
+        self._unsettled = None
+        if errored:
+            log.info("session %s: the server refused a change of purpose or search_path; keeping %s, %s",
+                     self.info.session_id, purpose, path)
+            self._set_purpose(purpose)
+            self.search_path = path
+
+    def _session_rules(self, analysis: Analysis, via: str = "query") -> Block | None:
         """Refusals that depend on the session rather than the policy."""
         statements = analysis.statements
+        for st in flatten(statements):
+            if any(t == PG_SETTINGS and use.writes for t, use in st.tables.items()) or any(
+                    (c.schema, c.table) == ("pg_catalog", "pg_settings") and use.writes
+                    for c, use in st.columns.items()):
+                return _refuse("changing settings through pg_settings is refused by purpose-proxy",
+                               reason="set-config", hint=f"Use SET {self.setting} / SET search_path in a statement "
+                                                         "of its own, outside a transaction block.")
         for st in statements:
             if st.kind is Kind.EXECUTE and st.prepared_name is not None:
                 stale = self._stale_prepared(st.prepared_name)
@@ -155,6 +216,13 @@ class PurposeSession:
                                    hint="Connect as the role that should run the statements.")
                 if name in (self.setting, "search_path", "all"):
                     what = "settings" if name == "all" else name
+                    if via != "query":
+                        # A prepared SET takes effect when (and if) it is executed, which
+                        # the proxy does not see: it could not know the setting in force.
+                        return _refuse(f"changing {what} through the extended query protocol is refused by "
+                                       "purpose-proxy", sqlstate="0A000", reason="setting-prepared",
+                                       hint=f"Send SET/RESET of {what} as a simple query (without parameters), "
+                                            "or declare the purpose at connect time.")
                     if local:
                         return _refuse(f"SET LOCAL {what} is refused by purpose-proxy", reason="set-local",
                                        hint=f"Use SET {what} outside a transaction block.")
@@ -171,28 +239,34 @@ class PurposeSession:
         return None
 
     def _stale_prepared(self, name: str) -> Block | None:
-        entry = self.prepared.get(name)
-        if entry is None:
+        entries = self.prepared.get(name)
+        if not entries:
             return _refuse(f"prepared statement \"{name}\" was not prepared through purpose-proxy", sqlstate="26000",
                            reason="unknown-prepared")
-        sql, before, epoch = entry
-        if epoch == self.epoch:
-            return None
-        now = self.decide(sql, "query")  # decide the PREPARE again under what holds now
-        if type(now) is Block:
-            return now
-        if type(now) is not type(before) or getattr(now, "sql", None) != getattr(before, "sql", None):
-            return _refuse(f"prepared statement \"{name}\" was decided under another purpose or policy and must "
-                           "be prepared again", sqlstate="0A000", reason="stale-prepared-statement",
-                           hint=f"DEALLOCATE {name} and PREPARE it again.")
-        self.prepared[name] = (sql, before, self.epoch)
+        renewed = []
+        for sql, before, epoch in entries:
+            if epoch == self.epoch:
+                renewed.append((sql, before, epoch))
+                continue
+            now, _ = self._judge(sql, "query")  # decide the PREPARE again under what holds now
+            if type(now) is Block:
+                return now
+            if type(now) is not type(before) or getattr(now, "sql", None) != getattr(before, "sql", None):
+                return _refuse(f"prepared statement \"{name}\" was decided under another purpose or policy and "
+                               "must be prepared again", sqlstate="0A000", reason="stale-prepared-statement",
+                               hint=f"DEALLOCATE {name} and PREPARE it again.")
+            renewed.append((sql, before, self.epoch))
+        self.prepared[name] = renewed
         return None
 
     def _apply(self, analysis: Analysis, decision: Decision) -> None:
         """Update the session state for an allowed (or masked) statement."""
         sql = analysis.sql
+        before = (self.purpose, list(self.search_path))
         for st in analysis.statements:
             for name, value, _ in st.settings:
+                if name in (self.setting, "search_path", "all") and self.relay is not None:
+                    self._unsettled = before  # until the server confirms it (``ready``)
                 if name == self.setting:  # RESET (value None) goes back to the connect-time purpose
                     self._set_purpose(self.startup_purpose if value is None else (value or None))
                 elif name == "search_path":
@@ -202,21 +276,34 @@ class PurposeSession:
                     self._set_purpose(self.startup_purpose)
                     self.search_path = list(self.startup_search_path)
             if st.kind is Kind.PREPARE and st.prepared_name:
-                self.prepared[st.prepared_name] = (sql, decision, self.epoch)
+                self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch))
+                self._forget_protocol_statement(st.prepared_name)
             elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
                 self.prepared.pop(st.prepared_name, None)
+                self._forget_protocol_statement(st.prepared_name)
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
                 self.prepared.clear()
+                self._forget_protocol_statement(None)
             elif st.kind is Kind.DECLARE and _WITH_HOLD.search(sql):
                 self.holdable_cursors = True
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self.holdable_cursors = False
             elif st.kind is Kind.DDL:
-                self.runtime.refresh_schema(self.database, "DDL")
+                self.runtime.refresh_schema(self.database, "DDL", stale=True)
+                self._ddl_sent = self.relay is not None  # and again once it has run (``ready``)
         if any(name == "all" for st in analysis.statements for name, _, _ in st.settings):
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
                 self.prepared.clear()
+                self._forget_protocol_statement(None)
                 self.holdable_cursors = False
+
+    def _forget_protocol_statement(self, name: str | None) -> None:
+        """SQL PREPARE/DEALLOCATE share PostgreSQL's namespace with protocol-level (Parse)
+        statements: the relay's record of what is behind ``name`` (None: every name) no
+        longer holds, so it refuses to Bind that name once decisions may be stale."""
+        forget = getattr(self.relay, "forget_statement", None)
+        if forget is not None:
+            forget(name)
 
     def _set_purpose(self, purpose: str | None) -> None:
         if purpose != self.purpose:

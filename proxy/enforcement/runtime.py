@@ -87,6 +87,13 @@ class PolicyRuntime:
         self._loader = loader or load_database_state
         self._databases: dict[str, DatabaseState] = {}
         self._loading: dict[str, asyncio.Task] = {}
+        # DDL passed through the proxy may have changed a database (its relations, or the
+        # search_path defaults of ALTER ROLE/DATABASE ... SET) for sessions that start
+        # later: each DDL moves the database's generation, and a session opening on a
+        # database whose loaded state is older waits for a fresh load.
+        self._generation: dict[str, int] = {}
+        self._loaded_generation: dict[str, int] = {}
+        self._deferred: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -140,42 +147,74 @@ class PolicyRuntime:
     def database(self, name: str) -> DatabaseState | None:
         return self._databases.get(name)
 
+    def _fresh(self, name: str) -> bool:
+        return self._loaded_generation.get(name, -1) >= self._generation.get(name, 0)
+
     async def database_state(self, name: str) -> DatabaseState:
-        """The state of database ``name``, loading it the first time."""
-        state = self._databases.get(name)
-        if state is not None:
-            return state
-        task = self._loading.get(name)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(name), name=f"schema-load-{name}")
-            self._loading[name] = task
-        return await asyncio.shield(task)
+        """The state of database ``name``, loading it the first time, and again when DDL
+        passed through the proxy since it was loaded."""
+        for _ in range(3):  # bounded: DDL arriving all the time must not starve a session
+            state = self._databases.get(name)
+            if state is not None and self._fresh(name):
+                return state
+            task = self._loading.get(name)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(name), name=f"schema-load-{name}")
+                self._loading[name] = task
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                if state is None:
+                    raise
+                log.warning("schema reload of database %s failed; using the previous schema", name)
+                return state
+        return self._databases[name]
 
     async def _load(self, name: str) -> DatabaseState:
+        generation = self._generation.get(name, 0)
         try:
             state = await asyncio.wait_for(
                 self._loader(self.config.schema_dsn, name, self.config.connect_timeout),
                 self.config.connect_timeout * 3)
+            old = self._databases.get(name)
             self._databases[name] = state
+            self._loaded_generation[name] = max(generation, self._loaded_generation.get(name, -1))
+            if old is not None and old.schema.version != state.schema.version:
+                self._changed()
+            relations = state.schema.relations  # a property of Schema (a method in older versions)
             log.info("schema of database %s loaded (%d relations, version %s)", name,
-                     len(state.schema.relations()), state.schema.version)
+                     len(relations() if callable(relations) else relations), state.schema.version)
             return state
         finally:
             self._loading.pop(name, None)
 
-    def refresh_schema(self, name: str, why: str) -> None:
-        """Reload a database's schema in the background (at most one load at a time, once a second)."""
+    def refresh_schema(self, name: str, why: str, *, stale: bool = False) -> None:
+        """Reload a database's schema in the background (at most one load at a time, once a second).
+
+        ``stale``: the database changed (DDL went through): sessions opened from now on
+        wait for a load that began after this call, and a refresh skipped for the
+        once-a-second limit happens a second later instead.
+        """
+        if stale:
+            self._generation[name] = self._generation.get(name, 0) + 1
         state = self._databases.get(name)
         if name in self._loading or (state is not None and time.monotonic() - state.loaded_at < 1.0):
+            if stale and name not in self._deferred:
+                self._deferred.add(name)
+
+                async def later() -> None:
+                    await asyncio.sleep(1.0)
+                    self._deferred.discard(name)
+                    if not self._fresh(name):
+                        self.refresh_schema(name, f"{why} (deferred)")
+
+                self._spawn(later(), f"schema-refresh-later-{name}")
             return
         log.info("refreshing schema of database %s (%s)", name, why)
 
         async def run() -> None:
             try:
-                old = self._databases.get(name)
-                new = await self._load(name)
-                if old is None or old.schema.version != new.schema.version:
-                    self._changed()
+                await self._load(name)
             except Exception as exc:  # the old schema stays in use
                 log.warning("schema refresh of database %s failed: %s", name, exc)
 

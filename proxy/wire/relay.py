@@ -11,18 +11,25 @@ through ``decide`` and then ``enforcement.apply``. Backend
 messages are looked at by header only, except the few the proxy tracks:
 Authentication (to hide SCRAM channel binding), BackendKeyData (to hand the client
 a proxy-owned cancel key), ParameterStatus, ErrorResponse (to swap in refusals),
-the Copy*Responses and ReadyForQuery (phase and transaction status).
+the Copy*Responses and ReadyForQuery (phase and transaction status), and
+CommandComplete (row counts for telemetry).
+
+Each decided message becomes a ``StatementEvent``, handed out in ``events`` when
+its answer is complete: events decided since the previous sync point (Query,
+Sync, FunctionCall) form a batch, batches queue in order (pipelining), and the
+ReadyForQuery that answers a sync point completes the oldest batch. Row counts
+(CommandComplete) and the first error go to the oldest batch's events in order.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from proxy.enforcement.apply import MARKER_PREFIX, Refusal, apply, refusal_error
+from proxy.enforcement.apply import MARKER_PREFIX, Refusal, apply, refusal_error, withhold_row_values
 from proxy.policy.decision import Block, Decision
 from proxy.wire import codec
 from proxy.wire.state import Phase
@@ -52,22 +59,71 @@ SERVER_INSPECT = frozenset(
         codec.B_COPY_OUT,
         codec.B_COPY_BOTH,
         codec.B_COPY_DONE,
+        codec.B_COMMAND_COMPLETE,
     }
 )
 _COPY_PHASES = {codec.B_COPY_IN: Phase.COPY_IN, codec.B_COPY_OUT: Phase.COPY_OUT,
                 codec.B_COPY_BOTH: Phase.COPY_BOTH}
 _MARKER = MARKER_PREFIX.encode()
+_B_COMMAND_COMPLETE = codec.B_COMMAND_COMPLETE
+perf_counter = time.perf_counter
 _MAX_PENDING_REFUSALS = 64
+
+
+def _uncounted(batch: list["StatementEvent"]) -> "StatementEvent":
+    """The event a CommandComplete belongs to: the first of its batch without one, else the last."""
+    for event in batch:
+        if event.completions is None:
+            return event
+    return batch[-1]
 
 
 @dataclass(slots=True)
 class StatementEvent:
-    """A decision the relay made: handed to the session for metrics, traces and audit."""
+    """A decision the relay made and how its answer went: handed to the session for metrics, traces and audit.
+
+    Times are ``time.perf_counter()`` values. ``finished`` is None until the
+    ReadyForQuery of the statement's sync point (it stays None for a statement cut
+    off by the end of the session, see ``Relay.unfinished``). ``completions`` holds
+    the raw CommandComplete messages attributed to it (parsed only when asked for,
+    by ``rows``); ``error`` is the first ErrorResponse the client got for it.
+    """
 
     via: str
     sql: str
     decision: Decision
-    seconds: float
+    seconds: float  # time spent deciding
+    started: float = 0.0  # when deciding began
+    detail: object = None  # the decider's account of the decision (its ``last``), if it keeps one
+    stages: tuple | None = None  # ((stage, seconds), ...) of deciding, if the decider reports them (``timings``)
+    finished: float | None = None
+    completions: bytes | None = None
+    error: bytes | None = None
+
+    @property
+    def rows(self) -> int | None:
+        """Rows the statement returned or affected, summed over its CommandCompletes (None: no count)."""
+        return row_count(self.completions) if self.completions else None
+
+
+def row_count(completions: bytes) -> int | None:
+    """The sum of the row counts of concatenated CommandComplete messages ("SELECT 5", "INSERT 0 5"; "SET": none).
+
+    >>> row_count(codec.message(b"C", b"SELECT 5\\x00") + codec.message(b"C", b"INSERT 0 2\\x00"))
+    7
+    >>> row_count(codec.message(b"C", b"SET\\x00")) is None
+    True
+    """
+    total = None
+    pos, n = 0, len(completions)
+    while pos + 5 <= n:
+        end = pos + 1 + int.from_bytes(completions[pos + 1 : pos + 5], "big")
+        tag = completions[pos + 5 : end - 1]
+        count = tag[tag.rfind(b" ") + 1 :]
+        if count.isdigit() and b" " in tag:
+            total = (total or 0) + int(count)
+        pos = end
+    return total
 
 
 class Relay:
@@ -94,7 +150,7 @@ class Relay:
         self.tx_status = b"I"
         self.to_server: list[bytes] = []
         self.to_client: list[bytes] = []
-        self.events: list[StatementEvent] = []
+        self.events: list[StatementEvent] = []  # completed statements, for the session to observe
         self.server_params: dict[str, str] = {}
         self.backend_key: tuple[int, bytes] | None = None
         self.authenticated = False
@@ -108,8 +164,24 @@ class Relay:
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
         self._busy_phase = Phase.IDLE  # phase to return to after COPY ends
         self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
-        # Prepared statements by name: (Parse, its decision, the epoch it was decided in).
-        self._statements: dict[str, tuple[codec.ParseMessage, Decision, object]] = {}
+        # Prepared statements by name: every (Parse, its decision, the epoch it was
+        # decided in) that may be behind the name. A Parse of a name that exists fails
+        # in PostgreSQL (42P05), which the relay does not see, so a later Parse of the
+        # same name adds a candidate instead of replacing the earlier one.
+        self._statements: dict[str, list[tuple[codec.ParseMessage, Decision, object]]] = {}
+        # The decider hears of every ReadyForQuery (and whether an error preceded it),
+        # to learn whether a setting change it allowed took effect.
+        self._ready_hook = getattr(decider, "ready", None)
+        self._errored = False
+        # Errors of integrity constraints can echo whole rows: withhold their DETAIL.
+        self._withhold_rows = bool(getattr(decider, "withhold_error_rows", False))
+        # Statement events awaiting their answer: those decided since the last sync
+        # point, then one entry per sync point not yet answered by ReadyForQuery
+        # (None when no statement was decided in that batch).
+        self._batch: list[StatementEvent] | None = None
+        self._inflight: deque[list[StatementEvent] | None] = deque()
+        self._explains = hasattr(decider, "last")  # the decider keeps an account of its latest decision
+        self._timed = hasattr(decider, "timings")  # ... and the time each stage of it took
 
     # --- startup -----------------------------------------------------------------
 
@@ -160,6 +232,8 @@ class Relay:
                 if t == codec.F_SYNC:
                     self.phase = Phase.EXTENDED
                     self._outstanding += 1
+                    self._inflight.append(self._batch)
+                    self._batch = None
                     out.append(item.raw)
                 elif t == codec.F_FLUSH:
                     out.append(item.raw)
@@ -172,11 +246,15 @@ class Relay:
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
                 self._decide_and_forward(item, "query", None)
+                self._inflight.append(self._batch)
+                self._batch = None
             elif t == codec.F_SYNC:
                 # The backend ignores Sync during COPY IN (copyfromparse.c), so only
                 # a Sync outside COPY IN earns a ReadyForQuery.
                 if phase is not Phase.COPY_IN:
                     self._outstanding += 1
+                    self._inflight.append(self._batch)
+                    self._batch = None
                     if phase is Phase.IDLE:
                         self.phase = Phase.EXTENDED
                 out.append(item.raw)
@@ -185,10 +263,14 @@ class Relay:
                 self.phase = Phase.EXTENDED
                 parse = codec.decode_parse(item.body)
                 decision = self._decide_and_forward(item, "parse", parse)
-                if decision is not None and type(decision) is not Block:
-                    self._statements[parse.name] = (parse, decision, self._epoch)
-                else:
-                    self._statements.pop(parse.name, None)
+                allowed = decision is not None and type(decision) is not Block
+                if not parse.name:  # PostgreSQL drops the unnamed statement before parsing
+                    if allowed:
+                        self._statements[""] = [(parse, decision, self._epoch)]
+                    else:
+                        self._statements.pop("", None)
+                elif allowed:  # a refused named Parse leaves any earlier statement of that name
+                    self._statements.setdefault(parse.name, []).append((parse, decision, self._epoch))
             elif t == codec.F_BIND:
                 self._bind(item)
             elif t == codec.F_CLOSE:
@@ -204,6 +286,8 @@ class Relay:
                 self._outstanding += 1
                 self.phase = Phase.SIMPLE_QUERY
                 self._decide_and_forward(item, "function_call", None)
+                self._inflight.append(self._batch)
+                self._batch = None
             elif t == codec.F_TERMINATE:
                 self.phase = Phase.CLOSED
                 out.append(item.raw)
@@ -223,17 +307,36 @@ class Relay:
         if portal_end < 0:
             raise codec.ProtocolViolation("malformed Bind message")
         name = codec.cstring_at(frame.raw, portal_end + 1)
-        entry = self._statements.get(name)
-        if entry is None or entry[2] == self._epoch:
+        entries = self._statements.get(name)
+        if entries is None and not name:  # no unnamed statement: PostgreSQL refuses the Bind
             self.to_server.append(frame.raw)
             return
-        parse, before, _ = entry
-        now = self._decide(parse.sql, "parse")
-        if now == before or (type(now) is type(before) and type(now) is not Block
-                             and getattr(now, "sql", None) == getattr(before, "sql", None)):
-            self._statements[name] = (parse, before, self._epoch)
-            self.to_server.append(frame.raw)
-            return
+        now: Decision | None = None
+        renewed = []
+        for parse, before, epoch in entries or ():
+            if epoch == self._epoch:
+                renewed.append((parse, before, epoch))
+                continue
+            now = self._decide(parse.sql, "parse")
+            if now == before or (type(now) is type(before) and type(now) is not Block
+                                 and getattr(now, "sql", None) == getattr(before, "sql", None)):
+                renewed.append((parse, before, self._epoch))
+                continue
+            break
+        else:
+            if entries:
+                self._statements[name] = renewed
+                self.to_server.append(frame.raw)
+                return
+            # A named statement the relay did not see prepared (SQL PREPARE shares the
+            # namespace) cannot be decided again: refuse it rather than run it blind.
+            now = Block(
+                f"prepared statement \"{name}\" was not prepared through the extended protocol of this session, "
+                "so it cannot be decided again under the current purpose or policy",
+                sqlstate="26000",
+                hint="Prepare the statement again with Parse (or run it with EXECUTE).",
+                reason="unknown-prepared",
+            )
         if type(now) is not Block:
             now = Block(
                 "prepared statement was decided under another purpose or policy and must be prepared again",
@@ -242,11 +345,21 @@ class Relay:
                 hint="Prepare the statement again (DEALLOCATE it, or reconnect).",
                 reason="stale-prepared-statement",
             )
-        self._statements.pop(name, None)
+        # The statement still exists in PostgreSQL: keep its record, so that every
+        # later Bind of it is decided again (and refused while the decision stands).
         wire = apply(now, frame)
         self.to_server.append(wire.upstream)
         self._refuse(wire.refusal)
         self.phase = Phase.DISCARDING
+
+    def forget_statement(self, name: str | None) -> None:
+        """Drop the record of prepared statement ``name`` (None: all), when SQL-level
+        PREPARE or DEALLOCATE touched it: a later Bind of it, once decisions may be
+        stale, is refused instead of judged by a statement that is no longer behind it."""
+        if name is None:
+            self._statements.clear()
+        else:
+            self._statements.pop(name, None)
 
     def _decide(self, sql: str, via: str) -> Decision:
         try:
@@ -272,12 +385,22 @@ class Relay:
             sql = codec.parse_query(frame.body)
         else:
             sql = f"-- FunctionCall of function oid {codec.function_call_oid(frame.body)}"
-        started = time.perf_counter()
+        started = perf_counter()
         decision = self._decide(sql, via)
-        self.events.append(StatementEvent(via, sql, decision, time.perf_counter() - started))
+        decided = perf_counter()
+        event = StatementEvent(via, sql, decision, decided - started, started,
+                               self._decider.last if self._explains else None)
+        if self._timed:
+            event.stages = self._decider.timings
         if type(decision) is Block and decision.severity == "FATAL":
+            event.finished = decided  # no answer follows: the session ends
+            self.events.append(event)
             self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
             return None
+        if self._batch is None:
+            self._batch = [event]
+        else:
+            self._batch.append(event)
         wire = apply(decision, frame, parse)
         self.to_server.append(wire.upstream)
         if wire.refusal is not None:
@@ -296,15 +419,35 @@ class Relay:
 
     def server_data(self, data: bytes) -> None:
         out = self.to_client
+        inflight = self._inflight
         for item in self._server.feed(data):
             if type(item) is bytes:
                 out.append(item)
                 continue
             t = item.type
-            if t == codec.B_READY:
+            if t == _B_COMMAND_COMPLETE:
+                raw = item.raw
+                if inflight and (batch := inflight[0]) is not None:
+                    event = batch[0]
+                    if event.completions is None:
+                        event.completions = raw
+                    else:  # a multi-statement Query, or several statements in one batch
+                        if len(batch) > 1:
+                            event = _uncounted(batch)
+                        event.completions = raw if event.completions is None else event.completions + raw
+                out.append(raw)
+            elif t == codec.B_READY:
                 self.tx_status = item.raw[5:6]
                 if self._outstanding > 0:
                     self._outstanding -= 1
+                if self._ready_hook is not None:
+                    self._ready_hook(self._errored)
+                self._errored = False
+                if inflight and (batch := inflight.popleft()) is not None:
+                    now = perf_counter()
+                    for event in batch:
+                        event.finished = now
+                    self.events += batch
                 if self._outstanding == 0 and self.phase is not Phase.DISCARDING:
                     self.phase = Phase.IDLE
                 elif self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH, Phase.AUTH):
@@ -315,7 +458,15 @@ class Relay:
             elif t == codec.B_ERROR:
                 if item.raw[5:12] in (b"SFATAL\x00", b"SPANIC\x00"):
                     self.server_fatal = True
-                out.append(self._swap_refusal(item.raw))
+                self._errored = True
+                raw = self._swap_refusal(item.raw)
+                if self._withhold_rows:
+                    raw = withhold_row_values(raw)
+                if inflight and inflight[0] is not None:
+                    for event in inflight[0]:  # an error aborts the rest of its batch
+                        if event.error is None:
+                            event.error = raw
+                out.append(raw)
                 if self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH):
                     self.phase = self._busy_phase
             elif t in _COPY_PHASES:
@@ -337,6 +488,14 @@ class Relay:
                 out.append(self._key_data(item))
             else:
                 out.append(item.raw)
+
+    def unfinished(self) -> list[StatementEvent]:
+        """Take the events still awaiting their answer (the session calls this when it ends)."""
+        out = [e for batch in self._inflight if batch is not None for e in batch]
+        out += self._batch or ()
+        self._inflight.clear()
+        self._batch = None
+        return out
 
     def _swap_refusal(self, raw: bytes) -> bytes:
         if _MARKER not in raw:

@@ -114,3 +114,53 @@ def test_function_call_is_decided_and_refused_like_a_query():
     sent = b"".join(r.to_server)
     assert sent.startswith(b"Q") and b"purpose_proxy_refused_" in sent
     assert d.seen == [("-- FunctionCall of function oid 3000", "function_call")]
+
+
+def _refused_bind(r, name):
+    r.to_server.clear()
+    r.client_data(codec.encode_bind("", name) + execute() + sync())
+    sent = b"".join(r.to_server)
+    r.server_data(codec.error_response("26000", "prepared statement does not exist") + codec.ready_for_query(b"I"))
+    return b"purpose_proxy_refused_" in sent
+
+
+def test_a_refused_bind_stays_refused():
+    """PostgreSQL still holds the statement after a refused Bind: the next Bind is decided again."""
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT secret FROM t", ()) + sync())
+    d.epoch = 1
+    d.answer = Block("no")
+    r.refresh_epoch()
+    assert _refused_bind(r, "s1")
+    assert _refused_bind(r, "s1")
+
+
+def test_duplicate_parse_keeps_the_earlier_statement_as_a_candidate():
+    """A second Parse of a name PostgreSQL already holds fails there (42P05): both are judged at Bind."""
+    class ByText(Decider):
+        def decide(self, sql, via):
+            self.seen.append((sql, via))
+            return Block("no") if self.epoch and "secret" in sql else ALLOW
+
+    d = ByText()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT secret FROM t", ()) + sync())
+    d.epoch = 1
+    r.refresh_epoch()
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    assert _refused_bind(r, "s1")
+
+
+def test_bind_of_a_name_the_relay_never_saw_parsed_is_refused_once_stale():
+    """SQL PREPARE shares the namespace: such a statement cannot be decided again at Bind."""
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.query("PREPARE p AS SELECT 1"))
+    d.epoch = 1
+    r.refresh_epoch()
+    assert _refused_bind(r, "p")
+    r.forget_statement(None)
+    r.to_server.clear()
+    r.client_data(codec.encode_bind("", "") + execute() + sync())  # the unnamed statement: PostgreSQL decides
+    assert b"purpose_proxy_refused_" not in b"".join(r.to_server)

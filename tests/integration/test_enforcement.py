@@ -1,0 +1,418 @@
+"""Purpose enforcement as clients see it: the errors (SQLSTATE, message, DETAIL, HINT) the
+proxy returns through psycopg, asyncpg and psql, the purpose setting's life cycle, and
+policy hot reload. Real clients, the real proxy, real PostgreSQL, the schema and policy of
+tests/fixtures/enforce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import uuid
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg import pq
+
+from tests.integration.conftest import enforcing_proxy
+from tests.support.enforce import POLICY_DIR, purpose_options, run_psql
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def dsn(pg, proxy, purpose: str | None, **extra) -> str:
+    return pg.dsn("app", host=proxy.host, port=proxy.port, **purpose_options(purpose), **extra)
+
+
+def url(pg, proxy) -> str:
+    return pg.url("app", host=proxy.host, port=proxy.port)
+
+
+def run(coro, timeout: float = 30.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def policy_line(text: str) -> int:
+    """The line number of ``text`` in the fixture policy.csv (as the proxy cites it)."""
+    lines = (POLICY_DIR / "policy.csv").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip() == text)
+
+
+class Seen:
+    """One error as three clients saw it."""
+
+    def __init__(self, psycopg_error, asyncpg_error, psql_stderr: str) -> None:
+        self.pg = psycopg_error
+        self.apg = asyncpg_error
+        self.psql = psql_stderr
+
+    @property
+    def sqlstate(self) -> str:
+        assert self.pg.sqlstate == self.apg.sqlstate, (self.pg.sqlstate, self.apg.sqlstate)
+        assert f"ERROR:  {self.pg.sqlstate}: " in self.psql, self.psql
+        return self.pg.sqlstate
+
+    @property
+    def message(self) -> str:
+        assert self.pg.diag.message_primary == self.apg.message
+        return self.pg.diag.message_primary
+
+    @property
+    def detail(self) -> str | None:
+        assert self.pg.diag.message_detail == self.apg.detail
+        return self.pg.diag.message_detail
+
+    @property
+    def hint(self) -> str | None:
+        assert self.pg.diag.message_hint == self.apg.hint
+        return self.pg.diag.message_hint
+
+    def from_proxy(self) -> bool:
+        """PostgreSQL's own errors carry their source location; the proxy's never do."""
+        return (self.pg.diag.source_file is None and self.apg.server_source_filename is None
+                and "LOCATION:" not in self.psql)
+
+
+def error_of(pg, proxy, purpose: str | None, sql: str, setup: tuple[str, ...] = ()) -> Seen:
+    """Run ``setup`` then ``sql`` through psycopg (simple protocol), asyncpg and psql; all must fail."""
+    with psycopg.connect(dsn(pg, proxy, purpose), autocommit=True) as conn:
+        for s in setup:
+            conn.execute(s)
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(sql)
+        pe = info.value
+
+    async def apg():
+        conn = await asyncpg.connect(url(pg, proxy), server_settings={} if purpose is None else
+                                     {"pii.purpose": purpose})
+        try:
+            for s in setup:
+                await conn.execute(s)
+            with pytest.raises(asyncpg.PostgresError) as info:
+                await conn.execute(sql)
+            return info.value
+        finally:
+            await conn.close()
+
+    ae = run(apg())
+    out = run_psql(dsn(pg, proxy, purpose), [*setup, sql])
+    return Seen(pe, ae, out.raw)
+
+
+# --- declaring a purpose ---------------------------------------------------------------------------------
+
+
+def test_unknown_purpose_at_connect_is_fatal(pg, enforce_proxy):
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(dsn(pg, enforce_proxy, "astrology"))
+    assert "FATAL" in str(info.value) and "unknown purpose declared at connect time in pii.purpose" in str(info.value)
+    assert "astrology" not in str(info.value)  # the proxy does not repeat client text
+
+    async def apg():
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(url(pg, enforce_proxy), server_settings={"pii.purpose": "astrology"})
+        return info.value
+
+    e = run(apg())
+    assert (e.sqlstate, e.severity) == ("42501", "FATAL")
+    assert "Role app may declare: " in e.hint and "billing" in e.hint and "marketing" in e.hint
+    r = subprocess.run(["psql", dsn(pg, enforce_proxy, "astrology"), "-XAtc", "SELECT 1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "FATAL:  unknown purpose declared at connect time" in r.stderr
+
+
+def test_unknown_purpose_via_set_is_an_error(pg, enforce_proxy):
+    seen = error_of(pg, enforce_proxy, "billing", "SET pii.purpose = 'astrology'")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == "unknown purpose in SET pii.purpose (not in purposes.yaml)"
+    assert "role app may declare: billing, " in seen.hint.lower()
+    with psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error):
+            conn.execute("SET pii.purpose = 'astrology'")
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "billing"  # unchanged, session alive
+
+
+def test_purpose_the_role_may_not_declare(pg, enforce_proxy):
+    async def apg():
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(url(pg, enforce_proxy), server_settings={"pii.purpose": "operations"})
+        return info.value
+
+    e = run(apg())
+    assert (e.sqlstate, e.severity) == ("42501", "FATAL")
+    assert e.message == 'role "app" may not act under purpose "operations"'
+    assert e.detail.startswith("Declaring operations: ")
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(dsn(pg, enforce_proxy, "operations"))
+    assert 'may not act under purpose "operations"' in str(info.value)
+
+    seen = error_of(pg, enforce_proxy, "billing", "SET pii.purpose = 'operations'")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == 'role "app" may not act under purpose "operations"'
+    assert seen.detail == "Declaring operations: no rule allows it (default deny)."
+    assert "role app may declare: billing, " in seen.hint.lower() and "operations" not in seen.hint
+
+
+def test_no_purpose_declared(pg, enforce_proxy):
+    seen = error_of(pg, enforce_proxy, None, "SELECT email FROM crm.members")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == "no purpose declared: the statement uses personal data (crm.members.email)"
+    assert "SET pii.purpose" in seen.hint or "may declare" in seen.hint
+    with psycopg.connect(dsn(pg, enforce_proxy, None), autocommit=True) as conn:
+        rows = conn.execute("SELECT note_id, body FROM public.notes ORDER BY note_id").fetchall()
+        assert rows[0] == (1, "called about the router")
+        assert conn.execute("SELECT phone FROM members ORDER BY 1").fetchall()[0] == ("decoy-phone-1",)
+        conn.execute("SET pii.purpose = 'marketing'")
+        assert conn.execute("SELECT email FROM crm.members WHERE member_id = 1").fetchone()[0].startswith("CANARY")
+
+
+def test_show_and_current_setting_report_the_purpose(pg, enforce_proxy):
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "marketing"
+        assert conn.execute("SELECT current_setting('pii.purpose')").fetchone()[0] == "marketing"
+        conn.execute("SET pii.purpose = 'support'")
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "support"
+        assert conn.execute("SELECT current_setting('pii.purpose')", prepare=True).fetchone()[0] == "support"
+        assert conn.execute("SELECT phone FROM crm.members WHERE member_id = 1").fetchone()[0].startswith("CANARY")
+
+    async def apg():
+        conn = await asyncpg.connect(url(pg, enforce_proxy), server_settings={"pii.purpose": "research"})
+        try:
+            return await conn.fetchval("SELECT current_setting('pii.purpose')"), await conn.fetchval("SHOW pii.purpose")
+        finally:
+            await conn.close()
+
+    assert run(apg()) == ("research", "research")
+    out = run_psql(dsn(pg, enforce_proxy, "billing"), ["SHOW pii.purpose"])
+    assert "billing" in out.raw
+
+
+def test_reset_goes_back_to_the_connect_time_purpose(pg, enforce_proxy):
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        conn.execute("SET pii.purpose = 'support'")
+        assert conn.execute("SELECT phone FROM crm.members WHERE member_id = 1").fetchone()
+        conn.execute("RESET pii.purpose")
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "marketing"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
+        assert 'purpose "marketing"' in info.value.diag.message_primary
+        conn.execute("SET SESSION pii.purpose TO support")
+        conn.execute("RESET ALL")  # RESET ALL too
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "marketing"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
+
+
+def test_set_purpose_inside_a_transaction_block_is_refused(pg, enforce_proxy):
+    seen = error_of(pg, enforce_proxy, "marketing", "SET pii.purpose = 'support'", setup=("BEGIN",))
+    assert seen.sqlstate == "25001" and seen.from_proxy()
+    assert seen.message == "pii.purpose can only change outside a transaction block, in a statement of its own"
+    assert "COMMIT or ROLLBACK first" in seen.hint
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing")) as conn:  # not autocommit: psycopg opens BEGIN
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            conn.execute("SET pii.purpose = 'support'")
+        assert conn.info.transaction_status == pq.TransactionStatus.INERROR  # as any error in a block
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "marketing"
+        conn.rollback()
+        conn.autocommit = True
+        conn.execute("SET pii.purpose = 'support'")  # outside a block it works
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "support"
+    seen = error_of(pg, enforce_proxy, "marketing", "SET LOCAL pii.purpose = 'support'", setup=("BEGIN",))
+    assert seen.sqlstate == "42501" and seen.message == "SET LOCAL pii.purpose is refused by purpose-proxy"
+
+
+def test_set_purpose_through_the_extended_protocol_is_refused(pg, enforce_proxy):
+    """A prepared SET runs only when (and if) it is executed, which the proxy cannot see."""
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            conn.execute("SET pii.purpose = 'support'", prepare=True)
+        assert info.value.diag.source_file is None
+        assert "simple query" in info.value.diag.message_hint
+        assert conn.execute("SHOW pii.purpose").fetchone()[0] == "marketing"
+
+
+def test_denial_names_column_rule_and_way_forward(pg, enforce_proxy):
+    seen = error_of(pg, enforce_proxy, "marketing", "SELECT member_id, phone FROM crm.members WHERE member_id = 1")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == 'purpose "marketing" may not read personal data of category "contact.phone"'
+    line = policy_line("p, staff, marketing, contact.phone, read, deny")
+    assert seen.detail == (f"crm.members.phone (contact.phone, read): denied by policy.csv:{line}: "
+                           "p, staff, marketing, contact.phone, read, deny")
+    assert seen.hint == ("Declare a purpose that covers contact.phone (role app may use: support), "
+                         "or remove crm.members.phone from the statement.")
+    # Several denied columns: all listed, the default deny named as such; no literal from the SQL.
+    seen = error_of(pg, enforce_proxy, "marketing",
+                    "SELECT birth_date, phone FROM crm.members WHERE email = 'secret-literal@example.jp'")
+    assert "crm.members.birth_date (identity.birth_date, read): no rule allows it (default deny)" in seen.detail
+    assert "crm.members.phone (contact.phone, read): denied by policy.csv:" in seen.detail
+    assert "secret-literal" not in seen.psql and "secret-literal" not in seen.detail + seen.hint + seen.message
+
+
+def test_parse_failure_is_refused_and_not_sent_upstream(pg, enforce_proxy):
+    marker = "garbage_" + uuid.uuid4().hex[:10]
+    garbage = f"SELEKT {marker} FRUM crm.members WHERE ((("
+    log_file = getattr(pg, "log_file", None)
+    if log_file is not None:
+        pg.psql_admin("ALTER ROLE app IN DATABASE app SET log_statement = 'all'")
+    try:
+        seen = error_of(pg, enforce_proxy, "marketing", garbage)
+    finally:
+        if log_file is not None:
+            pg.psql_admin("ALTER ROLE app IN DATABASE app RESET log_statement")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message.startswith("purpose-proxy could not analyse the statement with certainty: ")
+    assert "fail closed" in seen.hint
+    assert marker not in seen.message + (seen.detail or "")  # not PostgreSQL's "syntax error at or near"
+    if log_file is not None:
+        log = log_file.read_text(errors="replace")
+        assert "purpose_proxy_refused_" in log  # the stand-in went upstream ...
+        assert marker not in log  # ... the statement never did
+
+
+def test_unknown_function_is_refused(pg, enforce_proxy):
+    seen = error_of(pg, enforce_proxy, "billing", "SELECT public.note_count()")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == ("function public.note_count is not declared in the policy catalog, so the proxy "
+                            "cannot tell which personal data it reads")
+    assert "catalog.yaml" in seen.hint
+    seen = error_of(pg, enforce_proxy, "billing", "SELECT crm.lookup_card(1)")
+    assert "crm.lookup_card is not declared" in seen.message
+    seen = error_of(pg, enforce_proxy, "billing", "SELECT query_to_xml('select 1', true, false, '')")
+    assert seen.sqlstate == "42501" and "query_to_xml" in seen.message and seen.from_proxy()
+    with psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True) as conn:  # declared: fine
+        assert conn.execute("SELECT crm.member_label(1)").fetchone()[0].startswith("CANARY-NAME-1")
+
+
+def test_ddl_needs_an_admin_rule(pg, enforce_proxy):
+    table = "ddl_" + uuid.uuid4().hex[:8]
+    seen = error_of(pg, enforce_proxy, "marketing", f"CREATE TABLE public.{table} (x int)")
+    assert seen.sqlstate == "42501" and seen.from_proxy()
+    assert seen.message == 'purpose "marketing" does not allow administrative statements (ddl)'
+    assert seen.hint == "Role app may run administrative statements under: maintenance."
+    seen = error_of(pg, enforce_proxy, None, f"CREATE TABLE public.{table} (x int)")
+    assert seen.message == "no purpose declared: the statement uses an administrative statement (ddl)"
+    with psycopg.connect(dsn(pg, enforce_proxy, "maintenance"), autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.{table} (x int)")
+        conn.execute(f"DROP TABLE public.{table}")
+    seen = error_of(pg, enforce_proxy, "support", "TRUNCATE public.scratch")
+    assert seen.message == 'purpose "support" does not allow administrative statements (truncate)'
+    seen = error_of(pg, enforce_proxy, "support", "DO $$ BEGIN NULL; END $$")
+    assert seen.message == 'purpose "support" does not allow administrative statements (do)'
+
+
+@pytest.mark.parametrize("order", ["insert-first", "insert-last"])
+def test_multi_statement_query_with_a_denied_statement_runs_nothing(order, pg, enforce_proxy, enforce_db):
+    marker = "multi-" + uuid.uuid4().hex[:8]
+    insert = f"INSERT INTO public.scratch (v) VALUES ('{marker}')"
+    denied = "SELECT phone FROM crm.members"
+    sql = f"{insert}; {denied}" if order == "insert-first" else f"{denied}; {insert}"
+    seen = error_of(pg, enforce_proxy, "marketing", sql)
+    assert seen.sqlstate == "42501" and seen.from_proxy() and "contact.phone" in seen.message
+    with psycopg.connect(enforce_db, autocommit=True) as direct:
+        n = direct.execute("SELECT count(*) FROM public.scratch WHERE v = %s", [marker]).fetchone()[0]
+    assert n == 0, "a statement of a refused Query ran"
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        conn.execute(f"{insert}; SELECT email FROM crm.members WHERE member_id = 1")  # all allowed: runs
+    with psycopg.connect(enforce_db, autocommit=True) as direct:
+        assert direct.execute("DELETE FROM public.scratch WHERE v = %s", [marker]).rowcount == 1
+
+
+def test_constraint_error_detail_is_withheld(pg, enforce_proxy, enforce_db):
+    """billing may write member_id, not read phone: a not-null violation's DETAIL would show the row."""
+    seen = error_of(pg, enforce_proxy, "billing", "UPDATE crm.members SET member_id = NULL WHERE member_id = 1")
+    assert seen.sqlstate == "23502" and not seen.from_proxy()  # PostgreSQL's error ...
+    assert "CANARY" not in seen.detail + seen.psql and "1911" not in seen.psql  # ... without the row
+    assert "withheld" in seen.detail
+    with psycopg.connect(enforce_db, autocommit=True) as direct:  # directly, PostgreSQL shows it
+        with pytest.raises(psycopg.errors.NotNullViolation) as info:
+            direct.execute("UPDATE crm.members SET member_id = NULL WHERE member_id = 1")
+        assert "CANARY-PHONE-1" in info.value.diag.message_detail
+
+
+# --- policy hot reload ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def policy_copy(tmp_path):
+    d = tmp_path / "policies"
+    shutil.copytree(POLICY_DIR, d)
+    return d
+
+
+def _append_rule(policy_dir, line: str) -> None:
+    path = policy_dir / "policy.csv"
+    path.write_text(path.read_text() + line + "\n")
+
+
+@pytest.mark.parametrize("trigger", ["file-watch", "sighup"])
+def test_policy_hot_reload_applies_without_reconnecting(trigger, pg, enforce_db, policy_copy):
+    proxy = enforcing_proxy(pg, policy_copy, watch_interval=0.2 if trigger == "file-watch" else 0)
+    try:
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn:
+            sql = "SELECT email FROM crm.members WHERE member_id = %s"
+            assert conn.execute("SELECT email FROM crm.members WHERE member_id = 1").fetchone()
+            assert conn.execute(sql, [1], prepare=True).fetchone()  # prepared under the old policy
+            _append_rule(policy_copy, "p, staff, marketing, contact.email, read, deny")
+            if trigger == "sighup":
+                proxy.signal(signal.SIGHUP)
+
+            def refused():
+                try:
+                    conn.execute("SELECT email FROM crm.members WHERE member_id = 1")
+                except psycopg.errors.InsufficientPrivilege as e:
+                    return e
+                return None
+
+            e = wait_for(refused, 10, "the reloaded policy to refuse email under marketing")
+            assert 'category "contact.email"' in e.diag.message_primary
+            assert "p, staff, marketing, contact.email, read, deny" in e.diag.message_detail
+            with pytest.raises(psycopg.Error) as info:  # the statement prepared before the reload too
+                conn.execute(sql, [1], prepare=True)
+            assert info.value.sqlstate in ("42501", "0A000") and info.value.diag.source_file is None
+            assert conn.execute("SELECT name FROM crm.members WHERE member_id = 1").fetchone()  # still allowed
+        assert "policy reloaded" in proxy.log()
+    finally:
+        proxy.stop()
+
+
+def test_broken_policy_reload_keeps_the_previous_policy(pg, enforce_db, policy_copy):
+    proxy = enforcing_proxy(pg, policy_copy, watch_interval=0.2)
+    try:
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn:
+            assert conn.execute("SELECT email FROM crm.members WHERE member_id = 1").fetchone()
+            good = (policy_copy / "policy.csv").read_text()
+            # An allow for phone that would be a leak if loaded, plus an invalid line.
+            _append_rule(policy_copy, "p, app, marketing, contact.phone, read, allow")
+            _append_rule(policy_copy, "p, app, no_such_purpose, contact, read, allow")
+            wait_for(lambda: "policy reload" in proxy.log() and "failed" in proxy.log(), 10,
+                     "the proxy to log the failed reload")
+            assert "previous policy" in proxy.log()
+            # The same session (not dropped) still works under the previous policy.
+            assert conn.execute("SELECT email FROM crm.members WHERE member_id = 1").fetchone()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
+            with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as other:  # new sessions too
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    other.execute("SELECT phone FROM crm.members")
+            # Fixed: the next reload takes effect.
+            (policy_copy / "policy.csv").write_text(good + "p, staff, marketing, contact.email, read, deny\n")
+
+            def refused():
+                try:
+                    conn.execute("SELECT email FROM crm.members WHERE member_id = 1")
+                except psycopg.errors.InsufficientPrivilege:
+                    return True
+                return False
+
+            wait_for(refused, 10, "the fixed policy to be loaded")
+            assert conn.info.status == pq.ConnStatus.OK
+    finally:
+        proxy.stop()

@@ -1,0 +1,185 @@
+"""The relay's statement events: completed at their ReadyForQuery, in order, with rows and errors (pipelining included)."""
+
+from __future__ import annotations
+
+from proxy.policy.decision import ALLOW, Block
+from proxy.wire import codec
+from proxy.wire.relay import StatementEvent, row_count
+from proxy.wire.state import Phase
+from tests.unit.test_codec import (
+    REFUSAL,
+    Decider,
+    authenticated_relay,
+    bind,
+    command_complete,
+    data_row,
+    execute,
+    msg,
+    pg_error,
+    pg_syntax_error,
+    ready,
+    sent,
+    sync,
+)
+
+ROWDESC = msg(b"T", b"\x00\x01a\x00" + b"\x00" * 18)
+PARSE_COMPLETE = msg(b"1")
+BIND_COMPLETE = msg(b"2")
+
+
+def answer(rows: int, tag: str | None = None, status: bytes = b"I") -> bytes:
+    return (ROWDESC + b"".join(data_row(str(i).encode()) for i in range(rows))
+            + command_complete(tag or f"SELECT {rows}") + ready(status))
+
+
+def marker_of(relay) -> bytes:
+    """The marker of the refusal the relay is waiting for (the stand-in PostgreSQL will reject)."""
+    return next(iter(relay._refusals))
+
+
+def test_event_completes_at_ready_for_query_with_rows_and_times():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("SELECT a FROM t"))
+    assert relay.events == []  # decided, not answered yet
+    relay.server_data(answer(3)[:-6])
+    assert relay.events == []  # CommandComplete seen, ReadyForQuery not yet
+    relay.server_data(ready(b"I"))
+    (ev,) = relay.events
+    assert (ev.via, ev.sql, ev.decision, ev.rows, ev.error) == ("query", "SELECT a FROM t", ALLOW, 3, None)
+    assert ev.started > 0 and ev.seconds >= 0 and ev.finished >= ev.started + ev.seconds
+
+
+def test_multi_statement_query_sums_its_row_counts():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("INSERT INTO t VALUES (1), (2); UPDATE t SET a = 1; SET x = 1"))
+    relay.server_data(command_complete("INSERT 0 2") + command_complete("UPDATE 5") + command_complete("SET")
+                      + ready(b"I"))
+    (ev,) = relay.events
+    assert ev.rows == 7
+
+
+def test_command_without_count_has_no_rows():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("BEGIN"))
+    relay.server_data(command_complete("BEGIN") + ready(b"T"))
+    assert relay.events[0].rows is None and relay.events[0].finished is not None
+
+
+def test_pipelined_queries_complete_in_order_with_their_own_rows():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("SELECT 1") + codec.query("SELECT 2") + codec.query("SELECT 3"))
+    stream = answer(1) + answer(2) + answer(0)
+    for i in range(0, len(stream), 7):  # answers arrive in arbitrary pieces
+        relay.server_data(stream[i:i + 7])
+    assert [(e.sql, e.rows) for e in relay.events] == [("SELECT 1", 1), ("SELECT 2", 2), ("SELECT 3", 0)]
+    assert relay.events[0].finished <= relay.events[1].finished <= relay.events[2].finished
+
+
+def test_extended_batches_pipelined_behind_one_another():
+    relay = authenticated_relay()
+    batch = lambda sql: codec.encode_parse("", sql) + bind() + execute() + sync()  # noqa: E731
+    relay.client_data(batch("SELECT a FROM t") + batch("DELETE FROM t"))
+    relay.server_data(PARSE_COMPLETE + BIND_COMPLETE + data_row(b"1") + data_row(b"2") + command_complete("SELECT 2")
+                      + ready(b"I"))
+    assert [(e.via, e.sql, e.rows) for e in relay.events] == [("parse", "SELECT a FROM t", 2)]
+    relay.server_data(PARSE_COMPLETE + BIND_COMPLETE + command_complete("DELETE 4") + ready(b"I"))
+    assert [(e.sql, e.rows) for e in relay.events] == [("SELECT a FROM t", 2), ("DELETE FROM t", 4)]
+
+
+def test_several_statements_in_one_extended_batch_get_completions_in_order():
+    relay = authenticated_relay()
+    relay.client_data(codec.encode_parse("a", "SELECT 1") + bind("", "a") + execute()
+                      + codec.encode_parse("b", "SELECT 2") + bind("", "b") + execute() + sync())
+    relay.server_data(PARSE_COMPLETE + BIND_COMPLETE + data_row(b"1") + command_complete("SELECT 1")
+                      + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"2") + data_row(b"2") + command_complete("SELECT 2")
+                      + ready(b"I"))
+    assert [(e.sql, e.rows) for e in relay.events] == [("SELECT 1", 1), ("SELECT 2", 2)]
+
+
+def test_prepare_only_batch_then_bind_execute_batch():
+    """A statement only prepared in its batch (asyncpg) completes with no rows; executing it later adds no event."""
+    relay = authenticated_relay()
+    relay.client_data(codec.encode_parse("s1", "SELECT a FROM t") + sync())
+    relay.server_data(PARSE_COMPLETE + ready(b"I"))
+    relay.client_data(bind("", "s1") + execute() + sync())
+    relay.server_data(BIND_COMPLETE + data_row(b"1") + command_complete("SELECT 1") + ready(b"I"))
+    assert [(e.sql, e.rows) for e in relay.events] == [("SELECT a FROM t", None)]
+
+
+def test_refused_query_carries_the_refusal_the_client_got():
+    relay = authenticated_relay(Decider({"SELECT secret": REFUSAL}))
+    relay.client_data(codec.query("SELECT secret"))
+    stand_in = sent(relay.to_server)
+    assert stand_in != codec.query("SELECT secret")
+    relay.server_data(pg_syntax_error(marker_of(relay).decode()) + ready(b"I"))
+    (ev,) = relay.events
+    assert ev.decision is REFUSAL and ev.rows is None
+    assert codec.parse_error_fields(ev.error[5:])["M"] == REFUSAL.message  # the swapped error, not the stand-in
+
+
+def test_refused_parse_in_a_pipeline_does_not_shift_later_statements():
+    relay = authenticated_relay(Decider({"SELECT secret": REFUSAL}))
+    relay.client_data(codec.encode_parse("", "SELECT secret") + bind() + execute() + sync()
+                      + codec.query("SELECT ok"))
+    assert relay.phase is Phase.SIMPLE_QUERY or relay.phase is Phase.DISCARDING
+    relay.server_data(pg_syntax_error(marker_of(relay).decode()) + ready(b"I") + answer(2))
+    assert [(e.sql, e.rows, e.error is not None) for e in relay.events] == [
+        ("SELECT secret", None, True), ("SELECT ok", 2, False)]
+
+
+def test_postgres_error_is_attributed_to_its_statement():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("SELECT 1/0") + codec.query("SELECT 1"))
+    relay.server_data(pg_error("22012", "division by zero") + ready(b"I") + answer(1))
+    first, second = relay.events
+    assert codec.parse_error_fields(first.error[5:])["C"] == "22012" and second.error is None
+
+
+def test_unfinished_takes_what_is_still_in_flight():
+    relay = authenticated_relay()
+    relay.client_data(codec.query("SELECT pg_sleep(10)") + codec.encode_parse("", "SELECT 2"))
+    assert relay.events == []
+    left = relay.unfinished()
+    assert [(e.sql, e.finished) for e in left] == [("SELECT pg_sleep(10)", None), ("SELECT 2", None)]
+    assert relay.unfinished() == []
+    relay.server_data(ready(b"I"))  # a late answer finds nothing to complete
+    assert relay.events == []
+
+
+def test_fatal_decision_is_an_event_at_once():
+    fatal = Block("go away", severity="FATAL", reason="test")
+    relay = authenticated_relay(Decider({"SELECT 1": fatal}))
+    relay.client_data(codec.query("SELECT 1"))
+    (ev,) = relay.events
+    assert ev.decision is fatal and ev.finished is not None and relay.close_after_flush
+
+
+class Explaining:
+    """A decider that keeps an account of its latest decision and its stage timings."""
+
+    def __init__(self) -> None:
+        self.last = None
+        self.timings = ()
+        self.n = 0
+
+    def decide(self, sql: str, via: str):
+        self.n += 1
+        self.last = ("account", self.n)
+        self.timings = (("analysis", 0.001 * self.n), ("policy", 0.002))
+        return ALLOW
+
+
+def test_decider_account_and_timings_are_captured_per_statement():
+    relay = authenticated_relay(Explaining())
+    relay.client_data(codec.query("SELECT 1") + codec.query("SELECT 2"))  # pipelined: both decided first
+    relay.server_data(answer(1) + answer(1))
+    assert [e.detail for e in relay.events] == [("account", 1), ("account", 2)]
+    assert [e.stages for e in relay.events] == [(("analysis", 0.001), ("policy", 0.002)),
+                                                (("analysis", 0.002), ("policy", 0.002))]
+
+
+def test_row_count_and_event_rows():
+    assert row_count(command_complete("SELECT 5") + command_complete("COPY 3")) == 8
+    assert row_count(command_complete("CREATE TABLE")) is None
+    ev = StatementEvent("query", "x", ALLOW, 0.0)
+    assert ev.rows is None

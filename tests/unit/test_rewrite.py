@@ -1,0 +1,255 @@
+"""The masking rewrite: fixture pairs (tests/fixtures/rewrite/*.yaml) against a YAML schema, and its parts.
+
+Each fixture case names a purpose and a statement and expects either the exact SQL the
+proxy sends upstream instead (``rewritten``), a refusal (``refused``: part of the
+message, SQLSTATE 42501) or the statement unchanged. The schema and policy are
+tests/fixtures/masking/ (the same ones tests/integration/test_masking.py runs against a
+real PostgreSQL, where the cases with ``rows`` are also run through the proxy).
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from proxy.analysis.access import analyze
+from proxy.analysis.lexer import scan
+from proxy.analysis.model import Table
+from proxy.analysis.schema import Schema
+from proxy.enforcement import masks
+from proxy.enforcement.rewrite import make_rewrite
+from proxy.policy import vocabulary as v
+from proxy.policy.decision import Allow, Block, Mask
+from proxy.policy.engine import Policy
+from proxy.policy.problems import PolicyError
+from proxy.policy.verdict import decide_statement
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "rewrite"
+MASKING = REPO / "tests" / "fixtures" / "masking"
+DEFAULT_PATH = ["$user", "public"]
+
+
+def load_cases() -> list:
+    out = []
+    for path in sorted(FIXTURES.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        for case in doc["cases"]:
+            case = dict(case, schema=doc["schema"], policies=doc["policies"])
+            out.append(pytest.param(case, id=f"{path.stem}: {case['name']}"))
+    return out
+
+
+CASES = load_cases()
+_LOADED: dict[str, object] = {}
+
+
+def _load(kind: str, rel: str):
+    key = f"{kind}:{rel}"
+    if key not in _LOADED:
+        _LOADED[key] = Schema.from_file(str(REPO / rel)) if kind == "schema" else Policy.load(REPO / rel)
+    return _LOADED[key]
+
+
+def decide(case: dict, rewrite: bool = True):
+    schema, policy = _load("schema", case["schema"]), _load("policy", case["policies"])
+    path = case.get("search_path", DEFAULT_PATH)
+    role = case.get("role", "app")
+    analysis = analyze(case["sql"], schema, path, role)
+    return decide_statement(analysis, role=role, purpose=case["purpose"], policy=policy,
+                            rewrite=make_rewrite(policy, schema, path, role) if rewrite else None)
+
+
+def test_fixture_files_are_well_formed():
+    assert len(CASES) >= 80
+    names = set()
+    for param in CASES:
+        case = param.values[0]
+        outcomes = [k for k in ("rewritten", "refused", "unchanged") if k in case]
+        assert len(outcomes) == 1, f"{case['name']}: exactly one of rewritten, refused, unchanged"
+        assert case["name"] not in names, f"duplicate case name {case['name']}"
+        names.add(case["name"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rewrite_fixture(case):
+    decision, expl = decide(case)
+    if "rewritten" in case:
+        assert isinstance(decision, Mask), f"expected a rewrite, got {decision!r}"
+        assert decision.sql == case["rewritten"]
+        assert expl.verdict == "mask"
+    elif "refused" in case:
+        assert isinstance(decision, Block), f"expected a refusal, got {decision!r}"
+        assert case["refused"] in decision.message
+        assert decision.sqlstate == "42501"
+        assert expl.verdict == "block"
+    else:
+        assert isinstance(decision, Allow), f"expected the statement unchanged, got {decision!r}"
+    if "reason" in case:
+        assert expl.reason == case["reason"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "rewritten" in c.values[0]])
+def test_rewrite_keeps_the_text_outside_the_references(case):
+    """Every token of the statement outside the substituted references is kept, in order (the rewrite only
+    replaces relation references and inserts clauses), and the $n parameters are exactly the same."""
+    analysis = analyze(case["sql"], _load("schema", case["schema"]), case.get("search_path", DEFAULT_PATH), "app")
+    spans = [(r.span.start, r.span.end) for st in analysis.statements for r in _with_inner(st)]
+    kept = [(t.kind, t.text) for t in scan(case["sql"])
+            if not any(start <= t.start < end for start, end in spans)]
+    rewritten = iter((t.kind, t.text) for t in scan(case["rewritten"]))
+    missing = [tok for tok in kept if not any(tok == other for other in rewritten)]
+    assert not missing, f"tokens not kept in order: {missing}"
+    params = lambda text: sorted(t.value for t in scan(text) if t.kind.name == "PARAM")  # noqa: E731
+    assert params(case["rewritten"]) == params(case["sql"])
+
+
+def _with_inner(st):
+    while st is not None:
+        yield from st.references
+        st = st.inner
+
+
+def test_without_a_rewrite_masking_and_consent_are_refused():
+    case = {"sql": "SELECT email FROM crm.members", "purpose": "support",
+            "schema": "tests/fixtures/masking/schema.yaml", "policies": "tests/fixtures/masking/policies"}
+    decision, expl = decide(case, rewrite=False)
+    assert isinstance(decision, Block) and expl.reason == "rewrite-unavailable"
+    decision, expl = decide(dict(case, sql="SELECT count(*) FROM crm.members", purpose="marketing"), rewrite=False)
+    assert isinstance(decision, Block) and expl.reason == "rewrite-unavailable"
+    assert "consent" in decision.message
+
+
+def test_explain_shows_the_rewritten_sql(capsys):
+    from proxy import tools
+
+    args = SimpleNamespace(policies=str(MASKING / "policies"), schema=str(MASKING / "schema.yaml"), dsn=None,
+                           search_path=None, role="app", purpose="support", json=False,
+                           sql="SELECT email FROM crm.members WHERE member_id = 1")
+    assert tools.explain(args) == 0
+    out = capsys.readouterr().out
+    assert "rewritten SQL:" in out
+    assert "pg_catalog.regexp_replace((__pp_row.email)::pg_catalog.text, '^.*@', '')" in out
+    assert "rows of crm.members filtered by consent" in out
+    args.json = True
+    assert tools.explain(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["decision"] == "mask" and doc["verdict"] == "mask"
+    assert doc["rewritten_sql"].startswith("SELECT email FROM (SELECT __pp_row.member_id")
+
+
+def test_references_record_positions_and_tokens():
+    schema = _load("schema", "tests/fixtures/masking/schema.yaml")
+    sql = "SELECT 1; SELECT m.email FROM ONLY crm.members AS m JOIN crm.member_contacts USING (member_id)"
+    analysis = analyze(sql, schema, DEFAULT_PATH, "app")
+    refs = analysis.statements[1].references
+    tokens = scan(sql)
+    assert [(sql[r.span.start:r.span.end], r.alias, r.only, r.kind) for r in refs] == [
+        ("ONLY crm.members", "m", True, "table"), ("crm.member_contacts", None, False, "view")]
+    for r in refs:
+        assert tokens[r.span.first].start == r.span.start and tokens[r.span.last - 1].end == r.span.end
+    view = refs[1]
+    assert [(view.definition[i.span.start:i.span.end], i.table) for i in view.inner] == [
+        ("crm.members", Table("crm", "members"))]
+
+
+def test_update_target_records_its_where_clause():
+    schema = _load("schema", "tests/fixtures/masking/schema.yaml")
+    sql = "UPDATE crm.members m SET phone = $1 WHERE member_id = $2 RETURNING member_id"
+    (ref,) = analyze(sql, schema, DEFAULT_PATH, "app").statements[0].references
+    assert ref.target and ref.top_level and ref.statement == "update"
+    assert sql[ref.where.start:ref.where.end] == "member_id = $2"
+    assert sql[ref.where_at:].startswith("RETURNING")
+
+
+def test_every_policy_method_has_a_masking_function_with_an_example():
+    assert set(masks.METHODS) == set(v.MASK_METHODS)
+    for name, fn in masks.METHODS.items():
+        assert fn.__doc__ and ">>>" in fn.__doc__, f"{name} needs a docstring example"
+
+
+@pytest.mark.parametrize("module", ["proxy.enforcement.masks", "proxy.enforcement.rewrite",
+                                    "proxy.enforcement.pseudonym", "proxy.policy.purposes",
+                                    "proxy.policy.vocabulary", "proxy.policy.catalog"])
+def test_docstring_examples(module):
+    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failed == 0
+
+
+def test_mask_options_are_validated():
+    assert v.is_mask_method("partial:2,1") and v.is_mask_method("generalize:5")
+    with pytest.raises(masks.MaskError):
+        masks.mask_sql("c", "partial:x")
+    with pytest.raises(masks.MaskError):
+        masks.mask_sql("c", "generalize:decade", "integer")
+    assert "'decade'" in masks.mask_sql("c", "generalize:decade", "date")
+
+
+def _policy(catalog_extra: str = "", purposes_extra: str = "", rules: str = "") -> Policy:
+    catalog = ("categories:\n  contact: {description: c}\n"
+               "tables:\n  crm.members: {subject: member_id, columns: {member_id: [], email: [contact]}}\n"
+               + catalog_extra)
+    purposes = "purposes:\n  support: {description: s, source: t}\n" + purposes_extra
+    model = (MASKING / "policies" / "model.conf").read_text()
+    return Policy.from_texts(catalog=catalog, purposes=purposes, model=model,
+                             policy="p, app, support, *, declare, allow\n" + rules)
+
+
+def test_consent_section_and_purpose_flags_are_validated():
+    consent = ("consent:\n  table: privacy.consents\n  subject: member_id\n  purpose: purpose\n  status: status\n"
+               "  withdrawn: [withdrawn]\n")
+    policy = _policy(consent)
+    assert policy.consent_mode("support") == "opt_out"
+    with pytest.raises(PolicyError, match="opt_in, but catalog.yaml has no consent section with granted values"):
+        _policy(consent, "  ads: {description: a, source: t, opt_in: true}\n")
+    assert _policy(consent + "  granted: [granted]\n", "  ads: {description: a, source: t, opt_in: true}\n"
+                   ).consent_mode("ads") == "opt_in"
+    assert _policy(consent, "  billing: {description: b, source: t, withdrawable: false}\n"
+                   ).consent_mode("billing") is None
+    assert _policy().consent_mode("support") is None
+    with pytest.raises(PolicyError, match="consent: table must be written schema.table"):
+        _policy(consent.replace("privacy.consents", "consents"))
+    with pytest.raises(PolicyError, match="withdrawn must be a list of status values"):
+        _policy(consent.replace("[withdrawn]", "[]"))
+    with pytest.raises(PolicyError, match="unknown masking method 'blur:2'"):
+        _policy(rules="p, app, support, contact, read, mask, blur:2\n")
+    assert _policy(rules="p, app, support, contact, read, mask, partial:3\n").decide(
+        "app", "support", "contact", "read").method == "partial:3"
+
+
+def test_check_compares_the_consent_table_with_the_schema():
+    from proxy.policy.checks import check_policy
+
+    policy = _load("policy", "tests/fixtures/masking/policies")
+    assert check_policy(policy, schema=_load("schema", "tests/fixtures/masking/schema.yaml")) == []
+    problems = [str(p) for p in check_policy(policy, schema={"privacy.consents": ["member_id", "purpose"]})]
+    assert any("consent: status column privacy.consents.status is not in the database schema" in p for p in problems)
+    problems = [str(p) for p in check_policy(policy, schema={})]
+    assert any("consent table privacy.consents is not in the database schema" in p for p in problems)
+
+
+def test_consent_barrier_can_be_turned_off():
+    """With ``barrier: false`` the derived table has no OFFSET 0 fence and an UPDATE's condition is AND-ed."""
+    files = {name: (MASKING / "policies" / f"{name}").read_text()
+             for name in ("catalog.yaml", "purposes.yaml", "model.conf", "policy.csv")}
+    policy = Policy.from_texts(catalog=files["catalog.yaml"] + "  barrier: false\n", purposes=files["purposes.yaml"],
+                               model=files["model.conf"], policy=files["policy.csv"])
+    assert policy.catalog.consent.barrier is False
+    schema = _load("schema", "tests/fixtures/masking/schema.yaml")
+    for sql, fenced, unfenced in (
+            ("SELECT member_id FROM crm.members WHERE member_id = 1", " OFFSET 0) AS members", ")))) AS members"),
+            ("UPDATE crm.members SET phone = 'x' WHERE member_id = 1", "WHERE CASE WHEN (NOT EXISTS",
+             "WHERE (member_id = 1) AND (NOT EXISTS")):
+        analysis = analyze(sql, schema, DEFAULT_PATH, "app")
+        unsafe, _ = decide_statement(analysis, role="app", purpose="support", policy=policy,
+                                     rewrite=make_rewrite(policy, schema))
+        safe, _ = decide({"sql": sql, "purpose": "support", "schema": "tests/fixtures/masking/schema.yaml",
+                          "policies": "tests/fixtures/masking/policies"})
+        assert fenced in safe.sql and fenced not in unsafe.sql
+        assert unfenced in unsafe.sql
