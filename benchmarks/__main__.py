@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", nargs="+", choices=list(pgbench.WORKLOADS), default=list(pgbench.WORKLOADS))
     p.add_argument("--results", type=Path, metavar="FILE", help=f"markdown report (default {DEFAULT_RESULTS})")
     p.add_argument("--json", type=Path, metavar="FILE", help="also dump the raw results as JSON")
+    p.add_argument("--observability", action="store_true",
+                   help="also run the relay with metrics, audit log and tracing (exporter none) on, "
+                        "and report what they cost")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.scale = 1, 2, 1
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         print(f"setting up PostgreSQL (pgbench -i -s {args.scale}), PgBouncer and purpose-proxy ...", flush=True)
-        with Stack(args.scale, pool_size=args.clients * 2) as stack:
+        with Stack(args.scale, pool_size=args.clients * 2, observability=args.observability) as stack:
             meta["versions"] = stack.versions()
             meta["uvloop"] = stack.uses_uvloop()
             if not meta["uvloop"]:
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarise(runs)
     print()
     print(report.summary_table(summary))
+    if args.observability:
+        print(report.observability_table(summary))
     if args.results:
         report.write_results(args.results, report.markdown(meta, runs, summary))
         print(f"\nwrote {args.results}")

@@ -83,6 +83,20 @@ def summary_table(summary: dict) -> str:
                   "CPU us/txn pgbouncer (user+sys)", "CPU us/txn proxy (user+sys)"], rows)
 
 
+def observability_table(summary: dict) -> str:
+    """What metrics, audit and tracing cost: the observed relay against the plain relay."""
+    rows = []
+    for w, by in summary.items():
+        if "proxy" not in by or "proxy-observed" not in by:
+            continue
+        plain, observed = by["proxy"], by["proxy-observed"]
+        rows.append([w, f"{plain['tps']:.0f}", f"{observed['tps']:.0f}", f"{observed['tps'] / plain['tps']:.3f}",
+                     _cpu(plain["cpu_us"], plain["cpu_user_us"], plain["cpu_sys_us"]),
+                     _cpu(observed["cpu_us"], observed["cpu_user_us"], observed["cpu_sys_us"])])
+    return table(["workload", "TPS relay", "TPS relay + observability", "ratio", "CPU us/txn relay",
+                  "CPU us/txn relay + observability"], rows)
+
+
 def raw_table(runs: list[Run]) -> str:
     return table(["round", "workload", "target", "TPS", "latency ms", "transactions", "failed",
                   "CPU us/txn (user+sys)"],
@@ -109,6 +123,8 @@ def markdown(meta: dict, runs: list[Run], summary: dict) -> str:
         "",
         summary_table(summary),
         "",
+        *(["### Cost of metrics + audit log + tracing (exporter none)", "", observability_table(summary), ""]
+          if any("proxy-observed" in by for by in summary.values()) else []),
         "### Per-round raw numbers",
         "",
         raw_table(runs),

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.devtools.cluster import Cluster, User, free_port
-from proxy.devtools.process import RELAY_ONLY, ProxyProcess
+from proxy.devtools.process import OBSERVABILITY_OFF, RELAY_ONLY, ProxyProcess
 
 # A trust user keeps authentication out of the measurement on every path.
 BENCH_USER = User("bench", None, "trust")
+OBSERVED = "proxy-observed"  # the relay with metrics, audit and tracing on
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 PGBENCH = shutil.which("pgbench") or "/usr/bin/pgbench"
 
@@ -94,7 +95,8 @@ class PgBouncer:
 class Stack:
     """Context manager that starts PostgreSQL (with ``pgbench -i``), PgBouncer and the proxy, and stops them all."""
 
-    def __init__(self, scale: int, pool_size: int) -> None:
+    def __init__(self, scale: int, pool_size: int, observability: bool = False) -> None:
+        self.observability = observability
         self.scale = scale
         self.pool_size = pool_size
         self.user = self.dbname = BENCH_USER.name
@@ -108,16 +110,26 @@ class Stack:
             self.pgbouncer = PgBouncer(self.cluster, self.dbname, self.user, self.pool_size)
             stack.callback(self.pgbouncer.stop)
             self.pgbouncer.start()
-            # A free metrics port too, so concurrent proxies on this machine do not collide.
-            self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, "--metrics-listen", f"127.0.0.1:{free_port()}")
+            # The relay alone: no decisions, and metrics, traces and audit off
+            # (OBSERVABILITY_OFF), so results stay comparable across versions.
+            self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, *OBSERVABILITY_OFF)
             stack.callback(self.proxy.stop)
             self.proxy.start()
+            if self.observability:
+                # The same relay with metrics, the audit log (a temporary file) and
+                # tracing (exporter none) on: the difference is what observability costs.
+                self.observed = ProxyProcess(self.cluster.address, *RELAY_ONLY, "--metrics-listen",
+                                             f"127.0.0.1:{free_port()}", "--trace-exporter", "none")
+                stack.callback(self.observed.stop)
+                self.observed.start()
             self._cleanup = stack.pop_all()
         self.targets = [
             Target("direct", self.cluster.host, self.cluster.port),
             Target("pgbouncer", "127.0.0.1", self.pgbouncer.port, self.pgbouncer.proc.pid),
             Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid),
         ]
+        if self.observability:
+            self.targets.append(Target(OBSERVED, self.observed.host, self.observed.port, self.observed.proc.pid))
         return self
 
     def __exit__(self, *exc) -> None:

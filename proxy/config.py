@@ -8,6 +8,7 @@ TOML is ``PURPOSE_PROXY_MAX_CLIENT_CONNECTIONS`` in the environment and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ class Config:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:6432"])
     upstream: str = "127.0.0.1:5432"
     policies: str = "policies"
+    # The metrics and health endpoint (/metrics, /healthz, /readyz); "off" turns
+    # metrics off entirely (nothing is counted).
     metrics_listen: str = "127.0.0.1:9187"
     max_client_connections: int = 1000
     max_message_size: int = 256 * 1024 * 1024
@@ -49,7 +52,23 @@ class Config:
     schema_refresh_interval: float = 300.0
     policy_watch_interval: float = 2.0
     log_level: str = "info"
-    log_format: str = "text"
+    log_format: str = "text"  # text | json | logfmt
+    # Traces: none | console | otlp (needs opentelemetry-exporter-otlp-proto-http,
+    # or -proto-grpc with otlp_protocol = grpc).
+    trace_exporter: str = "none"
+    otlp_endpoint: str | None = None  # default: the exporter's (localhost:4318 / :4317)
+    otlp_protocol: str = "http"  # http | grpc
+    # Audit log: one hash-chained JSON line per decision and session event.
+    audit_sink: str = "file"  # file | stdout | none
+    audit_path: str = "purpose-proxy-audit.jsonl"
+    audit_rotate_bytes: int = 100 * 1024 * 1024  # 0: no size rotation
+    audit_rotate_seconds: float = 86400.0  # 0: no time rotation
+    audit_queue_size: int = 10000
+    # When the writer falls audit_queue_size records behind: "block" waits (up to
+    # audit_block_timeout seconds, then keeps the record in memory) or "fail"
+    # refuses new statements (SQLSTATE 53000) until it catches up. Never a drop.
+    audit_when_full: str = "block"
+    audit_block_timeout: float = 1.0
 
     def validate(self) -> "Config":
         if not self.listen:
@@ -75,7 +94,49 @@ class Config:
             raise ConfigError("purpose_setting must be a custom setting name with a dot, like pii.purpose")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
+        self._validate_observability()
         return self
+
+    def _validate_observability(self) -> None:
+        if self.metrics_listen != "off":
+            parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: expected debug|info|warning|error, got {self.log_level!r}")
+        if self.log_format not in ("text", "json", "logfmt"):
+            raise ConfigError(f"log_format: expected text|json|logfmt, got {self.log_format!r}")
+        if self.trace_exporter not in ("none", "console", "otlp"):
+            raise ConfigError(f"trace_exporter: expected none|console|otlp, got {self.trace_exporter!r}")
+        if self.otlp_protocol not in ("http", "grpc"):
+            raise ConfigError(f"otlp_protocol: expected http|grpc, got {self.otlp_protocol!r}")
+        if self.trace_exporter == "otlp":
+            module, package = OTLP_EXPORTERS[self.otlp_protocol]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise ConfigError(f"trace_exporter = otlp (otlp_protocol = {self.otlp_protocol}) needs the Python "
+                                  f"package {package}, which is not installed (pip install {package}, or "
+                                  f"pip install 'purpose-proxy[otlp]')")
+        if self.audit_sink not in ("file", "stdout", "none"):
+            raise ConfigError(f"audit_sink: expected file|stdout|none, got {self.audit_sink!r}")
+        if self.audit_sink == "file" and not self.audit_path:
+            raise ConfigError("audit_sink = file needs audit_path")
+        if self.audit_when_full not in ("block", "fail"):
+            raise ConfigError(f"audit_when_full: expected block|fail, got {self.audit_when_full!r}")
+        if self.audit_queue_size < 1:
+            raise ConfigError("audit_queue_size must be at least 1")
+        if self.audit_rotate_bytes < 0 or self.audit_rotate_seconds < 0:
+            raise ConfigError("audit_rotate_bytes and audit_rotate_seconds must be 0 (off) or positive")
+        if not 0 < self.audit_block_timeout <= 60:
+            raise ConfigError("audit_block_timeout must be between 0 and 60 seconds")
+
+
+# The OTLP span exporter module and the package that provides it, per otlp_protocol.
+OTLP_EXPORTERS = {
+    "http": ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "opentelemetry-exporter-otlp-proto-http"),
+    "grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "opentelemetry-exporter-otlp-proto-grpc"),
+}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -63,15 +63,25 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
 class ProxyServer:
     """The listening proxy: its sessions, their cancel keys, and its lifecycle."""
 
-    def __init__(self, config: Config, decider_factory: DeciderFactory | None = None) -> None:
+    def __init__(self, config: Config, decider_factory: DeciderFactory | None = None, *,
+                 recorder=None) -> None:
         self.config = config
         self.runtime = None
+        # Observability (proxy.observability.recorder): metrics, traces and audit, or
+        # None when all three are off (the relay-only configuration).
+        if recorder is None:
+            from proxy.observability.recorder import Recorder, enabled
+
+            recorder = Recorder(config) if enabled(config) else None
+        self.recorder = recorder
         if decider_factory is None and config.decider == "purpose":
             from proxy.enforcement.purpose import decider_factory as purpose_factory
-            from proxy.enforcement.runtime import PolicyRuntime
+            from proxy.observability.reloads import ObservedPolicyRuntime
 
-            self.runtime = PolicyRuntime(config)  # raises PolicyError on an invalid policy
+            self.runtime = ObservedPolicyRuntime(config)  # raises PolicyError on an invalid policy
             self.runtime.listeners.append(self._decisions_changed)
+            if recorder is not None:
+                self.runtime.reload_observers.append(recorder.policy_reloaded)
             decider_factory = purpose_factory(self.runtime)
         self.decider_factory = decider_factory or load_factory(config.decider)
         self.client_tls = client_tls_context(config)
@@ -84,11 +94,16 @@ class ProxyServer:
         self.observers: list[Callable] = []
         self.upstream_failures = 0
         self.shutting_down = False
+        if recorder is not None:
+            recorder.bind(self)
+            self.observers.append(recorder.observe)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.recorder is not None:
+            await self.recorder.start()  # audit writer, metrics and health endpoint
         if self.runtime is not None:
             self.runtime.start()
         for addr in self.config.listen:
@@ -150,6 +165,8 @@ class ProxyServer:
                 pass
         if self.runtime is not None:
             await self.runtime.close()
+        if self.recorder is not None:
+            await self.recorder.close()  # flushes spans and writes every queued audit record
 
     # --- decisions -------------------------------------------------------------------------
 
@@ -159,6 +176,8 @@ class ProxyServer:
             decider = self.decider_factory(info)
             if inspect.isawaitable(decider):
                 decider = await decider
+            if self.recorder is not None:
+                decider = self.recorder.wrap_decider(decider)  # audit_when_full = fail: the gate
             return decider
         except StartupRefused:
             raise
@@ -198,6 +217,18 @@ class ProxyServer:
                 session.counted = False
             if session.relay is not None and session.relay.backend_key is not None and session.client_secret:
                 self.cancel_keys.pop((session.relay.backend_key[0], session.client_secret), None)
+            if self.recorder is not None:
+                self.recorder.session_ended(session)
+
+    # Observability hooks the session calls (no-ops without a recorder).
+
+    def session_started(self, session: Session) -> None:
+        if self.recorder is not None:
+            self.recorder.session_started(session)
+
+    def startup_refused(self, session: Session, block) -> None:
+        if self.recorder is not None:
+            self.recorder.startup_refused(session, block)
 
     def observe(self, session: Session, events: list) -> None:
         for observer in self.observers:

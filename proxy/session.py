@@ -113,6 +113,11 @@ class Session:
         self.draining = False
         self.counted = False  # holds one of the server's client-connection slots
         self.client_secret: bytes | None = None
+        # Observability (read by proxy.observability at scrape time and when the
+        # session ends): bytes relayed each way, and the session's decider.
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+        self.decider = None
 
     # --- protocol callbacks ----------------------------------------------------------
 
@@ -125,6 +130,7 @@ class Session:
         self.task = asyncio.get_running_loop().create_task(self._startup(), name=f"session-{self.id}-startup")
 
     def from_client(self, data: bytes) -> None:
+        self.bytes_from_client += len(data)  # observability: bytes relayed
         relay = self.relay
         try:
             relay.client_data(data)
@@ -133,6 +139,7 @@ class Session:
         self.flush()
 
     def from_server(self, data: bytes) -> None:
+        self.bytes_from_server += len(data)  # observability: bytes relayed
         relay = self.relay
         try:
             relay.server_data(data)
@@ -197,6 +204,7 @@ class Session:
             self._fatal_startup("08P01", str(exc))
         except StartupRefused as exc:
             b = exc.block
+            self.server.startup_refused(self, b)  # observability: metrics and audit of the refusal
             self._fatal_startup(b.sqlstate, b.message, detail=b.detail, hint=b.hint)
         except _StartupError as exc:
             self._fatal_startup(exc.sqlstate, exc.message, hint=exc.hint)
@@ -255,6 +263,7 @@ class Session:
         if not self.server.admit(self):
             raise _StartupError("53300", "sorry, too many clients already")
         decider = await self.server.new_decider(self.info)
+        self.decider = decider  # observability: the recorder reads the session's purpose from it
         relay = Relay(decider, key_mapper=self._map_key, max_message_size=self.config.max_message_size)
         if hasattr(decider, "attach"):
             decider.attach(relay)
@@ -263,6 +272,7 @@ class Session:
         relay.channel_binding = self._same_certificate()
         relay.start(raw)
         self.relaying = True
+        self.server.session_started(self)  # observability: session metrics and audit record
         rest = bytes(client.buf)
         client.buf.clear()
         self.flush()

@@ -15,18 +15,38 @@ from proxy.devtools.cluster import free_port
 # Arguments that make the proxy relay every statement (no policy): for the protocol
 # tests and the relay-only benchmark.
 RELAY_ONLY = ("--decider", "proxy.enforcement.hook:allow_all")
+# Arguments that turn metrics, traces and the audit log off: with RELAY_ONLY, the
+# relay alone (the benchmarks' baseline; leave these out to measure observability).
+OBSERVABILITY_OFF = ("--metrics-listen", "off", "--trace-exporter", "none", "--audit-sink", "none")
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout, so tests.support deciders import
 
 
 class ProxyProcess:
-    """``python -m proxy serve`` on a free port; ``stop()`` sends SIGTERM and waits."""
+    """``python -m proxy serve`` on a free port; ``stop()`` sends SIGTERM and waits.
+
+    Unless the arguments say otherwise, the metrics endpoint gets a free port of
+    its own (``metrics_port``) and the audit log a file in the temporary directory
+    (``audit_path``), so that several proxies can run side by side.
+    """
 
     def __init__(self, upstream: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
-        self.args = ["--listen", f"{self.host}:{self.port}", "--upstream", upstream, *args]
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"purpose-proxy-test-{self.port}.log"
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        extra: list[str] = []
+        self.metrics_port: int | None = None
+        if "--metrics-listen" not in args:
+            self.metrics_port = free_port()
+            extra += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
+        self.audit_path: Path | None = None
+        if "--audit-path" not in args and "--audit-sink" not in args:
+            self.audit_path = tmp / f"purpose-proxy-audit-{self.port}.jsonl"
+            for old in [self.audit_path, *self.audit_path.parent.glob(self.audit_path.name + ".*")]:
+                old.unlink(missing_ok=True)  # a leftover of an earlier run on the same port
+            extra += ["--audit-path", str(self.audit_path)]
+        self.args = ["--listen", f"{self.host}:{self.port}", "--upstream", upstream, *extra, *args]
+        self.log_path = tmp / f"purpose-proxy-test-{self.port}.log"
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
@@ -69,3 +89,8 @@ class ProxyProcess:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The base URL of the metrics and health endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
+        return f"http://{self.host}:{self.metrics_port}"

@@ -1,0 +1,439 @@
+"""Metrics, traces, audit and logs of the real proxy, driven by real clients against a real PostgreSQL.
+
+Purpose decisions use a fixture policy of their own (tests/fixtures/observability/policy)
+over a tiny schema created per module in a fresh database; protocol-level counts use the
+test decider ``refuse_marker``. Canary literals in the statements must never show up
+in a span, a log line or an audit record.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from proxy.config import load
+from proxy.devtools.process import ProxyProcess
+from proxy.observability import audit
+from proxy.observability.recorder import Recorder
+from proxy.policy.engine import Policy
+from tests.support.observability import (
+    POLICY_DIR,
+    SCHEMA_SQL,
+    Forwarder,
+    InProcessProxy,
+    Scrape,
+    audit_records,
+    http_get,
+    timed_marker,
+)
+from tests.support.waiting import wait_for
+from tests.unit.test_deploy import dashboard_expressions, metric_names
+
+pytestmark = pytest.mark.integration
+
+MARKER = ("--decider", "tests.support.deciders:refuse_marker")
+CANARIES = ("canary-allow-9931", "canary-refused-4417", "canary-error-8812", "canary-dollar-7123",
+            "canary-unparsed-5521", "987654321987", "canary-param-3309", "canarypurpose")
+
+
+@pytest.fixture(scope="module")
+def obs_db(pg):
+    """A fresh database owned by app with the fixture schema; yields its name."""
+    name = "pp_obs_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+    with psycopg.connect(pg.dsn("app", dbname=name), autocommit=True) as conn:
+        conn.execute(SCHEMA_SQL.read_text())
+    yield name
+    pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def purpose_args(pg, *extra: str) -> tuple[str, ...]:
+    return ("--decider", "purpose", "--policies", str(POLICY_DIR), "--schema-dsn",
+            pg.url("postgres", dbname="postgres"), "--policy-watch-interval", "0", *extra)
+
+
+def connect(pg, proxy, db: str, purpose: str | None = None, **kw) -> psycopg.Connection:
+    opts = {"options": f"-c pii.purpose={purpose}"} if purpose else {}
+    return psycopg.connect(pg.dsn("app", dbname=db, host=proxy.host, port=proxy.port), autocommit=True,
+                           **opts, **kw)
+
+
+def refused(conn, sql: str) -> str:
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(sql)
+    return info.value.sqlstate
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_counters_and_histograms_move_per_decision(pg, start_proxy):
+    proxy = start_proxy(*MARKER)
+    before = Scrape.of(proxy.metrics_url)
+    with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:
+        for i in range(3):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        assert refused(conn, "SELECT 1 AS refuse_me") == "42501"
+        assert refused(conn, "SELECT 2 AS refuse_me") == "42501"
+        during = Scrape.of(proxy.metrics_url)
+        assert during.get("purpose_proxy_client_sessions_open") == 1
+    after = Scrape.of(proxy.metrics_url)
+    d = lambda name, **lbl: after.delta(before, name, **lbl)  # noqa: E731
+    assert d("purpose_proxy_statements_total", decision="allow", purpose="none") == 3
+    assert d("purpose_proxy_statements_total", decision="block", purpose="none") == 2
+    assert d("purpose_proxy_statements_total", decision="mask", purpose="none") == 0
+    assert d("purpose_proxy_refusals_total", reason="test-marker") == 2
+    assert d("purpose_proxy_statement_categories_total", decision="allow", purpose="none", category="none") == 3
+    assert d("purpose_proxy_decision_duration_seconds_count", stage="total") == 5
+    assert d("purpose_proxy_statement_duration_seconds_count", decision="allow") == 3
+    assert d("purpose_proxy_statement_duration_seconds_count", decision="block") == 2
+    assert d("purpose_proxy_statement_duration_seconds_sum", decision="allow") > 0
+    assert d("purpose_proxy_client_sessions_total") == 1
+    assert d("purpose_proxy_relayed_bytes_total", direction="from_client") > 100
+    assert d("purpose_proxy_relayed_bytes_total", direction="from_server") > 100
+    wait_for(lambda: Scrape.of(proxy.metrics_url).get("purpose_proxy_client_sessions_open") == 0, 5,
+             "the session to close")
+    # Stage histograms stay empty: this decider reports no stages.
+    assert d("purpose_proxy_decision_duration_seconds_count", stage="analysis") == 0
+
+
+def test_upstream_connect_failures_are_counted(start_proxy):
+    from proxy.devtools.cluster import free_port
+
+    proxy = start_proxy(upstream=f"127.0.0.1:{free_port()}")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(f"host={proxy.host} port={proxy.port} user=app dbname=app connect_timeout=5")
+    assert Scrape.of(proxy.metrics_url).get("purpose_proxy_upstream_connect_failures_total") == 1
+
+
+def test_purpose_decisions_by_purpose_category_and_reason(pg, obs_db, start_proxy):
+    proxy = start_proxy(*purpose_args(pg))
+    before = Scrape.of(proxy.metrics_url)
+    version = Policy.load(POLICY_DIR).version
+    assert before.get("purpose_proxy_policy_info", version=version) == 1
+    assert {lbl["purpose"] for lbl in before.labels("purpose_proxy_statements_total")} == {
+        "none", "other", "billing", "marketing", "marketing.email"}
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        assert len(conn.execute("SELECT name, email FROM crm.members").fetchall()) == 2
+        assert len(conn.execute("SELECT label FROM public.items").fetchall()) == 3
+    with connect(pg, proxy, obs_db, "marketing") as conn:
+        assert refused(conn, "SELECT email FROM crm.members") == "42501"
+        assert len(conn.execute("SELECT name FROM crm.members").fetchall()) == 2
+    with pytest.raises(psycopg.OperationalError, match="unknown purpose"):
+        connect(pg, proxy, obs_db, "canarypurpose")
+    after = Scrape.of(proxy.metrics_url)
+    d = lambda name, **lbl: after.delta(before, name, **lbl)  # noqa: E731
+    assert d("purpose_proxy_statements_total", decision="allow", purpose="billing") == 2
+    assert d("purpose_proxy_statements_total", decision="allow", purpose="marketing") == 1
+    assert d("purpose_proxy_statements_total", decision="block", purpose="marketing") == 1
+    cat = "purpose_proxy_statement_categories_total"
+    assert d(cat, decision="allow", purpose="billing", category="identity.name") == 1
+    assert d(cat, decision="allow", purpose="billing", category="contact.email") == 1
+    assert d(cat, decision="allow", purpose="billing", category="none") == 1
+    assert d(cat, decision="block", purpose="marketing", category="contact.email") == 1
+    assert d(cat, decision="allow", purpose="marketing", category="identity.name") == 1
+    assert d("purpose_proxy_refusals_total", reason="denied") == 1
+    assert d("purpose_proxy_startup_refusals_total", reason="unknown-purpose") == 1
+    assert d("purpose_proxy_client_sessions_total") == 2  # the refused connection never started relaying
+    # Client text never becomes a label value.
+    assert "canarypurpose" not in after.text
+    # Every metric the dashboard queries is in a live scrape.
+    queried = set().union(*(metric_names(e) for _, e in dashboard_expressions()))
+    assert queried <= after.names(), sorted(queried - after.names())
+    # Reloads: SIGHUP counts a success; the version stays (same files).
+    proxy.signal(__import__("signal").SIGHUP)
+    wait_for(lambda: Scrape.of(proxy.metrics_url).get("purpose_proxy_policy_reloads_total", result="success") == 1,
+             10, "the reload to be counted")
+    final = Scrape.of(proxy.metrics_url)
+    assert final.get("purpose_proxy_policy_reloads_total", result="failure") == 0
+    assert final.get("purpose_proxy_policy_last_reload_timestamp_seconds") >= before.get(
+        "purpose_proxy_policy_last_reload_timestamp_seconds")
+
+
+# --- health --------------------------------------------------------------------------------------
+
+
+def test_readyz_follows_the_upstream(pg, start_proxy):
+    fwd = Forwarder((pg.host, pg.port))
+    port = fwd.port
+    proxy = start_proxy(upstream=f"127.0.0.1:{port}")
+    try:
+        assert http_get(proxy.metrics_url + "/healthz") == (200, "ok\n")
+        status, body = http_get(proxy.metrics_url + "/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True, body
+        with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        fwd.stop()  # PostgreSQL is gone, as far as the proxy can tell
+
+        def unready():
+            status, body = http_get(proxy.metrics_url + "/readyz")
+            return status == 503 and json.loads(body)
+        body = wait_for(unready, 10, "/readyz to report the upstream down")
+        assert body["checks"]["upstream"]["ok"] is False and body["checks"]["listening"]["ok"] is True
+        assert http_get(proxy.metrics_url + "/healthz")[0] == 200  # alive all the same
+        fwd = Forwarder((pg.host, pg.port), port=port)  # back again
+        wait_for(lambda: http_get(proxy.metrics_url + "/readyz")[0] == 200, 10, "/readyz to recover")
+        assert http_get(proxy.metrics_url + "/nope")[0] == 404
+    finally:
+        fwd.stop()
+
+
+def test_readyz_reports_the_policy(pg, obs_db, start_proxy):
+    proxy = start_proxy(*purpose_args(pg))
+    status, body = http_get(proxy.metrics_url + "/readyz")
+    checks = json.loads(body)["checks"]
+    assert status == 200 and checks["policy"] == {"ok": True, "version": Policy.load(POLICY_DIR).version}
+
+
+# --- traces ---------------------------------------------------------------------------------------
+
+
+def in_process_config(pg, tmp_path, **kw):
+    return load(env={}, overrides={"listen": ["127.0.0.1:0"], "upstream": pg.address, "metrics_listen": "off",
+                                   "audit_path": str(tmp_path / "audit.jsonl"), **kw})
+
+
+def span_text(span) -> str:
+    return span.to_json()
+
+
+def test_spans_per_statement_with_db_conventions_and_no_values(pg, obs_db, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = in_process_config(pg, tmp_path, decider="purpose", policies=str(POLICY_DIR),
+                               schema_dsn=pg.url("postgres", dbname="postgres"), policy_watch_interval=0)
+    proxy = InProcessProxy(config, recorder=Recorder(config, span_exporter=exporter)).start()
+    try:
+        target = type("T", (), {"host": "127.0.0.1", "port": proxy.port})
+        with connect(pg, target, obs_db, "billing") as conn:
+            conn.execute("SELECT name FROM crm.members WHERE email <> 'canary-allow-9931@example.invalid'").fetchall()
+            conn.execute("SELECT name FROM crm.members WHERE name <> %s", ("canary-param-3309",)).fetchall()
+        with connect(pg, target, obs_db, "marketing") as conn:
+            assert refused(conn, "SELECT email FROM crm.members WHERE name = 'canary-refused-4417'") == "42501"
+    finally:
+        proxy.stop()
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 3, [s.name for s in spans]
+    for root in roots:
+        children = sorted(s.name for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id)
+        a = root.attributes
+        assert root.name == "SELECT crm.members"
+        assert a["db.system.name"] == "postgresql" and a["db.namespace"] == obs_db
+        assert a["db.operation.name"] == "SELECT" and a["db.collection.name"] == "crm.members"
+        assert a["db.query.summary"] == "SELECT crm.members"
+        assert a["purpose_proxy.role"] == "app" and len(a["purpose_proxy.statement.fingerprint"]) == 16
+        assert "?" in a["db.query.text"] or "$1" in a["db.query.text"]
+        if a["purpose_proxy.decision"] == "allow":
+            assert a["purpose_proxy.purpose"] == "billing"
+            assert children == ["decide", "upstream"]
+            assert a["db.response.returned_rows"] >= 1
+            assert set(a["purpose_proxy.categories"]) == {"identity.name", "contact.email"} or set(
+                a["purpose_proxy.categories"]) == {"identity.name"}
+        else:
+            assert a["purpose_proxy.purpose"] == "marketing" and a["purpose_proxy.reason"] == "denied"
+            assert children == ["decide"]  # refused: nothing went upstream
+            assert a["error.type"] == "42501" and not root.status.is_ok
+        assert root.start_time <= root.end_time
+    text = "\n".join(span_text(s) for s in spans)
+    for canary in CANARIES:
+        assert canary not in text
+
+
+def test_stage_timings_reach_histograms_and_spans(pg, tmp_path):
+    exporter = InMemorySpanExporter()
+    config = in_process_config(pg, tmp_path, decider="proxy.enforcement.hook:allow_all", metrics_listen="127.0.0.1:0")
+    recorder = Recorder(config, span_exporter=exporter)
+    proxy = InProcessProxy(config, decider_factory=timed_marker, recorder=recorder).start()
+    try:
+        with psycopg.connect(pg.dsn("app", host="127.0.0.1", port=proxy.port), autocommit=True) as conn:
+            conn.execute("SELECT 1").fetchall()
+            assert refused(conn, "SELECT 1 AS refuse_me") == "42501"
+    finally:
+        proxy.stop()
+    registry = recorder.metrics.registry
+    for stage in ("analysis", "policy", "total"):
+        assert registry.get_sample_value("purpose_proxy_decision_duration_seconds_count", {"stage": stage}) == 2
+    names = sorted(s.name for s in exporter.get_finished_spans() if s.parent is not None)
+    assert names == ["analysis", "analysis", "policy", "policy", "upstream"]
+
+
+def test_console_exporter_and_logs_carry_no_values(pg, obs_db, start_proxy):
+    proxy = start_proxy(*purpose_args(pg, "--trace-exporter", "console", "--log-level", "debug",
+                                      "--log-format", "json"))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        conn.execute("SELECT name FROM crm.members WHERE email = 'canary-allow-9931@example.invalid'").fetchall()
+        assert refused(conn, "SELECT 'canary-error-8812'::int") == "22P02"
+        conn.execute("SELECT $$canary-dollar-7123$$ AS x, 987654321987 AS n").fetchall()
+        assert refused(conn, "SELECT 'canary-unparsed-5521' FROM WHERE") == "42501"
+    with connect(pg, proxy, obs_db, "marketing") as conn:
+        assert refused(conn, "SELECT email FROM crm.members WHERE name = 'canary-refused-4417'") == "42501"
+    with pytest.raises(psycopg.OperationalError):
+        connect(pg, proxy, obs_db, "canarypurpose")
+    assert proxy.stop() == 0
+    log = proxy.log()
+    assert '"db.system.name": "postgresql"' in log and '"name": "SELECT crm.members"' in log  # spans came out
+    records = proxy.audit_path.read_text()
+    assert '"type":"statement"' in records and '"type":"startup_refused"' in records
+    for canary in CANARIES:
+        assert canary not in log, canary
+        assert canary not in records, canary
+
+
+# --- audit ------------------------------------------------------------------------------------------
+
+
+def test_audit_records_of_real_traffic(pg, obs_db, start_proxy):
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing", application_name="obs-test") as conn:
+        conn.execute("SELECT name, email FROM crm.members").fetchall()
+        assert refused(conn, "SELECT 'x'::int") == "22P02"
+        conn.execute("SET pii.purpose = 'marketing'")
+        assert refused(conn, "SELECT email FROM crm.members") == "42501"
+        with conn.pipeline():  # pipelined: rows must land on the right statements
+            c1 = conn.execute("SELECT item_id FROM public.items WHERE item_id <= 1")
+            c2 = conn.execute("SELECT item_id FROM public.items WHERE item_id <= 2")
+            c3 = conn.execute("SELECT item_id FROM public.items WHERE item_id <= 3")
+        assert [len(c.fetchall()) for c in (c1, c2, c3)] == [1, 2, 3]
+    proxy.signal(__import__("signal").SIGHUP)
+    wait_for(lambda: any(r["type"] == "policy_reload" for r in audit_records(proxy.audit_path)), 10,
+             "the reload record")
+    assert proxy.stop() == 0
+    recs = audit_records(proxy.audit_path)
+    types = [r["type"] for r in recs]
+    assert types[0] == "audit_open" and types[-1] == "audit_close"
+    assert {"session_start", "session_end", "purpose_change", "policy_reload"} <= set(types)
+    stmts = [r for r in recs if r["type"] == "statement"]
+    first = stmts[0]
+    assert first["verdict"] == "allow" and first["purpose"] == "billing" and first["purpose_source"] == "declared"
+    assert first["role"] == "app" and first["database"] == obs_db and first["application_name"] == "obs-test"
+    assert first["client"].startswith("127.0.0.1:") and first["via"] in ("query", "parse")
+    assert first["fingerprint"] == "select name, email from crm.members"
+    assert first["statement_kinds"] == ["select"] and first["tables"] == ["crm.members"]
+    assert {c["column"]: (c["categories"], c["decision"]) for c in first["columns"]} == {
+        "crm.members.name": (["identity.name"], "allow"), "crm.members.email": (["contact.email"], "allow")}
+    assert any("policy.csv" in rule and "billing" in rule for rule in first["rules"])
+    assert first["rows"] == 2 and first["error"] is None and first["completed"] is True
+    assert first["rewrite"] == {"applied": False, "methods": []} and first["consent_filter"] is False
+    assert 0 < first["decision_seconds"] <= first["duration_seconds"]
+    pg_error = stmts[1]
+    assert pg_error["verdict"] == "allow" and pg_error["error"]["sqlstate"] == "22P02"
+    assert pg_error["error"]["source"] == "postgresql" and '"x"' not in pg_error["error"]["message"]
+    change = next(r for r in recs if r["type"] == "purpose_change")
+    assert (change["from"], change["to"]) == ("billing", "marketing")
+    denied = next(r for r in stmts if r["verdict"] == "block")
+    assert denied["purpose"] == "marketing" and denied["reason"] == "denied"
+    assert denied["error"] == {"sqlstate": "42501", "source": "proxy",
+                               "message": 'purpose "marketing" may not read personal data of category "contact.email"'}
+    assert [c["decision"] for c in denied["columns"]] == ["block"]
+    assert [r["rows"] for r in stmts[-3:]] == [1, 2, 3]
+    end = next(r for r in recs if r["type"] == "session_end")
+    assert end["authenticated"] is True and end["statements"] == len(stmts)
+    # The chain verifies, through the CLI as an auditor would run it.
+    cli = [sys.executable, "-m", "proxy", "audit"]
+    run = subprocess.run(cli + ["verify", str(proxy.audit_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith(f"ok: {len(recs)} records"), run.stdout + run.stderr
+    # Queries: by category (and everything under it) and purpose.
+    run = subprocess.run(cli + ["query", "--category", "contact", "--purpose", "billing", "--type", "statement",
+                                str(proxy.audit_path)], capture_output=True, text=True, timeout=60)
+    found = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["seq"] for r in found] == [first["seq"]]
+
+
+def test_audit_verify_finds_a_changed_byte_and_a_removed_record(pg, start_proxy, tmp_path):
+    proxy = start_proxy(*MARKER)
+    with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:
+        for i in range(5):
+            conn.execute("SELECT %s::int", (i,))
+    assert proxy.stop() == 0
+    lines = proxy.audit_path.read_bytes().splitlines(keepends=True)
+    target = next(i for i, line in enumerate(lines) if b'"type":"statement"' in line and i > 2)
+    cli = [sys.executable, "-m", "proxy", "audit", "verify"]
+
+    changed = bytearray(lines[target])
+    pos = changed.index(b'"rows":') + len(b'"rows":')
+    changed[pos] = ord("7") if changed[pos] != ord("7") else ord("8")
+    bad = tmp_path / "changed.jsonl"
+    bad.write_bytes(b"".join(lines[:target] + [bytes(changed)] + lines[target + 1:]))
+    run = subprocess.run(cli + [str(bad)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and f"BROKEN: {bad}:{target + 1}: hash mismatch" in run.stdout, run.stdout
+
+    removed = tmp_path / "removed.jsonl"
+    removed.write_bytes(b"".join(lines[:target] + lines[target + 1:]))
+    run = subprocess.run(cli + [str(removed)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and f"BROKEN: {removed}:{target + 1}: prev does not match" in run.stdout, run.stdout
+
+
+def test_records_survive_sigterm(pg, start_proxy):
+    """Every statement of every client is in the log after SIGTERM, including one still running."""
+    proxy = start_proxy(*MARKER, "--shutdown-timeout", "10")
+    conns = [psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) for _ in range(4)]
+    done = 0
+    for conn in conns:
+        for i in range(25):
+            if i % 5 == 4:
+                with pytest.raises(psycopg.Error):
+                    conn.execute("SELECT 1 AS refuse_me")
+            else:
+                conn.execute("SELECT %s::int", (i,), prepare=False)  # each one a Parse: a decision
+            done += 1
+    slow = psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(slow.execute("SELECT pg_sleep(1.5)").fetchone()),
+                         name="slow-statement")
+    t.start()
+    time.sleep(0.5)  # the slow statement is running
+    proxy.signal(__import__("signal").SIGTERM)
+    t.join(20)
+    assert result == [("",)]  # the busy session was allowed to finish
+    assert proxy.proc.wait(30) == 0
+    for conn in conns + [slow]:
+        conn.close()
+    recs = audit_records(proxy.audit_path)
+    stmts = [r for r in recs if r["type"] == "statement"]
+    assert len(stmts) == done + 1
+    assert sum(r["verdict"] == "block" for r in stmts) == 20
+    assert [r["type"] for r in recs].count("session_end") == 5 and recs[-1]["type"] == "audit_close"
+    assert any("pg_sleep" in r["fingerprint"] and r["completed"] and r["rows"] == 1 for r in stmts)
+    assert audit.verify([proxy.audit_path]).ok
+
+
+def test_rotation_keeps_the_chain_in_a_real_proxy(pg, start_proxy):
+    proxy = start_proxy(*MARKER, "--audit-rotate-bytes", "3000")
+    with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:
+        for i in range(40):
+            conn.execute("SELECT %s::int", (i,), prepare=False)
+            time.sleep(0.002)
+    assert proxy.stop() == 0
+    rotated = audit.rotated_files(proxy.audit_path)
+    assert len(rotated) >= 2
+    files = [str(p) for p in reversed(rotated + [proxy.audit_path])]  # any order: chain order is found
+    run = subprocess.run([sys.executable, "-m", "proxy", "audit", "verify", *files], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and f"in {len(files)} file(s), chain intact" in run.stdout, run.stdout
+    assert sum(r["type"] == "statement" for r in audit_records(proxy.audit_path)) == 40
+
+
+def test_stdout_sink_and_everything_off(pg, start_proxy):
+    proxy = start_proxy(*MARKER, "--audit-sink", "stdout")
+    with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    assert proxy.stop() == 0
+    lines = [line for line in proxy.log().splitlines() if line.startswith('{"') and '"hash":' in line]
+    assert any('"type":"statement"' in line for line in lines)
+    path = Path(proxy.log_path).with_suffix(".audit.jsonl")
+    path.write_text("\n".join(lines) + "\n")
+    assert audit.verify([path]).ok
+    # Relay only: no endpoint, no audit file, statements still run.
+    off = start_proxy("--metrics-listen", "off", "--audit-sink", "none")
+    with psycopg.connect(pg.dsn("app", host=off.host, port=off.port), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert off.metrics_port is None and off.audit_path is None
