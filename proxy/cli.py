@@ -20,7 +20,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream", metavar="HOST:PORT|DIR",
                    help="PostgreSQL server: HOST:PORT or a unix-socket directory (default 127.0.0.1:5432)")
     p.add_argument("--policies", metavar="DIR", help="policy directory (default policies)")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="metrics endpoint (default 127.0.0.1:9187)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT|off",
+                   help="metrics and health endpoint (default 127.0.0.1:9187); off: no metrics")
     p.add_argument("--max-client-connections", type=int, metavar="N", help="default 1000")
     p.add_argument("--max-message-size", type=int, metavar="BYTES", help="largest client message (default 256 MiB)")
     p.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="upstream connect timeout (default 10)")
@@ -43,7 +44,24 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-watch-interval", type=float, metavar="SECONDS",
                    help="how often policy files are checked for changes (default 2; 0 disables)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    p.add_argument("--log-format", choices=["text", "json"], help="default text")
+    p.add_argument("--log-format", choices=["text", "json", "logfmt"], help="default text")
+    p.add_argument("--trace-exporter", choices=["none", "console", "otlp"], help="span exporter (default none)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="OTLP collector (http: http://host:4318, grpc: http://host:4317; default the exporter's)")
+    p.add_argument("--otlp-protocol", choices=["http", "grpc"], help="OTLP transport (default http)")
+    p.add_argument("--audit-sink", choices=["file", "stdout", "none"], help="where audit records go (default file)")
+    p.add_argument("--audit-path", metavar="FILE", help="audit log file (default purpose-proxy-audit.jsonl)")
+    p.add_argument("--audit-rotate-bytes", type=int, metavar="BYTES",
+                   help="rotate the audit file at this size (default 100 MiB; 0: never)")
+    p.add_argument("--audit-rotate-seconds", type=float, metavar="SECONDS",
+                   help="rotate the audit file after this long (default 86400; 0: never)")
+    p.add_argument("--audit-queue-size", type=int, metavar="N", help="audit records the writer may fall behind "
+                                                                     "(default 10000)")
+    p.add_argument("--audit-when-full", choices=["block", "fail"],
+                   help="when the audit queue is full: block (wait, bounded) or fail (refuse statements); "
+                        "default block")
+    p.add_argument("--audit-block-timeout", type=float, metavar="SECONDS",
+                   help="longest wait for the audit writer with --audit-when-full block (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +96,87 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--dsn", help="also compare the catalog with this live database")
     ck.add_argument("--schema", metavar="FILE", help="schema file for the test cases (default DIR/schema.yaml)")
     ck.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+
+    au = sub.add_parser("audit", help="verify or query audit logs",
+                        description="Verify the hash chain of audit log files, or list the records that match.")
+    asub = au.add_subparsers(dest="audit_command", metavar="ACTION")
+    asub.required = True
+    av = asub.add_parser("verify", help="check the hash chain across audit files",
+                         description="Check every record's hash and its link to the previous one across FILEs "
+                                     "(rotated files included, taken in chain order). Exit 1 and name the "
+                                     "first broken record (file:line) if the chain is broken.")
+    av.add_argument("files", nargs="+", metavar="FILE")
+    aq = asub.add_parser("query", help="list audit records matching filters (JSON lines)",
+                         description="Print the records of FILEs that match every filter given, as JSON lines. "
+                                     "--category and --purpose match the name and everything under it.")
+    aq.add_argument("files", nargs="+", metavar="FILE")
+    aq.add_argument("--category", help="records touching this category of personal data (or one under it)")
+    aq.add_argument("--purpose", help="records under this purpose (or one under it)")
+    aq.add_argument("--since", help="from this time on (ISO 8601, UTC unless an offset is given; or 30m, 2h, 7d ago)")
+    aq.add_argument("--until", help="before this time (same forms as --since)")
+    aq.add_argument("--type", action="append", dest="types", metavar="TYPE",
+                    help="record type (statement, session_start, session_end, purpose_change, startup_refused, "
+                         "policy_reload, ...); repeatable")
+    aq.add_argument("--verdict", choices=["allow", "mask", "block"], help="statement verdict")
+    aq.add_argument("--session", help="session id")
+    aq.add_argument("--role", help="database role")
+    aq.add_argument("--count", action="store_true", help="print only the number of matching records")
+
+    inst = sub.add_parser("install", help="install the keyed pseudonym function (hash masking) in a database",
+                          description="Create schema purpose_proxy with the function pseudonym(text) that the hash "
+                                      "mask calls, and its key: generated inside PostgreSQL, kept in a table only "
+                                      "the installing role can read, never in any statement text. Run it as the "
+                                      "role that should own the key (not an application role). Idempotent: an "
+                                      "existing key is kept unless --rotate-key is given.")
+    inst.add_argument("--dsn", required=True, help="the database to install into (asyncpg DSN)")
+    inst.add_argument("--rotate-key", action="store_true",
+                      help="replace the key (every pseudonym changes)")
+    inst.add_argument("--grant", action="append", metavar="ROLE",
+                      help="roles that may run the function (repeatable; default every role)")
+
+    demo = sub.add_parser("demo", help="run the proxy on a throwaway PostgreSQL with sample data and show decisions",
+                          description="Start a throwaway PostgreSQL with the sample ISP / telecom database and fake "
+                                      "data, put the enforcing proxy in front of it, and run the same statements "
+                                      "as several roles under several purposes, printing each verdict, the rule "
+                                      "behind it and a few rows. Everything is removed at the end.")
+    demo.add_argument("--keep", action="store_true",
+                      help="stay up afterwards and print psql connection strings (until Ctrl-C)")
+    demo.add_argument("--policies", metavar="DIR", help="policy directory (default: the shipped sample policy)")
+    demo.add_argument("--members", type=int, default=300, metavar="N", help="fake members to generate (default 300)")
+    demo.add_argument("--seed", type=int, default=42, help="seed of the fake data (default 42)")
     return parser
+
+
+def audit(args: argparse.Namespace) -> int:
+    """``purpose-proxy audit verify|query``."""
+    import json
+
+    from proxy.observability import audit as audit_log
+
+    if args.audit_command == "verify":
+        result = audit_log.verify(args.files)
+        print(result.describe())
+        return 0 if result.ok else 1
+    try:
+        since = audit_log.parse_when(args.since) if args.since else None
+        until = audit_log.parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"purpose-proxy audit query: bad time: {exc}", file=sys.stderr)
+        return 2
+    count = 0
+    try:
+        for record in audit_log.query(args.files, category=args.category, purpose=args.purpose, since=since,
+                                      until=until, types=args.types or (), verdict=args.verdict,
+                                      session=args.session, role=args.role):
+            count += 1
+            if not args.count:
+                print(json.dumps(record, ensure_ascii=False, sort_keys=True))
+    except OSError as exc:
+        print(f"purpose-proxy audit query: {exc}", file=sys.stderr)
+        return 2
+    if args.count:
+        print(count)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -106,7 +204,12 @@ async def _serve(config: Config) -> int:
 
     log = logging.getLogger("proxy")
     server = ProxyServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"purpose-proxy: cannot start: {exc}", file=sys.stderr)
+        await server.shutdown(timeout=1)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             from proxy import tools
 
             return getattr(tools, args.command)(args)
+        if args.command == "install":
+            from proxy.enforcement import pseudonym
+
+            return pseudonym.run(args)
+        if args.command == "demo":
+            from proxy import demo
+
+            return demo.run(args)
+        if args.command == "audit":
+            return audit(args)
     except ConfigError as exc:
         print(f"purpose-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
