@@ -264,7 +264,8 @@ class Session:
             raise _StartupError("53300", "sorry, too many clients already")
         decider = await self.server.new_decider(self.info)
         self.decider = decider  # observability: the recorder reads the session's purpose from it
-        relay = Relay(decider, key_mapper=self._map_key, max_message_size=self.config.max_message_size)
+        relay = Relay(decider, key_mapper=self._map_key, max_message_size=self.config.max_message_size,
+                      observed=bool(self.server.observers))
         if hasattr(decider, "attach"):
             decider.attach(relay)
         self.relay = relay

@@ -62,6 +62,7 @@ SERVER_INSPECT = frozenset(
         codec.B_COMMAND_COMPLETE,
     }
 )
+SERVER_INSPECT_UNOBSERVED = SERVER_INSPECT - {codec.B_COMMAND_COMPLETE}
 _COPY_PHASES = {codec.B_COPY_IN: Phase.COPY_IN, codec.B_COPY_OUT: Phase.COPY_OUT,
                 codec.B_COPY_BOTH: Phase.COPY_BOTH}
 _MARKER = MARKER_PREFIX.encode()
@@ -135,6 +136,7 @@ class Relay:
         *,
         key_mapper: KeyMapper | None = None,
         max_message_size: int | None = codec.DEFAULT_MAX_MESSAGE_SIZE,
+        observed: bool = True,
     ) -> None:
         # A decider is a callable, or an object with ``decide(sql, via)`` and an
         # ``epoch`` that changes whenever earlier decisions may no longer hold.
@@ -160,7 +162,10 @@ class Relay:
         self.server_fatal = False  # the backend sent a FATAL/PANIC error: it is closing
         self.close_after_flush = False
         self._client = codec.Scanner(CLIENT_INSPECT, max_message_size)
-        self._server = codec.Scanner(SERVER_INSPECT, None)
+        # Statement events (timings, row counts) are kept only when someone observes
+        # them; unobserved, CommandComplete streams through opaque like a DataRow.
+        self.observed = observed
+        self._server = codec.Scanner(SERVER_INSPECT if observed else SERVER_INSPECT_UNOBSERVED, None)
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
         self._busy_phase = Phase.IDLE  # phase to return to after COPY ends
         self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
@@ -385,6 +390,12 @@ class Relay:
             sql = codec.parse_query(frame.body)
         else:
             sql = f"-- FunctionCall of function oid {codec.function_call_oid(frame.body)}"
+        if not self.observed:
+            decision = self._decide(sql, via)
+            if type(decision) is Block and decision.severity == "FATAL":
+                self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
+                return None
+            return self._forward(decision, frame, parse)
         started = perf_counter()
         decision = self._decide(sql, via)
         decided = perf_counter()
@@ -401,6 +412,9 @@ class Relay:
             self._batch = [event]
         else:
             self._batch.append(event)
+        return self._forward(decision, frame, parse)
+
+    def _forward(self, decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | None) -> Decision:
         wire = apply(decision, frame, parse)
         self.to_server.append(wire.upstream)
         if wire.refusal is not None:

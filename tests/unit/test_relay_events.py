@@ -183,3 +183,19 @@ def test_row_count_and_event_rows():
     assert row_count(command_complete("CREATE TABLE")) is None
     ev = StatementEvent("query", "x", ALLOW, 0.0)
     assert ev.rows is None
+
+
+def test_an_unobserved_relay_keeps_no_events_and_streams_command_complete():
+    from proxy.policy.decision import ALLOW
+    from proxy.wire import codec
+    from proxy.wire.relay import Relay
+    from proxy.wire.state import Phase
+
+    relay = Relay(lambda sql, via: ALLOW, observed=False)
+    relay.phase = Phase.IDLE
+    relay.client_data(codec.query("SELECT 1"))
+    answer = codec.message(b"C", b"SELECT 1\x00") + codec.ready_for_query(b"I")
+    relay.server_data(answer)
+    assert relay.events == []
+    assert b"".join(relay.to_client) == answer
+    assert relay.phase is Phase.IDLE and relay.tx_status == b"I"
