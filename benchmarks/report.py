@@ -43,8 +43,9 @@ def revision() -> str:
 def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, float | None]]]:
     """Medians across rounds: summary[workload][target] = {tps, latency_ms, cpu_us, cpu_user_us, cpu_sys_us}."""
     out: dict = {}
+    targets = list(TARGETS) + sorted({r.target for r in runs} - set(TARGETS))  # e.g. proxy-observed
     for w in WORKLOADS:
-        for t in TARGETS:
+        for t in targets:
             rs = [r for r in runs if r.workload == w and r.target == t]
             if not rs:
                 continue
