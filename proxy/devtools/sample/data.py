@@ -190,6 +190,13 @@ def generate(seed: int = 42, members: int = 300) -> list[Table]:
                                   p["joined"] - dt.timedelta(days=rng.randrange(1, 10)),
                                   None if rng.random() < 0.9 else NOW - dt.timedelta(days=rng.randrange(1, 60))))
 
+    # Stop-of-use requests: some members withdrew announcements and advertising.
+    decisions = table("privacy.consents", "member_id", "purpose", "status", "recorded_at")
+    for p in people:
+        if rng.random() < 0.15:
+            decisions.rows.append((p["id"], rng.choice(["marketing", "marketing.announcements"]), "withdrawn",
+                                   _ts(rng, p["joined"], NOW)))
+
     # -- billing ---------------------------------------------------------------------------
     methods = table("billing.payment_methods", "method_id", "member_id", "kind", "card_brand", "card_number",
                     "card_expiry", "bank_name", "account_number", "account_holder", "registered_at")
@@ -466,7 +473,8 @@ def generate(seed: int = 42, members: int = 300) -> list[Table]:
              "ads.segments", "ads.interest_profiles", "support.operators", "support.inquiries",
              "support.call_recordings", "events.events", "events.participants", "partners.companies",
              "partners.contacts", "partners.delivery_recipients", "partners.referrals", "prizes.winners",
-             "telecom.subscriptions", "telecom.access_sessions", "telecom.communication_logs", "telecom.notices"]
+             "telecom.subscriptions", "telecom.access_sessions", "telecom.communication_logs", "telecom.notices",
+             "privacy.consents"]
     assert sorted(order) == sorted(out), set(order) ^ set(out)
     return [out[name] for name in order]
 

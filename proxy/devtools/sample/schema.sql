@@ -21,6 +21,7 @@ CREATE SCHEMA events;
 CREATE SCHEMA partners;
 CREATE SCHEMA prizes;
 CREATE SCHEMA telecom;
+CREATE SCHEMA privacy;
 
 -- Service plans: reference data, not personal.
 CREATE TABLE service.plans (
@@ -387,4 +388,14 @@ CREATE TABLE telecom.notices (
     kind       text NOT NULL,                -- fee_change | terms_change | construction_date | suspension | termination
     channel    text NOT NULL,                -- email | post | sms
     sent_at    timestamptz NOT NULL
+);
+
+-- Members' decisions to stop (or allow) a use of their data: the ISP notice's
+-- stop-of-use request (利用停止). The latest row per member and purpose holds;
+-- the proxy filters withdrawn members' rows under withdrawable purposes.
+CREATE TABLE privacy.consents (
+    member_id    bigint NOT NULL REFERENCES member.members,
+    purpose      text NOT NULL,
+    status       text NOT NULL CHECK (status IN ('granted', 'withdrawn')),
+    recorded_at  timestamptz NOT NULL
 );
