@@ -236,21 +236,7 @@ class _Scanner:
             elif c in "uU" and nxt == "&" and i + 2 < n and s[i + 2] in "'\"":
                 i = self._unicode(i)
             elif c == '"':
-                j = i + 1
-                out: list[str] = []
-                while True:
-                    if j >= n:
-                        raise LexError("unterminated quoted identifier")
-                    if s[j] == '"':
-                        if j + 1 < n and s[j + 1] == '"':
-                            out.append('"')
-                            j += 2
-                            continue
-                        j += 1
-                        break
-                    out.append(s[j])
-                    j += 1
-                name = "".join(out)
+                name, j = self._quoted_identifier(i + 1)
                 if not name:
                     raise LexError("zero-length delimited identifier")
                 self._add(T.QIDENT, i, j, name)
@@ -331,6 +317,23 @@ class _Scanner:
         self._add(T.NUMBER, i, j, s[i:j])
         return j
 
+    def _quoted_identifier(self, j: int) -> tuple[str, int]:
+        """The body of a double-quoted identifier starting at ``j`` (after the quote),
+        with ``""`` read as one quote, and the offset past the closing quote."""
+        s, n = self.s, self.n
+        out: list[str] = []
+        while True:
+            if j >= n:
+                raise LexError("unterminated quoted identifier")
+            if s[j] == '"':
+                if j + 1 < n and s[j + 1] == '"':
+                    out.append('"')
+                    j += 2
+                    continue
+                return "".join(out), j + 1
+            out.append(s[j])
+            j += 1
+
     def _unicode(self, i: int) -> int:
         s = self.s
         quote = s[i + 2]
@@ -340,21 +343,7 @@ class _Scanner:
             raw, j = self._quoted(i + 2, backslash=False)
             raw = raw.replace("''", "'")
         else:
-            j = i + 3
-            out: list[str] = []
-            while True:
-                if j >= self.n:
-                    raise LexError("unterminated quoted identifier")
-                if s[j] == '"':
-                    if j + 1 < self.n and s[j + 1] == '"':
-                        out.append('"')
-                        j += 2
-                        continue
-                    j += 1
-                    break
-                out.append(s[j])
-                j += 1
-            raw = "".join(out)
+            raw, j = self._quoted_identifier(i + 3)
         escape = "\\"
         k = self._skip_space_and_comments(j)
         m = re.compile(r"uescape", re.I).match(s, k)
