@@ -59,6 +59,11 @@ _EMPTY = (None, False, [], "")
 _TYPED_NAMES: dict[type, str | None] = {}  # typed sqlglot function class -> PostgreSQL name
 
 
+# Expressions PostgreSQL names after their construct in a result column (FigureColname).
+_FIGURE_NAMES = ((exp.Case, "case"), (exp.Coalesce, "coalesce"), (exp.Nullif, "nullif"),
+                 (exp.Greatest, "greatest"), (exp.Least, "least"), (exp.Exists, "exists"), (exp.Array, "array"))
+
+
 @dataclass
 class Context:
     """What the analysis of one statement needs besides the tree."""
@@ -1508,20 +1513,9 @@ class Analyzer:
             return None
         if isinstance(node, (exp.Window, exp.Filter, exp.WithinGroup)):
             return self.figure_name(node.this)
-        if isinstance(node, exp.Case):
-            return "case"
-        if isinstance(node, exp.Coalesce):
-            return "coalesce"
-        if isinstance(node, exp.Nullif):
-            return "nullif"
-        if isinstance(node, exp.Greatest):
-            return "greatest"
-        if isinstance(node, exp.Least):
-            return "least"
-        if isinstance(node, exp.Exists):
-            return "exists"
-        if isinstance(node, exp.Array):
-            return "array"
+        for kind, name in _FIGURE_NAMES:
+            if isinstance(node, kind):
+                return name
         if isinstance(node, (exp.Literal, exp.Binary, exp.Not, exp.Neg, exp.Boolean, exp.Null)):
             return None if isinstance(node, exp.Boolean) else "?column?"
         if isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS):

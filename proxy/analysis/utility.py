@@ -33,6 +33,11 @@ def word(tok: Token | None) -> str | None:
     return tok.value if tok is not None and tok.kind is T.IDENT else None
 
 
+# Statements whose kind their first word alone decides.
+_WORD_KINDS = {"explain": Kind.EXPLAIN, "execute": Kind.EXECUTE, "declare": Kind.DECLARE, "copy": Kind.COPY_TO,
+               "truncate": Kind.TRUNCATE, "do": Kind.DO, "call": Kind.CALL}
+
+
 def classify(tokens: tuple[Token, ...] | list[Token]) -> Kind | None:
     """The kind a statement has from its first keywords; None for queries and DML (sqlglot parses those).
 
@@ -57,20 +62,8 @@ def classify(tokens: tuple[Token, ...] | list[Token]) -> Kind | None:
         return Kind.PREPARE
     if w in UTILITY_WORDS or w == "deallocate":
         return Kind.UTILITY
-    if w == "explain":
-        return Kind.EXPLAIN
-    if w == "execute":
-        return Kind.EXECUTE
-    if w == "declare":
-        return Kind.DECLARE
-    if w == "copy":
-        return Kind.COPY_TO
-    if w == "truncate":
-        return Kind.TRUNCATE
-    if w == "do":
-        return Kind.DO
-    if w == "call":
-        return Kind.CALL
+    if w in _WORD_KINDS:
+        return _WORD_KINDS[w]
     if w in DDL_WORDS:
         return Kind.DDL
     return Kind.OTHER
