@@ -50,6 +50,9 @@ class Config:
     schema_dsn: str | None = None
     purpose_setting: str = "pii.purpose"
     schema_refresh_interval: float = 300.0
+    # Decisions kept (by statement text, and by shape for statements that differ only in
+    # their constants); 0 turns the decision cache off.
+    decision_cache_size: int = 10000
     policy_watch_interval: float = 2.0
     log_level: str = "info"
     log_format: str = "text"  # text | json | logfmt
@@ -92,6 +95,8 @@ class Config:
                               "each database's schema (e.g. postgresql://proxy_reader:...@db:5432/postgres)")
         if "." not in self.purpose_setting:
             raise ConfigError("purpose_setting must be a custom setting name with a dot, like pii.purpose")
+        if self.decision_cache_size < 0:
+            raise ConfigError("decision_cache_size must be 0 (off) or positive")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         self._validate_observability()

@@ -261,6 +261,7 @@ class Analyzer:
     def order_key(self, e: exp.Expr, env: Env | None, names: list[str | None], flows: list[Flow]) -> None:
         """An ORDER BY / DISTINCT ON item: an ordinal, an output column name, or an input expression."""
         if isinstance(e, exp.Literal) and not e.is_string:
+            self.acc.reads_constants = True
             self.consume(_ordinal(e, flows), F)
             return
         if isinstance(e, exp.Column) and not e.args.get("table") and not isinstance(e.this, exp.Star):
@@ -279,6 +280,7 @@ class Analyzer:
             if isinstance(g, (exp.GroupingSets, exp.Cube, exp.Rollup, exp.Tuple)):
                 self.group_items(list(g.expressions), env, level, names, flows)
             elif isinstance(g, exp.Literal) and not g.is_string:
+                self.acc.reads_constants = True
                 self.consume(_ordinal(g, flows), F)
             elif isinstance(g, exp.Column) and not g.args.get("table") and not isinstance(g.this, exp.Star):
                 n = ident(g.this)
@@ -1328,6 +1330,8 @@ class Analyzer:
 
     def dot(self, node: exp.Dot, env: Env) -> Flow:
         this, field_ = node.this, node.expression
+        if not isinstance(this, exp.Expr):  # "a...b": sqlglot leaves empty name parts as strings
+            raise Unsupported(f"improper qualified name {node.sql('postgres')}")
         if isinstance(field_, exp.Func):
             if not isinstance(this, exp.Identifier):
                 raise Unsupported(f"improper qualified function name {node.sql('postgres')}")
@@ -1480,6 +1484,7 @@ class Analyzer:
         an is_local that is not one as False (the lasting case).
         """
         args = node.expressions
+        self.acc.reads_constants = True
         if len(args) != 3 or not (isinstance(args[0], exp.Literal) and args[0].is_string):
             raise Unsupported("set_config with a setting name that is not a constant")
         value = args[1].this if isinstance(args[1], exp.Literal) and args[1].is_string else None

@@ -193,6 +193,9 @@ class StatementAccess:
     # rewrite); for PREPARE/DECLARE/EXPLAIN those of the inner statement are on ``inner``.
     references: list[RelationRef] = field(default_factory=list)
     aggregates: list[AggregateCall] = field(default_factory=list)
+    # The analysis depended on the value of a constant (an ORDER BY/GROUP BY position, a
+    # set_config name): a statement of the same shape with other constants may differ.
+    reads_constants: bool = False
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from proxy.analysis.access import analyze
 from proxy.analysis.model import Analysis, Kind, Table
 from proxy.analysis.schema import parse_search_path
+from proxy.analysis.shape import shape
+from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
 from proxy.enforcement.startup import startup_settings
@@ -39,6 +41,7 @@ IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
+SHAPED = True  # tags the cache keys of shape entries (a text without constants is its own shape)
 # An UPDATE of pg_settings runs set_config() for each row it changes.
 PG_SETTINGS = Table("pg_catalog", "pg_settings")
 
@@ -141,13 +144,54 @@ class PurposeSession:
         scs = True
         if self.relay is not None:
             scs = self.relay.server_params.get("standard_conforming_strings", "on") == "on"
+        # While a SET is unconfirmed a statement is decided twice (below): no cache then.
+        cache = self.runtime.cache if self._unsettled is None else None
+        shp = None
+        if cache is not None:
+            context = (self.role, self.purpose, tuple(self.search_path), policy.version, db.schema.version, scs)
+            entry = cache.get((sql, context))
+            if entry is None:
+                shp = shape(sql)
+                if shp is not None and shp.constants:
+                    entry = cache.get((shp.key, context, SHAPED))
+            if entry is None:
+                cache.misses += 1
+            elif type(entry) is Shaped:  # by shape, or by text for a statement without constants
+                if shp is None:
+                    cache.text_hits += 1
+                else:
+                    cache.shape_hits += 1
+                self.last = entry.explanation
+                if entry.unknown_relation:
+                    self.runtime.refresh_schema(self.database, "unknown relation")
+                return entry.decision_for(shp), None
+            else:
+                cache.text_hits += 1
+                refused = self._session_rules(entry.analysis, via)
+                if refused is not None:
+                    return refused, None
+                self.last = entry.explanation
+                if type(entry.decision) is Block:
+                    if any(r.startswith("unknown relation") for st in entry.analysis.statements
+                           for r in st.unsupported):
+                        self.runtime.refresh_schema(self.database, "unknown relation")
+                    return entry.decision, None
+                return entry.decision, entry.analysis
         analysis = analyze(sql, db.schema, self.search_path, self.role, standard_conforming_strings=scs)
         statements = analysis.statements
         refused = self._session_rules(analysis, via)
         if refused is not None:
             return refused, None
-        decision, self.last = decide_statement(analysis, role=self.role, purpose=self.purpose, policy=policy,
-                                               rewrite=make_rewrite(policy, db.schema, self.search_path, self.role))
+        edits: list = []
+        decision, self.last = decide_statement(
+            analysis, role=self.role, purpose=self.purpose, policy=policy,
+            rewrite=make_rewrite(policy, db.schema, self.search_path, self.role, edits))
+        if cache is not None:
+            entry = shape_entry(analysis, decision, self.last, edits) if shp is not None else None
+            if entry is not None:
+                cache.put((shp.key, context, SHAPED) if shp.constants else (sql, context), entry)
+            elif len(sql) <= MAX_TEXT:
+                cache.put((sql, context), Verdict(analysis, decision, self.last))
         if type(decision) is Block:
             if any(r.startswith("unknown relation") for st in statements for r in st.unsupported):
                 self.runtime.refresh_schema(self.database, "unknown relation")

@@ -557,6 +557,13 @@ def rewrite_statement(analysis: Analysis, expl: Explanation, policy: Policy, sch
                       search_path: Iterable[str] = ("$user", "public"), role: str = "") -> Decision:
     """The decision for a statement that needs masking, aggregate-only treatment or consent filtering:
     a ``Mask`` with the rewritten SQL, ``Allow`` when nothing needs changing, or a ``Block``."""
+    return rewrite_with_edits(analysis, expl, policy, schema, search_path, role)[0]
+
+
+def rewrite_with_edits(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schema,
+                       search_path: Iterable[str] = ("$user", "public"), role: str = "") -> tuple[Decision, list[Edit]]:
+    """``rewrite_statement``'s decision and, for a ``Mask``, the text edits that made its SQL
+    (the decision cache replays them on statements of the same shape)."""
     try:
         plan = plan_of(analysis, expl, policy)
         if plan.empty:
@@ -572,12 +579,12 @@ def rewrite_statement(analysis: Analysis, expl: Explanation, policy: Policy, sch
     except Refused as exc:
         return Block(f"purpose-proxy refused the statement: {exc}", detail=None,
                      hint=exc.hint or "The proxy refuses what it cannot rewrite with certainty.",
-                     reason="rewrite-refused")
+                     reason="rewrite-refused"), []
     if not edits:
         if plan.aggregates or any(tp.masks for tp in plan.tables.values()):
             return Block("purpose-proxy refused the statement: it found nothing to rewrite for the masked or "
-                         "aggregate-only columns it reads", reason="rewrite-refused")
-        return Allow("consent: nothing to filter")
+                         "aggregate-only columns it reads", reason="rewrite-refused"), []
+        return Allow("consent: nothing to filter"), []
     methods = sorted({m for tp in plan.tables.values() for m in tp.masks.values()})
     if plan.aggregates:
         methods.append("aggregate")
@@ -585,15 +592,19 @@ def rewrite_statement(analysis: Analysis, expl: Explanation, policy: Policy, sch
         methods.append("consent")
     reason = "mask" if any(tp.masks for tp in plan.tables.values()) else (
         "aggregate" if plan.aggregates else "consent")
-    return Mask(apply_edits(analysis.sql, edits), tuple(methods), reason)
+    return Mask(apply_edits(analysis.sql, edits), tuple(methods), reason), edits
 
 
 def make_rewrite(policy: Policy, schema: Schema, search_path: Iterable[str] = ("$user", "public"),
-                 role: str = "") -> Callable[[Analysis, Explanation], Decision]:
-    """The ``rewrite`` argument of ``decide_statement`` for one session state."""
+                 role: str = "", edits: list[Edit] | None = None) -> Callable[[Analysis, Explanation], Decision]:
+    """The ``rewrite`` argument of ``decide_statement`` for one session state; the edits of each
+    ``Mask`` it returns are added to ``edits`` when given."""
     path = tuple(search_path)
 
     def rewrite(analysis: Analysis, expl: Explanation) -> Decision:
-        return rewrite_statement(analysis, expl, policy, schema, path, role)
+        decision, made = rewrite_with_edits(analysis, expl, policy, schema, path, role)
+        if edits is not None:
+            edits.extend(made)
+        return decision
 
     return rewrite

@@ -19,6 +19,7 @@ from typing import Callable
 
 from proxy.analysis.schema import Schema, load_schema, parse_search_path
 from proxy.config import Config
+from proxy.enforcement.cache import DecisionCache
 from proxy.policy.engine import Policy
 from proxy.policy.problems import PolicyError
 
@@ -99,6 +100,9 @@ class PolicyRuntime:
         self.reloads_failed = 0
         self.last_reload = time.time()
         self.listeners: list[Callable[[], None]] = []  # called after a policy or schema change
+        # Decisions by statement text or shape, shared by every session (keys hold the
+        # role, purpose, search_path and the policy and schema versions).
+        self.cache = DecisionCache(config.decision_cache_size) if config.decision_cache_size > 0 else None
 
     # --- policy -------------------------------------------------------------------------
 
@@ -132,6 +136,8 @@ class PolicyRuntime:
         return True
 
     def _changed(self) -> None:
+        if self.cache is not None:
+            self.cache.clear()  # nothing in it can be found again: free the memory
         for listener in self.listeners:
             listener()
 

@@ -65,10 +65,6 @@ class Metrics:
             "purpose_proxy_statement_duration_seconds",
             "Statement latency through the proxy, from the client's message to ReadyForQuery, by decision.",
             ["decision"], buckets=STATEMENT_BUCKETS, registry=r)
-        self.cache_hits = Counter(
-            "purpose_proxy_decision_cache_hits", "Decisions answered from the decision cache.", registry=r)
-        self.cache_misses = Counter(
-            "purpose_proxy_decision_cache_misses", "Decisions the decision cache could not answer.", registry=r)
         self.state = StateCollector()
         r.register(self.state)
         if process:
@@ -176,6 +172,12 @@ class StateCollector:
         audit_refused = CounterMetricFamily("purpose_proxy_audit_refused_statements",
                                             "Statements refused because the audit log could not keep up.")
         audit_errors = CounterMetricFamily("purpose_proxy_audit_write_errors", "Failed audit writes (retried).")
+        cache_hits = CounterMetricFamily("purpose_proxy_decision_cache_hits",
+                                         "Decisions answered from the decision cache, by what matched: the exact "
+                                         "text or the shape (text without its constants).", labels=["match"])
+        cache_misses = CounterMetricFamily("purpose_proxy_decision_cache_misses",
+                                           "Statements analysed because the decision cache had no answer.")
+        cache_entries = GaugeMetricFamily("purpose_proxy_decision_cache_entries", "Decisions in the decision cache.")
         if server is not None:
             sessions = list(server.sessions)
             open_.add_metric([], sum(1 for s in sessions if s.relaying))
@@ -190,6 +192,12 @@ class StateCollector:
                 reloads.add_metric(["success"], runtime.reloads_ok)
                 reloads.add_metric(["failure"], runtime.reloads_failed)
                 last.add_metric([], runtime.last_reload)
+                cache = getattr(runtime, "cache", None)
+                if cache is not None:
+                    cache_hits.add_metric(["text"], cache.text_hits)
+                    cache_hits.add_metric(["shape"], cache.shape_hits)
+                    cache_misses.add_metric([], cache.misses)
+                    cache_entries.add_metric([], len(cache))
             build.add_metric([__version__], {})
             audit = self.audit
             if audit is not None:
@@ -199,4 +207,4 @@ class StateCollector:
                 audit_refused.add_metric([], audit.refused)
                 audit_errors.add_metric([], audit.write_errors)
         yield from (open_, bytes_, failures, info, reloads, last, build, audit_written, audit_queue, audit_full,
-                    audit_refused, audit_errors)
+                    audit_refused, audit_errors, cache_hits, cache_misses, cache_entries)

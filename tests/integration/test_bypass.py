@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from proxy.analysis.shape import spans
 from tests.support.enforce import (
     CANARIES, ENCODED_CANARY, Outcome, asyncpg_connect, asyncpg_setup, denied_categories, load_attempts,
     load_legit, load_policy, proxy_refusals, psycopg_connect, purpose_options, run_asyncpg, run_psql,
@@ -102,13 +103,41 @@ def test_corpus_is_meaningful():
 
 @pytest.mark.parametrize("attempt,mode", list(_cases()))
 def test_bypass(attempt, mode, pg, enforce_proxy, direct, loop):
+    _attempt(attempt, mode, pg, enforce_proxy, direct, loop)
+
+
+@pytest.mark.parametrize("attempt,mode", list(_cases()))
+def test_bypass_with_warm_cache(attempt, mode, pg, enforce_proxy, direct, loop):
+    """The same attempt, preceded on its connection by a statement of the same shape with other constants
+    (for texts outside the shape subset, by the attempt itself): the proxy's decision cache then holds
+    that statement's decision, and the attempt must still be refused or come back clean."""
+    _attempt(attempt, mode, pg, enforce_proxy, direct, loop, warm=True)
+
+
+def same_shape_other_constants(sql: str) -> str:
+    """``sql`` with every constant of its shape replaced (strings by 'zz', numbers by 1), or ``sql`` itself
+    when it is outside the shape subset (then the decision cache keys it on its exact text)."""
+    where = spans(sql)
+    if not where:
+        return sql
+    out = sql
+    for a, b in reversed(where):
+        out = out[:a] + ("'zz'" if sql[a] == "'" else "1") + out[b:]
+    return out
+
+
+def _attempt(attempt, mode, pg, enforce_proxy, direct, loop, warm: bool = False) -> None:
     purpose = attempt["purpose"]
     connect = attempt.get("connect", purpose)
     setup, setup_any, sql = attempt.get("setup", []), attempt.get("setup_any", []), attempt["sql"]
+    # The warming statement runs the way the attempt does (its outcome does not matter).
+    warmers = [same_shape_other_constants(sql)] if warm else []
     denied = denied_categories(POLICY, "app", purpose)
     if mode in ("simple", "extended"):
         with psycopg_connect(proxy_dsn(pg, enforce_proxy, connect)) as conn:
             run_setup(conn, setup, setup_any)
+            for warmer in warmers:
+                run_psycopg(conn, warmer, prepare=(mode == "extended"), mode=mode)
             outcome = run_psycopg(conn, sql, prepare=(mode == "extended"), mode=mode)
             if mode == "extended" and not outcome.errors and not sql.lower().lstrip().startswith("copy"):
                 # psycopg prepares on first use: run it again through the prepared statement.
@@ -121,12 +150,17 @@ def test_bypass(attempt, mode, pg, enforce_proxy, direct, loop):
             conn = await asyncpg_connect(proxy_url(pg, enforce_proxy), connect)
             try:
                 await asyncpg_setup(conn, setup, setup_any)
+                for warmer in warmers:
+                    await run_asyncpg(conn, warmer)
                 return await run_asyncpg(conn, sql)
             finally:
                 await conn.close()
         outcome = loop.run_until_complete(asyncio.wait_for(go(), 30))
     else:
-        outcome = run_psql(proxy_dsn(pg, enforce_proxy, connect), [*setup, *setup_any, sql])
+        dsn = proxy_dsn(pg, enforce_proxy, connect)
+        for warmer in warmers:  # in a psql of its own, so that its refusal cannot count as the attempt's
+            run_psql(dsn, [*setup, *setup_any, warmer])
+        outcome = run_psql(dsn, [*setup, *setup_any, sql])
 
     leaks = outcome.leaks(denied)
     assert not leaks, f"BYPASS {attempt['id']} ({mode}): {leaks}\n{outcome.summary()}\n{outcome.text()[:2000]}"

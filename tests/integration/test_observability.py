@@ -128,22 +128,30 @@ def test_purpose_decisions_by_purpose_category_and_reason(pg, obs_db, start_prox
     with connect(pg, proxy, obs_db, "marketing") as conn:
         assert refused(conn, "SELECT email FROM crm.members") == "42501"
         assert len(conn.execute("SELECT name FROM crm.members").fetchall()) == 2
+    with connect(pg, proxy, obs_db, "billing") as conn:  # the decision cache: text, then shape hits
+        assert len(conn.execute("SELECT name, email FROM crm.members").fetchall()) == 2
+        for label in ("x", "y"):
+            conn.execute(f"SELECT label FROM public.items WHERE label = '{label}'", prepare=False).fetchall()
     with pytest.raises(psycopg.OperationalError, match="unknown purpose"):
         connect(pg, proxy, obs_db, "canarypurpose")
     after = Scrape.of(proxy.metrics_url)
     d = lambda name, **lbl: after.delta(before, name, **lbl)  # noqa: E731
-    assert d("purpose_proxy_statements_total", decision="allow", purpose="billing") == 2
+    assert d("purpose_proxy_statements_total", decision="allow", purpose="billing") == 5
+    assert d("purpose_proxy_decision_cache_hits_total", match="text") >= 1
+    assert d("purpose_proxy_decision_cache_hits_total", match="shape") >= 1
+    assert d("purpose_proxy_decision_cache_misses_total") >= 4
+    assert after.get("purpose_proxy_decision_cache_entries") >= 4
     assert d("purpose_proxy_statements_total", decision="allow", purpose="marketing") == 1
     assert d("purpose_proxy_statements_total", decision="block", purpose="marketing") == 1
     cat = "purpose_proxy_statement_categories_total"
-    assert d(cat, decision="allow", purpose="billing", category="identity.name") == 1
-    assert d(cat, decision="allow", purpose="billing", category="contact.email") == 1
-    assert d(cat, decision="allow", purpose="billing", category="none") == 1
+    assert d(cat, decision="allow", purpose="billing", category="identity.name") == 2
+    assert d(cat, decision="allow", purpose="billing", category="contact.email") == 2
+    assert d(cat, decision="allow", purpose="billing", category="none") == 3
     assert d(cat, decision="block", purpose="marketing", category="contact.email") == 1
     assert d(cat, decision="allow", purpose="marketing", category="identity.name") == 1
     assert d("purpose_proxy_refusals_total", reason="denied") == 1
     assert d("purpose_proxy_startup_refusals_total", reason="unknown-purpose") == 1
-    assert d("purpose_proxy_client_sessions_total") == 2  # the refused connection never started relaying
+    assert d("purpose_proxy_client_sessions_total") == 3  # the refused connection never started relaying
     # Client text never becomes a label value.
     assert "canarypurpose" not in after.text
     # Every metric the dashboard queries is in a live scrape.

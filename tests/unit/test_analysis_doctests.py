@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["lexer", "parse", "schema", "functions", "resolve", "flows", "utility", "access", "fingerprint", "positions"]
+MODULES = ["lexer", "parse", "schema", "functions", "resolve", "flows", "utility", "access", "fingerprint", "positions",
+           "shape"]
 
 
 @pytest.mark.parametrize("name", MODULES)

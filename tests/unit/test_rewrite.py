@@ -175,7 +175,7 @@ def test_every_policy_method_has_a_masking_function_with_an_example():
 
 
 @pytest.mark.parametrize("module", ["proxy.enforcement.masks", "proxy.enforcement.rewrite",
-                                    "proxy.enforcement.pseudonym", "proxy.policy.purposes",
+                                    "proxy.enforcement.pseudonym", "proxy.enforcement.cache", "proxy.policy.purposes",
                                     "proxy.policy.vocabulary", "proxy.policy.catalog"])
 def test_docstring_examples(module):
     failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

@@ -1,0 +1,149 @@
+"""A statement's shape: its text with the string and number constants cut out, found in microseconds.
+
+The decision cache (``proxy.enforcement.cache``) keys decisions on shapes, so a
+statement that differs from an analysed one only in its constants is decided
+without being parsed again. That is only safe when two texts with the same
+shape are the same PostgreSQL tokens apart from the constants' values, so
+``shape`` covers a deliberately small subset of SQL that one regular
+expression reads exactly as PostgreSQL's lexer does (scan.l, section 4.1 of
+the PostgreSQL documentation):
+
+* string constants ``'...'`` (quotes doubled inside) and unsigned decimal numbers
+  ``123`` or ``1.5`` not touching a letter, digit, ``_``, ``$``, ``.`` or quote
+  are the constants; quoted identifiers are kept whole;
+* outside constants the text must be ASCII and hold no comment (``--``, ``/*``),
+  no ``$`` other than a ``$n`` parameter, no unterminated quote, and no ``U&``
+  prefix (whose ``UESCAPE '...'`` constant changes the text before it);
+* no backslash anywhere (its meaning inside a string depends on
+  ``standard_conforming_strings`` and on an ``E`` prefix).
+
+Anything else gets ``None`` and goes the slow way (analysed, cached by exact
+text only). Because both readings agree up to the first character they would
+read differently, and every such character is refused above, two texts with the
+same shape differ only inside constants of the same kind. A constant's value
+can still matter to a decision (``ORDER BY 2``, ``set_config('search_path',
+...)``): the analysis flags those statements and the cache never keys them on
+their shape.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+STRING = "\x01"  # stands for a string constant in a shape
+NUMBER = "\x02"  # stands for a number
+MARKERS = re.compile("[\x01\x02]")
+
+# Groups: 1 a quoted identifier (kept), 2 a string constant, 3 a number. The lookahead
+# lets the engine skip quickly to where a piece can start.
+_PIECES = re.compile(
+    r"""(?=["'\d])(?:("[^"]*(?:""[^"]*)*")"""
+    r"""|('[^']*(?:''[^']*)*')"""
+    r"""|(?<![\w$.'"])(\d+(?:\.\d+)?)(?![\w$.'"]))""",
+    re.ASCII,
+)
+# Outside constants and quoted identifiers: a quote left over (unterminated), a comment, a $
+# that is not a $n parameter, a U& prefix, a NUL or a control character other than white
+# space. Inside them these mean nothing to PostgreSQL's lexer: the two readings agree up to
+# the first character they would read differently, which would then be outside.
+_UNSAFE = re.compile(r"""['"\x00-\x08\x0b\x0c\x0e-\x1f\x7f&]|--|/\*|\$(?!\d)""")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """``key``: the text with each constant replaced by ``STRING`` or ``NUMBER``;
+    ``constants``: the constants' texts in order (quotes included)."""
+
+    key: str
+    constants: tuple[str, ...]
+
+
+def shape(sql: str) -> Shape | None:
+    """The shape of ``sql``, or None when it is outside the subset read here.
+
+    >>> s = shape("SELECT email FROM crm.members WHERE id = 42 AND name = 'O''Hara'")
+    >>> s.key == "SELECT email FROM crm.members WHERE id = " + NUMBER + " AND name = " + STRING
+    True
+    >>> s.constants
+    ('42', "'O''Hara'")
+    >>> shape('SELECT "col 1" FROM t1 WHERE x = $1').constants
+    ()
+    >>> [shape(q) for q in ("SELECT 1 -- c", "SELECT $$x$$", "SELECT E'\\\\n'", "SELECT 'open", "SELECT 1e5")]
+    [None, None, None, None, Shape(key='SELECT 1e5', constants=())]
+    """
+    if "\\" in sql:  # anywhere: inside a string its meaning depends on standard_conforming_strings
+        return None
+    parts = _PIECES.split(sql)
+    # re.split with three groups: text, qident, string, number, text, ... (None for groups that did not match)
+    n = len(parts)
+    constants: list[str] = []
+    for i in range(1, n, 4):
+        if parts[i] is None:
+            if parts[i + 1] is not None:
+                constants.append(parts[i + 1])
+                parts[i] = STRING
+            else:
+                constants.append(parts[i + 2])
+                parts[i] = NUMBER
+    outside = "".join(parts[0::4])
+    if not outside.isascii() or _UNSAFE.search(outside):
+        return None
+    del parts[2::4], parts[2::3]  # drop the string and number groups: text, piece, text, piece, ...
+    return Shape("".join(parts), tuple(constants))
+
+
+def fill(template: str, constants: tuple[str, ...]) -> str:
+    """``template`` (a shape key, possibly edited) with its markers replaced by ``constants`` in order.
+
+    >>> fill("SELECT x FROM t WHERE a = \\x02 AND b = \\x01", ("7", "'z'"))
+    "SELECT x FROM t WHERE a = 7 AND b = 'z'"
+    """
+    pieces = MARKERS.split(template)
+    if len(pieces) != len(constants) + 1:
+        raise ValueError("the template does not hold one marker per constant")
+    out = [pieces[0]]
+    for const, piece in zip(constants, pieces[1:]):
+        out.append(const)
+        out.append(piece)
+    return "".join(out)
+
+
+def spans(sql: str) -> list[tuple[int, int]] | None:
+    """Where the constants of ``sql`` are (character offsets), in the order ``shape`` lists them.
+
+    >>> spans("SELECT 'a', 10 FROM t")
+    [(7, 10), (12, 14)]
+    """
+    if shape(sql) is None:
+        return None
+    return [m.span(2) if m.group(2) is not None else m.span(3)
+            for m in _PIECES.finditer(sql) if m.group(1) is None]
+
+
+def template(sql: str, edits: list[tuple[int, int, str]]) -> str | None:
+    """The shape key of ``sql`` with text ``edits`` (start, end, new text) applied, for ``fill``.
+
+    None when an edit touches the inside of a constant or brings a marker of its own,
+    so that the edits cannot be carried over to other constants.
+
+    >>> sql = "SELECT a FROM t WHERE b = 5"
+    >>> fill(template(sql, [(14, 15, "(SELECT 1 AS a) t")]), ("9",))
+    'SELECT a FROM (SELECT 1 AS a) t WHERE b = 9'
+    """
+    where = spans(sql)
+    if where is None:
+        return None
+    if any(MARKERS.search(new) for _, _, new in edits):
+        return None
+    for start, end, _ in edits:
+        for a, b in where:
+            if a < start < b or a < end < b or (start < b and a < end and start != end):
+                return None
+    # Replace the constants by markers and apply the edits, from the end (offsets stay valid);
+    # an insertion at a constant's start goes before it, like ``rewrite.apply_edits``.
+    pieces = list(edits) + [(a, b, STRING if sql[a] == "'" else NUMBER) for a, b in where]
+    out = sql
+    for start, end, new in sorted(pieces, key=lambda e: (e[0], e[1]), reverse=True):
+        out = out[:start] + new + out[end:]
+    return out

@@ -1,0 +1,128 @@
+"""Decisions already made, kept so that a statement seen before, or of the same shape, is not analysed again.
+
+A decision depends on the statement and on what it was decided under: the
+role, the purpose, the search_path, the policy version, the schema version and
+``standard_conforming_strings``. That ``context`` is part of every key, so a
+purpose change, a reload or DDL never finds an old decision (and the runtime
+empties the cache on each reload, to free the memory).
+
+Two kinds of entry, one bounded LRU:
+
+* ``Verdict`` by exact text: the analysis, the decision and its explanation.
+  The session still applies its own rules (quiet points for SET, prepared
+  statements) and state changes to the analysis on every hit.
+* ``Shaped`` by shape (``proxy.analysis.shape``; by text when there are no constants):
+  for plain queries and DML whose analysis did not look at any constant's value and
+  that change no session state, the final decision. A ``Mask`` keeps the rewritten text as a template with
+  markers where the constants were, so a hit is rewritten without parsing.
+
+Consent changes need no invalidation: the consent filter is SQL that
+PostgreSQL evaluates on every execution.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from proxy.analysis import shape as shapes
+from proxy.analysis.model import Analysis, Kind
+from proxy.policy.decision import Block, Decision, Mask
+from proxy.policy.verdict import Explanation
+
+# Statement kinds whose decision can be keyed on their shape: their analysis is a
+# function of the tokens (constants aside), and deciding them changes no session state.
+SHAPE_KINDS = frozenset({Kind.SELECT, Kind.INSERT, Kind.UPDATE, Kind.DELETE, Kind.MERGE})
+MAX_TEXT = 64 * 1024  # longer statements are not kept by exact text
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An exact-text entry: what the analysis and the policy said."""
+
+    analysis: Analysis
+    decision: Decision
+    explanation: Explanation | None
+
+
+@dataclass(frozen=True, slots=True)
+class Shaped:
+    """A shape entry: the final decision (for a ``Mask``, ``template`` rebuilds its SQL)."""
+
+    decision: Decision
+    explanation: Explanation | None
+    template: str | None = None
+    unknown_relation: bool = False  # the decision was a refusal for a relation not in the schema
+
+    def decision_for(self, shape: shapes.Shape | None) -> Decision:
+        """The decision for a statement of this shape with ``shape.constants`` (None: the very text decided).
+
+        >>> from proxy.policy.decision import Mask
+        >>> s = shapes.shape("SELECT email FROM t WHERE id = 7")
+        >>> entry = Shaped(Mask("x", ("hash",)), None, template=s.key.replace("FROM t", "FROM (SELECT 1) t"))
+        >>> entry.decision_for(shapes.shape("SELECT email FROM t WHERE id = 12")).sql
+        'SELECT email FROM (SELECT 1) t WHERE id = 12'
+        """
+        if self.template is None or shape is None:
+            return self.decision
+        d = self.decision
+        return Mask(shapes.fill(self.template, shape.constants), d.methods, d.reason)
+
+
+def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation | None,
+                edits: list[tuple[int, int, str]]) -> Shaped | None:
+    """The shape entry for a freshly decided statement, or None if its decision may depend on more
+    than its shape.
+
+    >>> from proxy.analysis.model import StatementAccess
+    >>> from proxy.policy.decision import ALLOW
+    >>> a = Analysis("SELECT 1 FROM t WHERE id = 3", [StatementAccess(Kind.SELECT)])
+    >>> shape_entry(a, ALLOW, None, []) is not None
+    True
+    >>> a.statements[0].reads_constants = True  # e.g. ORDER BY 2
+    >>> shape_entry(a, ALLOW, None, []) is None
+    True
+    """
+    if analysis.error is not None or not analysis.statements:
+        return None
+    for st in analysis.statements:
+        if (st.kind not in SHAPE_KINDS or st.reads_constants or st.settings or st.prepared_name is not None
+                or st.inner is not None):
+            return None
+    if type(decision) is Mask:
+        template = shapes.template(analysis.sql, edits)
+        if template is None or shapes.fill(template, shapes.shape(analysis.sql).constants) != decision.sql:
+            return None
+        return Shaped(decision, explanation, template)
+    unknown = type(decision) is Block and any(
+        r.startswith("unknown relation") for st in analysis.statements for r in st.unsupported)
+    return Shaped(decision, explanation, None, unknown)
+
+
+class DecisionCache:
+    """A bounded LRU of ``Verdict`` (keyed ``(text, context)``) and ``Shaped`` (keyed ``(shape key, context)``)
+    entries, with hit and miss counts read at scrape time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, Verdict | Shaped] = OrderedDict()
+        self.text_hits = 0
+        self.shape_hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> Verdict | Shaped | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple, entry: Verdict | Shaped) -> None:
+        self._entries[key] = entry
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
