@@ -12,10 +12,11 @@ import hashlib
 import re
 from collections import OrderedDict
 
-try:  # the analysis layer's fingerprint (lexer-based, normalised)
+try:  # the analysis layer's fingerprint (lexer-based, normalised) and statement shapes
     from proxy.analysis.fingerprint import fingerprint as _analysis_fingerprint
+    from proxy.analysis.shape import shape as _shape
 except ImportError:  # pragma: no cover - only while the analysis layer lacks it
-    _analysis_fingerprint = None
+    _analysis_fingerprint = _shape = None
 
 _TOKENS = re.compile(
     r"--[^\n]*|/\*.*?\*/"  # comments
@@ -55,18 +56,30 @@ class Fingerprints:
         self._fingerprint = _analysis_fingerprint or fallback_fingerprint
 
     def __call__(self, sql: str) -> tuple[str, str]:
-        """(fingerprint, id): the id is the first 16 hex digits of the fingerprint's SHA-256."""
+        """(fingerprint, id): the id is the first 16 hex digits of the fingerprint's SHA-256.
+
+        Statements that differ only in their constants have one fingerprint: they are
+        cached by their shape (``proxy.analysis.shape``), found without the lexer.
+        """
         hit = self._cache.get(sql)
         if hit is not None:
             self._cache.move_to_end(sql)
             return hit
+        key = sql
+        shaped = _shape(sql) if _shape is not None else None
+        if shaped is not None and shaped.constants:
+            key = shaped.key
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
         try:
             text = self._fingerprint(sql)
         except Exception:  # a fingerprint must never take a statement's telemetry down
             text = fallback_fingerprint(sql)
         out = (text, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16])
-        if len(sql) <= 16384:
-            self._cache[sql] = out
+        if len(key) <= 16384:
+            self._cache[key] = out
             if len(self._cache) > self.size:
                 self._cache.popitem(last=False)
         return out

@@ -17,6 +17,7 @@ compare against.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,7 @@ class Recorder:
         self._sessions: dict[str, _SessionState] = {}
         self._fingerprints = Fingerprints()  # event-loop side (spans); the writer thread has its own
         self._writer_fingerprints = Fingerprints()
+        self._writer_explained = ExplainedFields()  # the writer thread's, too
         self._policy_version: str | None = None
         self._purpose_labels: dict[str | None, str] = {}
         self._categories: frozenset[str] = frozenset()
@@ -268,7 +270,7 @@ class Recorder:
                 else:
                     audit.submit(self.wall_offset + ev.started, _statement_record,
                                  (ev, expl, snapshot, self._known_purpose(purpose), source,
-                                  self._writer_fingerprints))
+                                  self._writer_fingerprints, self._writer_explained))
             if state is not None:
                 state.statements += 1
         if state is not None and decider is not None:
@@ -448,25 +450,49 @@ def _error_fields(ev: "StatementEvent") -> dict | None:
     return {"sqlstate": fields.get("C"), "message": mask_values(fields.get("M", "")), "source": "postgresql"}
 
 
+class ExplainedFields:
+    """The audit fields an ``Explanation`` gives (kinds, tables, columns, categories, rules), built once per
+    explanation: decisions from the decision cache share their explanation object. Used by one thread;
+    the fields are only read (json encodes them), never changed."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._fields: OrderedDict[int, tuple[object, dict]] = OrderedDict()
+
+    def __call__(self, expl) -> dict:
+        hit = self._fields.get(id(expl))
+        if hit is not None and hit[0] is expl:  # the entry keeps expl alive, so its id is not reused
+            return hit[1]
+        fields = _explanation_fields(expl)
+        self._fields[id(expl)] = (expl, fields)
+        if len(self._fields) > self.size:
+            self._fields.popitem(last=False)
+        return fields
+
+
+def _explanation_fields(expl) -> dict:
+    columns = [{"column": c.column, "uses": list(c.uses), "categories": list(c.categories),
+                "decision": c.outcome, **({"method": c.method} if c.method else {}),
+                **({"k": c.k} if c.k is not None else {})} for c in expl.columns]
+    rules: dict[str, None] = {}
+    for _, d in expl.checks:
+        rules.update(dict.fromkeys(d.rules))
+    for c in expl.columns:
+        for d in c.decisions:
+            rules.update(dict.fromkeys(d.decision.rules))
+    return {"statement_kinds": list(expl.statements), "tables": _tables(expl), "columns": columns,
+            "categories": list(_categories(expl)), "rules": list(rules), "policy_version": expl.policy_version}
+
+
 def _statement_record(ev: "StatementEvent", expl, snapshot: tuple, purpose: str | None, source: str | None,
-                      fingerprints: Fingerprints) -> dict:
+                      fingerprints: Fingerprints, explained: ExplainedFields | None = None) -> dict:
     fp, fp_id = fingerprints(ev.sql)
     decision = ev.decision
     verdict = DECISION_LABEL.get(type(decision), "unknown")
     record: dict[str, Any] = {"type": "statement", **_session_fields(snapshot), "purpose": purpose,
                               "purpose_source": source, "via": ev.via, "fingerprint": fp, "fingerprint_id": fp_id}
     if expl is not None:
-        columns = [{"column": c.column, "uses": list(c.uses), "categories": list(c.categories),
-                    "decision": c.outcome, **({"method": c.method} if c.method else {}),
-                    **({"k": c.k} if c.k is not None else {})} for c in expl.columns]
-        rules: dict[str, None] = {}
-        for _, d in expl.checks:
-            rules.update(dict.fromkeys(d.rules))
-        for c in expl.columns:
-            for d in c.decisions:
-                rules.update(dict.fromkeys(d.decision.rules))
-        record.update(statement_kinds=list(expl.statements), tables=_tables(expl), columns=columns,
-                      categories=list(_categories(expl)), rules=list(rules), policy_version=expl.policy_version)
+        record.update(explained(expl) if explained is not None else _explanation_fields(expl))
     else:
         op = operation_of(fp)
         record.update(statement_kinds=[op.lower()] if op else [], tables=[], columns=[], categories=[], rules=[],
