@@ -53,6 +53,11 @@ class Shaped:
     explanation: Explanation | None
     template: str | None = None
     unknown_relation: bool = False  # the decision was a refusal for a relation not in the schema
+    pieces: tuple[str, ...] = ()  # the template split at its markers
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            object.__setattr__(self, "pieces", tuple(shapes.MARKERS.split(self.template)))
 
     def decision_for(self, shape: shapes.Shape | None) -> Decision:
         """The decision for a statement of this shape with ``shape.constants`` (None: the very text decided).
@@ -66,7 +71,12 @@ class Shaped:
         if self.template is None or shape is None:
             return self.decision
         d = self.decision
-        return Mask(shapes.fill(self.template, shape.constants), d.methods, d.reason)
+        pieces = self.pieces
+        out = [pieces[0]]
+        for const, piece in zip(shape.constants, pieces[1:]):
+            out.append(const)
+            out.append(piece)
+        return Mask("".join(out), d.methods, d.reason)
 
 
 def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation | None,
