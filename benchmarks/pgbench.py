@@ -6,8 +6,8 @@ import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from benchmarks.procfs import TICK_US, tree_cpu_ticks
 from benchmarks.stack import PGBENCH, Target
 
 WORKLOADS = {
@@ -15,7 +15,9 @@ WORKLOADS = {
     "select-prepared": ["-S", "-M", "prepared"],
     "tpcb": [],
 }
-TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
+# Statements per transaction of each workload (TPC-B: BEGIN, 3 UPDATE, SELECT, INSERT, END),
+# to turn CPU per transaction into CPU per statement.
+STATEMENTS = {"select": 1, "select-prepared": 1, "tpcb": 7}
 
 
 class PgbenchError(RuntimeError):
@@ -31,7 +33,8 @@ class Run:
     latency_ms: float
     transactions: int
     failed: int
-    # CPU of the middleman (pgbouncer or proxy) per transaction, in microseconds; None for direct.
+    # CPU of the middleman (pgbouncer or proxy, with its workers) per transaction, in microseconds;
+    # None for direct.
     cpu_user_us: float | None
     cpu_sys_us: float | None
 
@@ -39,14 +42,17 @@ class Run:
     def cpu_us(self) -> float | None:
         return None if self.cpu_user_us is None else self.cpu_user_us + self.cpu_sys_us
 
+    @property
+    def cpu_us_per_statement(self) -> float | None:
+        return None if self.cpu_us is None else self.cpu_us / STATEMENTS[self.workload]
+
     def as_dict(self) -> dict:
         return {**asdict(self), "cpu_us": self.cpu_us}
 
 
 def cpu_ticks(pid: int) -> tuple[int, int]:
-    """utime and stime of ``pid`` in clock ticks (fields 14 and 15 of /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]), int(fields[12])
+    """utime and stime of ``pid`` and its descendants (workers), in clock ticks."""
+    return tree_cpu_ticks(pid)
 
 
 def _number(pattern: str, text: str) -> str:
@@ -60,8 +66,9 @@ def run(target: Target, workload: str, rnd: int, duration: int, clients: int, th
         user: str, dbname: str) -> Run:
     cmd = [PGBENCH, "-n", "-h", target.host, "-p", str(target.port), "-U", user,
            "-c", str(clients), "-j", str(threads), "-T", str(duration), *WORKLOADS[workload], dbname]
+    env = {**os.environ, **target.env} if target.env else None  # e.g. PGOPTIONS declaring the purpose
     before = cpu_ticks(target.pid) if target.pid else None
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     after = cpu_ticks(target.pid) if target.pid else None
     if r.returncode != 0:
         raise PgbenchError(f"pgbench against {target.name} exited with {r.returncode}: {' '.join(cmd)}\n"

@@ -1,40 +1,85 @@
-"""The three targets under test: a throwaway PostgreSQL with pgbench data, PgBouncer and purpose-proxy before it."""
+"""The targets under test: a throwaway PostgreSQL with pgbench data (and the sample ISP database),
+PgBouncer and purpose-proxy (relay only, and enforcing a policy) before it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.devtools.cluster import Cluster, User, free_port
-from proxy.devtools.process import OBSERVABILITY_OFF, RELAY_ONLY, ProxyProcess
+from proxy.devtools.process import OBSERVABILITY_OFF, RELAY_ONLY, REPO, ProxyProcess
 
 # A trust user keeps authentication out of the measurement on every path.
 BENCH_USER = User("bench", None, "trust")
 OBSERVED = "proxy-observed"  # the relay with metrics, audit and tracing on
+ENFORCING = "proxy-enforcing"  # purpose enforcement with benchmarks/policy (pgbench's tables catalogued)
+ENFORCING_2W = "proxy-enforcing-2w"  # the same with --workers 2 (once the proxy has --workers)
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 PGBENCH = shutil.which("pgbench") or "/usr/bin/pgbench"
+# The benchmark policy: pgbench's tables as personal data the purpose `benchmark` may use.
+BENCH_POLICY = Path(__file__).resolve().parent / "policy"
+BENCH_PURPOSE = "benchmark"
+# 1,000 idle clients through a proxy are 1,000 backends, plus the harness's own connections.
+# Only the benchmark cluster gets this (proxy.devtools.cluster.Cluster defaults to 300).
+MAX_CONNECTIONS = 1100
+SAMPLE_DATABASE = "isp"  # the sample ISP database, as the demo creates it
+SAMPLE_SEED = 42
 
 
 @dataclass
 class Target:
-    """Where pgbench connects; ``pid`` is the middleman whose CPU is measured (None for direct)."""
+    """Where pgbench connects; ``pid`` is the middleman whose CPU is measured (None for direct);
+    ``env`` is added to pgbench's environment (PGOPTIONS declaring the purpose)."""
 
     name: str
     host: str
     port: int
     pid: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def version(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0].strip()
+
+
+def proxy_accepts_workers() -> bool:
+    """Whether ``python -m proxy serve`` has a ``--workers`` option (multi-process serving)."""
+    r = subprocess.run([sys.executable, "-m", "proxy", "serve", "--help"], capture_output=True, text=True,
+                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    return "--workers" in r.stdout
+
+
+def enforcing_args(policies: Path, schema_dsn: str) -> tuple[str, ...]:
+    """Purpose enforcement with ``policies``; no policy file watching (a stat() every few seconds)."""
+    return ("--decider", "purpose", "--policies", str(policies), "--schema-dsn", schema_dsn,
+            "--policy-watch-interval", "0")
+
+
+def stop_proxy(proxy: ProxyProcess) -> None:
+    """Stop a proxy the harness started and remove its log, unless it had exited by itself (then the log
+    stays for a post-mortem and its path is printed)."""
+    crashed = proxy.proc is not None and proxy.proc.poll() is not None
+    status = proxy.stop()
+    if crashed:
+        print(f"note: the proxy on port {proxy.port} had exited ({status}); its log: {proxy.log_path}",
+              file=sys.stderr, flush=True)
+    else:
+        proxy.log_path.unlink(missing_ok=True)
+
+
+def purpose_options(purpose: str) -> str:
+    """The libpq ``options`` (PGOPTIONS) that declare ``purpose`` at connect time."""
+    return f"-c pii.purpose={purpose}"
 
 
 class PgBouncer:
@@ -93,47 +138,127 @@ class PgBouncer:
 
 
 class Stack:
-    """Context manager that starts PostgreSQL (with ``pgbench -i``), PgBouncer and the proxy, and stops them all."""
+    """Context manager that starts PostgreSQL (with ``pgbench -i``), PgBouncer and the proxies, and stops them all.
 
-    def __init__(self, scale: int, pool_size: int, observability: bool = False) -> None:
+    Targets for pgbench: ``direct``, ``pgbouncer``, ``proxy`` (relay only), ``proxy-enforcing``
+    (``--decider purpose`` with benchmarks/policy; pgbench declares the purpose with PGOPTIONS),
+    optionally ``proxy-observed`` and, once the proxy accepts ``--workers``, ``proxy-enforcing-2w``.
+    With ``sample_members`` the cluster also gets the sample ISP database (as ``purpose-proxy demo``
+    loads it) and ``personal_proxy``, an enforcing proxy with the shipped seed policy in front of it.
+    """
+
+    def __init__(self, scale: int, pool_size: int, observability: bool = False, enforcing: bool = True,
+                 workers: bool = True, sample_members: int = 0, pgbouncer: bool = True) -> None:
+        self.use_pgbouncer = pgbouncer
         self.observability = observability
+        self.enforcing = enforcing
+        self.workers = workers
+        self.sample_members = sample_members
         self.scale = scale
         self.pool_size = pool_size
         self.user = self.dbname = BENCH_USER.name
+        self.notes: list[str] = []  # what was skipped and why, for the report
+        self.sample_counts: dict[str, int] = {}
 
     def __enter__(self) -> "Stack":
         with ExitStack() as stack:
-            self.cluster = Cluster(users=[BENCH_USER])
+            self.cluster = Cluster(users=[BENCH_USER], settings={"max_connections": str(MAX_CONNECTIONS)})
             stack.callback(self.cluster.cleanup)
             self.cluster.start()
             self.pgbench_init()
-            self.pgbouncer = PgBouncer(self.cluster, self.dbname, self.user, self.pool_size)
-            stack.callback(self.pgbouncer.stop)
-            self.pgbouncer.start()
+            self.pgbouncer: PgBouncer | None = None
+            if self.use_pgbouncer and not os.path.exists(PGBOUNCER):
+                note = f"pgbouncer skipped: {PGBOUNCER} not found (Debian: apt-get install pgbouncer)"
+                print("note: " + note, flush=True)
+                self.notes.append(note)
+            elif self.use_pgbouncer:
+                self.pgbouncer = PgBouncer(self.cluster, self.dbname, self.user, self.pool_size)
+                stack.callback(self.pgbouncer.stop)
+                self.pgbouncer.start()
             # The relay alone: no decisions, and metrics, traces and audit off
             # (OBSERVABILITY_OFF), so results stay comparable across versions.
             self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, *OBSERVABILITY_OFF)
-            stack.callback(self.proxy.stop)
+            stack.callback(stop_proxy, self.proxy)
             self.proxy.start()
+            if self.enforcing:
+                # Enforcement on, observability off like the relay: the difference to the
+                # relay is what deciding costs (with a warm decision cache, after the warm-up).
+                self.enforcer = ProxyProcess(self.cluster.address, *enforcing_args(BENCH_POLICY, self.schema_dsn),
+                                             *OBSERVABILITY_OFF)
+                stack.callback(stop_proxy, self.enforcer)
+                self.enforcer.start()
             if self.observability:
                 # The same relay with metrics, the audit log (a temporary file) and
                 # tracing (exporter none) on: the difference is what observability costs.
                 self.observed = ProxyProcess(self.cluster.address, *RELAY_ONLY, "--metrics-listen",
                                              f"127.0.0.1:{free_port()}", "--trace-exporter", "none")
-                stack.callback(self.observed.stop)
+                stack.callback(stop_proxy, self.observed)
                 self.observed.start()
+            # ---- HOOK: scaling from 1 to 2 workers -------------------------------------------
+            # `--workers N` (several processes on one port) is being added to the proxy. Until
+            # `python -m proxy serve --help` lists it, this target is skipped with a note; then
+            # it lights up by itself: the enforcing proxy with --workers 2, measured like the
+            # others (CPU summed over the worker processes) and reported next to the 1-worker one.
+            self.enforcer_2w: ProxyProcess | None = None
+            if self.enforcing and self.workers:
+                if proxy_accepts_workers():
+                    self.enforcer_2w = ProxyProcess(self.cluster.address,
+                                                    *enforcing_args(BENCH_POLICY, self.schema_dsn),
+                                                    *OBSERVABILITY_OFF, "--workers", "2")
+                    stack.callback(stop_proxy, self.enforcer_2w)
+                    self.enforcer_2w.start()
+                else:
+                    note = (f"{ENFORCING_2W} skipped: `python -m proxy serve` does not accept --workers yet "
+                            "(scaling from 1 to 2 workers is measured once it does)")
+                    print("note: " + note, flush=True)
+                    self.notes.append(note)
+            # ----------------------------------------------------------------------------------
+            if self.sample_members:
+                self.load_sample()
+                self.personal_metrics_port = free_port()
+                self.personal_proxy = ProxyProcess(
+                    self.cluster.address, *enforcing_args(self.seed_policies, self.sample_reader_dsn),
+                    # metrics on (for the decision cache's hit counters), audit and tracing off
+                    "--metrics-listen", f"127.0.0.1:{self.personal_metrics_port}", "--audit-sink", "none",
+                    "--trace-exporter", "none")
+                stack.callback(stop_proxy, self.personal_proxy)
+                self.personal_proxy.start(timeout=60)
             self._cleanup = stack.pop_all()
-        self.targets = [
-            Target("direct", self.cluster.host, self.cluster.port),
-            Target("pgbouncer", "127.0.0.1", self.pgbouncer.port, self.pgbouncer.proc.pid),
-            Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid),
-        ]
+        pgoptions = {"PGOPTIONS": purpose_options(BENCH_PURPOSE)}
+        self.targets = [Target("direct", self.cluster.host, self.cluster.port)]
+        if self.pgbouncer is not None:
+            self.targets.append(Target("pgbouncer", "127.0.0.1", self.pgbouncer.port, self.pgbouncer.proc.pid))
+        self.targets.append(Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid))
+        if self.enforcing:
+            self.targets.append(Target(ENFORCING, self.enforcer.host, self.enforcer.port, self.enforcer.proc.pid,
+                                       pgoptions))
         if self.observability:
             self.targets.append(Target(OBSERVED, self.observed.host, self.observed.port, self.observed.proc.pid))
+        if self.enforcer_2w is not None:
+            self.targets.append(Target(ENFORCING_2W, self.enforcer_2w.host, self.enforcer_2w.port,
+                                       self.enforcer_2w.proc.pid, pgoptions))
         return self
 
     def __exit__(self, *exc) -> None:
         self._cleanup.close()
+
+    @property
+    def schema_dsn(self) -> str:
+        """The enforcing proxies' own connection for reading schemas (trust, over TCP)."""
+        return f"postgresql://postgres@{self.cluster.host}:{self.cluster.port}/postgres"
+
+    def proxies(self) -> dict[str, ProxyProcess]:
+        """The proxy processes, by target name (``personal`` for the sample database's)."""
+        out = {"proxy": self.proxy}
+        if self.enforcing:
+            out[ENFORCING] = self.enforcer
+        if self.observability:
+            out[OBSERVED] = self.observed
+        if self.enforcer_2w is not None:
+            out[ENFORCING_2W] = self.enforcer_2w
+        if self.sample_members:
+            out["personal"] = self.personal_proxy
+        return out
 
     def pgbench_init(self) -> None:
         r = subprocess.run([PGBENCH, "-i", "-q", "-s", str(self.scale), "-h", self.cluster.host,
@@ -141,6 +266,25 @@ class Stack:
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"pgbench -i failed ({r.returncode}):\n{r.stderr}")
+
+    def load_sample(self) -> None:
+        """The sample ISP database as ``purpose-proxy demo`` creates it (the seed policy's roles with
+        password ``demo``, schema, fake data, grants, the pseudonym function), plus indexes on the
+        foreign keys the personal-data workload joins on (as a production database would have)."""
+        from proxy import demo
+        from proxy.devtools.sample import policies_dir
+        from proxy.policy.engine import Policy
+
+        self.seed_policies = policies_dir()
+        policy = Policy.load(self.seed_policies)
+        roles = sorted(s for s in policy.subjects if s not in policy.groups)
+        self.sample_counts = asyncio.run(demo.setup_database(self.cluster, roles, self.sample_members,
+                                                             SAMPLE_SEED))
+        self.cluster.psql_admin("CREATE INDEX ON billing.invoices (member_id); "
+                                "CREATE INDEX ON billing.payments (invoice_id); ANALYZE", dbname=SAMPLE_DATABASE)
+        self.sample_password = demo.PASSWORD
+        self.sample_reader_dsn = (f"postgresql://{demo.READER}:{demo.PASSWORD}@{self.cluster.host}:"
+                                  f"{self.cluster.port}/postgres")
 
     def reset(self) -> None:
         """What ``pgbench`` does before a run unless ``-n``, done directly so no target pays for it."""
@@ -153,6 +297,6 @@ class Stack:
     def versions(self) -> dict[str, str]:
         return {
             "postgresql": version(str(self.cluster.bin_dir / "postgres"), "--version"),
-            "pgbouncer": version(PGBOUNCER, "--version"),
+            "pgbouncer": version(PGBOUNCER, "--version") if self.pgbouncer is not None else "not used",
             "pgbench": version(PGBENCH, "--version"),
         }
