@@ -92,7 +92,7 @@ def truncate_identifier(name: str) -> str:
     >>> truncate_identifier("a" * 70) == "a" * 63
     True
     """
-    b = name.encode("utf-8")
+    b = name.encode("utf-8", "surrogateescape")  # bytes of the SQL text that are not UTF-8 stay bytes
     if len(b) < NAMEDATALEN:
         return name
     b = b[: NAMEDATALEN - 1]

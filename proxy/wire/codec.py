@@ -129,7 +129,7 @@ class Scanner:
         if skip:
             if skip >= n:
                 self._skip = skip - n
-                return [data]
+                return [data] if n else []
             pos = skip
             self._skip = 0
         items: list = []
@@ -141,6 +141,8 @@ class Scanner:
         while pos <= last:
             typ, length = unpack(data, pos)
             if length > max_size or length < 4:
+                # Nothing of this feed is handed out: what was ends where it ended before.
+                self._skip = skip
                 self._bad_length(typ, length)
             end = pos + 1 + length
             if typ in inspect:
@@ -161,6 +163,16 @@ class Scanner:
         if pos < n:
             self._buf += data[pos:]
         return items
+
+    def reframe(self, items) -> list:
+        """Frame again, with the current ``inspect`` set, what the latest ``feed`` returned from
+        ``items`` on (its unprocessed rest, which starts on a message boundary) and whatever it
+        held back. The relay calls this when the set changed halfway through a feed."""
+        data = b"".join(i if type(i) is bytes else i.raw for i in items) + bytes(self._buf)
+        self._buf.clear()
+        self._need = 0
+        self._skip = 0
+        return self.feed(data) if data else []
 
 
 # --- startup-phase packets ---------------------------------------------------------
@@ -230,7 +242,14 @@ def message(typ: bytes, body: bytes) -> bytes:
 
 
 def cstring(s: str) -> bytes:
-    return s.encode("utf-8").replace(b"\x00", b"") + b"\x00"
+    # surrogateescape: text decoded from the wire with it (statement texts and names
+    # holding bytes that are not UTF-8) goes out again as the bytes it came from.
+    return s.encode("utf-8", "surrogateescape").replace(b"\x00", b"") + b"\x00"
+
+
+def _text_field(s: str) -> bytes:
+    """An error field's text, valid UTF-8 whatever it holds (undecodable client bytes become "?")."""
+    return s.encode("utf-8", "replace").replace(b"\x00", b"") + b"\x00"
 
 
 def error_response(
@@ -248,11 +267,11 @@ def error_response(
     b'E'
     """
     fields = [b"S" + cstring(severity), b"V" + cstring(severity), b"C" + cstring(sqlstate),
-              b"M" + cstring(message_text)]
+              b"M" + _text_field(message_text)]
     if detail:
-        fields.append(b"D" + cstring(detail))
+        fields.append(b"D" + _text_field(detail))
     if hint:
-        fields.append(b"H" + cstring(hint))
+        fields.append(b"H" + _text_field(hint))
     return message(b"N" if notice else b"E", b"".join(fields) + b"\x00")
 
 
@@ -339,12 +358,14 @@ def terminate() -> bytes:
 
 
 def auth_code(body: bytes) -> int:
+    if len(body) < 4:
+        raise ProtocolViolation("Authentication message too short")
     return _I32.unpack_from(body, 0)[0]
 
 
 def sasl_mechanisms(body: bytes) -> list[str]:
     """Mechanism names of an AuthenticationSASL body (code 10, then a list of C strings)."""
-    return [m.decode() for m in body[4:].split(b"\x00") if m]
+    return [m.decode("utf-8", "surrogateescape") for m in body[4:].split(b"\x00") if m]
 
 
 def auth_sasl(mechanisms: list[str]) -> bytes:
@@ -353,6 +374,8 @@ def auth_sasl(mechanisms: list[str]) -> bytes:
 
 
 def parameter_status(body: bytes) -> tuple[str, str]:
+    if body.count(b"\x00") < 2:
+        raise ProtocolViolation("malformed ParameterStatus message")
     name, value, _ = body.split(b"\x00", 2)
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
