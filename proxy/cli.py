@@ -22,11 +22,27 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", metavar="DIR", help="policy directory (default policies)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT|off",
                    help="metrics and health endpoint (default 127.0.0.1:9187); off: no metrics")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes sharing the listen port(s) with SO_REUSEPORT, under a supervisor "
+                        "(default 1: one process, no supervisor)")
     p.add_argument("--max-client-connections", type=int, metavar="N", help="default 1000")
+    p.add_argument("--max-connections-per-role", type=int, metavar="N",
+                   help="authenticated sessions per role; over it FATAL 53300 (default 0: no limit)")
     p.add_argument("--max-message-size", type=int, metavar="BYTES", help="largest client message (default 256 MiB)")
-    p.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="upstream connect timeout (default 10)")
+    p.add_argument("--max-statement-length", type=int, metavar="BYTES",
+                   help="longest SQL text of a Query or Parse; longer ones get ERROR 54000 "
+                        "(default 262144; 0: no limit)")
+    p.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                   help="upstream connect timeout, up to the server's first answer (default 10)")
     p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
                    help="how long SIGTERM waits for busy sessions (default 30)")
+    p.add_argument("--auth-timeout", type=float, metavar="SECONDS",
+                   help="time from connect to authenticated, then the connection is closed (default 60)")
+    p.add_argument("--idle-session-timeout", type=float, metavar="SECONDS",
+                   help="idle time outside a transaction block before FATAL 57P05 (default 0: off)")
+    p.add_argument("--upstream-response-timeout", type=float, metavar="SECONDS",
+                   help="PostgreSQL's silence on a waiting statement before the proxy cancels it, "
+                        "and as long again before FATAL 08006 (default 0: off)")
     p.add_argument("--tls-cert", metavar="FILE", help="certificate for client TLS")
     p.add_argument("--tls-key", metavar="FILE", help="private key for client TLS")
     p.add_argument("--client-tls-required", action="store_const", const=True, default=None,
@@ -192,20 +208,25 @@ def setup_logging(config: Config) -> None:
     configure(config.log_level, config.log_format)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, worker=None) -> int:
+    """Run the proxy; with ``workers`` > 1 the supervisor (proxy.workers), which runs this in each worker."""
+    if worker is None and config.workers > 1:
+        from proxy.workers import supervise
+
+        return supervise(config)
     try:
         import uvloop  # optional extra: purpose-proxy[fast]
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    return runner(_serve(config))
+    return runner(_serve(config, worker))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, worker=None) -> int:
     from proxy.listener import ProxyServer
 
     log = logging.getLogger("proxy")
-    server = ProxyServer(config)
+    server = ProxyServer(config, peers=worker.peers if worker is not None else None)
     try:
         await server.start()
     except OSError as exc:
@@ -217,7 +238,10 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
-    print(f"purpose-proxy listening on {', '.join(config.listen)}, upstream {config.upstream}", flush=True)
+    if worker is not None:
+        worker.started(stop.set)  # tells the supervisor; stops (drains) if the supervisor goes away
+    else:
+        print(f"purpose-proxy listening on {', '.join(config.listen)}, upstream {config.upstream}", flush=True)
     await stop.wait()
     log.info("shutting down: waiting up to %.1fs for %d sessions", config.shutdown_timeout, len(server.sessions))
     await server.shutdown()

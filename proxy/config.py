@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,34 @@ class Config:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:6432"])
     upstream: str = "127.0.0.1:5432"
     policies: str = "policies"
+    # Worker processes (proxy.workers): more than 1 runs a supervisor and that many
+    # workers sharing the listen ports with SO_REUSEPORT (Linux spreads clients).
+    workers: int = 1
     # The metrics and health endpoint (/metrics, /healthz, /readyz); "off" turns
     # metrics off entirely (nothing is counted).
     metrics_listen: str = "127.0.0.1:9187"
     max_client_connections: int = 1000
+    # Authenticated sessions per role; over it, FATAL 53300 as PostgreSQL's own
+    # per-role CONNECTION LIMIT. 0: no limit.
+    max_connections_per_role: int = 0
     max_message_size: int = 256 * 1024 * 1024
+    # Bytes of SQL text in one Query or Parse; longer statements are refused with
+    # ERROR 54000 without being analysed (analysis costs about 4.5 us per byte of
+    # the event loop every session shares). 0: no limit.
+    max_statement_length: int = 256 * 1024
+    # Seconds to connect to PostgreSQL, and for its first answer to the startup packet.
     connect_timeout: float = 10.0
     shutdown_timeout: float = 30.0
+    # Seconds from accepting a client until it is authenticated (PostgreSQL's
+    # authentication_timeout, same default); then the connection is closed silently.
+    auth_timeout: float = 60.0
+    # Seconds a session may stay idle outside a transaction block before FATAL 57P05
+    # (PostgreSQL's idle_session_timeout). 0: off.
+    idle_session_timeout: float = 0.0
+    # Seconds PostgreSQL may stay silent while a statement waits for its answer; then
+    # the proxy cancels the statement (the client gets PostgreSQL's 57014), and after as
+    # long again without an answer ends the session with FATAL 08006. 0: off.
+    upstream_response_timeout: float = 0.0
     # Client-facing TLS: the proxy terminates it with this certificate and key.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -99,8 +121,48 @@ class Config:
             raise ConfigError("decision_cache_size must be 0 (off) or positive")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
+        self._validate_limits()
         self._validate_observability()
+        self._validate_workers()
         return self
+
+    def _validate_limits(self) -> None:
+        if self.max_connections_per_role < 0:
+            raise ConfigError("max_connections_per_role must be 0 (no limit) or positive")
+        if self.max_statement_length < 0:
+            raise ConfigError("max_statement_length must be 0 (no limit) or positive")
+        if 0 < self.max_statement_length < 1024:
+            raise ConfigError("max_statement_length must be 0 (no limit) or at least 1024 bytes")
+        if self.connect_timeout <= 0:
+            raise ConfigError("connect_timeout must be more than 0 seconds")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown_timeout must not be negative")
+        # Like PostgreSQL's authentication_timeout (1 s to 10 min), fractions allowed: it
+        # is never off, so that a client that sends nothing cannot hold a connection.
+        if not 0 < self.auth_timeout <= 600:
+            raise ConfigError("auth_timeout must be more than 0 and at most 600 seconds")
+        if self.idle_session_timeout < 0:
+            raise ConfigError("idle_session_timeout must be 0 (off) or positive")
+        if self.upstream_response_timeout < 0:
+            raise ConfigError("upstream_response_timeout must be 0 (off) or positive")
+
+    def _validate_workers(self) -> None:
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("workers must be between 1 and 256")
+        if self.workers == 1:
+            return
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise ConfigError("workers > 1 needs SO_REUSEPORT, which this platform lacks")
+        if any(parse_hostport(addr, "listen")[1] == 0 for addr in self.listen):
+            raise ConfigError("workers > 1 needs fixed listen ports (not port 0): the workers share them")
+        if self.metrics_listen != "off":
+            port = parse_hostport(self.metrics_listen, "metrics_listen")[1]
+            if port and port + self.workers > 65535:
+                raise ConfigError(f"metrics_listen: worker i serves its metrics on port {port} + 1 + i, "
+                                  f"past 65535 with {self.workers} workers")
+        if self.audit_sink == "stdout":
+            raise ConfigError("audit_sink = stdout cannot be used with workers > 1: the workers' hash chains "
+                              "would interleave in one stream (use audit_sink = file: one file per worker)")
 
     def _validate_observability(self) -> None:
         if self.metrics_listen != "off":

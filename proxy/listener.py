@@ -11,6 +11,8 @@ from typing import Callable
 
 from proxy.config import Config, is_unix_dir, parse_hostport
 from proxy.enforcement.hook import DeciderFactory, SessionInfo, StartupRefused, load_factory
+from proxy.enforcement.limits import too_many_connections_for_role
+from proxy.policy.decision import Block
 from proxy.session import Session, _Side, _StartupError
 from proxy.wire import codec
 from proxy.wire.state import Phase
@@ -64,8 +66,11 @@ class ProxyServer:
     """The listening proxy: its sessions, their cancel keys, and its lifecycle."""
 
     def __init__(self, config: Config, decider_factory: DeciderFactory | None = None, *,
-                 recorder=None) -> None:
+                 recorder=None, peers=None) -> None:
         self.config = config
+        # With --workers N > 1: this worker's proxy.workers.CancelPeers (cancel keys that name
+        # the worker, and the socket sibling workers forward cancel requests to); else None.
+        self.peers = peers
         self.runtime = None
         # Observability (proxy.observability.recorder): metrics, traces and audit, or
         # None when all three are off (the relay-only configuration).
@@ -89,6 +94,10 @@ class ProxyServer:
         self.upstream_tls = upstream_tls_context(config)
         self.sessions: set[Session] = set()
         self.admitted = 0
+        self.role_sessions: dict[str, int] = {}  # authenticated sessions per role (max_connections_per_role)
+        # CancelRequests the proxy sends on its own (a statement past upstream_response_timeout,
+        # one orphaned by a lost upstream connection); each bounded by connect_timeout + 2 s.
+        self.cancel_tasks: set[asyncio.Task] = set()
         self.cancel_keys: dict[tuple[int, bytes], tuple[Session, bytes]] = {}
         self.servers: list[asyncio.base_events.Server] = []
         self.observers: list[Callable] = []
@@ -106,10 +115,13 @@ class ProxyServer:
             await self.recorder.start()  # audit writer, metrics and health endpoint
         if self.runtime is not None:
             self.runtime.start()
+        if self.peers is not None:
+            await self.peers.start(self)
         for addr in self.config.listen:
             host, port = parse_hostport(addr, "listen")
             server = await loop.create_server(
-                lambda: _Side(Session(self), upstream=False), host, port, reuse_address=True, backlog=1024
+                lambda: _Side(Session(self), upstream=False), host, port, reuse_address=True, backlog=1024,
+                reuse_port=True if self.peers is not None else None,  # workers share the port (kernel spreads clients)
             )
             self.servers.append(server)
             log.info("listening on %s", addr)
@@ -158,6 +170,10 @@ class ProxyServer:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        if self.cancel_tasks:
+            await asyncio.wait(list(self.cancel_tasks), timeout=5)
+            for task in list(self.cancel_tasks):
+                task.cancel()
         for server in self.servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -165,6 +181,8 @@ class ProxyServer:
                 pass
         if self.runtime is not None:
             await self.runtime.close()
+        if self.peers is not None:
+            await self.peers.close()
         if self.recorder is not None:
             await self.recorder.close()  # flushes spans and writes every queued audit record
 
@@ -209,12 +227,38 @@ class ProxyServer:
         session.counted = True
         return True
 
+    def admit_role(self, session: Session) -> Block | None:
+        """At AuthenticationOk: take one of the role's slots, or refuse (53300) when it has none left.
+
+        Counted after authentication, where PostgreSQL checks a role's own
+        connection limit, so a client cannot use up a role's slots without its
+        credentials.
+        """
+        limit = self.config.max_connections_per_role
+        role = session.info.role
+        held = self.role_sessions.get(role, 0)
+        if held >= limit:
+            block = too_many_connections_for_role(role, limit)
+            self.startup_refused(session, block)  # observability: metrics and audit of the refusal
+            return block
+        self.role_sessions[role] = held + 1
+        session.role_counted = True
+        return None
+
     def forget(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             if session.counted:
                 self.admitted -= 1
                 session.counted = False
+            if session.role_counted:
+                role = session.info.role
+                held = self.role_sessions.get(role, 0) - 1
+                if held > 0:
+                    self.role_sessions[role] = held
+                else:
+                    self.role_sessions.pop(role, None)
+                session.role_counted = False
             if session.relay is not None and session.relay.backend_key is not None and session.client_secret:
                 self.cancel_keys.pop((session.relay.backend_key[0], session.client_secret), None)
             if self.recorder is not None:
@@ -272,16 +316,41 @@ class ProxyServer:
 
     # --- cancel requests ----------------------------------------------------------------------
 
+    def cancel_statement(self, session: Session) -> bool:
+        """Cancel what the session's backend is running, in the background (a named, tracked task)."""
+        relay = session.relay
+        if relay is None or relay.backend_key is None or self.shutting_down:
+            return False
+        pid, secret = relay.backend_key
+        task = asyncio.get_running_loop().create_task(self.cancel_backend(pid, secret),
+                                                      name=f"session-{session.id}-cancel")
+        self.cancel_tasks.add(task)
+        task.add_done_callback(self.cancel_tasks.discard)
+        return True
+
+    def cancel_orphaned(self, session: Session) -> None:
+        """The session's upstream connection was lost: cancel a statement its backend may still be running."""
+        relay = session.relay
+        if relay is not None and relay.phase not in _NOT_RUNNING:
+            self.cancel_statement(session)
+
     def register_cancel_key(self, session: Session, pid: int, secret: bytes) -> bytes:
         """Hand the client a proxy-owned secret for the backend's key (same pid, same length)."""
-        client_secret = secrets.token_bytes(len(secret))
+        peers = self.peers
+        client_secret = peers.new_secret(len(secret)) if peers is not None else secrets.token_bytes(len(secret))
         self.cancel_keys[(pid, client_secret)] = (session, secret)
         return client_secret
 
-    async def forward_cancel(self, pid: int, client_secret: bytes) -> None:
-        """Forward a CancelRequest to the backend that owns the key (55.2.8 "Canceling Requests")."""
+    async def forward_cancel(self, pid: int, client_secret: bytes, *, from_peer: bool = False) -> None:
+        """Forward a CancelRequest to the backend that owns the key (55.2.8 "Canceling Requests").
+
+        With workers, a key another worker issued goes to that worker (``from_peer``:
+        it came from a sibling, so it is never passed on again).
+        """
         entry = self.cancel_keys.get((pid, client_secret))
         if entry is None:
+            if self.peers is not None and not from_peer and await self.peers.forward(pid, client_secret):
+                return
             log.info("cancel request with an unknown key ignored")
             return
         await self.cancel_backend(pid, entry[1])

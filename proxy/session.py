@@ -6,6 +6,13 @@ StartupMessage on, bytes go straight from ``data_received`` into the sans-IO
 ``Relay`` and its output is written at once: no await per message, no queue.
 Backpressure: when one side's write buffer passes its high-water mark, reading
 from the other side pauses until it drains (asyncio pause/resume_writing).
+
+Timers are ``loop.call_later`` handles the session keeps and cancels when it
+closes: ``auth_timeout`` from accept until the first ReadyForQuery, and one
+watch timer for ``idle_session_timeout`` and ``upstream_response_timeout``, which
+re-arms itself for the nearest deadline (the hot path only notes the time of
+the latest bytes each way). What counts as idle or waiting is the relay's
+protocol state, never the content of rows.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import socket
 import ssl
 from typing import TYPE_CHECKING
@@ -29,7 +37,10 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 
-STARTUP_TIMEOUT = 60.0  # seconds a client may take to send its startup packets
+# Seconds a closing connection may take to hand over what is still buffered for
+# it; after that it is aborted (a peer that stopped reading would hold it forever).
+CLOSE_GRACE = 10.0
+IDLE_SESSION_TIMEOUT_MESSAGE = "terminating connection due to idle-session timeout"  # PostgreSQL 14+, 57P05
 
 
 class ClientGone(Exception):
@@ -46,6 +57,7 @@ class _Side(asyncio.Protocol):
         self.buf = bytearray()  # startup phase only
         self.waiter: asyncio.Future | None = None
         self.closed = False
+        self.abort_timer: asyncio.TimerHandle | None = None  # armed by Session.close (CLOSE_GRACE)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -55,7 +67,9 @@ class _Side(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        if not self.upstream:
+        if self.upstream:
+            self.session.upstream = self  # from now on, closing the session closes it too
+        else:
             self.session.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -69,10 +83,15 @@ class _Side(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        return False  # close the transport: a half-closed PostgreSQL session is over
+        if self.upstream:
+            return False  # the server half-closed: its session is over (side_lost reports it)
+        return self.session.client_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.abort_timer is not None:
+            self.abort_timer.cancel()
+            self.abort_timer = None
         self._wake()
         self.session.side_lost(self, exc)
 
@@ -86,8 +105,8 @@ class _Side(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def read_until(self, n: int, timeout: float) -> None:
-        """Wait until ``n`` bytes are buffered (startup phase only)."""
+    async def read_until(self, n: int, timeout: float | None) -> None:
+        """Wait until ``n`` bytes are buffered (startup phase only; ``ClientGone`` if the peer closed)."""
         async with asyncio.timeout(timeout):
             while len(self.buf) < n:
                 if self.closed:
@@ -112,7 +131,20 @@ class Session:
         self.done = asyncio.get_running_loop().create_future()
         self.draining = False
         self.counted = False  # holds one of the server's client-connection slots
+        self.role_counted = False  # holds one of its role's slots (max_connections_per_role)
+        self.connecting = False  # past the StartupMessage: deciding, connecting upstream
         self.client_secret: bytes | None = None
+        self.loop = asyncio.get_running_loop()
+        self.auth_timer: asyncio.TimerHandle | None = None
+        self.watch_timer: asyncio.TimerHandle | None = None
+        # With idle_session_timeout or upstream_response_timeout on: loop times of the
+        # latest bytes from each side, of the client bytes that began the current wait
+        # for the server, and of the cancel request the proxy sent for it.
+        self.watching = False
+        self.seen_client = self.seen_server = self.waiting_since = 0.0
+        self.cancelled_at: float | None = None
+        self.upstream_paused = False  # reading from upstream paused: the client is not keeping up
+        self.client_done = False  # the client half-closed: PostgreSQL finishes what it was sent, then closes
         # Observability (read by proxy.observability at scrape time and when the
         # session ends): bytes relayed each way, and the session's decider.
         self.bytes_from_client = 0
@@ -127,11 +159,17 @@ class Session:
         addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         self.info = SessionInfo(self.id, addr)
         self.server.sessions.add(self)
-        self.task = asyncio.get_running_loop().create_task(self._startup(), name=f"session-{self.id}-startup")
+        self.auth_timer = self.loop.call_later(self.config.auth_timeout, self._auth_timeout)
+        self.task = self.loop.create_task(self._startup(), name=f"session-{self.id}-startup")
 
     def from_client(self, data: bytes) -> None:
         self.bytes_from_client += len(data)  # observability: bytes relayed
         relay = self.relay
+        if self.watching:
+            now = self.loop.time()
+            self.seen_client = now
+            if not relay.awaiting_server:
+                self.waiting_since = now  # these bytes may begin a wait for the server
         try:
             relay.client_data(data)
         except codec.ProtocolViolation as exc:
@@ -141,6 +179,8 @@ class Session:
     def from_server(self, data: bytes) -> None:
         self.bytes_from_server += len(data)  # observability: bytes relayed
         relay = self.relay
+        if self.watching:
+            self.seen_server = self.loop.time()
         try:
             relay.server_data(data)
         except codec.ProtocolViolation as exc:
@@ -170,17 +210,44 @@ class Session:
         other = self.client if side.upstream else self.upstream
         if other is not None and not other.closed:
             other.transport.pause_reading()
+            if other.upstream:
+                self.upstream_paused = True
 
     def resume_other(self, side: _Side) -> None:
         other = self.client if side.upstream else self.upstream
         if other is not None and not other.closed:
             other.transport.resume_reading()
+            if other.upstream:
+                self.upstream_paused = False
+                self.seen_server = self.loop.time()  # its silence counts from here
+
+    def client_eof(self) -> bool:
+        """The client half-closed (sent EOF but still reads): True keeps its connection open for the answers.
+
+        PostgreSQL itself answers everything it read before the EOF and then ends
+        the session; so does the proxy: it passes the end on as a Terminate after
+        the client's last complete message, and the session ends when PostgreSQL
+        closes. Otherwise (mid-message, TLS, not yet relaying) the session ends now.
+        """
+        relay = self.relay
+        upstream = self.upstream
+        if (not self.relaying or self.info.tls or upstream is None or upstream.closed
+                or relay.phase is Phase.CLOSED or relay.phase is Phase.FAILED or not relay._client.at_boundary):
+            return False
+        self.client_done = True
+        upstream.transport.write(codec.terminate())
+        return True
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if side.upstream:
-            if self.relaying and not self.client.closed:
+            if not self.relaying and self.task is not None and not self.task.done():
+                return  # the startup task is waiting on this connection and reports its loss
+            if self.relaying and not self.client.closed and not self.client_done:
                 relay = self.relay
                 if relay.phase not in (Phase.CLOSED, Phase.FAILED) and not relay.server_fatal:
+                    # A statement the backend may still be running would run on, unseen:
+                    # cancel it (the backend then notices its connection is gone).
+                    self.server.cancel_orphaned(self)
                     relay.fail("08006", "connection to the upstream PostgreSQL server was lost",
                                hint="The server may have restarted. Reconnect and retry.")
                     self.flush()
@@ -190,6 +257,81 @@ class Session:
                 if self.relay.phase is not Phase.CLOSED and self.relay._client.at_boundary:
                     self.upstream.transport.write(codec.terminate())
             self.close()
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _auth_timeout(self) -> None:
+        """auth_timeout passed: unless authenticated by now, close without a word, as PostgreSQL does.
+
+        (PostgreSQL exits silently when the startup packet does not come within
+        authentication_timeout, and during authentication reports "canceling
+        authentication due to timeout" to its log only, never to the client.)
+        """
+        self.auth_timer = None
+        if self.relay is not None and self.relay.authenticated:
+            return
+        log.info("session %s: not authenticated within auth_timeout (%gs): closing the connection",
+                 self.id, self.config.auth_timeout)
+        task = self.task
+        if not self.relaying and task is not None and not task.done():
+            task.cancel()  # reading the startup packet, TLS, deciding or connecting upstream
+        self.close()
+
+    def _start_watch(self) -> None:
+        timeouts = [t for t in (self.config.idle_session_timeout, self.config.upstream_response_timeout) if t]
+        if not timeouts:
+            return
+        self.watching = True
+        self.seen_client = self.seen_server = self.waiting_since = self.loop.time()
+        self.watch_timer = self.loop.call_later(min(timeouts), self._watch)
+
+    def _watch(self) -> None:
+        """Check the idle-session and upstream-response deadlines; act on a passed one, or re-arm."""
+        self.watch_timer = None
+        relay = self.relay
+        if self.done.done() or relay.phase is Phase.CLOSED or relay.phase is Phase.FAILED:
+            return
+        now = self.loop.time()
+        due = math.inf
+        idle_timeout = self.config.idle_session_timeout
+        if idle_timeout:
+            if relay.idle:  # ReadyForQuery 'I' seen, nothing in flight
+                since = max(self.seen_client, self.seen_server)
+                if now - since >= idle_timeout:
+                    log.info("session %s: idle for idle_session_timeout (%gs): closing", self.id, idle_timeout)
+                    self.terminate("57P05", IDLE_SESSION_TIMEOUT_MESSAGE)
+                    return
+                due = since + idle_timeout
+            else:
+                due = now + idle_timeout
+        response_timeout = self.config.upstream_response_timeout
+        if response_timeout:
+            if relay.awaiting_server and not self.upstream_paused:
+                since = max(self.seen_server, self.waiting_since)
+                cancelled = self.cancelled_at
+                if cancelled is not None and cancelled >= since:
+                    # Silent since before the cancel request: the server or the path to it is gone.
+                    if now - cancelled >= response_timeout:
+                        log.warning("session %s: no answer from PostgreSQL for upstream_response_timeout (%gs), "
+                                    "not even to a cancel request: closing the session", self.id, response_timeout)
+                        self.terminate(
+                            "08006", "the upstream PostgreSQL server stopped answering",
+                            detail=f"No answer for {2 * response_timeout:g} seconds, none to a cancel request "
+                                   "either (upstream_response_timeout).",
+                            hint="The server or the network to it may be down. Reconnect and retry.")
+                        return
+                    due = min(due, cancelled + response_timeout)
+                elif now - since >= response_timeout:
+                    log.warning("session %s: no answer from PostgreSQL for upstream_response_timeout (%gs): "
+                                "cancelling the statement", self.id, response_timeout)
+                    self.cancelled_at = now
+                    self.server.cancel_statement(self)
+                    due = min(due, now + response_timeout)
+                else:
+                    due = min(due, since + response_timeout)
+            else:
+                due = min(due, now + response_timeout)
+        self.watch_timer = self.loop.call_later(max(due - now, 0.001), self._watch)
 
     # --- startup -----------------------------------------------------------------------
 
@@ -223,12 +365,12 @@ class Session:
     async def _negotiate(self) -> None:
         client = self.client
         loop = asyncio.get_running_loop()
-        while True:
-            await client.read_until(8, STARTUP_TIMEOUT)
+        while True:  # bounded by auth_timeout
+            await client.read_until(8, None)
             size = int.from_bytes(client.buf[:4], "big")
             if size < 8 or size > 10000:
                 raise codec.ProtocolViolation(f"invalid length of startup packet: {size}")
-            await client.read_until(size, STARTUP_TIMEOUT)
+            await client.read_until(size, None)
             raw = bytes(client.buf[:size])
             packet = codec.split_startup_packet(client.buf)
             if packet.code == codec.SSL_REQUEST_CODE:
@@ -258,48 +400,70 @@ class Session:
                                              "server supports 3.0 to 3.0")
             break
         self.info.params = codec.parse_startup_params(packet.payload)
+        self.connecting = True
         if self.config.client_tls_required and not self.info.tls:
             raise _StartupError("28000", "purpose-proxy requires TLS (connect with sslmode=require)")
         if not self.server.admit(self):
             raise _StartupError("53300", "sorry, too many clients already")
         decider = await self.server.new_decider(self.info)
         self.decider = decider  # observability: the recorder reads the session's purpose from it
-        relay = Relay(decider, key_mapper=self._map_key, max_message_size=self.config.max_message_size,
-                      observed=bool(self.server.observers))
+        config = self.config
+        relay = Relay(decider, key_mapper=self._map_key, max_message_size=config.max_message_size,
+                      observed=bool(self.server.observers), max_statement_length=config.max_statement_length,
+                      admit=self._admit_role if config.max_connections_per_role else None)
         if hasattr(decider, "attach"):
             decider.attach(relay)
         self.relay = relay
         await self._connect_upstream()
         relay.channel_binding = self._same_certificate()
         relay.start(raw)
+        self.flush()  # the StartupMessage goes upstream
+        await self._upstream_answer()
         self.relaying = True
+        self._start_watch()
         self.server.session_started(self)  # observability: session metrics and audit record
+        upstream = self.upstream
+        pending = bytes(upstream.buf)  # the server's first answer (and what came with the TLS answer)
+        upstream.buf.clear()
         rest = bytes(client.buf)
         client.buf.clear()
-        self.flush()
-        if rest:
+        self.from_server(pending)
+        if upstream.closed:  # it answered and closed at once (its loss went unreported so far)
+            self.side_lost(upstream, None)
+        if rest and not self.done.done():
             self.from_client(rest)
         self.task.set_name(f"session-{self.id}")
         await asyncio.shield(self.done)
 
+    def _upstream_error(self, what: str) -> _StartupError:
+        self.server.upstream_failed()
+        return _StartupError(
+            "08006", f"purpose-proxy could not connect to the upstream PostgreSQL server at {self.config.upstream}: "
+                     f"{what}",
+            hint="Check that PostgreSQL is running and that --upstream points at it.")
+
     async def _connect_upstream(self) -> None:
         try:
             transport, side = await self.server.open_upstream(lambda: _Side(self, upstream=True))
-        except (OSError, TimeoutError, ssl.SSLError, _StartupError) as exc:
+        except _StartupError:
             self.server.upstream_failed()
-            if isinstance(exc, _StartupError):
-                raise
-            raise _StartupError(
-                "08006",
-                f"purpose-proxy could not connect to the upstream PostgreSQL server at {self.config.upstream}: "
-                f"{exc.__class__.__name__}: {exc}",
-                hint="Check that PostgreSQL is running and that --upstream points at it.",
-            ) from None
+            raise
+        except (OSError, TimeoutError, ssl.SSLError, ClientGone) as exc:
+            raise self._upstream_error(f"{exc.__class__.__name__}: {exc}") from None
         self.upstream = side
-        if side.buf:  # bytes that came with the TLS answer belong to the relay
-            pending = bytes(side.buf)
-            side.buf.clear()
-            self.relay.server_data(pending)
+
+    async def _upstream_answer(self) -> None:
+        """Wait (up to connect_timeout) for the server's first answer to the StartupMessage."""
+        try:
+            await self.upstream.read_until(1, self.config.connect_timeout)
+        except TimeoutError:
+            raise self._upstream_error(f"no answer to the startup packet within {self.config.connect_timeout:g} "
+                                       "seconds (connect_timeout)") from None
+        except ClientGone:
+            raise self._upstream_error("the server closed the connection without answering") from None
+
+    def _admit_role(self):
+        return self.server.admit_role(self)
 
     def _same_certificate(self) -> bool:
         """True when client and upstream TLS both end in the same certificate (see Relay)."""
@@ -323,20 +487,34 @@ class Session:
 
     # --- teardown ------------------------------------------------------------------------
 
-    def terminate(self, sqlstate: str, message: str) -> None:
+    def terminate(self, sqlstate: str, message: str, *, detail: str | None = None,
+                  hint: str | None = None) -> None:
         """Close the session with a FATAL error to the client (when the stream allows it)."""
         if self.relay is not None and self.relaying:
-            self.relay.fail(sqlstate, message)
+            self.relay.fail(sqlstate, message, detail=detail, hint=hint)
             if self.upstream is not None and not self.upstream.closed and self.relay._client.at_boundary:
                 self.relay.to_server.append(codec.terminate())
             self.flush()
         else:
-            self._fatal_startup(sqlstate, message)
+            self._fatal_startup(sqlstate, message, detail=detail, hint=hint)
 
     def close(self) -> None:
+        for timer in (self.auth_timer, self.watch_timer):
+            if timer is not None:
+                timer.cancel()
+        self.auth_timer = self.watch_timer = None
         for side in (self.client, self.upstream):
             if side is not None and side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
+                transport = side.transport
+                transport.close()
+                if transport.get_write_buffer_size() and not side.closed:
+                    # close() first hands over what is buffered; a peer that stopped
+                    # reading would keep the connection (and its buffers) forever.
+                    side.abort_timer = self.loop.call_later(CLOSE_GRACE, transport.abort)
+        task = self.task
+        if (self.connecting and not self.relaying and task is not None and not task.done()
+                and task is not asyncio.current_task()):
+            task.cancel()  # deciding or connecting upstream for a session that is over
         if self.relay is not None:
             self.relay.phase = Phase.CLOSED if self.relay.phase is not Phase.FAILED else Phase.FAILED
         if not self.done.done():

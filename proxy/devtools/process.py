@@ -27,7 +27,10 @@ class ProxyProcess:
 
     Unless the arguments say otherwise, the metrics endpoint gets a free port of
     its own (``metrics_port``) and the audit log a file in the temporary directory
-    (``audit_path``), so that several proxies can run side by side.
+    (``audit_path``), so that several proxies can run side by side. With
+    ``--workers N`` the N ports after ``metrics_port`` are free too (worker i's
+    endpoint, ``worker_metrics_url(i)``) and each worker writes
+    ``worker_audit_path(i)``.
     """
 
     def __init__(self, upstream: str, *args: str, env: dict[str, str] | None = None) -> None:
@@ -36,8 +39,9 @@ class ProxyProcess:
         tmp = Path(os.environ.get("TMPDIR", "/tmp"))
         extra: list[str] = []
         self.metrics_port: int | None = None
+        self.workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
         if "--metrics-listen" not in args:
-            self.metrics_port = free_port()
+            self.metrics_port = free_port() if self.workers == 1 else free_port_run(self.workers + 1)
             extra += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
         self.audit_path: Path | None = None
         if "--audit-path" not in args and "--audit-sink" not in args:
@@ -94,3 +98,32 @@ class ProxyProcess:
     def metrics_url(self) -> str:
         """The base URL of the metrics and health endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
         return f"http://{self.host}:{self.metrics_port}"
+
+    def worker_metrics_url(self, index: int) -> str:
+        """With ``--workers``: the base URL of worker ``index``'s own endpoint (proxy.workers)."""
+        return f"http://{self.host}:{self.metrics_port + 1 + index}"
+
+    def worker_audit_path(self, index: int) -> Path:
+        """With ``--workers``: worker ``index``'s audit file (proxy.workers.worker_audit_path)."""
+        return self.audit_path.with_name(f"{self.audit_path.stem}.worker{index}{self.audit_path.suffix}")
+
+
+def free_port_run(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """The first of ``count`` consecutive ports that are free now (for a proxy with workers' endpoints)."""
+    for _ in range(attempts):
+        first = free_port(host)
+        if first + count > 65536:
+            continue
+        held = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")

@@ -14,6 +14,11 @@ a proxy-owned cancel key), ParameterStatus, ErrorResponse (to swap in refusals),
 the Copy*Responses and ReadyForQuery (phase and transaction status), and
 CommandComplete (row counts for telemetry).
 
+Two of the proxy's own limits are applied here, as decisions: a Query or Parse
+whose SQL text is over ``max_statement_length`` bytes is refused through
+``enforcement.apply`` without being analysed, and ``admit`` (the per-role
+connection limit) is asked at AuthenticationOk whether the session may go on.
+
 Each decided message becomes a ``StatementEvent``, handed out in ``events`` when
 its answer is complete: events decided since the previous sync point (Query,
 Sync, FunctionCall) form a batch, batches queue in order (pipelining), and the
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from proxy.enforcement.apply import MARKER_PREFIX, Refusal, apply, refusal_error, withhold_row_values
+from proxy.enforcement.limits import statement_too_long
 from proxy.policy.decision import Block, Decision
 from proxy.wire import codec
 from proxy.wire.state import Phase
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 Decide = Callable[[str, str], Decision]  # (sql, via) -> decision; via: "query", "parse", "function_call"
 KeyMapper = Callable[[int, bytes], bytes]  # (backend pid, backend secret) -> client secret
+Admit = Callable[[], Block | None]  # at AuthenticationOk: None lets the session go on, a FATAL Block ends it
 
 # Client messages the relay frames; the rest (Bind, Execute, Describe, CopyData...)
 # stream through opaque. Sync and Flush are framed so that, while discarding, every
@@ -137,6 +144,8 @@ class Relay:
         key_mapper: KeyMapper | None = None,
         max_message_size: int | None = codec.DEFAULT_MAX_MESSAGE_SIZE,
         observed: bool = True,
+        max_statement_length: int = 0,
+        admit: Admit | None = None,
     ) -> None:
         # A decider is a callable, or an object with ``decide(sql, via)`` and an
         # ``epoch`` that changes whenever earlier decisions may no longer hold.
@@ -144,6 +153,8 @@ class Relay:
         self._decider = decider
         self._epoch = getattr(decider, "epoch", 0)
         self.key_mapper = key_mapper
+        self.max_statement_length = max_statement_length  # bytes of SQL text; 0: no limit
+        self.admit = admit
         # True only when the client's TLS channel ends in the certificate PostgreSQL
         # itself presents (set by the session after the upstream connect): then
         # SCRAM-SHA-256-PLUS binds end to end and is passed through.
@@ -186,6 +197,7 @@ class Relay:
         self._batch: list[StatementEvent] | None = None
         self._inflight: deque[list[StatementEvent] | None] = deque()
         self._explains = hasattr(decider, "last")  # the decider keeps an account of its latest decision
+        self._interrupted = False  # set when the rest of a client read must not be handled as framed
         self._timed = hasattr(decider, "timings")  # ... and the time each stage of it took
 
     # --- startup -----------------------------------------------------------------
@@ -205,6 +217,11 @@ class Relay:
         """Nothing in flight and no transaction block open: a quiet point of the session."""
         return self.phase is Phase.IDLE and self.tx_status == b"I" and self._outstanding == 0
 
+    @property
+    def awaiting_server(self) -> bool:
+        """A sync point waits for its ReadyForQuery and the backend is not waiting for COPY data."""
+        return self._outstanding > 0 and self.phase is not Phase.COPY_IN and self.phase is not Phase.COPY_BOTH
+
     def refresh_epoch(self) -> None:
         """Look at the decider's epoch again (the session calls this after a policy reload)."""
         epoch = getattr(self._decider, "epoch", 0)
@@ -219,8 +236,12 @@ class Relay:
 
         Raises ``codec.ProtocolViolation`` on malformed input.
         """
+        self._client_items(self._client.feed(data))
+
+    def _client_items(self, items: list) -> None:
         out = self.to_server
-        for item in self._client.feed(data):
+        pending = iter(items)
+        for item in pending:
             phase = self.phase
             if type(item) is bytes:  # Bind/Execute/Describe/CopyData...: opaque
                 if phase is Phase.IDLE:
@@ -300,6 +321,14 @@ class Relay:
                 if phase is Phase.IDLE:
                     self.phase = Phase.EXTENDED
                 out.append(item.raw)
+            if self._interrupted:
+                if self.phase is Phase.FAILED:
+                    return  # a FATAL refusal: the session closes, nothing more of this read goes upstream
+                # The epoch moved halfway through this read, whose rest was framed with Bind
+                # opaque: frame it again so that a Bind in it is decided again too.
+                self._interrupted = False
+                self._client_items(self._client.reframe(pending))
+                return
 
     def _mark_quiet(self, phase: Phase) -> None:
         self.quiet = phase is Phase.IDLE and self._outstanding == 0 and self.tx_status == b"I"
@@ -380,7 +409,9 @@ class Relay:
         epoch = getattr(self._decider, "epoch", 0)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._client.inspect = CLIENT_INSPECT_BIND
+            if self._client.inspect is not CLIENT_INSPECT_BIND:
+                self._client.inspect = CLIENT_INSPECT_BIND
+                self._interrupted = True  # the rest of the current read needs framing again
         return decision
 
     def _decide_and_forward(self, frame: codec.Frame, via: str, parse: codec.ParseMessage | None) -> Decision | None:
@@ -390,19 +421,29 @@ class Relay:
             sql = codec.parse_query(frame.body)
         else:
             sql = f"-- FunctionCall of function oid {codec.function_call_oid(frame.body)}"
+        # Over max_statement_length: refused without analysis (which costs time in
+        # proportion to the text, on the event loop every session shares).
+        limit = self.max_statement_length
+        too_long = statement_too_long(sql, limit) if limit and len(frame.raw) - 5 > limit else None
         if not self.observed:
-            decision = self._decide(sql, via)
+            decision = too_long or self._decide(sql, via)
             if type(decision) is Block and decision.severity == "FATAL":
                 self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
                 return None
             return self._forward(decision, frame, parse)
         started = perf_counter()
-        decision = self._decide(sql, via)
-        decided = perf_counter()
-        event = StatementEvent(via, sql, decision, decided - started, started,
-                               self._decider.last if self._explains else None)
-        if self._timed:
-            event.stages = self._decider.timings
+        if too_long is not None:
+            decision, decided = too_long, started
+            # No account of the decider's (it was not asked); telemetry fingerprints the
+            # text, so the event keeps a bounded prefix of it.
+            event = StatementEvent(via, sql[:limit], decision, 0.0, started)
+        else:
+            decision = self._decide(sql, via)
+            decided = perf_counter()
+            event = StatementEvent(via, sql, decision, decided - started, started,
+                                   self._decider.last if self._explains else None)
+            if self._timed:
+                event.stages = self._decider.timings
         if type(decision) is Block and decision.severity == "FATAL":
             event.finished = decided  # no answer follows: the session ends
             self.events.append(event)
@@ -484,9 +525,14 @@ class Relay:
                 if self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH):
                     self.phase = self._busy_phase
             elif t in _COPY_PHASES:
-                if self.phase not in _COPY_PHASES.values():
-                    self._busy_phase = self.phase
-                self.phase = _COPY_PHASES[t]
+                # A COPY sent before a refused batch may start while the batch is being
+                # dropped: the client's bytes are dropped until its Sync all the same. Only
+                # client messages end DISCARDING, so whether a message's bytes are dropped
+                # cannot change halfway through it (and forward the tail of a dropped one).
+                if self.phase is not Phase.DISCARDING:
+                    if self.phase not in _COPY_PHASES.values():
+                        self._busy_phase = self.phase
+                    self.phase = _COPY_PHASES[t]
                 out.append(item.raw)
             elif t == codec.B_COPY_DONE:
                 if self.phase is Phase.COPY_OUT:
@@ -498,6 +544,16 @@ class Relay:
                 out.append(item.raw)
             elif t == codec.B_AUTH:
                 out.append(self._auth(item))
+                if self.admit is not None and codec.auth_code(item.body) == codec.AUTH_OK:
+                    refusal = self.admit()
+                    if refusal is not None:
+                        # Where PostgreSQL checks a role's connection limit: right after
+                        # AuthenticationOk, before anything else reaches the client.
+                        out.append(refusal_error(refusal))
+                        self.to_server.append(codec.terminate())
+                        self.phase = Phase.FAILED
+                        self.close_after_flush = True
+                        return
             elif t == codec.B_KEY_DATA:
                 out.append(self._key_data(item))
             else:
@@ -554,3 +610,4 @@ class Relay:
             )
         self.phase = Phase.FAILED
         self.close_after_flush = True
+        self._interrupted = True

@@ -23,6 +23,7 @@ from psycopg import errors
 
 from proxy.devtools.cluster import Cluster, free_port
 from proxy.devtools.process import RELAY_ONLY, ProxyProcess
+from tests.support.faults import Worker
 from tests.support.rawpg import RawConnection, ServerError, error_fields, query_message
 from tests.support.waiting import wait_for
 
@@ -51,27 +52,6 @@ def wait_active(server, application_name: str, timeout: float = 15.0) -> int:
 def backend_gone(server, pid: int) -> bool:
     with psycopg.connect(admin_dsn(server), autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0
-
-
-class Worker(threading.Thread):
-    """Runs ``fn`` in a thread and keeps its result or exception."""
-
-    def __init__(self, fn) -> None:
-        super().__init__(daemon=True)
-        self.fn = fn
-        self.result = None
-        self.exc: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            self.exc = exc
-
-    def outcome(self, timeout: float):
-        self.join(timeout)
-        assert not self.is_alive(), f"worker still running after {timeout}s"
-        return self.result, self.exc
 
 
 def read_until_eof(raw: RawConnection, limit: int = 100) -> list[tuple[bytes, bytes]]:
