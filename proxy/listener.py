@@ -205,10 +205,10 @@ class ProxyServer:
                                          f"{exc.__class__.__name__}",
                                 hint="Check schema_dsn and that PostgreSQL is reachable.") from None
 
-    def reload_policy(self, why: str = "SIGHUP") -> bool:
-        if self.runtime is None:
-            return False
-        return self.runtime.reload_policy(why)
+    def reload_policy(self, why: str = "SIGHUP") -> None:
+        """Reload the policy in the background (the SIGHUP handler)."""
+        if self.runtime is not None:
+            self.runtime.request_reload(why)
 
     def _decisions_changed(self) -> None:
         # Statements prepared before must be decided again before they next run.

@@ -96,6 +96,7 @@ class PolicyRuntime:
         self._loaded_generation: dict[str, int] = {}
         self._deferred: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload = time.time()
@@ -119,13 +120,35 @@ class PolicyRuntime:
     def reload_policy(self, why: str = "request") -> bool:
         """Load the policy again; keep the old one if the new one is invalid. True if swapped."""
         self._mtimes = self._stat()
+        return self.install_policy(self._read_policy(), why)
+
+    async def reload_policy_async(self, why: str = "request") -> bool:
+        """``reload_policy`` with the loading (0.2-0.4 s of CPU for the seed policy) in a thread, so
+        sessions keep being served meanwhile; the new policy is swapped in on the event loop, whole.
+        Reloads run one at a time, in the order they were asked for."""
+        async with self._reload_lock:
+            self._mtimes = self._stat()
+            loaded = await asyncio.to_thread(self._read_policy)
+            return self.install_policy(loaded, why)
+
+    def request_reload(self, why: str) -> None:
+        """Reload in the background (a SIGHUP handler cannot await)."""
+        self._spawn(self.reload_policy_async(why), f"policy-reload-{why}")
+
+    def _read_policy(self) -> "Policy | Exception":
         try:
-            policy = Policy.load(self.directory)
+            return Policy.load(self.directory)
         except (PolicyError, OSError) as exc:
+            return exc
+
+    def install_policy(self, loaded: "Policy | Exception", why: str) -> bool:
+        """Put a freshly read policy in force (on the event loop); an error leaves the old one. True if swapped."""
+        if isinstance(loaded, Exception):
             self.reloads_failed += 1
             log.error("policy reload (%s) failed; the previous policy %s stays in force: %s",
-                      why, self.policy.version, exc)
+                      why, self.policy.version, loaded)
             return False
+        policy = loaded
         self.last_reload = time.time()
         self.reloads_ok += 1
         if policy.version == self.policy.version:
@@ -146,7 +169,7 @@ class PolicyRuntime:
         while True:
             await asyncio.sleep(interval)
             if self._stat() != self._mtimes:
-                self.reload_policy("file change")
+                await self.reload_policy_async("file change")
 
     # --- schemas ------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Policy reloads as events: a ``PolicyRuntime`` that tells observers about every reload attempt and its outcome.
 
-``PolicyRuntime.reload_policy`` (SIGHUP, file changes) counts successes and
+``PolicyRuntime.install_policy`` (after SIGHUP, file changes) counts successes and
 failures; this subclass also calls each of ``reload_observers`` with
 ``(ok, why, version_before, version_after)``, so the recorder can audit reloads
 without the runtime knowing about telemetry.
@@ -25,9 +25,9 @@ class ObservedPolicyRuntime(PolicyRuntime):
         super().__init__(*args, **kwargs)
         self.reload_observers: list[ReloadObserver] = []
 
-    def reload_policy(self, why: str = "request") -> bool:
+    def install_policy(self, loaded, why: str) -> bool:
         before, failed = self.policy.version, self.reloads_failed
-        swapped = super().reload_policy(why)
+        swapped = super().install_policy(loaded, why)
         ok = self.reloads_failed == failed
         for observer in self.reload_observers:
             try:
