@@ -365,12 +365,14 @@ def markdown(meta: dict, runs: list[Run], summary: dict, extras: dict | None = N
     ])
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this harness's section of ``path``, keeping anything outside the markers."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section + rest.partition(END)[2]
+def write_results(path: Path, section: str, begin: str = BEGIN, end: str = END,
+                  title: str = "# Benchmark results") -> None:
+    """Replace a harness's section of ``path`` (between ``begin`` and ``end``), keeping anything outside
+    the markers."""
+    text = path.read_text() if path.exists() else title + "\n\n"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + section + rest.partition(end)[2]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)

@@ -144,11 +144,20 @@ class Stack:
     (``--decider purpose`` with benchmarks/policy; pgbench declares the purpose with PGOPTIONS),
     optionally ``proxy-observed`` and, once the proxy accepts ``--workers``, ``proxy-enforcing-2w``.
     With ``sample_members`` the cluster also gets the sample ISP database (as ``purpose-proxy demo``
-    loads it) and ``personal_proxy``, an enforcing proxy with the shipped seed policy in front of it.
+    loads it) and ``personal_proxy``, an enforcing proxy with the shipped seed policy in front of it
+    (or with ``personal_policies``, and ``personal_args`` added to its command line).
+    ``relay=False`` leaves out the relay-only proxy (and the ``proxy`` target), ``scale=0`` the pgbench
+    data; ``max_connections`` is the cluster's (the soak, ``benchmarks/soak.py``, holds more clients).
     """
 
     def __init__(self, scale: int, pool_size: int, observability: bool = False, enforcing: bool = True,
-                 workers: bool = True, sample_members: int = 0, pgbouncer: bool = True) -> None:
+                 workers: bool = True, sample_members: int = 0, pgbouncer: bool = True, relay: bool = True,
+                 max_connections: int = MAX_CONNECTIONS, personal_policies: Path | None = None,
+                 personal_args: tuple[str, ...] = ()) -> None:
+        self.relay = relay
+        self.max_connections = max_connections
+        self.personal_policies = personal_policies
+        self.personal_args = tuple(personal_args)
         self.use_pgbouncer = pgbouncer
         self.observability = observability
         self.enforcing = enforcing
@@ -162,10 +171,11 @@ class Stack:
 
     def __enter__(self) -> "Stack":
         with ExitStack() as stack:
-            self.cluster = Cluster(users=[BENCH_USER], settings={"max_connections": str(MAX_CONNECTIONS)})
+            self.cluster = Cluster(users=[BENCH_USER], settings={"max_connections": str(self.max_connections)})
             stack.callback(self.cluster.cleanup)
             self.cluster.start()
-            self.pgbench_init()
+            if self.scale > 0:
+                self.pgbench_init()
             self.pgbouncer: PgBouncer | None = None
             if self.use_pgbouncer and not os.path.exists(PGBOUNCER):
                 note = f"pgbouncer skipped: {PGBOUNCER} not found (Debian: apt-get install pgbouncer)"
@@ -177,9 +187,11 @@ class Stack:
                 self.pgbouncer.start()
             # The relay alone: no decisions, and metrics, traces and audit off
             # (OBSERVABILITY_OFF), so results stay comparable across versions.
-            self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, *OBSERVABILITY_OFF)
-            stack.callback(stop_proxy, self.proxy)
-            self.proxy.start()
+            self.proxy: ProxyProcess | None = None
+            if self.relay:
+                self.proxy = ProxyProcess(self.cluster.address, *RELAY_ONLY, *OBSERVABILITY_OFF)
+                stack.callback(stop_proxy, self.proxy)
+                self.proxy.start()
             if self.enforcing:
                 # Enforcement on, observability off like the relay: the difference to the
                 # relay is what deciding costs (with a warm decision cache, after the warm-up).
@@ -217,10 +229,11 @@ class Stack:
                 self.load_sample()
                 self.personal_metrics_port = free_port()
                 self.personal_proxy = ProxyProcess(
-                    self.cluster.address, *enforcing_args(self.seed_policies, self.sample_reader_dsn),
+                    self.cluster.address,
+                    *enforcing_args(self.personal_policies or self.seed_policies, self.sample_reader_dsn),
                     # metrics on (for the decision cache's hit counters), audit and tracing off
                     "--metrics-listen", f"127.0.0.1:{self.personal_metrics_port}", "--audit-sink", "none",
-                    "--trace-exporter", "none")
+                    "--trace-exporter", "none", *self.personal_args)
                 stack.callback(stop_proxy, self.personal_proxy)
                 self.personal_proxy.start(timeout=60)
             self._cleanup = stack.pop_all()
@@ -228,7 +241,8 @@ class Stack:
         self.targets = [Target("direct", self.cluster.host, self.cluster.port)]
         if self.pgbouncer is not None:
             self.targets.append(Target("pgbouncer", "127.0.0.1", self.pgbouncer.port, self.pgbouncer.proc.pid))
-        self.targets.append(Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid))
+        if self.proxy is not None:
+            self.targets.append(Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid))
         if self.enforcing:
             self.targets.append(Target(ENFORCING, self.enforcer.host, self.enforcer.port, self.enforcer.proc.pid,
                                        pgoptions))
@@ -249,7 +263,7 @@ class Stack:
 
     def proxies(self) -> dict[str, ProxyProcess]:
         """The proxy processes, by target name (``personal`` for the sample database's)."""
-        out = {"proxy": self.proxy}
+        out = {"proxy": self.proxy} if self.proxy is not None else {}
         if self.enforcing:
             out[ENFORCING] = self.enforcer
         if self.observability:
@@ -292,7 +306,8 @@ class Stack:
             self.cluster.psql_admin(sql, dbname=self.dbname)  # VACUUM refuses a transaction block
 
     def uses_uvloop(self) -> bool:
-        return "uvloop" in Path(f"/proc/{self.proxy.proc.pid}/maps").read_text()
+        proxy = self.proxy if self.proxy is not None else next(iter(self.proxies().values()))
+        return "uvloop" in Path(f"/proc/{proxy.proc.pid}/maps").read_text()
 
     def versions(self) -> dict[str, str]:
         return {
