@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from proxy.config import Config, parse_hostport
+from proxy.observability.endpoint import TinyHTTP
 from proxy.wire import codec
 
 if TYPE_CHECKING:
@@ -63,7 +64,6 @@ SHUTDOWN_GRACE = 15.0
 # Reading a forwarded CancelRequest from a sibling; reading the control line.
 PEER_READ_TIMEOUT = 2.0
 CONTROL_TIMEOUT = 30.0
-HTTP_TIMEOUT = 5.0
 WORKER_READYZ_TIMEOUT = 3.0
 # The longest CancelRequest: 12 bytes and a secret of at most 256 bytes (protocol 3.2).
 MAX_CANCEL_PACKET = 12 + 256
@@ -330,8 +330,7 @@ class Supervisor:
         self.peer_dir = ""
         self._stop: asyncio.Event | None = None
         self._initial: asyncio.Future | None = None
-        self._endpoint: asyncio.base_events.Server | None = None
-        self._http: set[asyncio.Task] = set()
+        self._endpoint = TinyHTTP(self._route, "supervisor")
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -350,7 +349,7 @@ class Supervisor:
             if self.config.metrics_listen != "off":
                 host, port = parse_hostport(self.config.metrics_listen, "metrics_listen")
                 try:
-                    self._endpoint = await asyncio.start_server(self._serve_http, host, port, reuse_address=True)
+                    await self._endpoint.start(host, port)
                 except OSError as exc:
                     print(f"purpose-proxy: cannot start: {exc}", file=sys.stderr)
                     return 1
@@ -506,53 +505,18 @@ class Supervisor:
     # --- health endpoint ---------------------------------------------------------------------
 
     async def _close_endpoint(self) -> None:
-        if self._endpoint is not None:
-            self._endpoint.close()
-        for task in list(self._http):
-            task.cancel()
-        if self._http:
-            await asyncio.wait(list(self._http), timeout=2)
-        if self._endpoint is not None:
-            try:
-                await asyncio.wait_for(self._endpoint.wait_closed(), 2)
-            except TimeoutError:
-                pass
+        await self._endpoint.close()
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            task.set_name("supervisor-http-request")
-            self._http.add(task)
-        try:
-            async with asyncio.timeout(HTTP_TIMEOUT):
-                request = await reader.readuntil(b"\r\n\r\n")
-                method, _, rest = request.partition(b" ")
-                path = rest.split(b" ", 1)[0].split(b"?", 1)[0].decode("ascii", "replace")
-                if method not in (b"GET", b"HEAD"):
-                    status, ctype, body = 405, "text/plain; charset=utf-8", b"method not allowed\n"
-                elif path == "/healthz":
-                    status, ctype, body = 200, "text/plain; charset=utf-8", b"ok\n"
-                elif path == "/readyz":
-                    ready, report = await self.readiness()
-                    status, ctype = (200 if ready else 503), "application/json"
-                    body = (json.dumps({"ready": ready, "workers": report}) + "\n").encode()
-                elif path == "/metrics":
-                    status, ctype, body = 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
-                else:
-                    status, ctype, body = 404, "text/plain; charset=utf-8", b"not found\n"
-                reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
-                head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                        "Connection: close\r\n\r\n").encode()
-                writer.write(head if method == b"HEAD" else head + body)
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("supervisor endpoint: request failed")
-        finally:
-            writer.close()
-            if task is not None:
-                self._http.discard(task)
+    async def _route(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/readyz":
+            ready, report = await self.readiness()
+            return (200 if ready else 503), "application/json", (json.dumps({"ready": ready, "workers": report})
+                                                                 + "\n").encode()
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
+        return 404, "text/plain; charset=utf-8", b"not found\n"
 
     async def readiness(self) -> tuple[bool, list[dict]]:
         """Ready: not stopping, and every worker runs, has reported ready and answers its /readyz with 200."""

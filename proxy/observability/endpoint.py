@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -31,33 +31,32 @@ UPSTREAM_CHECK_TIMEOUT = 2.0
 UPSTREAM_CHECK_EVERY = 1.0
 
 
-class HealthEndpoint:
-    """Serves /metrics (when metrics are on), /healthz and /readyz on ``address``."""
+Route = Callable[[str], Awaitable[tuple[int, str, bytes]]]  # path -> (status, content type, body)
 
-    def __init__(self, address: str, server: "ProxyServer", metrics: "Metrics | None") -> None:
-        self.address = address
-        self.proxy = server
-        self.metrics = metrics
+
+class TinyHTTP:
+    """A one-request-per-connection HTTP/1.1 server for GET and HEAD on the event loop; ``route`` answers
+    each path. Every read and write is bounded by ``REQUEST_TIMEOUT``; request tasks are named and kept,
+    and cancelled on ``close``. (The health endpoint and the ``--workers`` supervisor both use it.)"""
+
+    def __init__(self, route: Route, name: str) -> None:
+        self.route = route
+        self.name = name
         self._server: asyncio.base_events.Server | None = None
-        self._upstream_ok: bool | None = None
-        self._upstream_checked = 0.0
-        self._upstream_error = ""
-        self._check: asyncio.Task | None = None
         self._handlers: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        host, port = parse_hostport(self.address, "metrics_listen")
+    async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
-        log.info("metrics and health endpoint on http://%s/metrics", self.address)
 
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    async def close(self, extra: list[asyncio.Task] | None = None) -> None:
+        """Stop listening; cancel and await the requests in flight (and ``extra`` tasks), bounded."""
         if self._server is not None:
             self._server.close()
-        tasks = list(self._handlers) + ([self._check] if self._check is not None else [])
+        tasks = list(self._handlers) + (extra or [])
         for task in tasks:
             task.cancel()
         if tasks:
@@ -68,12 +67,10 @@ class HealthEndpoint:
             except TimeoutError:
                 pass
 
-    # --- requests --------------------------------------------------------------------------
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            task.set_name("metrics-http-request")
+            task.set_name(f"{self.name}-http-request")
             self._handlers.add(task)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -83,7 +80,7 @@ class HealthEndpoint:
                 if method not in (b"GET", b"HEAD"):
                     status, ctype, body = 405, "text/plain; charset=utf-8", b"method not allowed\n"
                 else:
-                    status, ctype, body = await self._route(path)
+                    status, ctype, body = await self.route(path)
                 head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
                 writer.write(head if method == b"HEAD" else head + body)
@@ -91,11 +88,37 @@ class HealthEndpoint:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:
-            log.exception("metrics endpoint: request failed")
+            log.exception("%s endpoint: request failed", self.name)
         finally:
             writer.close()
             if task is not None:
                 self._handlers.discard(task)
+
+
+class HealthEndpoint:
+    """Serves /metrics (when metrics are on), /healthz and /readyz on ``address``."""
+
+    def __init__(self, address: str, server: "ProxyServer", metrics: "Metrics | None") -> None:
+        self.address = address
+        self.proxy = server
+        self.metrics = metrics
+        self._http = TinyHTTP(self._route, "metrics")
+        self._upstream_ok: bool | None = None
+        self._upstream_checked = 0.0
+        self._upstream_error = ""
+        self._check: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        host, port = parse_hostport(self.address, "metrics_listen")
+        await self._http.start(host, port)
+        log.info("metrics and health endpoint on http://%s/metrics", self.address)
+
+    @property
+    def port(self) -> int:
+        return self._http.port
+
+    async def close(self) -> None:
+        await self._http.close([self._check] if self._check is not None else None)
 
     async def _route(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics" and self.metrics is not None:
