@@ -146,7 +146,8 @@ def parse_statement(text: str, tokens: tuple[Token, ...] | list[Token]) -> exp.E
         raise Unparsable(f"cannot parse the statement: {msg}") from None
     except RecursionError:
         raise Unparsable("the statement is nested too deeply") from None
-    except (AttributeError, TypeError, IndexError, KeyError) as exc:  # sqlglot tripping over broken syntax
+    except (AssertionError, AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        # sqlglot tripping over syntax it does not expect (its own checks included)
         raise Unparsable(f"cannot parse the statement (the parser failed: {type(exc).__name__})") from None
     trees = [t for t in trees if t is not None]
     if len(trees) != 1:
