@@ -1,20 +1,24 @@
-"""The audit log: hash-chained JSON lines written by a background thread, their rotation, verification and queries.
+"""The audit log: hash-chained JSON lines, their batched writing, rotation, verification and queries.
 
-Every record is one line: the canonical JSON (sorted keys, no spaces, ASCII) of
-``seq`` (0, 1, 2... across files and restarts), ``time`` (UTC), ``type``, its
-fields and ``prev`` (the previous record's hash; 64 zeros for the first), with
-``"hash"`` appended as the last member: the SHA-256 of that canonical JSON. Changing
-a byte of a record breaks its hash; removing a record breaks the next record's
-``prev`` and ``seq``. Rotation (by size or age) renames the active file to
-``<path>.<UTC time>`` and carries the chain on into the new file; a restart
-resumes the chain from the last record written.
+Every record is one ASCII line, a JSON object that begins with ``v`` (the format,
+2), ``seq`` (0, 1, 2... across files and restarts), ``time`` (UTC) and ``type``,
+continues with the record's fields and ends with ``prev`` (the previous record's
+hash; 64 zeros for the first) and ``hash``: the SHA-256 of the line's own bytes
+with the ``,"hash":"..."`` member cut out. Changing a byte of a record breaks its
+hash; removing a record breaks the next record's ``prev`` and ``seq``. Rotation
+(by size or age) renames the active file to ``<path>.<UTC time>`` and carries the
+chain on into the new file; a restart resumes the chain from the last record
+written. Records of format 1 (before 0.2: the hash of the record's canonical JSON,
+keys sorted) still verify, so a chain can span the upgrade.
 
-Delivery: the event loop only appends to a bounded queue (``submit``); the
-``audit-writer`` thread builds the records (fingerprints, JSON, hashes), writes
-and flushes them. When the queue is full, ``block`` waits up to a bound and
-``fail`` raises the ``refusing`` signal that the session's decider gate acts on
-(new statements are refused, and counted in one summary record); a record that
-was already produced is never dropped. ``close`` drains everything and fsyncs.
+Delivery: ``submit`` (from the event loop, or any thread) builds, chains and queues
+the line at once, under one lock; the ``audit-writer`` thread only writes and
+flushes the queued lines in batches, so the event loop never waits on a disk nor
+hands the interpreter lock to the writer per record. When the queue is full,
+``block`` waits up to a bound and ``fail`` raises the ``refusing`` signal that the
+session's decider gate acts on (new statements are refused, and counted in one
+summary record); a record that was already produced is never dropped. ``close``
+drains everything and fsyncs.
 """
 
 from __future__ import annotations
@@ -38,12 +42,44 @@ from proxy import __version__
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-FORMAT_VERSION = 1
-_BATCH = 512
+FORMAT_VERSION = 2
+_LINGER = 0.02  # seconds the writer lets lines gather after a write: tens of wake-ups a second, not one per record
+_HASH_TAIL = re.compile(rb',"hash":"([0-9a-f]{64})"\}\n$')
+
+
+def members(fields: dict) -> str:
+    """The JSON members of ``fields`` (an object's text without its braces), as a record line carries them.
+
+    >>> members({"type": "x", "name": "é", "n": None})
+    '"type":"x","name":"\\\\u00e9","n":null'
+    """
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)[1:-1]
+
+
+def chain_line(seq: int, wall: float, fields: str, prev: str) -> tuple[str, str]:
+    """The line of record ``seq`` whose fields are the JSON members ``fields``, and its hash.
+
+    >>> line, digest = chain_line(0, 1735787045.5, '"type":"x"', GENESIS)
+    >>> line.startswith('{"v":2,"seq":0,"time":"2025-01-02T03:04:05.500000Z","type":"x","prev":"000')
+    True
+    >>> line_hash(line.encode()) == digest
+    True
+    """
+    head = f'{{"v":{FORMAT_VERSION},"seq":{seq},"time":"{iso_time(wall)}",{fields},"prev":"{prev}"'
+    digest = hashlib.sha256(f"{head}}}".encode("ascii")).hexdigest()
+    return f'{head},"hash":"{digest}"}}\n', digest
+
+
+def line_hash(raw: bytes) -> str | None:
+    """The hash a format-2 line should carry: SHA-256 of the line without its ``hash`` member (None: no such member)."""
+    m = _HASH_TAIL.search(raw)
+    if m is None:
+        return None
+    return hashlib.sha256(raw[: m.start()] + b"}").hexdigest()
 
 
 def canonical(record: dict) -> str:
-    """The canonical JSON text of a record (what is hashed and written).
+    """The canonical JSON text of a format-1 record (what was hashed and written).
 
     >>> canonical({"b": 1, "a": "é"})
     '{"a":"\\\\u00e9","b":1}'
@@ -52,13 +88,13 @@ def canonical(record: dict) -> str:
 
 
 def record_hash(record: dict) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``record`` without its ``hash`` field (``prev`` included)."""
+    """Format 1: SHA-256 (hex) of the canonical JSON of ``record`` without its ``hash`` field (``prev`` included)."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return hashlib.sha256(canonical(body).encode("ascii")).hexdigest()
 
 
 def record_line(body: dict) -> tuple[str, str]:
-    """The line of a record (without ``hash``) and its hash: canonical JSON with ``"hash"`` appended last."""
+    """Format 1: the line of a record (without ``hash``) and its hash: canonical JSON with ``"hash"`` appended last."""
     text = canonical(body)
     digest = hashlib.sha256(text.encode("ascii")).hexdigest()
     return f'{text[:-1]},"hash":"{digest}"}}\n', digest
@@ -226,16 +262,18 @@ Builder = Callable[..., dict]
 
 
 class AuditLog:
-    """A bounded queue of audit items and the named thread that turns them into chained lines."""
+    """The chain (built under one lock by whoever submits) and the named thread that writes its lines in batches."""
 
     def __init__(self, sink, *, queue_size: int = 10000, when_full: str = "block",
-                 block_timeout: float = 1.0) -> None:
+                 block_timeout: float = 1.0, linger: float = _LINGER) -> None:
         self.sink = sink
         self.queue_size = queue_size
         self.when_full = when_full
         self.block_timeout = block_timeout
-        self._items: deque = deque()
-        self._cv = threading.Condition()
+        self.linger = linger
+        self._lines: list[str] = []  # chained, not yet handed to the writer
+        self._cv = threading.Condition(threading.Lock())
+        self._writer_idle = False  # waiting for lines: the next one wakes it
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.refusing = False  # the signal sessions act on in "fail" mode
@@ -250,14 +288,13 @@ class AuditLog:
 
     @property
     def pending(self) -> int:
-        return len(self._items)
+        return len(self._lines)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.seq, self.prev = self.sink.open()
-        resumed = self.seq > 0
-        self._items.append((time.time(), _open_record, (resumed,)))
+        self.submit(time.time(), _open_record, (self.seq > 0,))
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -265,38 +302,54 @@ class AuditLog:
         """Write everything queued, fsync and close; True when all of it was written in time."""
         if self._thread is None:
             return True
+        self.submit(time.time(), _close_record, ())
         with self._cv:
-            self._items.append((time.time(), _close_record, ()))
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("audit writer did not finish within %.1fs; %d records not written", timeout, len(self._items))
+            log.error("audit writer did not finish within %.1fs; %d records not written", timeout, len(self._lines))
             return False
         return True
 
-    # --- the event loop's side -------------------------------------------------------------
+    # --- the submitting side (the event loop) ------------------------------------------------
 
     def submit(self, wall: float, builder: Builder, args: tuple) -> None:
-        """Queue one item; the writer calls ``builder(*args)`` for the record's fields."""
-        items = self._items
-        if len(items) >= self.queue_size:
-            self._full()
+        """Chain and queue the record whose fields ``builder(*args)`` returns (``type`` first)."""
+        try:
+            fields = members(builder(*args))
+        except Exception as exc:  # never lose the fact that something happened
+            log.exception("audit record could not be built")
+            fields = members({"type": "record_error", "error": exc.__class__.__name__,
+                              "builder": getattr(builder, "__name__", "?")})
+        self.append(wall, fields)
+
+    def append(self, wall: float, fields: str) -> None:
+        """Chain and queue a record whose fields are already JSON members (``"type":...`` first, ASCII)."""
         with self._cv:
-            items.append((wall, builder, args))
-            self._cv.notify()
+            if len(self._lines) >= self.queue_size:
+                self._full()
+            line, self.prev = chain_line(self.seq, wall, fields, self.prev)
+            self.seq += 1
+            self._lines.append(line)
+            if self._writer_idle:
+                self._writer_idle = False
+                self._cv.notify()
 
     def _full(self) -> None:
+        """The queue is full (called holding the lock)."""
         self.full_events += 1
+        self._writer_idle = False
+        self._cv.notify_all()  # the writer may be letting lines gather
         if self.when_full == "fail":
             if not self.refusing:
                 log.error("audit queue full (%d records): refusing new statements until the writer catches up",
                           self.queue_size)
             self.refusing = True
             return
-        with self._cv:  # block: wait for the writer, bounded; the record is kept either way
-            if not self._cv.wait_for(lambda: len(self._items) < self.queue_size, self.block_timeout):
-                log.warning("audit queue still full after %.1fs; keeping the record in memory", self.block_timeout)
+        # block: wait for the writer, bounded; the record is kept either way
+        if not self._cv.wait_for(lambda: len(self._lines) < self.queue_size, self.block_timeout):
+            log.warning("audit queue still full after %.1fs; keeping the record in memory", self.block_timeout)
 
     def refused_statement(self) -> None:
         """Count a statement refused because the log could not keep up (one summary record covers them)."""
@@ -311,52 +364,46 @@ class AuditLog:
         pending: list[str] = []
         while True:
             with self._cv:
-                if not self._items and not self._stopping and not pending:
+                while not self._lines and not self._stopping and not pending:
+                    self._writer_idle = True
                     self._cv.wait(1.0)
-                batch = [self._items.popleft() for _ in range(min(len(self._items), _BATCH))]
-                done = self._stopping and not self._items
-                if self.refusing and len(self._items) <= self.queue_size // 2:
-                    self.refusing = False
-                    log.warning("audit queue drained: accepting statements again")
-                self._cv.notify_all()
-            summary = self._refusal_summary()
-            if summary is not None:
-                batch.insert(0, summary)
-            for wall, builder, args in batch:
-                pending.append(self._line(wall, builder, args))
+                self._writer_idle = False
+                lines, self._lines = self._lines, []
+                done = self._stopping
+                drained = self.refusing
+                self.refusing = False
+                self._cv.notify_all()  # block-mode submitters waiting for room
+            if drained:
+                log.warning("audit queue drained: accepting statements again")
+            pending += lines
             if pending:
                 pending = self._write(pending)
-            if done and not pending:
+            if self._refusal_summary():
+                continue  # its line is queued: write it in this round's order
+            if done and not pending and not self._lines:
                 try:
                     self.sink.close()
                 except OSError as exc:
                     log.error("audit log close failed: %s", exc)
                 return
-            if done and pending:  # the sink keeps failing at shutdown: give up after a few tries
-                if self.write_errors > 50:
-                    log.error("audit writer stopping with %d unwritten records", len(pending))
-                    return
+            if done and pending and self.write_errors > 50:  # the sink keeps failing at shutdown: give up
+                log.error("audit writer stopping with %d unwritten records", len(pending))
+                return
+            if not done:
+                with self._cv:  # let lines gather; a full queue or close() wakes the writer early
+                    if not self._stopping and len(self._lines) < self.queue_size // 2:
+                        self._cv.wait(self.linger)
 
-    def _refusal_summary(self):
-        if self.refusing or self._refused_since is None:
-            return None
+    def _refusal_summary(self) -> bool:
+        """Queue the summary of statements refused while the queue was full, once it drained."""
         with self._cv:
+            if self.refusing or self._refused_since is None:
+                return False
             count, since = self.refused - self._refused_reported, self._refused_since
             self._refused_reported = self.refused
             self._refused_since = None
-        return (time.time(), _refusals_record, (count, since))
-
-    def _line(self, wall: float, builder: Builder, args: tuple) -> str:
-        try:
-            fields = builder(*args)
-        except Exception as exc:  # never lose the fact that something happened
-            log.exception("audit record could not be built")
-            fields = {"type": "record_error", "error": exc.__class__.__name__,
-                      "builder": getattr(builder, "__name__", "?")}
-        record = {"v": FORMAT_VERSION, "seq": self.seq, "time": iso_time(wall), **fields, "prev": self.prev}
-        line, self.prev = record_line(record)
-        self.seq += 1
-        return line
+        self.submit(time.time(), _refusals_record, (count, since))
+        return True
 
     def _write(self, lines: list[str]) -> list[str]:
         """Write ``lines``; return those still unwritten (after a failure, retried a second later)."""
@@ -426,6 +473,21 @@ def chain_order(files: Iterable[str | os.PathLike]) -> list[Path]:
     return [p for *_, p in sorted(keyed, key=lambda k: k[:3])]
 
 
+def _hash_problem(raw: bytes, rec: dict, stated) -> str | None:
+    """Why a record's line does not match its ``hash`` (None: it matches), by the record's format."""
+    if not isinstance(stated, str):
+        return "hash mismatch: the record was changed"
+    if rec.get("v") == 1:  # format 1: the line is the canonical JSON of the record
+        if record_line(rec) == (raw.decode("ascii", "replace"), stated):
+            return None
+        if record_hash(rec) == stated:
+            return "not in canonical form: the record was changed"
+        return "hash mismatch: the record was changed"
+    if rec.get("v") != FORMAT_VERSION or not raw.isascii() or line_hash(raw) != stated:
+        return "hash mismatch: the record was changed"
+    return None
+
+
 def verify(files: Iterable[str | os.PathLike]) -> VerifyResult:
     """Check the chain across ``files`` (put in chain order); report the first broken record (file, line)."""
     ordered = chain_order(files)
@@ -451,10 +513,9 @@ def verify(files: Iterable[str | os.PathLike]) -> VerifyResult:
                 except ValueError:
                     return broken(path, lineno, "not a JSON record (changed or cut off)")
                 stated = rec.pop("hash", None)
-                if not isinstance(stated, str) or record_line(rec) != (raw.decode("ascii", "replace"), stated):
-                    if isinstance(stated, str) and record_hash(rec) == stated:
-                        return broken(path, lineno, "not in canonical form: the record was changed")
-                    return broken(path, lineno, "hash mismatch: the record was changed")
+                problem = _hash_problem(raw, rec, stated)
+                if problem is not None:
+                    return broken(path, lineno, problem)
                 seq = rec.get("seq")
                 if prev is None:
                     result.first_seq = seq

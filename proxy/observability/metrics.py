@@ -4,7 +4,11 @@ Label values are bounded: decisions are allow/mask/block, purposes and categorie
 come from the policy in force (anything else folds into ``other``; no purpose is
 ``none``), refusal reasons are the code's own (capped, the rest ``other``). Children
 are created once and cached, so counting a statement is a dictionary lookup and
-an increment. Values the proxy already keeps (open sessions, bytes relayed,
+an increment. The per-statement counters and histograms are the proxy's own plain
+cells (``HotCounter``, ``HotHistogram``), written only by the event loop and
+turned into metric families at scrape time: prometheus-client's metric objects
+take a lock per increment and scan buckets one by one, which cost more than the
+rest of the telemetry of a cached statement. Values the proxy already keeps (open sessions, bytes relayed,
 upstream connect failures, policy reloads, the audit queue) are read by a
 collector at scrape time and cost nothing per statement.
 """
@@ -12,10 +16,12 @@ collector at scrape time and cost nothing per statement.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy import __version__
@@ -43,25 +49,26 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
         disable_created_metrics()  # no ..._created series beside every counter and histogram
         self.registry = r = registry or CollectorRegistry()
-        self.statements = Counter(
+        self.statements = HotCounter(
             "purpose_proxy_statements", "Statements decided, by decision and purpose.",
             ["decision", "purpose"], registry=r)
-        self.statement_categories = Counter(
+        self.statement_categories = HotCounter(
             "purpose_proxy_statement_categories",
             "Statements decided, once per category of personal data they touch (none: no personal data).",
             ["decision", "purpose", "category"], registry=r)
-        self.refusals = Counter(
+        self.refusals = HotCounter(
             "purpose_proxy_refusals", "Statements refused, by reason.", ["reason"], registry=r)
-        self.startup_refusals = Counter(
+        self.startup_refusals = HotCounter(
             "purpose_proxy_startup_refusals", "Connections refused at startup (FATAL) by the decider, by reason.",
             ["reason"], registry=r)
-        self.sessions = Counter(
-            "purpose_proxy_client_sessions", "Client sessions started (startup packet accepted).", registry=r)
-        self.decision_seconds = Histogram(
+        self.sessions = HotCounter(
+            "purpose_proxy_client_sessions", "Client sessions started (startup packet accepted).",
+            registry=r).labels()
+        self.decision_seconds = HotHistogram(
             "purpose_proxy_decision_duration_seconds",
             "Time to decide on a statement: total, and per stage when the decider reports stages.",
             ["stage"], buckets=DECISION_BUCKETS, registry=r)
-        self.statement_seconds = Histogram(
+        self.statement_seconds = HotHistogram(
             "purpose_proxy_statement_duration_seconds",
             "Statement latency through the proxy, from the client's message to ReadyForQuery, by decision.",
             ["decision"], buckets=STATEMENT_BUCKETS, registry=r)
@@ -128,6 +135,106 @@ class Metrics:
         for family in list(self.registry.collect()) + self.state.describe():
             out.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
         return out
+
+
+class _Cell:
+    """One counter series."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _Buckets:
+    """One histogram series: counts per bucket (the last is +Inf) and the sum of observations."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # bucket le=bound holds amount <= bound
+        self.sum += amount
+
+
+class _Hot:
+    """A labelled metric whose series (made by ``_series_of``) are plain objects, exported at scrape time."""
+
+    family = CounterMetricFamily
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._series: dict[tuple[str, ...], object] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str):
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = self._series_of()
+        return series
+
+    def describe(self):
+        return [self.family(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = self.family(self.name, self.documentation, labels=self.labelnames)
+        for values, series in list(self._series.items()):
+            self._add(family, list(values), series)
+        return [family]
+
+
+class HotCounter(_Hot):
+    """A labelled counter (``purpose_proxy_x_total``).
+
+    >>> c = HotCounter("x", "Things.", ["kind"]); c.labels("a").inc(); c.labels("a").inc(2)
+    >>> [(s.name, s.labels, s.value) for f in c.collect() for s in f.samples]
+    [('x_total', {'kind': 'a'}, 3)]
+    """
+
+    _series_of = _Cell
+
+    @staticmethod
+    def _add(family, values: list[str], cell: _Cell) -> None:
+        family.add_metric(values, cell.value)
+
+
+class HotHistogram(_Hot):
+    """A labelled histogram.
+
+    >>> h = HotHistogram("t_seconds", "Time.", ["stage"], buckets=(0.1, 1.0)); b = h.labels("x")
+    >>> b.observe(0.1); b.observe(0.5); b.observe(5)
+    >>> [(s.name, s.labels.get("le"), s.value) for f in h.collect() for s in f.samples]  # doctest: +NORMALIZE_WHITESPACE
+    [('t_seconds_bucket', '0.1', 1), ('t_seconds_bucket', '1.0', 2), ('t_seconds_bucket', '+Inf', 3),
+     ('t_seconds_count', None, 3), ('t_seconds_sum', None, 5.6)]
+    """
+
+    family = HistogramMetricFamily
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (), *,
+                 buckets: tuple[float, ...], registry: CollectorRegistry | None = None) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _series_of(self) -> _Buckets:
+        return _Buckets(self.bounds)
+
+    def _add(self, family, values: list[str], series: _Buckets) -> None:
+        counts, total = list(series.counts), series.sum  # a copy: cumulative counts stay consistent
+        cumulative, running = [], 0
+        for le, n in zip(self._les, counts):
+            running += n
+            cumulative.append((le, running))
+        family.add_metric(values, cumulative, sum_value=total)
 
 
 def _is_reason(reason: str) -> bool:

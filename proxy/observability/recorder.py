@@ -7,7 +7,8 @@ reloads. ``Recorder`` is the one place that turns them into telemetry:
 
 - metrics: cached label children, a few increments per statement;
 - spans: only when an exporter is configured (``trace_exporter = none`` costs nothing);
-- audit: one queued item per record; the ``audit-writer`` thread builds the JSON.
+- audit: a statement's record is joined from pieces encoded once per decision, chained and queued;
+  the ``audit-writer`` thread only writes the lines.
 
 With metrics off (``metrics_listen = off``), no tracing and ``audit_sink = none``
 the server installs no recorder at all: the relay-only configuration benchmarks
@@ -16,8 +17,8 @@ compare against.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,9 +91,8 @@ class Recorder:
             self.metrics.state.audit = self.audit
         self.endpoint = None
         self._sessions: dict[str, _SessionState] = {}
-        self._fingerprints = Fingerprints()  # event-loop side (spans); the writer thread has its own
-        self._writer_fingerprints = Fingerprints()
-        self._writer_explained = ExplainedFields()  # the writer thread's, too
+        self._fingerprints = Fingerprints()
+        self._statement_records = StatementRecords(self._fingerprints)
         self._policy_version: str | None = None
         self._purpose_labels: dict[str | None, str] = {}
         self._categories: frozenset[str] = frozenset()
@@ -268,9 +268,8 @@ class Recorder:
                 if decision is AUDIT_UNAVAILABLE:
                     audit.refused_statement()
                 else:
-                    audit.submit(self.wall_offset + ev.started, _statement_record,
-                                 (ev, expl, snapshot, self._known_purpose(purpose), source,
-                                  self._writer_fingerprints, self._writer_explained))
+                    audit.append(self.wall_offset + ev.started,
+                                 self._statement_records(ev, expl, snapshot, self._known_purpose(purpose), source))
             if state is not None:
                 state.statements += 1
         if state is not None and decider is not None:
@@ -400,7 +399,7 @@ def _sqlstate(raw: bytes) -> str | None:
     return codec.parse_error_fields(raw[5:]).get("C")
 
 
-# --- audit record builders (run on the audit-writer thread) ------------------------------------
+# --- audit record builders ------------------------------------
 
 
 def _session_fields(snapshot: tuple) -> dict:
@@ -450,24 +449,89 @@ def _error_fields(ev: "StatementEvent") -> dict | None:
     return {"sqlstate": fields.get("C"), "message": mask_values(fields.get("M", "")), "source": "postgresql"}
 
 
-class ExplainedFields:
-    """The audit fields an ``Explanation`` gives (kinds, tables, columns, categories, rules), built once per
-    explanation: decisions from the decision cache share their explanation object. Used by one thread;
-    the fields are only read (json encodes them), never changed."""
+class StatementRecords:
+    """The JSON members of statement audit records, joined from pieces encoded once.
 
-    def __init__(self, size: int = 1024) -> None:
+    What a cached decision shares between statements (its explanation and
+    decision object, the session, the purpose, the fingerprint) is encoded on
+    first use and kept; per statement only the error, row count and times are
+    encoded. The pieces keep the objects they were made from, so an ``id`` is never
+    reused while its entry lives. Used by one thread (the event loop).
+
+    >>> import json; from proxy.wire.relay import StatementEvent; from proxy.policy.decision import ALLOW
+    >>> ev = StatementEvent("query", "SELECT 1", ALLOW, 0.00002, 10.0, finished=10.001)
+    >>> rec = json.loads("{" + StatementRecords(Fingerprints())(ev, None, ("s1", "127.0.0.1:5", "app", "db", ""),
+    ...                                                        None, None) + "}")
+    >>> rec["type"], rec["fingerprint"], rec["verdict"], rec["statement_kinds"], rec["completed"]
+    ('statement', 'select ?', 'allow', ['select'], True)
+    """
+
+    def __init__(self, fingerprints: Fingerprints, size: int = 2048) -> None:
+        self.fingerprints = fingerprints
         self.size = size
-        self._fields: OrderedDict[int, tuple[object, dict]] = OrderedDict()
+        self._decided: dict[tuple, tuple[object, object, str]] = {}
+        self._sessions: dict[tuple, str] = {}
+        self._purposes: dict[tuple, str] = {}
+        self._fingerprinted: dict[str, str] = {}
 
-    def __call__(self, expl) -> dict:
-        hit = self._fields.get(id(expl))
-        if hit is not None and hit[0] is expl:  # the entry keeps expl alive, so its id is not reused
-            return hit[1]
+    def __call__(self, ev: "StatementEvent", expl, snapshot: tuple, purpose: str | None, source: str | None) -> str:
+        fp, fp_id = self.fingerprints(ev.sql)
+        decision = ev.decision
+        fingerprint = self._fingerprinted.get(fp_id)
+        if fingerprint is None:
+            fingerprint = self._keep(self._fingerprinted, fp_id,
+                                     audit_mod.members({"fingerprint": fp, "fingerprint_id": fp_id}))
+        key = (id(expl) if expl is not None else fp_id, id(decision))
+        hit = self._decided.get(key)
+        if hit is None or hit[0] is not expl or hit[1] is not decision:
+            hit = self._keep(self._decided, key, (expl, decision, _decided_members(expl, decision, fp)))
+        session = self._sessions.get(snapshot)
+        if session is None:
+            session = self._keep(self._sessions, snapshot, audit_mod.members(_session_fields(snapshot)))
+        declared = self._purposes.get((purpose, source))
+        if declared is None:
+            declared = self._keep(self._purposes, (purpose, source),
+                                  audit_mod.members({"purpose": purpose, "purpose_source": source}))
+        error = _error_fields(ev)
+        rows = ev.rows
+        finished = ev.finished
+        return (f'"type":"statement",{session},{declared},"via":{_VIA.get(ev.via) or _json(ev.via)},{fingerprint},'
+                f'{hit[2]},"error":{"null" if error is None else _json(error)},'
+                f'"rows":{"null" if rows is None else int(rows)},'
+                f'"completed":{"false" if finished is None else "true"},'
+                f'"decision_seconds":{round(ev.seconds, 9)!r},'
+                f'"duration_seconds":{"null" if finished is None else repr(round(finished - ev.started, 9))}')
+
+    def _keep(self, table: dict, key, value):
+        if len(table) >= self.size:
+            table.clear()  # simpler than an LRU, and rare: the pieces are few and rebuilt on demand
+        table[key] = value
+        return value
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+_VIA = {via: _json(via) for via in ("query", "parse", "function_call")}
+
+
+def _decided_members(expl, decision: Decision, fp: str) -> str:
+    """What a statement's record takes from its explanation and decision: kinds, tables, columns, verdict..."""
+    if expl is not None:
         fields = _explanation_fields(expl)
-        self._fields[id(expl)] = (expl, fields)
-        if len(self._fields) > self.size:
-            self._fields.popitem(last=False)
-        return fields
+    else:
+        op = operation_of(fp)
+        fields = {"statement_kinds": [op.lower()] if op else [], "tables": [], "columns": [], "categories": [],
+                  "rules": [], "policy_version": None}
+    mask = type(decision) is Mask
+    fields.update(
+        verdict=DECISION_LABEL.get(type(decision), "unknown"),
+        reason=(decision.reason or None) if type(decision) is Block else (getattr(expl, "reason", None) or None),
+        rewrite={"applied": mask, "methods": list(decision.methods) if mask else []},
+        consent_filter=bool(getattr(decision, "consent_filter", False)),
+    )
+    return audit_mod.members(fields)
 
 
 def _explanation_fields(expl) -> dict:
@@ -482,31 +546,3 @@ def _explanation_fields(expl) -> dict:
             rules.update(dict.fromkeys(d.decision.rules))
     return {"statement_kinds": list(expl.statements), "tables": _tables(expl), "columns": columns,
             "categories": list(_categories(expl)), "rules": list(rules), "policy_version": expl.policy_version}
-
-
-def _statement_record(ev: "StatementEvent", expl, snapshot: tuple, purpose: str | None, source: str | None,
-                      fingerprints: Fingerprints, explained: ExplainedFields | None = None) -> dict:
-    fp, fp_id = fingerprints(ev.sql)
-    decision = ev.decision
-    verdict = DECISION_LABEL.get(type(decision), "unknown")
-    record: dict[str, Any] = {"type": "statement", **_session_fields(snapshot), "purpose": purpose,
-                              "purpose_source": source, "via": ev.via, "fingerprint": fp, "fingerprint_id": fp_id}
-    if expl is not None:
-        record.update(explained(expl) if explained is not None else _explanation_fields(expl))
-    else:
-        op = operation_of(fp)
-        record.update(statement_kinds=[op.lower()] if op else [], tables=[], columns=[], categories=[], rules=[],
-                      policy_version=None)
-    record.update(
-        verdict=verdict,
-        reason=(decision.reason or None) if type(decision) is Block else (getattr(expl, "reason", None) or None),
-        rewrite={"applied": type(decision) is Mask,
-                 "methods": list(decision.methods) if type(decision) is Mask else []},
-        consent_filter=bool(getattr(decision, "consent_filter", False)),
-        error=_error_fields(ev),
-        rows=ev.rows,
-        completed=ev.finished is not None,
-        decision_seconds=round(ev.seconds, 9),
-        duration_seconds=round(ev.finished - ev.started, 9) if ev.finished is not None else None,
-    )
-    return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from proxy import cli
 from proxy.observability import audit
-from proxy.observability.audit import GENESIS, AuditLog, FileSink, StreamSink, record_hash
+from proxy.observability.audit import GENESIS, AuditLog, FileSink, StreamSink
 from proxy.observability.recorder import AUDIT_UNAVAILABLE, AuditGate
 from proxy.policy.decision import ALLOW
 from proxy.wire import codec
@@ -37,7 +38,7 @@ def records(*paths: Path) -> list[dict]:
     return [json.loads(line) for p in paths for line in p.read_text().splitlines()]
 
 
-def test_records_are_chained_canonical_lines(tmp_path):
+def test_records_are_chained_lines(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_log(path, 3)
     recs = records(path)
@@ -46,11 +47,52 @@ def test_records_are_chained_canonical_lines(tmp_path):
     assert recs[0]["prev"] == GENESIS
     for before, rec in zip(recs, recs[1:]):
         assert rec["prev"] == before["hash"]
-    for line, rec in zip(path.read_text().splitlines(), recs):
-        assert record_hash(rec) == rec["hash"]
-        assert line + "\n" == audit.record_line({k: v for k, v in rec.items() if k != "hash"})[0]
+    for line, rec in zip(path.read_bytes().splitlines(keepends=True), recs):
+        # The hash is that of the line's own bytes with the hash member cut out: '{"v":2,...,"prev":"..."}'.
+        assert line.startswith(b'{"v":2,"seq":') and line.endswith(b',"hash":"' + rec["hash"].encode() + b'"}\n')
+        body = line[: line.rindex(b',"hash":')] + b"}"
+        assert hashlib.sha256(body).hexdigest() == rec["hash"]
+        assert list(rec)[:4] == ["v", "seq", "time", "type"] and list(rec)[-2:] == ["prev", "hash"]
         assert dt.datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).tzinfo is not None
     assert audit.verify([path]).ok
+
+
+def format_1_log(path: Path, n: int, prev: str = GENESIS, seq: int = 0) -> str:
+    """A log as format 1 wrote it (canonical JSON, keys sorted); returns the last hash."""
+    with open(path, "a") as f:
+        for i in range(seq, seq + n):
+            line, prev = audit.record_line({"v": 1, "seq": i, "time": "2026-01-01T00:00:00.000000Z",
+                                            "type": "statement", "prev": prev})
+            f.write(line)
+    return prev
+
+
+def test_format_1_records_still_verify_and_a_chain_spans_the_upgrade(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    format_1_log(path, 3)
+    assert audit.verify([path]).ok
+    write_log(path, 2)  # the upgraded proxy resumes the chain in format 2
+    recs = records(path)
+    assert [r["v"] for r in recs] == [1, 1, 1, 2, 2, 2, 2] and recs[3]["resumed"] is True
+    result = audit.verify([path])
+    assert result.ok and result.records == 7, result.describe()
+    # Format 1 lines must stay canonical: the same record with its keys reordered is a changed record.
+    lines = path.read_text().splitlines(keepends=True)
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps(dict(reversed(list(rec.items()))), separators=(",", ":")) + "\n"
+    path.write_text("".join(lines))
+    result = audit.verify([path])
+    assert not result.ok and result.broken_line == 2 and "canonical" in result.problem
+
+
+def test_a_format_2_line_cannot_pass_as_format_1(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 1)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"v":2', '"v":1', 1)
+    path.write_text("".join(lines))
+    result = audit.verify([path])
+    assert not result.ok and result.broken_line == 2
 
 
 def test_one_changed_byte_is_found_at_its_record(tmp_path):
@@ -310,3 +352,39 @@ def test_the_gate_keeps_the_deciders_protocol():
     assert inner.readies == [False]
     assert gate.decide("SELECT 1", "query") is ALLOW and gate.last == "account"
     assert not hasattr(AuditGate(lambda sql, via: ALLOW, AuditLog(StreamSink(io.StringIO()))), "timings")
+
+
+def test_statement_records_share_pieces_but_not_per_statement_values():
+    from proxy.observability.fingerprint import Fingerprints
+    from proxy.observability.recorder import StatementRecords
+    from proxy.policy.decision import Block
+    from proxy.wire.relay import StatementEvent
+
+    records = StatementRecords(Fingerprints(), size=4)
+    block = Block("no", sqlstate="42501", reason="denied")
+    one = ("000001", "127.0.0.1:1", "app", "db", "a")
+    two = ("000002", "127.0.0.1:2", "ops", "db", "b")
+    done = codec.message(b"C", b"SELECT 3\x00")
+
+    def rec(sql, decision, snapshot, purpose, **kw):
+        ev = StatementEvent("query", sql, decision, 0.00001, 100.0, **kw)
+        return json.loads("{" + records(ev, None, snapshot, purpose, "declared") + "}")
+
+    first = rec("SELECT a FROM t WHERE b = 1", ALLOW, one, "billing", finished=100.5, completions=done)
+    second = rec("SELECT a FROM t WHERE b = 2", ALLOW, two, "support", finished=None)
+    third = rec("DELETE FROM t WHERE b = 'x'", block, one, "billing", finished=100.2,
+                error=codec.error_response("42501", "no"))
+    assert (first["session"], first["role"], first["purpose"], first["rows"], first["completed"]) == (
+        "000001", "app", "billing", 3, True)
+    assert (second["session"], second["role"], second["purpose"], second["rows"], second["completed"]) == (
+        "000002", "ops", "support", None, False)
+    assert first["fingerprint"] == second["fingerprint"] == "select a from t where b = ?"
+    assert second["duration_seconds"] is None and first["duration_seconds"] == 0.5
+    assert (third["verdict"], third["reason"], third["statement_kinds"], third["fingerprint"]) == (
+        "block", "denied", ["delete"], "delete from t where b = ?")
+    assert third["error"] == {"sqlstate": "42501", "message": "no", "source": "proxy"}
+    assert first["verdict"] == "allow" and first["reason"] is None and first["error"] is None
+    for _ in range(10):  # past the bound: the tables are emptied and rebuilt, the records stay right
+        rec(f"SELECT {_} FROM t{_}", ALLOW, (str(_), "c", "r", "d", ""), None)
+    assert rec("SELECT a FROM t WHERE b = 3", ALLOW, one, "billing", finished=101.0) == dict(
+        first, rows=None, duration_seconds=1.0)
