@@ -100,7 +100,8 @@ def record_line(body: dict) -> tuple[str, str]:
     return f'{text[:-1]},"hash":"{digest}"}}\n', digest
 
 
-_second: list = [None, ""]  # the last whole second formatted (records come in bursts)
+_second: tuple = (None, "")  # the last whole second formatted (records come in bursts); one reference, so
+# a thread reading it while another replaces it sees either pair whole
 
 
 def iso_time(t: float) -> str:
@@ -113,9 +114,11 @@ def iso_time(t: float) -> str:
     micros = round((t - whole) * 1e6)
     if micros >= 1000000:
         whole, micros = whole + 1, micros - 1000000
-    if _second[0] != whole:
-        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
-    return f"{_second[1]}.{micros:06d}Z"
+    global _second
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 # --- sinks ---------------------------------------------------------------------------------
