@@ -26,6 +26,8 @@ from proxy.policy.problems import PolicyError
 log = logging.getLogger(__name__)
 
 POLICY_FILES = ("catalog.yaml", "purposes.yaml", "model.conf", "policy.csv")
+SETTLE_SECONDS = 0.2  # how long policy files must stand still before a change is read
+READ_ATTEMPTS = 3  # reads of a policy whose files change while they are read, before giving up until the next change
 
 _ROLE_SETTINGS_SQL = """
 SELECT coalesce(r.rolname, '') AS role, coalesce(d.datname, '') AS database, s.setconfig
@@ -83,8 +85,11 @@ class PolicyRuntime:
                  loader: Callable[[str, str, float], "asyncio.Future[DatabaseState]"] | None = None) -> None:
         self.config = config
         self.directory = Path(config.policies)
-        self.policy: Policy = Policy.load(self.directory)  # PolicyError on an invalid policy
-        self._mtimes = self._stat()
+        self._mtimes: tuple = ()
+        loaded = self._read_policy()
+        if isinstance(loaded, Exception):
+            raise loaded  # PolicyError (or OSError) on an invalid or unreadable policy
+        self.policy: Policy = loaded
         self._loader = loader or load_database_state
         self._databases: dict[str, DatabaseState] = {}
         self._loading: dict[str, asyncio.Task] = {}
@@ -119,7 +124,6 @@ class PolicyRuntime:
 
     def reload_policy(self, why: str = "request") -> bool:
         """Load the policy again; keep the old one if the new one is invalid. True if swapped."""
-        self._mtimes = self._stat()
         return self.install_policy(self._read_policy(), why)
 
     async def reload_policy_async(self, why: str = "request") -> bool:
@@ -127,7 +131,6 @@ class PolicyRuntime:
         sessions keep being served meanwhile; the new policy is swapped in on the event loop, whole.
         Reloads run one at a time, in the order they were asked for."""
         async with self._reload_lock:
-            self._mtimes = self._stat()
             loaded = await asyncio.to_thread(self._read_policy)
             return self.install_policy(loaded, why)
 
@@ -136,10 +139,20 @@ class PolicyRuntime:
         self._spawn(self.reload_policy_async(why), f"policy-reload-{why}")
 
     def _read_policy(self) -> "Policy | Exception":
-        try:
-            return Policy.load(self.directory)
-        except (PolicyError, OSError) as exc:
-            return exc
+        """The policy as its files stood at one moment: read again when a file changed while they were read
+        (a ``git pull`` or a deploy writes them one after the other), so no mix of old and new files is
+        ever put in force."""
+        for _ in range(READ_ATTEMPTS):
+            before = self._stat()
+            try:
+                loaded: Policy | Exception = Policy.load(self.directory)
+            except (PolicyError, OSError) as exc:
+                loaded = exc
+            if self._stat() == before:
+                self._mtimes = before  # what the watcher compares with from now on
+                return loaded
+            time.sleep(SETTLE_SECONDS)
+        return PolicyError(f"the policy files kept changing while they were read ({READ_ATTEMPTS} attempts)")
 
     def install_policy(self, loaded: "Policy | Exception", why: str) -> bool:
         """Put a freshly read policy in force (on the event loop); an error leaves the old one. True if swapped."""
@@ -165,10 +178,18 @@ class PolicyRuntime:
             listener()
 
     async def watch(self, interval: float) -> None:
-        """Reload when a policy file changes (checked every ``interval`` seconds)."""
+        """Reload when a policy file changes (checked every ``interval`` seconds), once the files have
+        stopped changing for ``SETTLE_SECONDS`` (bounded: a file rewritten without pause is read anyway,
+        and then only if it stood still while it was read)."""
         while True:
             await asyncio.sleep(interval)
-            if self._stat() != self._mtimes:
+            seen = self._stat()
+            if seen != self._mtimes:
+                for _ in range(READ_ATTEMPTS * 4):
+                    await asyncio.sleep(SETTLE_SECONDS)
+                    now, seen = seen, self._stat()
+                    if now == seen:
+                        break
                 await self.reload_policy_async("file change")
 
     # --- schemas ------------------------------------------------------------------------
