@@ -473,6 +473,7 @@ class StatementRecords:
         self._sessions: dict[tuple, str] = {}
         self._purposes: dict[tuple, str] = {}
         self._fingerprinted: dict[str, str] = {}
+        self._rows: dict[bytes, int | None] = {}
 
     def __call__(self, ev: "StatementEvent", expl, snapshot: tuple, purpose: str | None, source: str | None) -> str:
         fp, fp_id = self.fingerprints(ev.sql)
@@ -492,9 +493,15 @@ class StatementRecords:
         if declared is None:
             declared = self._keep(self._purposes, (purpose, source),
                                   audit_mod.members({"purpose": purpose, "purpose_source": source}))
-        error = _error_fields(ev)
-        rows = ev.rows
         finished = ev.finished
+        error = None if ev.error is None and type(decision) is not Block else _error_fields(ev)
+        completions = ev.completions
+        if completions is None:
+            rows = None
+        else:  # the same few CommandComplete tags again and again ("SELECT 1")
+            rows = self._rows.get(completions, -1)
+            if rows == -1:
+                rows = self._keep(self._rows, completions, ev.rows) if len(completions) <= 64 else ev.rows
         return (f'"type":"statement",{session},{declared},"via":{_VIA.get(ev.via) or _json(ev.via)},{fingerprint},'
                 f'{hit[2]},"error":{"null" if error is None else _json(error)},'
                 f'"rows":{"null" if rows is None else int(rows)},'
