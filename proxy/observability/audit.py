@@ -275,7 +275,8 @@ class AuditLog:
         self.block_timeout = block_timeout
         self.linger = linger
         self._lines: list[str] = []  # chained, not yet handed to the writer
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # the chain and the queue (taken directly on the hot path: cheaper)
+        self._cv = threading.Condition(self._lock)
         self._writer_idle = False  # waiting for lines: the next one wakes it
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -329,7 +330,7 @@ class AuditLog:
 
     def append(self, wall: float, fields: str) -> None:
         """Chain and queue a record whose fields are already JSON members (``"type":...`` first, ASCII)."""
-        with self._cv:
+        with self._lock:
             if len(self._lines) >= self.queue_size:
                 self._full()
             line, self.prev = chain_line(self.seq, wall, fields, self.prev)

@@ -506,8 +506,8 @@ class StatementRecords:
                 f'{hit[2]},"error":{"null" if error is None else _json(error)},'
                 f'"rows":{"null" if rows is None else int(rows)},'
                 f'"completed":{"false" if finished is None else "true"},'
-                f'"decision_seconds":{round(ev.seconds, 9)!r},'
-                f'"duration_seconds":{"null" if finished is None else repr(round(finished - ev.started, 9))}')
+                f'"decision_seconds":{ev.seconds:.9f},'
+                f'"duration_seconds":{"null" if finished is None else format(finished - ev.started, ".9f")}')
 
     def _keep(self, table: dict, key, value):
         if len(table) >= self.size:
