@@ -163,10 +163,12 @@ def client_vocabulary() -> list[bytes]:
             msg(b"p", cstr("secret")), msg(b"p", b""), msg(b"C", b"S"), msg(b"C", b"Xs1\x00"), msg(b"B", b"\x00"),
             msg(b"B", b""), msg(b"D", b""), msg(b"Q", b""), msg(b"Q", b"no terminator"), msg(b"P", b"\x00\x00"),
             msg(b"P", b"\x00SELECT 1\x00\x00\x05"), msg(b"P", b"\x00SELECT 1\x00\xff\xff"),
-            msg(b"?", b"unknown"), msg(b"\x00"), msg(b"\xff", b"x" * 3),
-            # headers whose bodies come later: the next step's bytes are their rest
-            b"d" + struct.pack("!i", 4 + 14), b"?" + struct.pack("!i", 4 + 40), b"B" + struct.pack("!i", 4 + 30)]
+            msg(b"?", b"unknown"), msg(b"\x00"), msg(b"\xff", b"x" * 3)]
     return out
+
+
+# Headers whose bodies come later: in a conversation the next step's bytes are their rest.
+PARTIAL_HEADERS = [b"d" + struct.pack("!i", 4 + 14), b"?" + struct.pack("!i", 4 + 40), b"B" + struct.pack("!i", 4 + 30)]
 
 
 def server_vocabulary() -> list[bytes]:
@@ -195,7 +197,8 @@ def server_vocabulary() -> list[bytes]:
     return out
 
 
-CLIENT_VOCABULARY = client_vocabulary()
+WHOLE_CLIENT_VOCABULARY = client_vocabulary()  # every item one whole message: streams of them frame cleanly
+CLIENT_VOCABULARY = WHOLE_CLIENT_VOCABULARY + PARTIAL_HEADERS
 SERVER_VOCABULARY = server_vocabulary()
 BAD_LENGTHS = (-(2**31), -1, 0, 1, 3, 2**31 - 1, 0x10000000, 0x10000001)
 
