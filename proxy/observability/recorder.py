@@ -254,7 +254,8 @@ class Recorder:
                     metrics.category(label, purpose_label, NONE).inc()
                 if label == "block":
                     metrics.refusal(decision.reason or OTHER).inc()
-                metrics.stage["total"].observe(ev.seconds)
+                if ev.via != "execute":  # a run of a prepared statement was decided at its Parse
+                    metrics.stage["total"].observe(ev.seconds)
                 if ev.stages:
                     for stage, seconds in ev.stages:
                         child = metrics.stage.get(stage)
@@ -506,7 +507,7 @@ class StatementRecords:
                 f'{hit[2]},"error":{"null" if error is None else _json(error)},'
                 f'"rows":{"null" if rows is None else int(rows)},'
                 f'"completed":{"false" if finished is None else "true"},'
-                f'"decision_seconds":{ev.seconds:.9f},'
+                f'"decision_seconds":{"null" if ev.via == "execute" else format(ev.seconds, ".9f")},'
                 f'"duration_seconds":{"null" if finished is None else format(finished - ev.started, ".9f")}')
 
     def _keep(self, table: dict, key, value):
@@ -520,7 +521,7 @@ def _json(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
-_VIA = {via: _json(via) for via in ("query", "parse", "function_call")}
+_VIA = {via: _json(via) for via in ("query", "parse", "execute", "function_call")}
 
 
 def _decided_members(expl, decision: Decision, fp: str) -> str:

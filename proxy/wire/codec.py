@@ -50,6 +50,8 @@ B_COPY_OUT = ord("H")
 B_COPY_BOTH = ord("W")
 B_COPY_DONE = ord("c")
 B_COMMAND_COMPLETE = ord("C")
+B_EMPTY_QUERY = ord("I")
+B_PORTAL_SUSPENDED = ord("s")
 B_NEGOTIATE_VERSION = ord("v")
 
 AUTH_OK = 0

@@ -55,6 +55,10 @@ CLIENT_INSPECT = frozenset({codec.F_QUERY, codec.F_PARSE, codec.F_FUNCTION_CALL,
 # or a policy reload), Bind is framed too, so that a statement prepared earlier is
 # decided again before it runs.
 CLIENT_INSPECT_BIND = CLIENT_INSPECT | {codec.F_BIND}
+# Observed, Bind and Execute are framed from the start (a Bind still passes as it is until
+# the epoch moves): every Execute is one run of a prepared statement, and each run is an
+# event of its own, with the decision its statement got at Parse and its own row count.
+CLIENT_INSPECT_OBSERVED = CLIENT_INSPECT_BIND | {codec.F_EXECUTE}
 SERVER_INSPECT = frozenset(
     {
         codec.B_AUTH,
@@ -67,15 +71,33 @@ SERVER_INSPECT = frozenset(
         codec.B_COPY_BOTH,
         codec.B_COPY_DONE,
         codec.B_COMMAND_COMPLETE,
+        codec.B_EMPTY_QUERY,
+        codec.B_PORTAL_SUSPENDED,
     }
 )
-SERVER_INSPECT_UNOBSERVED = SERVER_INSPECT - {codec.B_COMMAND_COMPLETE}
+SERVER_INSPECT_UNOBSERVED = SERVER_INSPECT - {codec.B_COMMAND_COMPLETE, codec.B_EMPTY_QUERY,
+                                               codec.B_PORTAL_SUSPENDED}
+# What ends one Execute's run (55.2.3: "an Execute ... is terminated by CommandComplete,
+# EmptyQueryResponse, PortalSuspended or ErrorResponse"; an error also skips the rest).
+_RUN_ENDS = (codec.B_EMPTY_QUERY, codec.B_PORTAL_SUSPENDED)
 _COPY_PHASES = {codec.B_COPY_IN: Phase.COPY_IN, codec.B_COPY_OUT: Phase.COPY_OUT,
                 codec.B_COPY_BOTH: Phase.COPY_BOTH}
 _MARKER = MARKER_PREFIX.encode()
 _B_COMMAND_COMPLETE = codec.B_COMMAND_COMPLETE
 perf_counter = time.perf_counter
 _MAX_PENDING_REFUSALS = 64
+_MAX_PORTALS = 1024
+
+
+class _Batch(list):
+    """The statement events of one batch (up to its sync point) and, once an Execute was sent, ``runs``:
+    for each Execute in order, the event it is a run of (None: a portal the relay cannot name)."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self, events=()) -> None:
+        super().__init__(events)
+        self.runs: list | None = None
 
 
 def _uncounted(batch: list["StatementEvent"]) -> "StatementEvent":
@@ -172,10 +194,11 @@ class Relay:
         self.quiet = False
         self.server_fatal = False  # the backend sent a FATAL/PANIC error: it is closing
         self.close_after_flush = False
-        self._client = codec.Scanner(CLIENT_INSPECT, max_message_size)
         # Statement events (timings, row counts) are kept only when someone observes
         # them; unobserved, CommandComplete streams through opaque like a DataRow.
         self.observed = observed
+        self._client = codec.Scanner(CLIENT_INSPECT_OBSERVED if observed else CLIENT_INSPECT, max_message_size)
+        self._redecide_binds = False  # the epoch moved once: every Bind is decided again before it runs
         self._server = codec.Scanner(SERVER_INSPECT if observed else SERVER_INSPECT_UNOBSERVED, None)
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
         self._busy_phase = Phase.IDLE  # phase to return to after COPY ends
@@ -184,7 +207,14 @@ class Relay:
         # decided in) that may be behind the name. A Parse of a name that exists fails
         # in PostgreSQL (42P05), which the relay does not see, so a later Parse of the
         # same name adds a candidate instead of replacing the earlier one.
-        self._statements: dict[str, list[tuple[codec.ParseMessage, Decision, object]]] = {}
+        # (The decider's account of the decision comes along, for the events of later runs.)
+        self._statements: dict[str, list[tuple[codec.ParseMessage, Decision, object, object]]] = {}
+        # Observed only: the statement each portal was last bound to (a Bind names both; a
+        # portal PostgreSQL has dropped since stays here harmlessly: its Execute fails), and
+        # the statements parsed in the current batch whose first run is still to come (that
+        # run is their Parse's event; every later run gets an event of its own).
+        self._portals: dict[bytes, str] = {}
+        self._unexecuted: dict[str, StatementEvent] = {}
         # The decider hears of every ReadyForQuery (and whether an error preceded it),
         # to learn whether a setting change it allowed took effect.
         self._ready_hook = getattr(decider, "ready", None)
@@ -194,8 +224,8 @@ class Relay:
         # Statement events awaiting their answer: those decided since the last sync
         # point, then one entry per sync point not yet answered by ReadyForQuery
         # (None when no statement was decided in that batch).
-        self._batch: list[StatementEvent] | None = None
-        self._inflight: deque[list[StatementEvent] | None] = deque()
+        self._batch: _Batch | None = None
+        self._inflight: deque[_Batch | None] = deque()
         self._explains = hasattr(decider, "last")  # the decider keeps an account of its latest decision
         self._interrupted = False  # set when the rest of a client read must not be handled as framed
         self._timed = hasattr(decider, "timings")  # ... and the time each stage of it took
@@ -227,7 +257,15 @@ class Relay:
         epoch = getattr(self._decider, "epoch", 0)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._client.inspect = CLIENT_INSPECT_BIND
+            self._decide_binds_again()
+
+    def _decide_binds_again(self) -> bool:
+        """From now on every Bind is decided again; True when Bind was not framed until now."""
+        self._redecide_binds = True
+        if codec.F_BIND in self._client.inspect:
+            return False
+        self._client.inspect = CLIENT_INSPECT_BIND
+        return True
 
     # --- client -> server --------------------------------------------------------
 
@@ -260,6 +298,8 @@ class Relay:
                     self._outstanding += 1
                     self._inflight.append(self._batch)
                     self._batch = None
+                    if self._unexecuted:
+                        self._unexecuted.clear()
                     out.append(item.raw)
                 elif t == codec.F_FLUSH:
                     out.append(item.raw)
@@ -281,6 +321,8 @@ class Relay:
                     self._outstanding += 1
                     self._inflight.append(self._batch)
                     self._batch = None
+                    if self._unexecuted:
+                        self._unexecuted.clear()
                     if phase is Phase.IDLE:
                         self.phase = Phase.EXTENDED
                 out.append(item.raw)
@@ -290,18 +332,37 @@ class Relay:
                 parse = codec.decode_parse(item.body)
                 decision = self._decide_and_forward(item, "parse", parse)
                 allowed = decision is not None and type(decision) is not Block
+                detail = None
+                if allowed and self.observed:
+                    event = self._batch[-1]
+                    detail = event.detail
+                    self._unexecuted[parse.name] = event
                 if not parse.name:  # PostgreSQL drops the unnamed statement before parsing
                     if allowed:
-                        self._statements[""] = [(parse, decision, self._epoch)]
+                        self._statements[""] = [(parse, decision, self._epoch, detail)]
                     else:
                         self._statements.pop("", None)
                 elif allowed:  # a refused named Parse leaves any earlier statement of that name
-                    self._statements.setdefault(parse.name, []).append((parse, decision, self._epoch))
+                    self._statements.setdefault(parse.name, []).append((parse, decision, self._epoch, detail))
             elif t == codec.F_BIND:
-                self._bind(item)
+                if self.observed:
+                    self._bound(item.raw)
+                if self._redecide_binds:
+                    self._bind(item)
+                else:
+                    if phase is Phase.IDLE:
+                        self.phase = Phase.EXTENDED
+                    out.append(item.raw)
+            elif t == codec.F_EXECUTE:  # framed only when observed
+                if phase is Phase.IDLE:
+                    self.phase = Phase.EXTENDED
+                self._run(item.raw)
+                out.append(item.raw)
             elif t == codec.F_CLOSE:
                 if item.raw[5:6] == b"S":
                     self._statements.pop(codec.cstring_at(item.raw, 6), None)
+                elif self._portals and item.raw[5:6] == b"P":
+                    self._portals.pop(item.raw[6:item.raw.find(b"\x00", 6)], None)
                 if phase is Phase.IDLE:
                     self.phase = Phase.EXTENDED
                 out.append(item.raw)
@@ -333,6 +394,37 @@ class Relay:
     def _mark_quiet(self, phase: Phase) -> None:
         self.quiet = phase is Phase.IDLE and self._outstanding == 0 and self.tx_status == b"I"
 
+    def _bound(self, raw: bytes) -> None:
+        """Remember which statement a Bind binds its portal to (observed: for the runs of that portal)."""
+        end = raw.find(b"\x00", 5)  # Bind: portal name, then statement name
+        if end < 0:
+            raise codec.ProtocolViolation("malformed Bind message")
+        portals = self._portals
+        portals[raw[5:end]] = codec.cstring_at(raw, end + 1)
+        if len(portals) > _MAX_PORTALS:  # named portals the client never closes: forget the oldest
+            del portals[next(iter(portals))]
+
+    def _run(self, raw: bytes) -> None:
+        """An Execute (observed): the event of this run of its portal's statement, in the batch's runs."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+        name = self._portals.get(raw[5:raw.find(b"\x00", 5)])
+        event = None
+        if name is not None:
+            event = self._unexecuted.pop(name, None)  # the statement's first run in its Parse's batch
+            if event is None and (entries := self._statements.get(name)):
+                # A later run: the decision stands as made at Parse (a Bind after the epoch
+                # moved decided it again). With several candidates behind a name, the first
+                # is the one PostgreSQL kept (a second Parse of a name fails there).
+                parse, decision, _, detail = entries[0]
+                event = StatementEvent("execute", parse.sql, decision, 0.0, perf_counter(), detail)
+                batch.append(event)
+        if batch.runs is None:
+            batch.runs = [event]
+        else:
+            batch.runs.append(event)
+
     def _bind(self, frame: codec.Frame) -> None:
         """Bind after the epoch moved: decide the statement again before it runs."""
         if self.phase is Phase.IDLE:
@@ -347,14 +439,14 @@ class Relay:
             return
         now: Decision | None = None
         renewed = []
-        for parse, before, epoch in entries or ():
+        for parse, before, epoch, detail in entries or ():
             if epoch == self._epoch:
-                renewed.append((parse, before, epoch))
+                renewed.append((parse, before, epoch, detail))
                 continue
             now = self._decide(parse.sql, "parse")
             if now == before or (type(now) is type(before) and type(now) is not Block
                                  and getattr(now, "sql", None) == getattr(before, "sql", None)):
-                renewed.append((parse, before, self._epoch))
+                renewed.append((parse, before, self._epoch, self._decider.last if self._explains else detail))
                 continue
             break
         else:
@@ -409,8 +501,7 @@ class Relay:
         epoch = getattr(self._decider, "epoch", 0)
         if epoch != self._epoch:
             self._epoch = epoch
-            if self._client.inspect is not CLIENT_INSPECT_BIND:
-                self._client.inspect = CLIENT_INSPECT_BIND
+            if self._decide_binds_again():
                 self._interrupted = True  # the rest of the current read needs framing again
         return decision
 
@@ -450,7 +541,7 @@ class Relay:
             self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
             return None
         if self._batch is None:
-            self._batch = [event]
+            self._batch = _Batch((event,))
         else:
             self._batch.append(event)
         return self._forward(decision, frame, parse)
@@ -483,6 +574,15 @@ class Relay:
             if t == _B_COMMAND_COMPLETE:
                 raw = item.raw
                 if inflight and (batch := inflight[0]) is not None:
+                    if batch.runs:  # an Execute's run ends: its event gets the count
+                        event = batch.runs.pop(0)
+                        if event is not None:
+                            event.completions = raw if event.completions is None else event.completions + raw
+                        out.append(raw)
+                        continue
+                    if not batch:
+                        out.append(raw)
+                        continue
                     event = batch[0]
                     if event.completions is None:
                         event.completions = raw
@@ -491,6 +591,10 @@ class Relay:
                             event = _uncounted(batch)
                         event.completions = raw if event.completions is None else event.completions + raw
                 out.append(raw)
+            elif t in _RUN_ENDS:  # a run without a count: an empty query, or a row limit reached
+                if inflight and (batch := inflight[0]) is not None and batch.runs:
+                    batch.runs.pop(0)
+                out.append(item.raw)
             elif t == codec.B_READY:
                 self.tx_status = item.raw[5:6]
                 if self._outstanding > 0:
@@ -517,9 +621,11 @@ class Relay:
                 raw = self._swap_refusal(item.raw)
                 if self._withhold_rows:
                     raw = withhold_row_values(raw)
-                if inflight and inflight[0] is not None:
-                    for event in inflight[0]:  # an error aborts the rest of its batch
-                        if event.error is None:
+                if inflight and (batch := inflight[0]) is not None:
+                    # An error aborts the rest of its batch; runs that ended before it keep their success.
+                    finished_runs = batch.runs is not None
+                    for event in batch:
+                        if event.error is None and not (finished_runs and event.completions is not None):
                             event.error = raw
                 out.append(raw)
                 if self.phase in (Phase.COPY_IN, Phase.COPY_OUT, Phase.COPY_BOTH):

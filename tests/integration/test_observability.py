@@ -356,6 +356,44 @@ def test_audit_records_of_real_traffic(pg, obs_db, start_proxy):
     assert [r["seq"] for r in found] == [first["seq"]]
 
 
+def test_every_run_of_a_prepared_statement_is_audited(pg, obs_db, start_proxy):
+    """Drivers prepare what they run often (psycopg after a few runs or when asked, asyncpg always): each later run
+    is only Bind/Execute, and still gets a record of its own, with the decision of its Parse and its own rows."""
+    import asyncio
+
+    import asyncpg
+
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        for limit in (1, 2, 2):
+            conn.execute("SELECT name, email FROM crm.members WHERE member_id <= %s", (limit,), prepare=True)
+
+    async def with_asyncpg():
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="app", password="app-secret",
+                                     database=obs_db, server_settings={"pii.purpose": "billing"})
+        try:
+            for limit in (1, 2, 1):
+                await conn.fetch("SELECT email FROM crm.members WHERE member_id <= $1", limit)
+        finally:
+            await conn.close()
+
+    asyncio.run(with_asyncpg())
+    assert proxy.stop() == 0
+    recs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement" and "crm.members" in r["tables"]]
+    psycopg_runs = [r for r in recs if r["fingerprint"].startswith("select name, email")]
+    # psycopg prepares in a batch of its own (Parse, Describe, Sync), then runs the statement three times.
+    assert [(r["via"], r["rows"]) for r in psycopg_runs] == [("parse", None), ("execute", 1), ("execute", 2),
+                                                            ("execute", 2)]
+    asyncpg_runs = [r for r in recs if r["fingerprint"].startswith("select email")]
+    # asyncpg parses and runs in one batch the first time (the Parse's record has that run's rows), then only runs.
+    assert [(r["via"], r["rows"]) for r in asyncpg_runs] == [("parse", 1), ("execute", 2), ("execute", 1)]
+    for run in psycopg_runs[1:] + asyncpg_runs:
+        assert run["verdict"] == "allow" and run["purpose"] == "billing" and run["completed"] is True
+        assert "contact.email" in run["categories"] and run["error"] is None
+    assert all(r["decision_seconds"] is None for r in recs if r["via"] == "execute")
+    assert audit.verify([proxy.audit_path]).ok
+
+
 def test_audit_verify_finds_a_changed_byte_and_a_removed_record(pg, start_proxy, tmp_path):
     proxy = start_proxy(*MARKER)
     with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:

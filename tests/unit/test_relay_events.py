@@ -97,13 +97,56 @@ def test_several_statements_in_one_extended_batch_get_completions_in_order():
 
 
 def test_prepare_only_batch_then_bind_execute_batch():
-    """A statement only prepared in its batch (asyncpg) completes with no rows; executing it later adds no event."""
+    """A statement only prepared in its batch (asyncpg) completes with no rows; each later run is an event of its own,
+    with the decision and account of its Parse and its own rows."""
     relay = authenticated_relay()
     relay.client_data(codec.encode_parse("s1", "SELECT a FROM t") + sync())
     relay.server_data(PARSE_COMPLETE + ready(b"I"))
-    relay.client_data(bind("", "s1") + execute() + sync())
-    relay.server_data(BIND_COMPLETE + data_row(b"1") + command_complete("SELECT 1") + ready(b"I"))
-    assert [(e.sql, e.rows) for e in relay.events] == [("SELECT a FROM t", None)]
+    (parsed,) = relay.events
+    assert (parsed.via, parsed.sql, parsed.rows) == ("parse", "SELECT a FROM t", None)
+    for rows in (1, 3):
+        relay.events.clear()
+        relay.client_data(bind("", "s1") + execute() + sync())
+        relay.server_data(BIND_COMPLETE + b"".join(data_row(b"1") for _ in range(rows))
+                          + command_complete(f"SELECT {rows}") + ready(b"I"))
+        (run,) = relay.events
+        assert (run.via, run.sql, run.rows, run.decision, run.seconds) == ("execute", "SELECT a FROM t", rows,
+                                                                          parsed.decision, 0.0)
+        assert run.finished is not None and run.detail is parsed.detail
+
+
+def test_runs_get_their_own_rows_in_a_pipeline():
+    """Parse+Bind+Execute is one event (the Parse's); further Executes of the statement, in the same batch or later
+    ones, are runs with their own counts, in order; a prepare-only Parse in the same batch takes none of them."""
+    relay = authenticated_relay()
+    relay.client_data(codec.encode_parse("a", "SELECT 1") + codec.encode_parse("b", "SELECT 2")
+                      + bind("", "b") + execute() + bind("p", "b") + execute("p") + execute("nosuch") + sync()
+                      + bind("", "b") + execute() + sync())
+    relay.server_data(PARSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + data_row(b"2") + command_complete("SELECT 1")
+                      + BIND_COMPLETE + data_row(b"2") + data_row(b"2") + command_complete("SELECT 2")
+                      + pg_error("34000", 'portal "nosuch" does not exist') + ready(b"I")
+                      + BIND_COMPLETE + command_complete("SELECT 0") + ready(b"I"))
+    assert [(e.via, e.sql, e.rows, e.error is not None) for e in relay.events] == [
+        ("parse", "SELECT 1", None, True), ("parse", "SELECT 2", 1, False), ("execute", "SELECT 2", 2, False),
+        ("execute", "SELECT 2", 0, False)]
+
+
+def test_a_run_ended_without_a_count_takes_its_turn():
+    """PortalSuspended (a row limit) and EmptyQueryResponse end a run without a count: the next run keeps its own."""
+    relay = authenticated_relay()
+    relay.client_data(codec.encode_parse("s", "SELECT a FROM t") + sync())
+    relay.server_data(PARSE_COMPLETE + ready(b"I"))
+    relay.events.clear()
+    relay.client_data(bind("p", "s") + execute("p", 1) + execute("p") + sync())
+    relay.server_data(BIND_COMPLETE + data_row(b"1") + msg(b"s") + data_row(b"2") + command_complete("SELECT 1")
+                      + ready(b"I"))
+    assert [(e.via, e.rows) for e in relay.events] == [("execute", None), ("execute", 1)]
+
+
+def test_an_unobserved_relay_frames_no_execute():
+    relay = authenticated_relay(observed=False)
+    data = codec.encode_parse("s", "SELECT 1") + bind("", "s") + execute() + sync()
+    assert [type(i) for i in relay._client.feed(data)] == [codec.Frame, bytes, codec.Frame]
 
 
 def test_refused_query_carries_the_refusal_the_client_got():
