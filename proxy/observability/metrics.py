@@ -50,11 +50,13 @@ class Metrics:
         disable_created_metrics()  # no ..._created series beside every counter and histogram
         self.registry = r = registry or CollectorRegistry()
         self.statements = HotCounter(
-            "purpose_proxy_statements", "Statements decided, by decision and purpose.",
+            "purpose_proxy_statements",
+            "Statements decided, and later runs of prepared statements, by decision and purpose.",
             ["decision", "purpose"], registry=r)
         self.statement_categories = HotCounter(
             "purpose_proxy_statement_categories",
-            "Statements decided, once per category of personal data they touch (none: no personal data).",
+            "Statements decided and later runs of prepared statements, once per category of personal data they touch "
+            "(none: no personal data).",
             ["decision", "purpose", "category"], registry=r)
         self.refusals = HotCounter(
             "purpose_proxy_refusals", "Statements refused, by reason.", ["reason"], registry=r)
