@@ -397,10 +397,11 @@ class Relay:
     def _bound(self, raw: bytes) -> None:
         """Remember which statement a Bind binds its portal to (observed: for the runs of that portal)."""
         end = raw.find(b"\x00", 5)  # Bind: portal name, then statement name
-        if end < 0:
-            raise codec.ProtocolViolation("malformed Bind message")
+        stmt_end = raw.find(b"\x00", end + 1) if end >= 0 else -1
+        if stmt_end < 0:
+            return  # malformed: PostgreSQL refuses it (as it did before Bind was framed)
         portals = self._portals
-        portals[raw[5:end]] = codec.cstring_at(raw, end + 1)
+        portals[raw[5:end]] = raw[end + 1:stmt_end].decode("utf-8", "surrogateescape")
         if len(portals) > _MAX_PORTALS:  # named portals the client never closes: forget the oldest
             del portals[next(iter(portals))]
 

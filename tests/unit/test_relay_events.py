@@ -242,3 +242,14 @@ def test_an_unobserved_relay_keeps_no_events_and_streams_command_complete():
     assert relay.events == []
     assert b"".join(relay.to_client) == answer
     assert relay.phase is Phase.IDLE and relay.tx_status == b"I"
+
+
+def test_a_malformed_bind_still_goes_to_postgresql_which_refuses_it():
+    """Framing Bind to follow the runs must not make the proxy stricter than before: PostgreSQL answers it."""
+    relay = authenticated_relay()
+    relay.to_server.clear()
+    bad = msg(b"B", b"portal-without-terminator")
+    relay.client_data(bad + execute() + sync())
+    assert sent(relay.to_server) == bad + execute() + sync()
+    relay.server_data(pg_error("08P01", "invalid message format") + ready(b"I"))
+    assert relay.events == [] and relay.phase is Phase.IDLE
