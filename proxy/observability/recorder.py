@@ -521,7 +521,7 @@ def _json(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
-_VIA = {via: _json(via) for via in ("query", "parse", "execute", "function_call")}
+_VIA = {via: _json(via) for via in ("query", "parse", "bind", "execute", "function_call")}
 
 
 def _decided_members(expl, decision: Decision, fp: str) -> str:

@@ -430,6 +430,7 @@ class Relay:
         """Bind after the epoch moved: decide the statement again before it runs."""
         if self.phase is Phase.IDLE:
             self.phase = Phase.EXTENDED
+        started = perf_counter()
         portal_end = frame.raw.find(b"\x00", 5)  # Bind: portal name, then statement name
         if portal_end < 0:
             raise codec.ProtocolViolation("malformed Bind message")
@@ -472,6 +473,14 @@ class Relay:
                 hint="Prepare the statement again (DEALLOCATE it, or reconnect).",
                 reason="stale-prepared-statement",
             )
+        if self.observed:  # a run refused at its Bind is a decision like any other: it gets its event
+            decided = bool(entries) and self._explains
+            event = StatementEvent("bind", parse.sql if entries else "", now, perf_counter() - started, started,
+                                   self._decider.last if decided else None)
+            if self._batch is None:
+                self._batch = _Batch((event,))
+            else:
+                self._batch.append(event)
         # The statement still exists in PostgreSQL: keep its record, so that every
         # later Bind of it is decided again (and refused while the decision stands).
         wire = apply(now, frame)

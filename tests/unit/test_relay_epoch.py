@@ -79,6 +79,27 @@ def test_bind_after_epoch_change_to_block_is_refused_until_sync():
     assert fields["C"] == "42501" and fields["M"] == "purpose x may not read secret"
 
 
+def test_a_run_refused_at_its_bind_is_an_event_like_any_decision():
+    """The audit log and the metrics hear of a refusal at Bind (after a purpose change or reload) too."""
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT secret FROM t", ()) + sync())
+    r.server_data(codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    d.epoch = 1
+    d.answer = Block("purpose x may not read secret", detail="column t.secret")
+    r.refresh_epoch()
+    r.events.clear()
+    r.to_server.clear()
+    r.client_data(codec.encode_bind("", "s1") + execute() + sync())
+    sent = b"".join(r.to_server)
+    marker = sent[sent.index(b"purpose_proxy_refused_"):].split(b"\x00")[0].decode()
+    r.server_data(codec.error_response("26000", f'prepared statement "{marker}" does not exist')
+                  + codec.ready_for_query(b"I"))
+    (refused,) = r.events
+    assert (refused.via, refused.sql, refused.decision) == ("bind", "SELECT secret FROM t", d.answer)
+    assert codec.parse_error_fields(refused.error[5:])["C"] == "42501" and refused.finished is not None
+
+
 def test_bind_of_statement_allowed_before_but_masked_now_must_be_prepared_again():
     from proxy.policy.decision import Mask
 
