@@ -54,6 +54,7 @@ class Fingerprints:
         self.size = size
         self._cache: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._fingerprint = _analysis_fingerprint or fallback_fingerprint
+        self._last: tuple[str | None, tuple[str, str]] = (None, ("", ""))  # a span and an audit record ask in turn
 
     def __call__(self, sql: str) -> tuple[str, str]:
         """(fingerprint, id): the id is the first 16 hex digits of the fingerprint's SHA-256.
@@ -61,6 +62,14 @@ class Fingerprints:
         Statements that differ only in their constants have one fingerprint: they are
         cached by their shape (``proxy.analysis.shape``), found without the lexer.
         """
+        last = self._last
+        if last[0] is sql:
+            return last[1]
+        out = self._lookup(sql)
+        self._last = (sql, out)
+        return out
+
+    def _lookup(self, sql: str) -> tuple[str, str]:
         hit = self._cache.get(sql)
         if hit is not None:
             self._cache.move_to_end(sql)
