@@ -394,6 +394,26 @@ def test_every_run_of_a_prepared_statement_is_audited(pg, obs_db, start_proxy):
     assert audit.verify([proxy.audit_path]).ok
 
 
+def test_a_prepared_run_refused_at_its_bind_is_audited(pg, obs_db, start_proxy):
+    """Prepared under one purpose, run under another that may not read it: refused at Bind, and recorded."""
+    proxy = start_proxy(*purpose_args(pg))
+    sql = "SELECT email FROM crm.members WHERE member_id = %s"
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        assert conn.execute(sql, (1,), prepare=True).fetchall() == [("ann@example.invalid",)]
+        conn.execute("SET pii.purpose = 'marketing'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql, (2,), prepare=True)  # Bind/Execute of the statement prepared under billing
+    assert proxy.stop() == 0
+    recs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement" and "crm.members" in r["tables"]]
+    refused = [r for r in recs if r["via"] == "bind"]
+    assert len(refused) == 1, [(r["via"], r["verdict"]) for r in recs]
+    assert (refused[0]["verdict"], refused[0]["purpose"], refused[0]["error"]["sqlstate"]) == ("block", "marketing",
+                                                                                            "42501")
+    assert refused[0]["fingerprint"] == "select email from crm.members where member_id = $1"
+    assert "contact.email" in refused[0]["categories"]
+    assert audit.verify([proxy.audit_path]).ok
+
+
 def test_audit_verify_finds_a_changed_byte_and_a_removed_record(pg, start_proxy, tmp_path):
     proxy = start_proxy(*MARKER)
     with psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port), autocommit=True) as conn:
