@@ -97,6 +97,14 @@ def fatal(msgs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, str, str, str]]:
     return [(t, *(error_fields(b)[k] for k in "SCM")) for t, b in msgs if t in (b"E", b"N")]
 
 
+def wait_only_the_bystander_left(cluster, p, *gone_apps: str) -> None:
+    """The victims' backends are gone and the proxy holds only the bystander's session (client and upstream)."""
+    for app in gone_apps:
+        wait_no_backends(cluster, app)
+    wait_sessions(p, 1)
+    wait_connections(p, 2)
+
+
 def big_result_query(rows: int, width: int = 1000) -> bytes:
     return query_message(f"SELECT repeat('x', {width}) FROM generate_series(1, {rows})")
 
@@ -142,10 +150,7 @@ def test_upstream_reset_between_statements(cluster, upstream_fp, start):
         finally:
             victim.close()
             raw.sock.close()
-        wait_no_backends(cluster, victim_app)
-        wait_no_backends(cluster, raw_app)
-        wait_sessions(p, 1)
-        wait_connections(p, 2)  # the bystander's client and upstream connections
+        wait_only_the_bystander_left(cluster, p, victim_app, raw_app)
     wait_sessions(p, 0)
 
 
@@ -468,10 +473,7 @@ def test_upstream_half_closed(cluster, upstream_fp, start, toward):
         finally:
             victim.close()
             raw.sock.close()
-        wait_no_backends(cluster, victim_app)
-        wait_no_backends(cluster, raw_app)
-        wait_sessions(p, 1)
-        wait_connections(p, 2)  # the bystander's client and upstream connections
+        wait_only_the_bystander_left(cluster, p, victim_app, raw_app)
 
 
 def test_upstream_half_closed_toward_the_server_mid_statement(cluster, upstream_fp, start):
