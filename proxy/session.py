@@ -23,7 +23,7 @@ import logging
 import math
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.wire import codec
@@ -58,6 +58,7 @@ class _Side(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.closed = False
         self.abort_timer: asyncio.TimerHandle | None = None  # armed by Session.close (CLOSE_GRACE)
+        self.received: Callable[[bytes], None] | None = None  # set when relaying starts: where bytes go
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -73,11 +74,9 @@ class _Side(asyncio.Protocol):
             self.session.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.session.relaying:
-            if self.upstream:
-                self.session.from_server(data)
-            else:
-                self.session.from_client(data)
+        received = self.received
+        if received is not None:
+            received(data)
             return
         self.buf += data
         self._wake()
@@ -420,6 +419,8 @@ class Session:
         self.flush()  # the StartupMessage goes upstream
         await self._upstream_answer()
         self.relaying = True
+        client.received = self.from_client
+        self.upstream.received = self.from_server
         self._start_watch()
         self.server.session_started(self)  # observability: session metrics and audit record
         upstream = self.upstream

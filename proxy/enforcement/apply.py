@@ -29,12 +29,9 @@ class Refusal:
     block: Block
 
 
-@dataclass(slots=True)
-class Wire:
-    """What one decided message becomes: bytes for upstream, and maybe a refusal."""
-
-    upstream: bytes
-    refusal: Refusal | None = None
+# What one decided message becomes: bytes for upstream, and maybe a refusal. A plain
+# tuple: it is made for every statement, and a tuple costs a fifth of a dataclass.
+Wire = tuple[bytes, Refusal | None]
 
 
 def refusal_error(block: Block) -> bytes:
@@ -50,18 +47,18 @@ def apply(decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | No
     refused (a statement decided again after the purpose or policy changed).
 
     >>> q = codec.Frame(ord("Q"), codec.query("SELECT 1"))
-    >>> apply(Allow(), q).upstream == q.raw
+    >>> apply(Allow(), q) == (q.raw, None)
     True
-    >>> w = apply(Block("no"), q)
-    >>> w.upstream.startswith(b"Q") and w.refusal.marker in w.upstream
+    >>> upstream, refusal = apply(Block("no"), q)
+    >>> upstream.startswith(b"Q") and refusal.marker in upstream
     True
     """
     if type(decision) is Allow:
-        return Wire(frame.raw)
+        return frame.raw, None
     if type(decision) is Mask:
         if parse is None:
-            return Wire(codec.query(decision.sql))
-        return Wire(codec.encode_parse(parse.name, decision.sql, parse.param_types))
+            return codec.query(decision.sql), None
+        return codec.encode_parse(parse.name, decision.sql, parse.param_types), None
     if type(decision) is Block:
         marker = MARKER_PREFIX + secrets.token_hex(12)
         if parse is not None:
@@ -74,7 +71,7 @@ def apply(decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | No
             upstream = codec.encode_bind("", marker)
         else:  # Query or FunctionCall: both end in one ReadyForQuery
             upstream = codec.query(marker)
-        return Wire(upstream, Refusal(marker.encode(), refusal_error(decision), decision))
+        return upstream, Refusal(marker.encode(), refusal_error(decision), decision)
     raise TypeError(f"not a decision: {decision!r}")
 
 

@@ -97,7 +97,7 @@ class Scanner:
     [b'C\\x00\\x00\\x00\\x0bSELECT\\x00', Frame(type=90, raw=b'Z\\x00\\x00\\x00\\x05I')]
     """
 
-    __slots__ = ("inspect", "max_size", "_buf", "_need", "_skip")
+    __slots__ = ("inspect", "max_size", "verbatim", "_buf", "_need", "_skip")
 
     def __init__(self, inspect: frozenset[int], max_size: int | None = None) -> None:
         self.inspect = inspect
@@ -105,6 +105,10 @@ class Scanner:
         self._buf = bytearray()  # held-back bytes: a partial header or inspected message
         self._need = 0  # total bytes the held-back message needs (0: header unknown)
         self._skip = 0  # bytes of an opaque message still to pass through
+        # True when the items of the latest ``feed`` joined are exactly the bytes it was
+        # given (nothing held back from before, nothing held back now): a caller that
+        # forwards every item unchanged may then forward those bytes in one piece.
+        self.verbatim = False
 
     def _bad_length(self, typ: int, length: int) -> None:
         if length < 4 or length > 0x7FFFFFFF:
@@ -117,20 +121,24 @@ class Scanner:
         return self._skip == 0 and not self._buf
 
     def feed(self, data: bytes) -> list:
+        verbatim = True
         if self._buf:
             buf = self._buf
             buf += data
             if len(buf) < (self._need or 5):
+                self.verbatim = False
                 return []
             data = bytes(buf)
             buf.clear()
             self._need = 0
+            verbatim = False
         n = len(data)
         pos = 0
         skip = self._skip
         if skip:
             if skip >= n:
                 self._skip = skip - n
+                self.verbatim = verbatim
                 return [data] if n else []
             pos = skip
             self._skip = 0
@@ -164,6 +172,8 @@ class Scanner:
             items.append(data[seg:pos])
         if pos < n:
             self._buf += data[pos:]
+            verbatim = False
+        self.verbatim = verbatim
         return items
 
     def reframe(self, items) -> list:
@@ -294,12 +304,16 @@ def query(sql: str) -> bytes:
     return message(b"Q", cstring(sql))
 
 
-def parse_query(body: bytes) -> str:
-    """Decode a Query body (one C string)."""
-    end = body.find(b"\x00")
+def query_text(raw: bytes) -> str:
+    """Decode the SQL of a whole Query message, header included (no copy of the body first).
+
+    >>> query_text(query("SELECT 1"))
+    'SELECT 1'
+    """
+    end = raw.find(b"\x00", 5)
     if end < 0:
         raise ProtocolViolation("Query message without terminator")
-    return body[:end].decode("utf-8", "surrogateescape")
+    return raw[5:end].decode("utf-8", "surrogateescape")
 
 
 @dataclass(slots=True)

@@ -868,6 +868,8 @@ def scanner_items(scanner: codec.Scanner, chunks) -> tuple[list, codec.ProtocolV
             return items, exc
         assert all(type(i) is bytes or type(i) is codec.Frame for i in got)
         assert all(len(i) for i in got if type(i) is bytes), "empty opaque segment"
+        if scanner.verbatim:  # the relay may then forward the chunk itself for these items
+            assert scanned(got) == chunk
         items += got
     return items, None
 
@@ -928,11 +930,12 @@ def check_decoders(body: bytes, start: int = 0) -> None:
         except codec.ProtocolViolation:
             return None
 
-    for fn in (codec.decode_parse, codec.parse_query, codec.function_call_oid, codec.decode_backend_key_data,
+    for fn in (codec.decode_parse, codec.function_call_oid, codec.decode_backend_key_data,
                codec.auth_code, codec.parameter_status, codec.sasl_mechanisms, codec.parse_error_fields,
                codec.parse_startup_params):
         value(fn, body)
     value(codec.cstring_at, body, start)
+    value(codec.query_text, msg(b"Q", body))
     sasl = value(codec.sasl_mechanisms, struct.pack("!i", 10) + body)
     if sasl is not None:  # a mechanism list survives re-encoding
         assert codec.sasl_mechanisms(codec.auth_sasl(sasl)[5:]) == sasl

@@ -121,13 +121,13 @@ def check_decision(session: PurposeSession, sql: str, via: str):
     if via == "parse":
         raw = codec.encode_parse("s", sql)
         frame = codec.Frame(codec.F_PARSE, raw)
-        wire = apply(decision, frame, codec.decode_parse(raw[5:]))
+        upstream, refusal = apply(decision, frame, codec.decode_parse(raw[5:]))
     else:
         frame = codec.Frame(codec.F_QUERY, codec.query(sql))
-        wire = apply(decision, frame)
-    assert (wire.refusal is not None) == (kind is Block)
+        upstream, refusal = apply(decision, frame)
+    assert (refusal is not None) == (kind is Block)
     if kind is Allow:
-        assert wire.upstream == frame.raw
+        assert upstream == frame.raw
     return decision
 
 

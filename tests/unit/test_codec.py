@@ -337,7 +337,7 @@ def test_malformed_parse(body):
 
 def test_query_without_terminator():
     with pytest.raises(ProtocolViolation):
-        codec.parse_query(b"SELECT 1")
+        codec.query_text(b"Q\x00\x00\x00\x0cSELECT 1")
 
 
 def test_error_response_roundtrip():
@@ -431,6 +431,41 @@ def test_query_split_across_reads_is_decided_once_whole():
     assert d.calls == [("SELECT 'a long enough statement'", "query")]
 
 
+def test_a_read_forwarded_unchanged_goes_on_as_the_read_itself():
+    # Several messages in one read, none changed: one buffer each way, the very bytes
+    # object that was read (one plain write for the socket instead of a gathered one).
+    relay = authenticated_relay(Decider())
+    batch = bind() + execute() + sync()
+    relay.client_data(batch)
+    assert len(relay.to_server) == 1 and relay.to_server[0] is batch
+    answer = msg(b"2") + data_row(b"1") + command_complete("SELECT 1") + ready()
+    relay.server_data(answer)
+    assert len(relay.to_client) == 1 and relay.to_client[0] is answer
+    assert relay.phase is Phase.IDLE
+
+
+def test_a_read_with_a_held_back_or_changed_message_goes_on_in_pieces():
+    relay = authenticated_relay(Decider({"SELECT secret FROM t": REFUSAL}))
+    # The read ends inside an inspected message: what went on is the read minus that tail.
+    head = bind() + execute() + sync()
+    relay.client_data(head + sync()[:3])
+    assert sent(relay.to_server) == head
+    relay.to_server.clear()
+    relay.client_data(sync()[3:])  # the rest: the held-back part comes first
+    assert sent(relay.to_server) == sync()
+    relay.server_data(msg(b"2") + command_complete("SELECT 0") + ready() + ready())
+    relay.to_client.clear()
+    # A refused statement in the read: the stand-in goes up, not the client's bytes.
+    relay.client_data(codec.encode_parse("", "SELECT secret FROM t") + bind() + sync())
+    upstream = sent(relay.to_server)
+    assert b"secret" not in upstream and upstream.endswith(sync())
+    stand_in = codec.decode_parse(split_messages(upstream)[0][5:]).sql
+    # Its error is swapped for the refusal, so the answer goes on in pieces too.
+    relay.server_data(pg_syntax_error(stand_in) + ready())
+    out = split_messages(sent(relay.to_client))
+    assert error_fields(out[0])["C"] == "42501" and out[1] == ready()
+
+
 def test_mask_rewrites_query_and_parse():
     d = Decider({"SELECT email FROM t": Mask("SELECT '***' AS email FROM t", methods=("redact",))})
     relay = authenticated_relay(d)
@@ -449,7 +484,7 @@ def test_block_sends_stand_in_and_swaps_the_syntax_error():
     upstream = sent(relay.to_server)
     assert b"secret" not in upstream  # nothing of the statement reaches PostgreSQL
     assert upstream[:1] == b"Q"
-    stand_in = codec.parse_query(upstream[5:])
+    stand_in = codec.query_text(upstream)
     assert stand_in.startswith(MARKER_PREFIX)
     # PostgreSQL answers the lone identifier with a syntax error naming it.
     relay.server_data(pg_syntax_error(stand_in) + ready(b"I"))
@@ -471,7 +506,7 @@ def test_block_inside_transaction_keeps_postgres_failed_state():
     relay.server_data(command_complete("BEGIN") + ready(b"T"))
     assert relay.tx_status == b"T" and not relay.idle
     relay.client_data(codec.query("DELETE FROM t"))
-    stand_in = codec.parse_query(sent(relay.to_server)[5:])
+    stand_in = codec.query_text(sent(relay.to_server))
     assert stand_in.startswith(MARKER_PREFIX)
     relay.server_data(pg_syntax_error(stand_in) + ready(b"E"))
     out = split_messages(sent(relay.to_client))
@@ -484,7 +519,7 @@ def test_block_split_error_response_is_still_swapped():
     d = Decider({"x": REFUSAL})
     relay = authenticated_relay(d)
     relay.client_data(codec.query("x"))
-    stand_in = codec.parse_query(sent(relay.to_server)[5:])
+    stand_in = codec.query_text(sent(relay.to_server))
     answer = pg_syntax_error(stand_in) + ready(b"I")
     for i in range(len(answer)):
         relay.server_data(answer[i : i + 1])
@@ -514,7 +549,7 @@ def test_decider_crash_fails_closed():
 
     relay = authenticated_relay(decide)
     relay.client_data(codec.query("SELECT 1"))
-    stand_in = codec.parse_query(sent(relay.to_server)[5:])
+    stand_in = codec.query_text(sent(relay.to_server))
     assert stand_in.startswith(MARKER_PREFIX)
     relay.server_data(pg_syntax_error(stand_in) + ready(b"I"))
     assert error_fields(split_messages(sent(relay.to_client))[0])["C"] == "XX000"
