@@ -59,8 +59,19 @@ class Shape:
     constants: tuple[str, ...]
 
 
+# Recent answers by text. The decision cache asks for a statement's shape when the
+# statement arrives, the telemetry's fingerprints once its answer is back: the second
+# asking is a dict lookup (the text's hash is cached by then). Cleared when full;
+# texts over _RECENT_TEXT characters are not kept.
+_recent: dict[str, Shape | None] = {}
+_RECENT = 512
+_RECENT_TEXT = 4096
+_UNSEEN = object()
+
+
 def shape(sql: str) -> Shape | None:
-    """The shape of ``sql``, or None when it is outside the subset read here.
+    """The shape of ``sql`` (remembered for a while: see ``_recent``), or None when it is
+    outside the subset read here.
 
     >>> s = shape("SELECT email FROM crm.members WHERE id = 42 AND name = 'O''Hara'")
     >>> s.key == "SELECT email FROM crm.members WHERE id = " + NUMBER + " AND name = " + STRING
@@ -72,6 +83,18 @@ def shape(sql: str) -> Shape | None:
     >>> [shape(q) for q in ("SELECT 1 -- c", "SELECT $$x$$", "SELECT E'\\\\n'", "SELECT 'open", "SELECT 1e5")]
     [None, None, None, None, Shape(key='SELECT 1e5', constants=())]
     """
+    answer = _recent.get(sql, _UNSEEN)
+    if answer is not _UNSEEN:
+        return answer
+    answer = _shape(sql)
+    if len(sql) <= _RECENT_TEXT:
+        if len(_recent) >= _RECENT:
+            _recent.clear()
+        _recent[sql] = answer
+    return answer
+
+
+def _shape(sql: str) -> Shape | None:
     if "\\" in sql:  # anywhere: inside a string its meaning depends on standard_conforming_strings
         return None
     parts = _PIECES.split(sql)

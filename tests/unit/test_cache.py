@@ -222,3 +222,30 @@ def test_shape_subset_refuses_what_it_cannot_read_exactly():
         assert shapes.shape(sql) is None, sql
     assert re.search("\x02", shapes.shape("SELECT a FROM t WHERE b = 10").key)
     assert "\x02" not in shapes.shape("SELECT a1, t.2x, 1e5, 0x1F FROM t").key
+
+
+def test_a_statement_is_shaped_once_for_the_decision_cache_and_its_fingerprint(monkeypatch):
+    from proxy.observability.fingerprint import Fingerprints
+
+    case = next(c for c in CASES if c["name"] == "partial keeps the first characters of a name")
+    s = _session(case, 50)
+    s.decide(case["sql"], "query")  # the shape is in the cache now
+    other = _variants(case["sql"])[1]
+    calls: list[str] = []
+    real = shapes._shape
+    monkeypatch.setattr(shapes, "_recent", {})
+    monkeypatch.setattr(shapes, "_shape", lambda sql: calls.append(sql) or real(sql))
+    decision = s.decide(other, "query")
+    assert isinstance(decision, Mask) and calls == [other]
+    Fingerprints()(other)  # telemetry asks next: the answer is remembered
+    assert calls == [other]
+
+
+def test_remembered_shapes_are_bounded_and_long_texts_are_not_kept(monkeypatch):
+    monkeypatch.setattr(shapes, "_recent", {})
+    for i in range(shapes._RECENT + 5):
+        assert shapes.shape(f"SELECT {i} FROM t").constants == (str(i),)
+    assert 0 < len(shapes._recent) <= shapes._RECENT
+    long = "SELECT 1 FROM t WHERE a IN (" + ", ".join(map(str, range(2000))) + ")"
+    assert len(long) > shapes._RECENT_TEXT and shapes.shape(long) is not None
+    assert long not in shapes._recent
