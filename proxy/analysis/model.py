@@ -28,13 +28,18 @@ class Use(enum.Flag):
     WHOLE_ROW = enum.auto()  # through a whole-row reference (SELECT t FROM t, row_to_json(t), t.*::text)
     AGGREGATE = enum.auto()  # only inside an aggregate function (count(x), avg(x), ...)
 
+    # Flag operators are Python code in enum (a new member lookup each): these test bits.
     @property
     def reads(self) -> bool:
-        return bool(self & (Use.PROJECT | Use.FILTER | Use.WHOLE_ROW | Use.AGGREGATE))
+        return bool(self._value_ & _READ_BITS)
 
     @property
     def writes(self) -> bool:
-        return bool(self & (Use.WRITE | Use.DELETE))
+        return bool(self._value_ & _WRITE_BITS)
+
+
+_READ_BITS = (Use.PROJECT | Use.FILTER | Use.WHOLE_ROW | Use.AGGREGATE).value
+_WRITE_BITS = (Use.WRITE | Use.DELETE).value
 
 
 @dataclass(frozen=True, order=True, slots=True)

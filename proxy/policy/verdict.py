@@ -70,7 +70,13 @@ def use_names(use: Use) -> tuple[str, ...]:
     >>> use_names(Use.PROJECT | Use.FILTER)
     ('project', 'filter')
     """
-    return tuple(name for flag, name in USE_NAMES if use & flag)
+    names = _USE_NAMES_BY_VALUE.get(use._value_)
+    if names is None:
+        names = _USE_NAMES_BY_VALUE[use._value_] = tuple(name for flag, name in USE_NAMES if use & flag)
+    return names
+
+
+_USE_NAMES_BY_VALUE: dict[int, tuple[str, ...]] = {}  # at most one entry per combination of flags
 
 
 def actions_for(use: Use) -> tuple[str, ...]:
