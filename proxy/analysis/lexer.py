@@ -74,6 +74,10 @@ def _ident_cont(c: str) -> bool:
     return c.isascii() and (c.isalnum() or c in "_$") or not c.isascii()
 
 
+# The characters _ident_cont accepts, for scanning a whole identifier in one match.
+_IDENT_REST = re.compile(r"[A-Za-z0-9_$\x80-\U0010ffff]*")
+
+
 def ascii_lower(s: str) -> str:
     """Fold an unquoted identifier as PostgreSQL does with a UTF-8 database: ASCII letters only.
 
@@ -261,9 +265,7 @@ class _Scanner:
                 self._add(T.STRING, i, end + len(delim), s[m.end() : end])
                 i = end + len(delim)
             elif _ident_start(c):
-                j = i + 1
-                while j < n and _ident_cont(s[j]):
-                    j += 1
+                j = _IDENT_REST.match(s, i + 1).end()
                 word = s[i:j]
                 self.tokens.append(Token(T.IDENT, i, j, ascii_lower(word), word))
                 i = j
@@ -485,20 +487,28 @@ def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
     atomic = 0  # nesting of BEGIN ATOMIC / CASE ... END inside a function body
     cur: list[Token] = []
     first = 0
+    routine = None  # _is_routine(cur), settled once the statement has its first four tokens
     for i, tok in enumerate(tokens):
         if not cur:
             first = i
+            routine = None
         if tok.kind is T.LPAREN:
             depth += 1
         elif tok.kind is T.RPAREN:
             depth -= 1
-        elif tok.kind is T.IDENT and cur and _is_routine(cur):
-            if tok.value == "atomic" and cur[-1].is_word("begin") and depth == 0:
-                atomic += 1
-            elif atomic and tok.value == "case":
-                atomic += 1
-            elif atomic and tok.value == "end":
-                atomic -= 1
+        elif tok.kind is T.IDENT and cur:
+            in_routine = routine
+            if in_routine is None:
+                in_routine = _is_routine(cur)
+                if len(cur) >= 4:  # it looks at the first four tokens only
+                    routine = in_routine
+            if in_routine:
+                if tok.value == "atomic" and cur[-1].is_word("begin") and depth == 0:
+                    atomic += 1
+                elif atomic and tok.value == "case":
+                    atomic += 1
+                elif atomic and tok.value == "end":
+                    atomic -= 1
         if tok.kind is T.SEMI and depth <= 0 and atomic == 0:
             if cur:
                 out.append(_statement(sql, cur, first))
@@ -523,6 +533,8 @@ def _is_routine(cur: list[Token]) -> bool:
 def _statement(sql: str, toks: list[Token], first: int = 0) -> Statement:
     base = toks[0].start
     text = sql[base : toks[-1].end]
+    if base == 0:  # the usual single statement: its offsets are already right
+        return Statement(text, tuple(toks), 0, first)
     shifted = tuple(
         Token(t.kind, t.start - base, t.end - base, t.value, t.text) for t in toks
     )

@@ -92,6 +92,15 @@ def test_dblink_is_refused_wherever_it_is_installed():
 # --- lexer ---------------------------------------------------------------------------------------------------
 
 
+def test_identifiers_are_scanned_by_the_one_character_rule_on_every_code_point():
+    # The scanner takes an identifier's rest in one regular-expression match; the rule it
+    # must agree with, character by character, is _ident_cont (scan.l's ident_cont).
+    from proxy.analysis.lexer import _IDENT_REST, _ident_cont
+
+    whole = _IDENT_REST.fullmatch
+    assert [cp for cp in range(0x110000) if bool(whole(chr(cp))) != _ident_cont(chr(cp))] == []
+
+
 def test_lexer_kinds():
     toks = scan("SELECT \"A\"\"b\", E'\\n', $tag$x$tag$, B'01', X'ff', $1, 1.5, a.b::int[]")
     kinds = [t.kind for t in toks]
