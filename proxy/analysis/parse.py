@@ -153,9 +153,10 @@ def parse_statement(text: str, tokens: tuple[Token, ...] | list[Token]) -> exp.E
     if len(trees) != 1:
         raise Unparsable("cannot parse the statement")
     tree = trees[0]
-    if isinstance(tree, exp.Command) or tree.find(exp.Command):
+    names, command = _names_in(tree)
+    if command:
         raise Unparsable("cannot parse the statement (syntax the analysis does not understand)")
-    lost = dropped_names(tokens, tree)
+    lost = _missing(tokens, names)
     if lost:
         raise Unparsable(f"the analysis lost the name {lost[0]} while parsing the statement")
     return tree
@@ -221,14 +222,44 @@ def dropped_names(tokens: tuple[Token, ...] | list[Token], tree: exp.Expr) -> li
     neither as names); everything else the PostgreSQL lexer read as an identifier must
     be somewhere in the tree, or the tree may not say what PostgreSQL will run.
     """
+    return _missing(tokens, _names_in(tree)[0])
+
+
+def _names_in(tree: exp.Expr) -> tuple[set[str], bool]:
+    """The names in ``tree`` (lower case), and whether any node of it is an ``exp.Command``
+    (sqlglot's fallback for text it did not parse). One walk over every node, as
+    ``Expr.walk`` would make it (``iter_expressions``: list and node arguments) without
+    its two generators per node.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> names, command = _names_in(parse_statement("SELECT e.Email FROM t AS e", scan("SELECT e.Email FROM t AS e")))
+    >>> sorted(names), command
+    (['e', 'email', 't'], False)
+    """
     names: set[str] = set()
-    for node in tree.walk():
-        if isinstance(node, (exp.Identifier, exp.Var)):
+    command = False
+    Expr, Identifier, Var, Anonymous, DataType = exp.Expr, exp.Identifier, exp.Var, exp.Anonymous, exp.DataType
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (Identifier, Var)):
             names.add(str(node.this).lower())
-        elif isinstance(node, exp.Anonymous) and isinstance(node.this, str):
+        elif isinstance(node, Anonymous) and isinstance(node.this, str):
             names.add(node.this.lower())
-        elif isinstance(node, exp.DataType) and isinstance(node.args.get("kind"), str):
+        elif isinstance(node, DataType) and isinstance(node.args.get("kind"), str):
             names.update(p.strip('"').lower() for p in node.args["kind"].split("."))
+        elif isinstance(node, exp.Command):
+            command = True
+        for value in node.args.values():
+            if isinstance(value, list):
+                stack.extend(v for v in value if isinstance(v, Expr))
+            elif isinstance(value, Expr):
+                stack.append(value)
+    return names, command
+
+
+def _missing(tokens: tuple[Token, ...] | list[Token], names: set[str]) -> list[str]:
+    """The identifiers among ``tokens`` that are not in ``names`` (see ``dropped_names``)."""
     out = []
     for i, tok in enumerate(tokens):
         if tok.kind is T.IDENT:
