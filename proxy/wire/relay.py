@@ -325,7 +325,7 @@ class Relay:
                     out.append(item.raw)
                 continue
             if t == codec.F_QUERY:
-                self.quiet = phase is _IDLE and self._outstanding == 0 and self.tx_status == b"I"
+                self._mark_quiet(phase)
                 self._outstanding += 1
                 self.phase = _SIMPLE_QUERY
                 if type(self._decide_and_forward(item, "query", None)) is not Allow:
