@@ -74,9 +74,9 @@ class PurposeSession:
         self.search_path = list(self.startup_search_path)
         self._purpose_epoch = 0
         # SQL-level PREPARE name -> every statement that may be behind the name, as
-        # (sql, decision, epoch): a PREPARE of a name that exists fails in PostgreSQL,
-        # which the proxy does not see, so the earlier statements stay candidates.
-        self.prepared: dict[str, list[tuple[str, Decision, object]]] = {}
+        # (sql, decision, epoch, explanation): a PREPARE of a name that exists fails in
+        # PostgreSQL, which the proxy does not see, so the earlier statements stay candidates.
+        self.prepared: dict[str, list[tuple[str, Decision, object, Explanation | None]]] = {}
         # The (purpose, search_path) before a SET the server has not yet confirmed:
         # until its ReadyForQuery, statements are decided under both (see ``ready``).
         self._unsettled: tuple[str | None, list[str]] | None = None
@@ -288,9 +288,9 @@ class PurposeSession:
             return _refuse(f"prepared statement \"{name}\" was not prepared through purpose-proxy", sqlstate="26000",
                            reason="unknown-prepared")
         renewed = []
-        for sql, before, epoch in entries:
+        for sql, before, epoch, explanation in entries:
             if epoch == self.epoch:
-                renewed.append((sql, before, epoch))
+                renewed.append((sql, before, epoch, explanation))
                 continue
             now, _ = self._judge(sql, "query")  # decide the PREPARE again under what holds now
             if type(now) is Block:
@@ -299,7 +299,7 @@ class PurposeSession:
                 return _refuse(f"prepared statement \"{name}\" was decided under another purpose or policy and "
                                "must be prepared again", sqlstate="0A000", reason="stale-prepared-statement",
                                hint=f"DEALLOCATE {name} and PREPARE it again.")
-            renewed.append((sql, before, self.epoch))
+            renewed.append((sql, before, self.epoch, explanation))
         self.prepared[name] = renewed
         return None
 
@@ -320,7 +320,7 @@ class PurposeSession:
                     self._set_purpose(self.startup_purpose)
                     self.search_path = list(self.startup_search_path)
             if st.kind is Kind.PREPARE and st.prepared_name:
-                self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch))
+                self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch, self.last))
                 self._forget_protocol_statement(st.prepared_name)
             elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
                 self.prepared.pop(st.prepared_name, None)
@@ -340,6 +340,18 @@ class PurposeSession:
                 self.prepared.clear()
                 self._forget_protocol_statement(None)
                 self.holdable_cursors = False
+
+    def prepared_run(self, name: str) -> tuple[str, Decision, Explanation | None] | None:
+        """The PREPARE (its text, decision and explanation) behind ``name``, for a run of it through the
+        extended protocol's Bind and Execute (the relay's audit event of that run); None if there is none.
+
+        With several candidates the first is the one PostgreSQL kept (a second PREPARE of a name fails).
+        """
+        entries = self.prepared.get(name)
+        if not entries:
+            return None
+        sql, decision, _, explanation = entries[0]
+        return sql, decision, explanation
 
     def _forget_protocol_statement(self, name: str | None) -> None:
         """SQL PREPARE/DEALLOCATE share PostgreSQL's namespace with protocol-level (Parse)

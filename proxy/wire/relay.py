@@ -222,6 +222,8 @@ class Relay:
         # run is their Parse's event; every later run gets an event of its own).
         self._portals: dict[bytes, str] = {}
         self._unexecuted: dict[str, StatementEvent] = {}
+        # (sql, decision, account) of a statement prepared with SQL PREPARE, if the decider keeps them.
+        self._prepared_run = getattr(decider, "prepared_run", None)
         # The decider hears of every ReadyForQuery (and whether an error preceded it),
         # to learn whether a setting change it allowed took effect.
         self._ready_hook = getattr(decider, "ready", None)
@@ -437,13 +439,18 @@ class Relay:
         event = None
         if name is not None:
             event = self._unexecuted.pop(name, None)  # the statement's first run in its Parse's batch
-            if event is None and (entries := self._statements.get(name)):
+            if event is None:
                 # A later run: the decision stands as made at Parse (a Bind after the epoch
                 # moved decided it again). With several candidates behind a name, the first
                 # is the one PostgreSQL kept (a second Parse of a name fails there).
-                parse, decision, _, detail = entries[0]
-                event = StatementEvent("execute", parse.sql, decision, 0.0, perf_counter(), detail)
-                batch.append(event)
+                if entries := self._statements.get(name):
+                    parse, decision, _, detail = entries[0]
+                    run = (parse.sql, decision, detail)
+                else:  # maybe a statement of SQL PREPARE (the names are shared): the decider knows those
+                    run = self._prepared_run(name) if self._prepared_run is not None else None
+                if run is not None:
+                    event = StatementEvent("execute", run[0], run[1], 0.0, perf_counter(), run[2])
+                    batch.append(event)
         if batch.runs is None:
             batch.runs = [event]
         else:

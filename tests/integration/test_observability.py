@@ -394,6 +394,25 @@ def test_every_run_of_a_prepared_statement_is_audited(pg, obs_db, start_proxy):
     assert audit.verify([proxy.audit_path]).ok
 
 
+def test_a_run_of_a_sql_prepared_statement_through_bind_and_execute_is_audited(pg, obs_db, start_proxy):
+    """PREPARE in SQL, then run by name with Bind/Execute (libpq's PQexecPrepared does this): each run is a
+    record of the PREPARE's decision, with the categories it reads and the run's own rows."""
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        conn.execute("PREPARE emails (int) AS SELECT email FROM crm.members WHERE member_id <= $1")
+        for limit in (b"1", b"2"):
+            result = conn.pgconn.exec_prepared(b"emails", [limit])
+            assert result.status == psycopg.pq.ExecStatus.TUPLES_OK and result.ntuples == int(limit)
+    assert proxy.stop() == 0
+    recs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement" and "crm.members" in r["tables"]]
+    assert [(r["via"], r["rows"]) for r in recs] == [("query", None), ("execute", 1), ("execute", 2)]
+    for run in recs[1:]:
+        assert run["fingerprint"] == recs[0]["fingerprint"] and run["fingerprint"].startswith("prepare emails")
+        assert (run["verdict"], run["purpose"], run["error"]) == ("allow", "billing", None)
+        assert "contact.email" in run["categories"]
+    assert audit.verify([proxy.audit_path]).ok
+
+
 def test_a_prepared_run_refused_at_its_bind_is_audited(pg, obs_db, start_proxy):
     """Prepared under one purpose, run under another that may not read it: refused at Bind, and recorded."""
     proxy = start_proxy(*purpose_args(pg))

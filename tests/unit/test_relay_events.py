@@ -253,3 +253,31 @@ def test_a_malformed_bind_still_goes_to_postgresql_which_refuses_it():
     assert sent(relay.to_server) == bad + execute() + sync()
     relay.server_data(pg_error("08P01", "invalid message format") + ready(b"I"))
     assert relay.events == [] and relay.phase is Phase.IDLE
+
+
+def test_a_protocol_run_of_a_statement_of_sql_prepare_is_an_event_of_that_prepare():
+    # PREPARE and Parse share PostgreSQL's namespace: a client may PREPARE in SQL and run the
+    # statement with Bind/Execute. That run reads what the PREPARE was decided on; it is audited
+    # as a run of it (its text, decision and account), with its own row count.
+    from tests.unit.test_cache import CASES, _session
+
+    s = _session(next(c for c in CASES if c["name"] == "partial keeps the first characters of a name"), 0)
+    relay = authenticated_relay(s)
+    s.attach(relay)
+    prepare = "PREPARE members_by_id (int) AS SELECT name FROM crm.members WHERE member_id = $1"
+    relay.client_data(codec.query(prepare))
+    relay.server_data(command_complete("PREPARE") + ready())
+    (prepared,) = relay.events
+    assert prepared.detail is not None and prepared.detail.to_dict()["columns"]  # the PREPARE's account
+    relay.events.clear()
+    relay.client_data(bind("", "members_by_id") + execute() + sync())
+    relay.server_data(BIND_COMPLETE + data_row(b"RA****") + data_row(b"SU****") + command_complete("SELECT 2")
+                      + ready())
+    (run,) = relay.events
+    assert (run.via, run.sql, run.decision, run.rows, run.error) == ("execute", prepare, prepared.decision, 2, None)
+    assert run.detail is prepared.detail
+    # A name nobody prepared (PostgreSQL refuses its Bind): no event to make up.
+    relay.events.clear()
+    relay.client_data(bind("", "nobody") + execute() + sync())
+    relay.server_data(pg_error("26000", 'prepared statement "nobody" does not exist') + ready())
+    assert relay.events == []
