@@ -561,32 +561,29 @@ class Relay:
             if type(decision) is Block and decision.severity == "FATAL":
                 self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
                 return None
-            return self._forward(decision, frame, parse)
-        started = perf_counter()
-        if too_long is not None:
-            decision, decided = too_long, started
-            # No account of the decider's (it was not asked); telemetry fingerprints the
-            # text, so the event keeps a bounded prefix of it.
-            event = StatementEvent(via, sql[:limit], decision, 0.0, started)
         else:
-            decision = self._decide(sql, via)
-            decided = perf_counter()
-            event = StatementEvent(via, sql, decision, decided - started, started,
-                                   self._decider.last if self._explains else None)
-            if self._timed:
-                event.stages = self._decider.timings
-        if type(decision) is Block and decision.severity == "FATAL":
-            event.finished = decided  # no answer follows: the session ends
-            self.events.append(event)
-            self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
-            return None
-        if self._batch is None:
-            self._batch = _Batch((event,))
-        else:
-            self._batch.append(event)
-        return self._forward(decision, frame, parse)
-
-    def _forward(self, decision: Decision, frame: codec.Frame, parse: codec.ParseMessage | None) -> Decision:
+            started = perf_counter()
+            if too_long is not None:
+                decision, decided = too_long, started
+                # No account of the decider's (it was not asked); telemetry fingerprints the
+                # text, so the event keeps a bounded prefix of it.
+                event = StatementEvent(via, sql[:limit], decision, 0.0, started)
+            else:
+                decision = self._decide(sql, via)
+                decided = perf_counter()
+                event = StatementEvent(via, sql, decision, decided - started, started,
+                                       self._decider.last if self._explains else None)
+                if self._timed:
+                    event.stages = self._decider.timings
+            if type(decision) is Block and decision.severity == "FATAL":
+                event.finished = decided  # no answer follows: the session ends
+                self.events.append(event)
+                self.fail(decision.sqlstate, decision.message, detail=decision.detail, hint=decision.hint)
+                return None
+            if self._batch is None:
+                self._batch = _Batch((event,))
+            else:
+                self._batch.append(event)
         upstream, refusal = apply(decision, frame, parse)
         self.to_server.append(upstream)
         if refusal is not None:
