@@ -12,8 +12,9 @@ Two kinds of entry, one bounded LRU:
   The session still applies its own rules (quiet points for SET, prepared
   statements) and state changes to the analysis on every hit.
 * ``Shaped`` by shape (``proxy.analysis.shape``; by text when there are no constants):
-  for plain queries and DML whose analysis did not look at any constant's value and
-  that change no session state, the final decision. A ``Mask`` keeps the rewritten text as a template with
+  for plain queries, DML and transaction control (BEGIN, COMMIT, SAVEPOINT ...) whose
+  analysis did not look at any constant's value and that change no session state,
+  the final decision. A ``Mask`` keeps the rewritten text as a template with
   markers where the constants were, so a hit is rewritten without parsing.
 
 Consent changes need no invalidation: the consent filter is SQL that
@@ -32,7 +33,10 @@ from proxy.policy.verdict import Explanation
 
 # Statement kinds whose decision can be keyed on their shape: their analysis is a
 # function of the tokens (constants aside), and deciding them changes no session state.
-SHAPE_KINDS = frozenset({Kind.SELECT, Kind.INSERT, Kind.UPDATE, Kind.DELETE, Kind.MERGE})
+# Transaction control reads no data and sets nothing the proxy tracks (SET TRANSACTION
+# is a SET): keyed by its text (no constants) or shape (PREPARE TRANSACTION 'gid'), a
+# hit skips the session rules an exact-text entry would run again (pgbench's BEGIN/END).
+SHAPE_KINDS = frozenset({Kind.SELECT, Kind.INSERT, Kind.UPDATE, Kind.DELETE, Kind.MERGE, Kind.TRANSACTION})
 MAX_TEXT = 64 * 1024  # longer statements are not kept by exact text
 
 

@@ -24,6 +24,7 @@ from proxy.analysis import shape as shapes
 from proxy.analysis.lexer import LITERALS, T, scan
 from proxy.analysis.schema import Schema
 from proxy.config import Config
+from proxy.enforcement.cache import Shaped
 from proxy.enforcement.hook import SessionInfo
 from proxy.enforcement.purpose import PurposeSession
 from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
@@ -181,6 +182,23 @@ def test_cache_is_hit_by_text_and_by_shape():
     again = s.decide(other, "query")
     assert cache.shape_hits == hits + 1
     assert isinstance(again, Mask) and again.sql != first.sql
+
+
+@pytest.mark.parametrize("sql", ["BEGIN", "END", "SAVEPOINT a1", "ROLLBACK TO SAVEPOINT a1",
+                                 "PREPARE TRANSACTION 'gid-1'"])
+def test_transaction_control_is_kept_as_a_final_decision(sql):
+    # A hit on a final (Shaped) entry skips the session rules: only right for statements
+    # that set nothing and read nothing, which transaction control is.
+    case = dict(CASES[0], sql=sql, purpose="support")
+    s = _session(case, 1000)
+    cache = s.runtime.cache
+    cache.clear()
+    first = s.decide(sql, "query")
+    assert [type(e) for e in cache._entries.values()] == [Shaped]
+    hits = cache.shape_hits + cache.text_hits
+    _same(s.decide(sql, "query"), first)
+    assert cache.shape_hits + cache.text_hits == hits + 1
+    assert s.purpose == "support"
 
 
 @pytest.mark.parametrize("sql", [
