@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                  else "") + "), PgBouncer and purpose-proxy ...", flush=True)
         wanted = set(args.targets or TARGET_NAMES) if "pgbench" in parts else set()
         with Stack(args.scale, pool_size=args.clients * 2, observability=args.observability,
-                   pgbouncer="pgbouncer" in wanted, enforcing=bool(wanted & {ENFORCING, ENFORCING_2W}),
-                   workers=ENFORCING_2W in wanted,
+                   pgbouncer="pgbouncer" in wanted or "personal" in parts,
+                   enforcing=bool(wanted & {ENFORCING, ENFORCING_2W}), workers=ENFORCING_2W in wanted,
                    sample_members=args.members if parts & {"personal", "decisions"} else 0) as stack:
             meta["versions"] = stack.versions()
             meta["uvloop"] = stack.uses_uvloop()

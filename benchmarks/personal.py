@@ -1,5 +1,5 @@
-"""The personal-data workload: statements on the sample ISP database, directly and through the
-enforcing proxy with the seed policy, one at a time, with per-statement latency.
+"""The personal-data workload: statements on the sample ISP database, directly, through PgBouncer and the
+relay, and through the enforcing proxy with the seed policy, one at a time, with per-statement latency.
 
 Each statement kind runs as an application role under a purpose that the seed policy
 (``policies/``) answers with a known verdict: allowed, masked, consent-filtered,
@@ -15,15 +15,16 @@ Two variants, each on its own connections (psycopg, autocommit):
   connection (``prepare=True``) and then only bound and executed: the proxy decides the
   Parse once, the executions pass through.
 
-Three paths run every statement (same literals), taking turns statement by statement
+Four paths run every statement (same literals), taking turns statement by statement
 with the order rotating, so drift on a busy machine hits them alike: ``direct``
-(PostgreSQL), ``relay`` (the relay-only proxy of the pgbench targets: what any proxy in
-the path costs) and ``proxy`` (the enforcing proxy). For statements the proxy rewrites,
-a fourth series sends the proxy's rewritten SQL directly to PostgreSQL, which splits the
-added latency into what the rewritten statement costs PostgreSQL and what the proxy
-itself adds. A refused statement reaches PostgreSQL only as a stand-in that fails at
-once (``proxy.enforcement.apply``), so its latency is the proxy's error round trip;
-directly the same statement just runs.
+(PostgreSQL), ``pgbouncer`` (PgBouncer in session mode: what any connection pooler's hop
+costs; skipped when PgBouncer is not installed), ``relay`` (the relay-only proxy of the
+pgbench targets: what any proxy in the path costs) and ``proxy`` (the enforcing proxy).
+For statements the proxy rewrites, one more series sends the proxy's rewritten SQL
+directly to PostgreSQL, which splits the added latency into what the rewritten
+statement costs PostgreSQL and what the proxy itself adds. A refused statement reaches
+PostgreSQL only as a stand-in that fails at once (``proxy.enforcement.apply``), so its
+latency is the proxy's error round trip; directly the same statement just runs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from benchmarks import decisions
 from benchmarks.stack import SAMPLE_DATABASE, Stack, purpose_options
 
 VARIANTS = ("simple", "prepared")
-PATHS = ("direct", "relay", "proxy")  # PostgreSQL itself, the relay-only proxy, the enforcing proxy
+# PostgreSQL itself, PgBouncer, the relay-only proxy, the enforcing proxy
+PATHS = ("direct", "pgbouncer", "relay", "proxy")
 WARMUP = 20  # untimed statements per connection before the first round
 
 
@@ -155,12 +157,19 @@ def metrics(stack: Stack) -> dict[str, float]:
     return out
 
 
+def endpoints(stack: Stack) -> dict[str, tuple[str, int]]:
+    """Host and port of each path the stack has, in ``PATHS`` order (no ``pgbouncer`` without PgBouncer)."""
+    middlemen = {"pgbouncer": stack.pgbouncer, "relay": stack.proxy, "proxy": stack.personal_proxy}
+    out = {"direct": (stack.cluster.host, stack.cluster.port)}
+    out.update((path, (m.host, m.port)) for path, m in middlemen.items() if m is not None)
+    return {path: out[path] for path in PATHS if path in out}
+
+
 def connect(stack: Stack, st: Statement, path: str, variant: str) -> psycopg.Connection:
-    """A connection of ``st``'s role and purpose: ``direct``, through the ``relay`` (the relay-only proxy)
-    or through the enforcing ``proxy``."""
-    host, port = {"direct": (stack.cluster.host, stack.cluster.port),
-                  "relay": (stack.proxy.host, stack.proxy.port),
-                  "proxy": (stack.personal_proxy.host, stack.personal_proxy.port)}[path]
+    """A connection of ``st``'s role and purpose: ``direct``, through ``pgbouncer``, the ``relay`` (the
+    relay-only proxy) or the enforcing ``proxy``. Every path declares the purpose; only the proxy acts on it
+    (PostgreSQL takes ``pii.purpose`` for a placeholder setting, PgBouncer ignores the option)."""
+    host, port = endpoints(stack)[path]
     kw = {"prepare_threshold": None} if variant == "simple" else {}
     return psycopg.connect(host=host, port=port, user=st.role, password=stack.sample_password,
                            dbname=SAMPLE_DATABASE, options=purpose_options(st.purpose), autocommit=True,
@@ -172,6 +181,7 @@ def measure(stack: Stack, rounds: int, per_round: int, seed: int = 7,
     """Every statement kind in both variants, ``rounds`` x ``per_round`` statements per path."""
     import asyncio
 
+    paths = tuple(endpoints(stack))
     state = asyncio.run(decisions.live_state(stack.sample_reader_dsn, SAMPLE_DATABASE))
     rt = decisions.runtime(stack.seed_policies, 10000)
     rng = random.Random(seed)
@@ -188,8 +198,8 @@ def measure(stack: Stack, rounds: int, per_round: int, seed: int = 7,
                 print(f"warning: {st.name}: the seed policy now says {verdicts[st.name]}, not {st.expect}",
                       flush=True)
             for variant in VARIANTS:
-                conns[(st.name, variant)] = {path: connect(stack, st, path, variant) for path in PATHS}
-                results[(st.name, variant)] = {path: Series() for path in (*PATHS, "rewritten")}
+                conns[(st.name, variant)] = {path: connect(stack, st, path, variant) for path in paths}
+                results[(st.name, variant)] = {path: Series() for path in (*paths, "rewritten")}
         for rnd in range(rounds):
             for st in statements:
                 session = decisions.session(rt, state, SAMPLE_DATABASE, st.role, st.purpose)
@@ -212,19 +222,19 @@ def measure(stack: Stack, rounds: int, per_round: int, seed: int = 7,
                             if rewritten is not None:
                                 rewritten, rparams = _as_psycopg(rewritten, values, names)
                         timed = i >= n - per_round
-                        paths = [(path, by_path[path], sql, params) for path in PATHS]
+                        turns = [(path, by_path[path], sql, params) for path in paths]
                         if rewritten is not None:
-                            paths.append(("rewritten", by_path["direct"], rewritten, rparams))
-                        shift = i % len(paths)  # rotate, so that no path always comes first
-                        paths = paths[shift:] + paths[:shift]
-                        for path, conn, text, args in paths:
+                            turns.append(("rewritten", by_path["direct"], rewritten, rparams))
+                        shift = i % len(turns)  # rotate, so that no path always comes first
+                        turns = turns[shift:] + turns[:shift]
+                        for path, conn, text, args in turns:
                             if timed:
                                 series[path].run(conn, text, args, prepare)
                             else:
                                 Series().run(conn, text, args, prepare)
-                print(f"personal round {rnd + 1}/{rounds}  {st.name:26} p50 direct / relay / proxy us  "
+                print(f"personal round {rnd + 1}/{rounds}  {st.name:26} p50 {' / '.join(paths)} us  "
                       + "  ".join(f"{v}: " + " / ".join(f"{results[(st.name, v)][path].summary()['p50_us']:4.0f}"
-                                                          for path in PATHS) for v in VARIANTS), flush=True)
+                                                          for path in paths) for v in VARIANTS), flush=True)
     finally:
         for by_path in conns.values():
             for c in by_path.values():
@@ -237,5 +247,5 @@ def measure(stack: Stack, rounds: int, per_round: int, seed: int = 7,
             rows.append({"statement": st.name, "variant": variant, "role": st.role, "purpose": st.purpose,
                          "verdict": verdicts[st.name], "sql": st.template if variant == "simple" else st.prepared(),
                          **{path: s.summary() for path, s in series.items() if s.us}})
-    return {"rows": rows, "rounds": rounds, "per_round": per_round, "members": members,
+    return {"rows": rows, "paths": list(paths), "rounds": rounds, "per_round": per_round, "members": members,
             "cache": {k: cache_after[k] - cache_before[k] for k in cache_after}}

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from statistics import median
 
+from benchmarks.personal import PATHS as PERSONAL_PATHS
 from benchmarks.pgbench import STATEMENTS, WORKLOADS, Run
 
 TARGETS = ("direct", "pgbouncer", "proxy")
@@ -157,22 +158,41 @@ def _us(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _minus(a: dict | None, b: dict | None) -> str:
+    """p50 of path ``a`` - p50 of path ``b`` (signed microseconds), "-" where either did not run."""
+    return f"{a['p50_us'] - b['p50_us']:+.0f}" if a and b else "-"
+
+
+def _by_path(row: dict, key: str) -> str:
+    """``key`` (p50_us, p99_us) of every path of a personal-workload row, "-" for a path that did not run."""
+    return " / ".join(_us(row.get(path, {}).get(key)) for path in PERSONAL_PATHS)
+
+
 def personal_table(personal: dict, variant: str) -> str:
     rows = []
     for r in personal["rows"]:
         if r["variant"] != variant:
             continue
-        d, rl, p, rw = r.get("direct", {}), r.get("relay", {}), r.get("proxy", {}), r.get("rewritten")
+        d, p, rw = r.get("direct", {}), r.get("proxy", {}), r.get("rewritten")
         errors = ", ".join(f"{k} x{v}" for k, v in sorted(p.get("errors", {}).items())) or "-"
         rows.append([r["statement"], f"{r['role']} / {r['purpose']}", r["verdict"],
-                     " / ".join(_us(x.get("p50_us")) for x in (d, rl, p)), f"**{p['p50_us'] - d['p50_us']:+.0f}**",
-                     " / ".join(_us(x.get("p99_us")) for x in (d, rl, p)), f"**{p['p99_us'] - d['p99_us']:+.0f}**",
-                     f"{rl['p50_us'] - d['p50_us']:+.0f}" if rl else "-",
-                     _us(rw["p50_us"]) if rw else "-", f"{p['p50_us'] - rw['p50_us']:+.0f}" if rw else "-",
-                     errors])
-    return table(["statement", "role / purpose", "verdict", "p50 direct / relay / proxy", "added p50",
-                  "p99 direct / relay / proxy", "added p99", "relay - direct p50", "p50 direct, rewritten SQL",
+                     _by_path(r, "p50_us"), f"**{p['p50_us'] - d['p50_us']:+.0f}**",
+                     _by_path(r, "p99_us"), f"**{p['p99_us'] - d['p99_us']:+.0f}**",
+                     _minus(r.get("pgbouncer"), d), _minus(r.get("relay"), d),
+                     _us(rw["p50_us"]) if rw else "-", _minus(p, rw), errors])
+    paths = " / ".join(PERSONAL_PATHS)
+    return table(["statement", "role / purpose", "verdict", f"p50 {paths}", "added p50", f"p99 {paths}",
+                  "added p99", "pgbouncer - direct p50", "relay - direct p50", "p50 direct, rewritten SQL",
                   "proxy - rewritten p50", "errors through the proxy"], rows)
+
+
+def _pgbouncer_path(personal: dict) -> str:
+    """What the personal workload's *pgbouncer* column is, or that it did not run."""
+    if not any("pgbouncer" in r for r in personal["rows"]):
+        return "*pgbouncer*: not run (PgBouncer not installed, see the notes). "
+    return ("*pgbouncer* is PgBouncer (`pool_mode=session`) in front of the same database, the original "
+            "statements through it: what any connection pooler's hop costs on this machine (it ignores the "
+            "purpose option, `ignore_startup_parameters = options`, and logs in to PostgreSQL as the role). ")
 
 
 def decisions_table(rows: list[dict]) -> str:
@@ -300,8 +320,9 @@ def markdown(meta: dict, runs: list[Run], summary: dict, extras: dict | None = N
             "enforcing the seed policy (`policies/`; metrics on, audit and tracing off). One statement at a time "
             "(psycopg, autocommit), the paths taking turns statement by statement with the same literals; "
             f"{personal['rounds']} rounds x {personal['per_round']} statements per kind, variant and path. "
-            "Microseconds, client-side wall time per statement (send to last row); *relay* is the relay-only "
-            "proxy (every statement allowed, nothing decided), *proxy* the enforcing one. **added** = proxy - "
+            "Microseconds, client-side wall time per statement (send to last row); " + _pgbouncer_path(personal)
+            + "*relay* is the relay-only proxy (every statement allowed, nothing decided), *proxy* the enforcing "
+            "one. **added** = proxy - "
             "direct at the same percentile. *rewritten SQL*: the proxy's rewrite of the statement sent directly, so "
             "`proxy - rewritten` is what the proxy adds beyond what the rewritten statement costs PostgreSQL "
             "(consent filtering with `barrier: true` keeps PostgreSQL from using the index: that cost is the "

@@ -34,6 +34,9 @@ BENCH_PURPOSE = "benchmark"
 MAX_CONNECTIONS = 1100
 SAMPLE_DATABASE = "isp"  # the sample ISP database, as the demo creates it
 SAMPLE_SEED = 42
+# PgBouncer's server connections per sample role: the personal-data workload holds one per statement
+# kind and variant of a role (4 at most), whatever pgbench's --clients make the default pool.
+SAMPLE_POOL_SIZE = 8
 
 
 @dataclass
@@ -83,17 +86,32 @@ def purpose_options(purpose: str) -> str:
 
 
 class PgBouncer:
-    """PgBouncer in the foreground (session pooling, trust auth); as root it runs as ``postgres``."""
+    """PgBouncer in the foreground (session pooling, trust auth); as root it runs as ``postgres``.
 
-    def __init__(self, upstream: Cluster, dbname: str, user: str, pool_size: int) -> None:
+    It serves ``dbname`` for ``user``; with ``sample_roles`` (role -> password) also the sample
+    database, logging in to PostgreSQL as those roles with their passwords (SCRAM), and it ignores
+    the ``options`` startup parameter (the purpose their clients declare)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, upstream: Cluster, dbname: str, user: str, pool_size: int,
+                 sample_roles: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="purpose-proxy-pgbouncer-"))
-        (self.dir / "userlist.txt").write_text(f'"{user}" ""\n')
+        users = {user: "", **(sample_roles or {})}
+        (self.dir / "userlist.txt").write_text("".join(f'"{u}" "{pw}"\n' for u, pw in users.items()))
+        databases = f"{dbname} = host={upstream.host} port={upstream.port} dbname={dbname}\n"
+        clients, extra = pool_size * 4, ""
+        if sample_roles:
+            databases += (f"{SAMPLE_DATABASE} = host={upstream.host} port={upstream.port} dbname={SAMPLE_DATABASE} "
+                          f"pool_size={SAMPLE_POOL_SIZE}\n")
+            clients += SAMPLE_POOL_SIZE * len(sample_roles)
+            extra = "ignore_startup_parameters = options\n"
         (self.dir / "pgbouncer.ini").write_text(
-            f"[databases]\n{dbname} = host={upstream.host} port={upstream.port} dbname={dbname}\n\n"
-            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"[databases]\n{databases}\n"
+            f"[pgbouncer]\nlisten_addr = {self.host}\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\npool_mode = session\n"
-            f"default_pool_size = {pool_size}\nmax_client_conn = {pool_size * 4}\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = {clients}\n{extra}"
         )
         self.proc: subprocess.Popen | None = None
 
@@ -145,7 +163,8 @@ class Stack:
     optionally ``proxy-observed`` and, once the proxy accepts ``--workers``, ``proxy-enforcing-2w``.
     With ``sample_members`` the cluster also gets the sample ISP database (as ``purpose-proxy demo``
     loads it) and ``personal_proxy``, an enforcing proxy with the shipped seed policy in front of it
-    (or with ``personal_policies``, and ``personal_args`` added to its command line).
+    (or with ``personal_policies``, and ``personal_args`` added to its command line); PgBouncer then
+    serves the sample database too, for the seed policy's roles.
     ``relay=False`` leaves out the relay-only proxy (and the ``proxy`` target), ``scale=0`` the pgbench
     data; ``max_connections`` is the cluster's (the soak, ``benchmarks/soak.py``, holds more clients).
     """
@@ -176,13 +195,16 @@ class Stack:
             self.cluster.start()
             if self.scale > 0:
                 self.pgbench_init()
+            if self.sample_members:
+                self.load_sample()
             self.pgbouncer: PgBouncer | None = None
             if self.use_pgbouncer and not os.path.exists(PGBOUNCER):
                 note = f"pgbouncer skipped: {PGBOUNCER} not found (Debian: apt-get install pgbouncer)"
                 print("note: " + note, flush=True)
                 self.notes.append(note)
             elif self.use_pgbouncer:
-                self.pgbouncer = PgBouncer(self.cluster, self.dbname, self.user, self.pool_size)
+                self.pgbouncer = PgBouncer(self.cluster, self.dbname, self.user, self.pool_size,
+                                           self.sample_logins())
                 stack.callback(self.pgbouncer.stop)
                 self.pgbouncer.start()
             # The relay alone: no decisions, and metrics, traces and audit off
@@ -226,7 +248,6 @@ class Stack:
                     self.notes.append(note)
             # ----------------------------------------------------------------------------------
             if self.sample_members:
-                self.load_sample()
                 self.personal_metrics_port = free_port()
                 self.personal_proxy = ProxyProcess(
                     self.cluster.address,
@@ -240,7 +261,8 @@ class Stack:
         pgoptions = {"PGOPTIONS": purpose_options(BENCH_PURPOSE)}
         self.targets = [Target("direct", self.cluster.host, self.cluster.port)]
         if self.pgbouncer is not None:
-            self.targets.append(Target("pgbouncer", "127.0.0.1", self.pgbouncer.port, self.pgbouncer.proc.pid))
+            self.targets.append(Target("pgbouncer", self.pgbouncer.host, self.pgbouncer.port,
+                                       self.pgbouncer.proc.pid))
         if self.proxy is not None:
             self.targets.append(Target("proxy", self.proxy.host, self.proxy.port, self.proxy.proc.pid))
         if self.enforcing:
@@ -292,6 +314,7 @@ class Stack:
         self.seed_policies = policies_dir()
         policy = Policy.load(self.seed_policies)
         roles = sorted(s for s in policy.subjects if s not in policy.groups)
+        self.sample_roles = roles
         self.sample_counts = asyncio.run(demo.setup_database(self.cluster, roles, self.sample_members,
                                                              SAMPLE_SEED))
         self.cluster.psql_admin("CREATE INDEX ON billing.invoices (member_id); "
@@ -299,6 +322,10 @@ class Stack:
         self.sample_password = demo.PASSWORD
         self.sample_reader_dsn = (f"postgresql://{demo.READER}:{demo.PASSWORD}@{self.cluster.host}:"
                                   f"{self.cluster.port}/postgres")
+
+    def sample_logins(self) -> dict[str, str] | None:
+        """The sample roles and their password, for PgBouncer (None without the sample database)."""
+        return {role: self.sample_password for role in self.sample_roles} if self.sample_members else None
 
     def reset(self) -> None:
         """What ``pgbench`` does before a run unless ``-n``, done directly so no target pays for it."""

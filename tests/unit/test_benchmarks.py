@@ -114,8 +114,8 @@ def _extras() -> dict:
             proxy = dict(stats, p50_us=180.0, p99_us=500.0,
                          errors={"42501": 10} if st.expect == "refused" else {})
             row = {"statement": st.name, "variant": variant, "role": st.role, "purpose": st.purpose,
-                   "verdict": st.expect, "sql": st.template, "direct": stats, "relay": dict(stats, p50_us=150.0),
-                   "proxy": proxy}
+                   "verdict": st.expect, "sql": st.template, "direct": stats, "pgbouncer": dict(stats, p50_us=140.0),
+                   "relay": dict(stats, p50_us=150.0), "proxy": proxy}
             if st.expect not in ("allowed", "refused"):
                 row["rewritten"] = dict(stats, p50_us=110.0)
             rows.append(row)
@@ -152,6 +152,7 @@ def test_report_has_every_section_and_keeps_what_is_outside_the_markers(tmp_path
     assert "**2.00**" in text  # CPU enforcing / PgBouncer
     assert "40.0 / 30.0 / 20.0" not in text and "20.0 / 30.0 / 40.0" in text  # CPU per statement, in that order
     assert "| +80 |" not in text and "**+80**" in text  # added p50 = proxy - direct
+    assert "| 100 / 140 / 150 / 180 |" in text and "| +40 | +50 |" in text  # pgbouncer beside the relay
     assert "no --workers" in text
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmark results\n\nintro\n\n" + report.BEGIN + "\nold\n" + report.END
