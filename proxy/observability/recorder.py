@@ -455,7 +455,8 @@ class StatementRecords:
 
     What a cached decision shares between statements (its explanation and
     decision object, the session, the purpose, the fingerprint) is encoded on
-    first use and kept; per statement only the error, row count and times are
+    first use and kept, and so is their join per session, decision and fingerprint
+    (the record's head); per statement only the error, row count and times are
     encoded. The pieces keep the objects they were made from, so an ``id`` is never
     reused while its entry lives. Used by one thread (the event loop).
 
@@ -470,6 +471,7 @@ class StatementRecords:
     def __init__(self, fingerprints: Fingerprints, size: int = 2048) -> None:
         self.fingerprints = fingerprints
         self.size = size
+        self._heads: dict[tuple, tuple[object, object, str]] = {}
         self._decided: dict[tuple, tuple[object, object, str]] = {}
         self._sessions: dict[tuple, str] = {}
         self._purposes: dict[tuple, str] = {}
@@ -479,6 +481,31 @@ class StatementRecords:
     def __call__(self, ev: "StatementEvent", expl, snapshot: tuple, purpose: str | None, source: str | None) -> str:
         fp, fp_id = self.fingerprints(ev.sql)
         decision = ev.decision
+        via = ev.via
+        # Everything up to the error: one lookup when this session has seen this decision before.
+        key = (fp_id, id(expl), id(decision), snapshot, purpose, source, via)
+        head = self._heads.get(key)
+        if head is None or head[0] is not expl or head[1] is not decision:
+            head = self._keep(self._heads, key, (expl, decision, self._head(fp, fp_id, expl, decision, snapshot,
+                                                                              purpose, source, via)))
+        finished = ev.finished
+        error = None if ev.error is None and type(decision) is not Block else _error_fields(ev)
+        completions = ev.completions
+        if completions is None:
+            rows = None
+        else:  # the same few CommandComplete tags again and again ("SELECT 1")
+            rows = self._rows.get(completions, -1)
+            if rows == -1:
+                rows = self._keep(self._rows, completions, ev.rows) if len(completions) <= 64 else ev.rows
+        return (f'{head[2]},"error":{"null" if error is None else _json(error)},'
+                f'"rows":{"null" if rows is None else int(rows)},'
+                f'"completed":{"false" if finished is None else "true"},'
+                f'"decision_seconds":{"null" if via == "execute" else format(ev.seconds, ".9f")},'
+                f'"duration_seconds":{"null" if finished is None else format(finished - ev.started, ".9f")}')
+
+    def _head(self, fp: str, fp_id: str, expl, decision, snapshot: tuple, purpose: str | None, source: str | None,
+              via: str) -> str:
+        """The members a record shares with others of its session, decision and fingerprint, from pieces."""
         fingerprint = self._fingerprinted.get(fp_id)
         if fingerprint is None:
             fingerprint = self._keep(self._fingerprinted, fp_id,
@@ -494,21 +521,8 @@ class StatementRecords:
         if declared is None:
             declared = self._keep(self._purposes, (purpose, source),
                                   audit_mod.members({"purpose": purpose, "purpose_source": source}))
-        finished = ev.finished
-        error = None if ev.error is None and type(decision) is not Block else _error_fields(ev)
-        completions = ev.completions
-        if completions is None:
-            rows = None
-        else:  # the same few CommandComplete tags again and again ("SELECT 1")
-            rows = self._rows.get(completions, -1)
-            if rows == -1:
-                rows = self._keep(self._rows, completions, ev.rows) if len(completions) <= 64 else ev.rows
-        return (f'"type":"statement",{session},{declared},"via":{_VIA.get(ev.via) or _json(ev.via)},{fingerprint},'
-                f'{hit[2]},"error":{"null" if error is None else _json(error)},'
-                f'"rows":{"null" if rows is None else int(rows)},'
-                f'"completed":{"false" if finished is None else "true"},'
-                f'"decision_seconds":{"null" if ev.via == "execute" else format(ev.seconds, ".9f")},'
-                f'"duration_seconds":{"null" if finished is None else format(finished - ev.started, ".9f")}')
+        return (f'"type":"statement",{session},{declared},"via":{_VIA.get(via) or _json(via)},{fingerprint},'
+                f'{hit[2]}')
 
     def _keep(self, table: dict, key, value):
         if len(table) >= self.size:
