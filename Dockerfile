@@ -1,10 +1,13 @@
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY policies ./policies
-# fast: uvloop; otlp: the OTLP span exporter (trace_exporter = otlp)
-RUN pip install --no-cache-dir ".[fast,otlp]" \
+# fast: uvloop; otlp: the OTLP span exporter (trace_exporter = otlp). gcc only for the
+# build of the compiled framing loop (proxy/wire/_scan.c), removed again afterwards.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir ".[fast,otlp]" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /var/log/purpose-proxy && chown nobody /var/log/purpose-proxy
 USER nobody
 # 6432: PostgreSQL clients; 9187: /metrics, /healthz, /readyz

@@ -13,6 +13,7 @@ in memory. Only inspected messages are buffered whole.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -85,6 +86,76 @@ class Frame:
         return self.raw[5:]
 
 
+def split_messages(data: bytes, pos: int, table: bytes, max_size: int, frame: type) -> tuple:
+    """Walk the messages of ``data`` from the boundary ``pos``: the framing loop of ``Scanner.feed``.
+
+    A message whose type has a nonzero byte in the 256-byte ``table`` becomes
+    ``frame(type, raw)``; runs of other messages are handed out as slices,
+    undecoded. Returns ``(items, pos, skip, need, bad)``: where the unconsumed tail
+    begins, the bytes of an opaque message that continue past ``data``, the total
+    length of a partial inspected message held back at ``pos`` (0: none), and the
+    ``(type, length)`` of a message whose length is invalid (under 4 or over
+    ``max_size``; then ``items`` is void), else None. ``proxy/wire/_scan.c`` is
+    the same loop compiled, used when it was built.
+
+    >>> table = bytes(256)[:90] + b"\\x01" + bytes(165)  # Z
+    >>> split_messages(b"C\\x00\\x00\\x00\\x0bSELECT\\x00Z\\x00\\x00\\x00\\x05IZ\\x00", 0, table, 1 << 20, Frame)
+    ([b'C\\x00\\x00\\x00\\x0bSELECT\\x00', Frame(type=90, raw=b'Z\\x00\\x00\\x00\\x05I')], 18, 0, 0, None)
+    """
+    n = len(data)
+    items: list = []
+    seg = skip = need = 0
+    unpack = _HDR.unpack_from
+    last = n - 5  # a header needs 5 bytes
+    while pos <= last:
+        typ, length = unpack(data, pos)
+        if length > max_size or length < 4:
+            return items, pos, 0, 0, (typ, length)
+        end = pos + 1 + length
+        if table[typ]:
+            if end > n:
+                need = end - pos
+                break
+            if pos > seg:
+                items.append(data[seg:pos])
+            items.append(frame(typ, data[pos:end]))
+            seg = pos = end
+        elif end > n:
+            skip = end - n
+            pos = n
+        else:
+            pos = end
+    if pos > seg:
+        items.append(data[seg:pos])
+    return items, pos, skip, need, None
+
+
+def _compiled_split():
+    """The compiled framing loop, unless it was not built or PURPOSE_PROXY_NO_EXTENSIONS is set."""
+    if os.environ.get("PURPOSE_PROXY_NO_EXTENSIONS"):
+        return None
+    try:
+        from proxy.wire._scan import split
+    except ImportError:
+        return None
+    return split
+
+
+COMPILED_SPLIT = _compiled_split()
+_split = COMPILED_SPLIT or split_messages
+_TABLES: dict[frozenset, bytes] = {}
+
+
+def _table(inspect: frozenset[int]) -> bytes:
+    """The 256-byte lookup table of a set of message types, as ``split_messages`` takes it."""
+    table = _TABLES.get(inspect)
+    if table is None:
+        table = bytes(1 if i in inspect else 0 for i in range(256))
+        if len(_TABLES) < 64:  # the relay uses a handful of sets
+            _TABLES[inspect] = table
+    return table
+
+
 class Scanner:
     """Splits one direction of a stream into opaque segments and inspected frames.
 
@@ -97,7 +168,7 @@ class Scanner:
     [b'C\\x00\\x00\\x00\\x0bSELECT\\x00', Frame(type=90, raw=b'Z\\x00\\x00\\x00\\x05I')]
     """
 
-    __slots__ = ("inspect", "max_size", "verbatim", "_buf", "_need", "_skip")
+    __slots__ = ("_inspect", "_table", "max_size", "verbatim", "_buf", "_need", "_skip")
 
     def __init__(self, inspect: frozenset[int], max_size: int | None = None) -> None:
         self.inspect = inspect
@@ -109,6 +180,16 @@ class Scanner:
         # given (nothing held back from before, nothing held back now): a caller that
         # forwards every item unchanged may then forward those bytes in one piece.
         self.verbatim = False
+
+    @property
+    def inspect(self) -> frozenset[int]:
+        """The message types handed out as ``Frame``s (may change between feeds)."""
+        return self._inspect
+
+    @inspect.setter
+    def inspect(self, types: frozenset[int]) -> None:
+        self._inspect = types
+        self._table = _table(types)
 
     def _bad_length(self, typ: int, length: int) -> None:
         if length < 4 or length > 0x7FFFFFFF:
@@ -142,34 +223,11 @@ class Scanner:
                 return [data] if n else []
             pos = skip
             self._skip = 0
-        items: list = []
-        seg = 0
-        inspect = self.inspect
-        max_size = self.max_size or 0x7FFFFFFF
-        unpack = _HDR.unpack_from
-        last = n - 5  # a header needs 5 bytes
-        while pos <= last:
-            typ, length = unpack(data, pos)
-            if length > max_size or length < 4:
-                # Nothing of this feed is handed out: what was ends where it ended before.
-                self._skip = skip
-                self._bad_length(typ, length)
-            end = pos + 1 + length
-            if typ in inspect:
-                if end > n:
-                    self._need = end - pos
-                    break
-                if pos > seg:
-                    items.append(data[seg:pos])
-                items.append(Frame(typ, data[pos:end]))
-                seg = pos = end
-            elif end > n:
-                self._skip = end - n
-                pos = n
-            else:
-                pos = end
-        if pos > seg:
-            items.append(data[seg:pos])
+        items, pos, self._skip, self._need, bad = _split(data, pos, self._table, self.max_size or 0x7FFFFFFF, Frame)
+        if bad is not None:
+            # Nothing of this feed is handed out: what was ends where it ended before.
+            self._skip, self._need = skip, 0
+            self._bad_length(*bad)
         if pos < n:
             self._buf += data[pos:]
             verbatim = False

@@ -173,3 +173,12 @@ def test_dashboard_covers_what_operators_and_auditors_look_at():
     for p in DASHBOARD["panels"]:
         g = p["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+
+
+def test_the_image_builds_the_compiled_framing_loop():
+    # setup.py must be in the build context, and a compiler present while pip installs.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = re.search(r"^COPY ([^\n]*) \./$", dockerfile, re.M).group(1).split()
+    assert "setup.py" in copied and "pyproject.toml" in copied
+    install = dockerfile.index("pip install")
+    assert dockerfile.index("gcc") < install < dockerfile.index("apt-get purge")

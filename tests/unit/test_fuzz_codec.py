@@ -3,8 +3,10 @@ on arbitrary bytes."""
 
 from __future__ import annotations
 
+import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -188,3 +190,35 @@ def test_a_bind_before_startup_is_an_invalid_startup_length():
             assert exc.sqlstate == "08P01"
         else:
             raise AssertionError(f"{first!r} accepted as a startup packet")
+
+
+# --- the compiled framing loop (proxy/wire/_scan.c) against the Python one ----------------------------
+
+
+def test_the_compiled_framing_loop_is_built_where_a_compiler_is():
+    # setup.py builds it as optional: a failed build would pass unnoticed without this.
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if shutil.which("cc") and headers and not os.environ.get("PURPOSE_PROXY_NO_EXTENSIONS"):
+        assert codec.COMPILED_SPLIT is not None, "proxy/wire/_scan.c was not built (pip install -e . builds it)"
+
+
+tables = st.one_of(inspect_sets.map(codec._table), st.binary(min_size=256, max_size=256))
+
+
+@FUZZ
+@given(st.one_of(streams, st.binary(max_size=300)), st.integers(0, 400), tables,
+       st.sampled_from([0, 3, 4, 5, 64, 1024, 0x7FFFFFFF]))
+@example(msg(b"Q", b"x" * 10), 0, codec._table(frozenset({ord("Q")})), 14)  # exactly at the limit
+@example(b"Q\xff\xff\xff\xffx", 0, bytes(256), 0x7FFFFFFF)  # a "negative" length
+@example(b"Q\x80\x00\x00\x00", 0, bytes(256), 0x7FFFFFFF)
+def test_compiled_and_python_framing_loops_agree(data, pos, table, max_size):
+    compiled = codec.COMPILED_SPLIT
+    if compiled is None:  # the test above checks that this happens only without a C compiler
+        pytest.skip("the compiled framing loop is not built here")
+    pos = min(pos, len(data))
+    assert compiled(data, pos, table, max_size, codec.Frame) == codec.split_messages(data, pos, table, max_size,
+                                                                                     codec.Frame)
