@@ -205,7 +205,7 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
         acc.unsupported.extend(inner.unsupported)
         _copy(inner, acc, settings=False)
     elif kind is Kind.DECLARE:
-        _, i = utility.parse_declare(toks)
+        _, i, acc.holdable = utility.parse_declare(toks)
         inner = analyze_statement(_sub(st, i), ctx)
         acc.inner = inner
         if inner.kind is not Kind.SELECT and not inner.unsupported:

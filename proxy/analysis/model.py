@@ -201,6 +201,8 @@ class StatementAccess:
     # The analysis depended on the value of a constant (an ORDER BY/GROUP BY position, a
     # set_config name): a statement of the same shape with other constants may differ.
     reads_constants: bool = False
+    # DECLARE ... WITH HOLD: the cursor outlives its transaction (read from the tokens).
+    holdable: bool = False
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

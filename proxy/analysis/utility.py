@@ -366,20 +366,28 @@ def parse_execute(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, tuple[i
     return name, (r.i, len(tokens))
 
 
-def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int]:
-    """(cursor name, index of the cursor query's first token)."""
+def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int, bool]:
+    """(cursor name, index of the cursor query's first token, whether it is WITH HOLD).
+
+    Read from the tokens, so a comment between WITH and HOLD changes nothing:
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_declare(scan("DECLARE c CURSOR WITH/**/HOLD FOR SELECT 1"))
+    ('c', 6, True)
+    """
     r = _Reader(tokens, "DECLARE")
     r.expect("declare")
     name = r.name()
     while r.accept("binary", "asensitive", "insensitive", "no", "scroll"):
         pass
     r.expect("cursor")
-    if r.accept("with", "without"):
+    held = r.accept("with", "without")
+    if held:
         r.expect("hold")
     r.expect("for")
     if r.at_end():
         r.fail()
-    return name, r.i
+    return name, r.i, held == "with"
 
 
 def parse_deallocate(tokens: tuple[Token, ...] | list[Token]) -> str | None:

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # Settings whose change would move the ground the analysis stands on.
 IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
-_WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
 SHAPED = True  # tags the cache keys of shape entries (a text without constants is its own shape)
 # An UPDATE of pg_settings runs set_config() for each row it changes.
@@ -328,7 +327,7 @@ class PurposeSession:
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
                 self.prepared.clear()
                 self._forget_protocol_statement(None)
-            elif st.kind is Kind.DECLARE and _WITH_HOLD.search(sql):
+            elif st.kind is Kind.DECLARE and st.holdable:
                 self.holdable_cursors = True
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self.holdable_cursors = False
