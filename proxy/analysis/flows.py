@@ -93,6 +93,8 @@ class _Cte:
     recursive: bool = False
     result: Result | None = None
     busy: bool = False
+    materialized: bool | None = None  # MATERIALIZED (True), NOT MATERIALIZED (False), or neither
+    refs: int = 0  # references to it seen so far
 
 
 @dataclass
@@ -133,6 +135,8 @@ class Analyzer:
         self.aggs: list[AggregateCall] = acc.aggregates
         self.view_parts: dict[tuple[str, str], tuple[list, list, frozenset[str], str | None]] = {}
         self._filtered: exp.Expr | None = None  # the aggregate call under a FILTER clause being read
+        self.top: exp.Expr | None = None  # the statement's own query, whose outputs are all consumed anyway
+        self.ctes: list[_Cte] = []  # every WITH query of the statement (views' included)
 
     # --- recording ---------------------------------------------------------------------------------------
 
@@ -155,6 +159,7 @@ class Analyzer:
     def statement(self, tree: exp.Expr) -> Kind:
         """Analyse a whole statement; return its kind."""
         env = Env()
+        self.top = tree
         if isinstance(tree, exp.Insert):
             self.insert(tree, env)
             kind = Kind.INSERT
@@ -175,6 +180,7 @@ class Analyzer:
                 kind = Kind.DDL
         else:
             raise Unsupported(f"{type(tree).__name__.upper()} statements are not supported by the analysis")
+        self.evaluated_ctes()
         if kind is Kind.SELECT and self.modifying:
             kind = self.modifying[0]
         return kind
@@ -211,7 +217,7 @@ class Analyzer:
                 self.consume(self.expr(where.this, inner), F)
             for w in node.args.get("windows") or []:
                 self.window_spec(w, inner)
-            names, flows = self.select_list(node.expressions, inner)
+            names, flows = self.select_list(node.expressions, inner, evaluated=node is not self.top)
             group = node.args.get("group")
             if group is not None:
                 frame.aggregated = True
@@ -310,7 +316,10 @@ class Analyzer:
                 if isinstance(e, exp.Expr):
                     self.consume(self.expr(e, env), F)
 
-    def select_list(self, items: list[exp.Expr], env: Env) -> tuple[list[str | None], list[Flow]]:
+    def select_list(self, items: list[exp.Expr], env: Env,
+                    evaluated: bool = False) -> tuple[list[str | None], list[Flow]]:
+        """Output names and flows; with ``evaluated`` (a subquery's list), outputs PostgreSQL computes whether
+        or not anything uses them (``evaluated_regardless``) are read here, as they would be if returned."""
         names: list[str | None] = []
         flows: list[Flow] = []
         level = env.levels[0] if env.levels else Level()
@@ -351,6 +360,8 @@ class Analyzer:
                 names.append(alias if alias is not None else (r.names[0] if len(r.names) == 1 else None))
                 continue
             flows.append(self.expr(inner, env))
+            if evaluated and self.evaluated_regardless(inner):
+                self.consume(flows[-1], P)
             names.append(alias if alias is not None else self.figure_name(inner))
         return names, flows
 
@@ -396,7 +407,7 @@ class Analyzer:
         for op in reversed(chain):
             right = self.query(op.expression, env)
             result = self.combine(op, result, right)
-        self.wrapper_clauses(node, result)
+        self.wrapper_clauses(node, result, env)
         return result
 
     def combine(self, node: exp.SetOperation, left: Result, right: Result) -> Result:
@@ -421,15 +432,20 @@ class Analyzer:
         _check_args(node, _WRAPPER_ARGS, "parenthesized query")
         env = self.with_(node, env)
         r = self.query(node.this, env)
-        self.wrapper_clauses(node, r)
+        self.wrapper_clauses(node, r, env)
         return r
 
-    def wrapper_clauses(self, node: exp.Expr, r: Result) -> None:
+    def wrapper_clauses(self, node: exp.Expr, r: Result, env: Env) -> None:
+        """ORDER BY (output columns only) and LIMIT/OFFSET of a set operation or parenthesized query.
+
+        LIMIT and OFFSET are expressions in the scope around the query, its own WITH
+        included: a CTE of that WITH hides a table of the same name there too.
+        """
         order = node.args.get("order")
         if order is not None:
             for o in order.expressions:
                 self.order_key(o.this, None, r.names, r.flows)
-        self.limits(node, Env())
+        self.limits(node, env)
 
     def values(self, node: exp.Values, env: Env) -> Result:
         _check_args(node, frozenset({"expressions", "alias"}), "VALUES")
@@ -459,7 +475,8 @@ class Analyzer:
             alias = cte.args.get("alias")
             name = ident(alias.this)
             colnames = [ident(c) for c in alias.columns] if alias is not None else []
-            d = _Cte(name, cte.this, colnames, recursive=recursive)
+            d = _Cte(name, cte.this, colnames, recursive=recursive, materialized=cte.args.get("materialized"))
+            self.ctes.append(d)
             if name in {x.name for x in defs}:
                 raise Unsupported(f'WITH query name "{name}" specified more than once')
             defs.append(d)
@@ -513,6 +530,50 @@ class Analyzer:
         finally:
             d.busy = False
         return d.result
+
+    def evaluated_ctes(self) -> None:
+        """Read every output of the WITH queries PostgreSQL computes whole, used or not (at the statement's end,
+        when all references are known): a data-modifying one runs (and computes its RETURNING) even
+        unreferenced; a referenced one is computed whole when MATERIALIZED, recursive, referenced more than
+        once, or calling a volatile function: it is not inlined then (7.8.3 "Common Table Expression
+        Materialization"), and an error in any of its columns can show a value.
+
+        >>> from proxy.analysis.access import analyze
+        >>> from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": {"columns": ["a", "b"]}}}}})
+        >>> st = analyze("WITH x AS MATERIALIZED (SELECT a, b FROM t) SELECT a FROM x", s, ["app"], "r").statements[0]
+        >>> sorted(c.name for c in st.columns)
+        ['a', 'b']
+        """
+        for d in self.ctes:
+            if d.result is None:
+                continue
+            modifying = isinstance(d.node, (exp.Insert, exp.Update, exp.Delete, exp.Merge))
+            if modifying or d.refs and (d.materialized or d.recursive or d.refs > 1 or any(
+                    self.evaluated_regardless(e) for e in d.node.find_all(exp.Anonymous, exp.Func))):
+                for fl in d.result.flows:
+                    self.consume(fl, P)
+
+    def evaluated_regardless(self, e: exp.Expr) -> bool:
+        """Whether PostgreSQL computes ``e``, an output of a subquery, even when nothing above uses it: it
+        calls a volatile or set-returning function, or a user-defined one (volatile unless declared
+        otherwise; its body is not analysed). Other unused outputs are never computed (the planner drops
+        them, allpaths.c remove_unused_subquery_outputs), so their errors cannot show a value."""
+        for node in e.walk():
+            if isinstance(node, exp.Anonymous):
+                if isinstance(node.parent, exp.Dot):
+                    return True  # schema-qualified: taken for a user-defined function
+                res = fn.classify_function(_func_name(node), None, self.ctx.schema, self.path)
+                if res.cls is not fn.FunctionClass.SAFE_BUILTIN or fn.evaluated_regardless(res.name,
+                                                                                           self.ctx.schema):
+                    return True
+            elif isinstance(node, exp.Unnest):
+                return True
+            elif isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS):
+                name = self.typed_name(node)
+                if name and fn.evaluated_regardless(name, self.ctx.schema):
+                    return True
+        return False
 
     @staticmethod
     def _rename(d: _Cte, r: Result) -> Result:
@@ -656,6 +717,7 @@ class Analyzer:
         cat = ident(node.args.get("catalog")) if node.args.get("catalog") else None
         alias = node.args.get("alias")
         if sch is None and name in env.ctes:
+            env.ctes[name].refs += 1
             r = self.cte_result(env.ctes[name])
             return _derived(r, alias, f'WITH query "{name}"', default_name=name)
         rel = resolve_relation(self.ctx.schema, self.path, name, sch, cat)
@@ -1236,7 +1298,18 @@ class Analyzer:
         """The flow of a node that has a meaning of its own, or None for a plain operator node."""
         if isinstance(node, exp.Column):
             return self.column(node, env)
-        if isinstance(node, (exp.Literal, exp.Null, exp.Boolean, exp.Placeholder, exp.Parameter, exp.DataType)):
+        if isinstance(node, exp.Parameter):
+            # sqlglot reads PostgreSQL's prefix operator @ (absolute value) as the @name
+            # parameter of other dialects, with the operand as its child: only $n, a number
+            # (parse.py makes it from the PostgreSQL lexer's parameter token), is a constant.
+            if isinstance(node.this, exp.Literal) and not node.this.is_string and node.this.this.isdigit():
+                return {}
+            raise Unsupported("the prefix operator @ is not supported by the analysis (use abs())")
+        if isinstance(node, exp.Placeholder):
+            if node.this is not None or any(True for _ in node.iter_expressions()):
+                raise Unsupported("a placeholder with a name or operand is not PostgreSQL syntax")
+            return {}
+        if isinstance(node, (exp.Literal, exp.Null, exp.Boolean, exp.DataType)):
             return {}
         if isinstance(node, (exp.Var, exp.Identifier)):
             return self.name_flow(node, env)

@@ -146,6 +146,36 @@ SINGLE_COLUMN_SRFS = frozenset("""
 """.split())
 
 
+# Volatile built-ins among ASSUMED_BUILTINS (a loaded schema has every function's
+# volatility from pg_proc). PostgreSQL evaluates a volatile or set-returning output of a
+# subquery even when nothing above uses it (allpaths.c, remove_unused_subquery_outputs).
+ASSUMED_VOLATILE = frozenset("""
+    clock_timestamp currval gen_random_uuid lastval nextval pg_advisory_lock pg_advisory_unlock
+    pg_advisory_xact_lock pg_notify pg_sleep pg_try_advisory_lock pg_try_advisory_xact_lock random set_config
+    setseed setval timeofday txid_current uuid_generate_v4
+""".split())
+SET_RETURNING = SINGLE_COLUMN_SRFS | frozenset(SRF_COLUMNS) | frozenset("""
+    json_to_recordset jsonb_to_recordset json_populate_recordset jsonb_populate_recordset
+""".split())
+
+
+def evaluated_regardless(name: str, schema: Schema) -> bool:
+    """Whether PostgreSQL computes a call of the pg_catalog function ``name`` in a subquery's output even when
+    no one uses that output: it is volatile or returns a set (unknown functions count as volatile).
+
+    >>> from proxy.analysis.schema import Schema
+    >>> s = Schema.from_dict({"schemas": {}})
+    >>> evaluated_regardless("random", s), evaluated_regardless("unnest", s), evaluated_regardless("lower", s)
+    (True, True, False)
+    """
+    if name in SET_RETURNING:
+        return True
+    info = schema.function("pg_catalog", name)
+    if info is not None:
+        return info.volatility not in ("immutable", "stable")
+    return name in ASSUMED_VOLATILE or name not in ASSUMED_BUILTINS
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A resolved call: its qualified name, its class and (for DATA_READING_BUILTIN) why."""
