@@ -31,7 +31,7 @@ from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, R
 from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
                                     column_of, consumed, ident, lookup_qualified, lookup_refname,
                                     lookup_unqualified, merge_into, resolve_relation, union, whole_row)
-from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, VIEW, RelationInfo, Schema
+from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
 
 # Unquoted names that PostgreSQL reads as keywords, never as columns.
 SQL_VALUE_KEYWORDS = frozenset({
@@ -408,7 +408,56 @@ class Analyzer:
             right = self.query(op.expression, env)
             result = self.combine(op, result, right)
         self.wrapper_clauses(node, result, env)
+        if node is not self.top:
+            # A set operation below the top is computed whole: the planner drops no unused output
+            # of it (allpaths.c remove_unused_subquery_outputs leaves set operations alone, and
+            # a UNION ALL is only flattened into its arms when their types line up), so an
+            # output that some arm computes with an expression, which can fail with an error
+            # that shows a value, counts as read, used or not.
+            arms = [cur] + [op.expression for op in chain]
+            for i, fl in enumerate(result.flows):
+                if not all(self.plain_output(arm, i, env) for arm in arms):
+                    self.consume(fl, P)
         return result
+
+    def plain_output(self, arm: exp.Expr, i: int, env: Env) -> bool:
+        """Whether output ``i`` of a set operation's ``arm`` is a constant or a column of a table the arm reads
+        directly (no view, CTE, subquery or function in its FROM): computing it cannot fail.
+
+        >>> from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": {"columns": ["a", "b"]}}}}})
+        >>> from proxy.analysis.model import StatementAccess
+        >>> an = Analyzer(Context(s, ["pg_catalog", "app"]), StatementAccess(Kind.SELECT))
+        >>> import sqlglot
+        >>> arm = sqlglot.parse_one("SELECT a, b::int, 1 FROM t", read="postgres")
+        >>> [an.plain_output(arm, i, Env()) for i in range(3)]
+        [True, False, True]
+        """
+        while isinstance(arm, exp.Subquery) and all(arm.args.get(k) in _EMPTY for k in _WRAPPER_ARGS - {"this"}):
+            arm = arm.this
+        if not isinstance(arm, exp.Select) or arm.args.get("with_") or i >= len(arm.expressions):
+            return False
+        outputs = [e.unalias() for e in arm.expressions]
+        if any(isinstance(e, exp.Star) or isinstance(e, exp.Column) and isinstance(e.this, exp.Star) for e in outputs):
+            return False  # positions are not the select list's
+        e = outputs[i]
+        if isinstance(e, (exp.Literal, exp.Null, exp.Boolean)):
+            return True
+        if not isinstance(e, exp.Column):
+            return False
+        from_ = arm.args.get("from_")
+        for src in ([from_.this] if from_ is not None else []) + [j.this for j in arm.args.get("joins") or []]:
+            if not isinstance(src, exp.Table) or not isinstance(src.this, exp.Identifier) or src.args.get("joins"):
+                return False
+            sch = ident(src.args.get("db")) if src.args.get("db") else None
+            if sch is None and ident(src.this) in env.ctes:
+                return False
+            try:
+                if resolve_relation(self.ctx.schema, self.path, ident(src.this), sch).kind != TABLE:
+                    return False
+            except Unsupported:
+                return False
+        return True
 
     def combine(self, node: exp.SetOperation, left: Result, right: Result) -> Result:
         if len(left.flows) != len(right.flows):
