@@ -25,7 +25,7 @@ from sqlglot import exp
 
 from proxy.analysis import functions as fn
 from proxy.analysis import positions as pos
-from proxy.analysis.lexer import Statement
+from proxy.analysis.lexer import Statement, T
 from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
                                   Use)
 from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
@@ -804,6 +804,10 @@ class Analyzer:
         elif not target and first > 0 and text.tokens[first - 1].is_word("table"):
             first -= 1  # the TABLE name command
             command = True
+        if not target and last < len(text.tokens) and text.tokens[last].kind is T.OP and text.tokens[last].value == "*":
+            # "name *": the old spelling of "name and its descendants", the default (7.2.1.1); sqlglot
+            # drops the star, so the reference takes it, else a substitution would leave it behind.
+            last += 1
         alias = node.args.get("alias")
         alias_name = ident(alias.this) if alias is not None and alias.this is not None else None
         alias_cols = tuple(ident(c.this if isinstance(c, exp.ColumnDef) else c) for c in alias.columns) \
