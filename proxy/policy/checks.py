@@ -154,13 +154,45 @@ def _purpose_problems(policy: Policy) -> list[Problem]:
     return out
 
 
+def _consent_problems(policy: Policy) -> list[Problem]:
+    """Tables the consent filter matches by a subject of another kind than the consent table's.
+
+    The filter compares a table's ``subject`` column with the consent table's: both must
+    name the same people. A table whose subject column is not classified like the consent
+    table's (say ``participant_id`` against ``member_id``) and that a withdrawable purpose
+    may read would hide the rows of the wrong people and show those who withdrew.
+    """
+    consent = policy.catalog.consent
+    if consent is None:
+        return []
+    own = set(policy.categories_of(Column(consent.table.schema, consent.table.name, consent.subject)))
+    out: list[Problem] = []
+    for table, entry in sorted(policy.catalog.tables.items(), key=lambda kv: str(kv[0])):
+        if not entry.subject or table == consent.table:
+            continue
+        if own & set(entry.columns.get(entry.subject, ())):
+            continue
+        categories = {c for cats in entry.columns.values() for c in cats}
+        if entry.personal_by_default:
+            categories.add(entry.personal_by_default)
+        withdrawable = sorted({p for role in policy.subjects for c in categories
+                               for p in policy.purposes_allowing(role, c, v.READ) if policy.consent_mode(p)})
+        if withdrawable:
+            out.append(Problem(policy.catalog.file, entry.line, (
+                f"table {table}: its subject column {entry.subject!r} is not classified like the consent table's "
+                f"{consent.table}.{consent.subject} ({', '.join(sorted(own)) or 'no category'}), yet the consent "
+                f"filter matches the two under {', '.join(withdrawable)}: name the column that holds the consent "
+                f"table's subject"), ERROR))
+    return out
+
+
 def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None = None) -> list[Problem]:
     """Static findings about ``policy``, errors first, then by file and line.
 
     ``schema`` (optional) is the database schema to compare the catalog with (see
     ``table_columns``); ``roles`` (optional) the database role names.
     """
-    problems = _purpose_problems(policy) + _rule_problems(policy)
+    problems = _purpose_problems(policy) + _rule_problems(policy) + _consent_problems(policy)
     if roles is not None:
         problems += _role_problems(policy, set(roles))
     if schema is not None:

@@ -74,3 +74,43 @@ def test_purpose_proxy_check_against_the_live_database(sample_db):
     last = result.stdout.strip().splitlines()[-1]
     assert " 0 problem(s)" in last and last.endswith(": ok"), result.stdout
     assert "0 failed" in result.stdout
+
+
+def test_the_consent_filter_hides_event_participants_who_are_members_that_withdrew(sample_db):
+    # events.participants once named participant_id as its subject: the filter then looked
+    # participant ids up among the consent table's member ids, showing members who withdrew.
+    from proxy.config import Config
+    from proxy.enforcement.hook import SessionInfo
+    from proxy.enforcement.purpose import PurposeSession
+    from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
+    from proxy.policy.decision import Mask
+
+    dsn, _, _, schema = sample_db
+    runtime = PolicyRuntime(Config(policies=str(REPO / "policies"), schema_dsn="unused", decision_cache_size=0,
+                                   policy_watch_interval=0, schema_refresh_interval=0))
+    purpose = "marketing.announcements"
+    session = PurposeSession(runtime, SessionInfo("t", "127.0.0.1", {
+        "user": "app_marketing", "database": DATABASE, "options": f"-c pii.purpose={purpose}"}), DatabaseState(schema))
+    decision = session.decide("SELECT participant_id, member_id FROM events.participants", "query")
+    assert isinstance(decision, Mask) and "consent" in decision.methods, decision
+
+    async def run():
+        conn = await asyncpg.connect(dsn)
+        try:
+            shown = await conn.fetch(decision.sql)
+            everyone = await conn.fetch("SELECT participant_id, member_id FROM events.participants")
+            decisions = await conn.fetch("SELECT member_id, purpose, status, recorded_at FROM privacy.consents")
+        finally:
+            await conn.close()
+        return shown, everyone, decisions
+
+    shown, everyone, decisions = asyncio.run(run())
+    last = {}  # a withdrawal counts unless a later decision for the same member and purpose exists
+    for r in decisions:
+        key = (r["member_id"], r["purpose"])
+        last[key] = max(last.get(key, r["recorded_at"]), r["recorded_at"])
+    withdrew = {r["member_id"] for r in decisions if r["purpose"] in ("marketing", purpose)
+                and r["status"] == "withdrawn" and r["recorded_at"] == last[(r["member_id"], r["purpose"])]}
+    expected = {(r["participant_id"], r["member_id"]) for r in everyone if r["member_id"] not in withdrew}
+    assert {(r["participant_id"], r["member_id"]) for r in shown} == expected
+    assert len(expected) < len(everyone), "the generated data should have participants who withdrew"

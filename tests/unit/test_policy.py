@@ -7,6 +7,7 @@ import doctest
 import importlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1176,3 +1177,17 @@ def test_readme_examples_are_valid():
     load_model(model)
     cases = parse_policy_cases(next(text for text in yaml_blocks if text.startswith("cases:")))
     assert cases[0].search_path == ("public",)
+
+
+def test_a_consent_subject_of_another_kind_is_an_error(tmp_path):
+    # The consent filter compares a table's subject with the consent table's: events.participants
+    # once named participant_id, so under marketing the rows of members who withdrew showed
+    # (their participant ids are not their member ids) while others' rows were hidden.
+    shutil.copytree(SAMPLE, tmp_path / "p")
+    catalog = tmp_path / "p" / "catalog.yaml"
+    catalog.write_text(swap(catalog.read_text(), "    subject: member_id\n    columns:\n      participant_id: []",
+                            "    subject: participant_id\n    columns:\n      participant_id: []"))
+    problems = check_policy(Policy.load(tmp_path / "p"))
+    assert [p.severity for p in problems] == [ERROR]
+    assert "events.participants" in problems[0].message and "marketing.announcements" in problems[0].message
+    assert problems[0].line == line_with(catalog.read_text(), "  events.participants:")
