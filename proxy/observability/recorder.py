@@ -551,7 +551,7 @@ def _decided_members(expl, decision: Decision, fp: str) -> str:
         verdict=DECISION_LABEL.get(type(decision), "unknown"),
         reason=(decision.reason or None) if type(decision) is Block else (getattr(expl, "reason", None) or None),
         rewrite={"applied": mask, "methods": list(decision.methods) if mask else []},
-        consent_filter=bool(getattr(decision, "consent_filter", False)),
+        consent_filter=mask and "consent" in decision.methods,  # the rewrite filters rows by consent
     )
     return audit_mod.members(fields)
 

@@ -388,3 +388,23 @@ def test_statement_records_share_pieces_but_not_per_statement_values():
         rec(f"SELECT {_} FROM t{_}", ALLOW, (str(_), "c", "r", "d", ""), None)
     assert rec("SELECT a FROM t WHERE b = 3", ALLOW, one, "billing", finished=101.0) == dict(
         first, rows=None, duration_seconds=1.0)
+
+
+def test_a_statement_record_says_whether_the_consent_filter_was_applied():
+    # It said false for every statement once: the recorder looked for an attribute Mask does not have.
+    from proxy.observability.fingerprint import Fingerprints
+    from proxy.observability.recorder import StatementRecords
+    from proxy.policy.decision import Mask
+    from proxy.wire.relay import StatementEvent
+
+    records = StatementRecords(Fingerprints())
+    snapshot = ("000001", "127.0.0.1:1", "app", "db", "a")
+
+    def rec(decision):
+        ev = StatementEvent("query", "SELECT email FROM crm.members", decision, 0.00001, 100.0, finished=100.1)
+        return json.loads("{" + records(ev, None, snapshot, "marketing", "declared") + "}")
+
+    filtered = rec(Mask("SELECT email FROM (...) AS members", ("consent",)))
+    masked = rec(Mask("SELECT (...) AS email FROM crm.members", ("partial",)))
+    assert filtered["consent_filter"] is True and filtered["rewrite"] == {"applied": True, "methods": ["consent"]}
+    assert masked["consent_filter"] is False and rec(ALLOW)["consent_filter"] is False
