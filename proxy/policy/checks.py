@@ -155,7 +155,8 @@ def _purpose_problems(policy: Policy) -> list[Problem]:
 
 
 def _consent_problems(policy: Policy) -> list[Problem]:
-    """Tables the consent filter matches by a subject of another kind than the consent table's.
+    """Consent decisions any purpose may rewrite, and tables the consent filter matches by a subject of
+    another kind than the consent table's.
 
     The filter compares a table's ``subject`` column with the consent table's: both must
     name the same people. A table whose subject column is not classified like the consent
@@ -165,10 +166,19 @@ def _consent_problems(policy: Policy) -> list[Problem]:
     consent = policy.catalog.consent
     if consent is None:
         return []
-    own = set(policy.categories_of(Column(consent.table.schema, consent.table.name, consent.subject)))
+    source = consent.table
+    own = set(policy.categories_of(Column(source.schema, source.name, consent.subject)))
     out: list[Problem] = []
+    # The decisions themselves: unclassified, every purpose may write them, and a purpose
+    # could grant itself every consent the filter checks (UPDATE ... SET status = 'granted').
+    loose = [c for c in (consent.purpose, consent.status, consent.recorded_at)
+             if c and not policy.categories_of(Column(source.schema, source.name, c))]
+    if loose:
+        out.append(Problem(policy.catalog.file, consent.line, (
+            f"consent table {source}: {', '.join(loose)} not classified as personal data, so any purpose may "
+            f"rewrite the consent decisions and switch the consent filter off: give them a category"), ERROR))
     for table, entry in sorted(policy.catalog.tables.items(), key=lambda kv: str(kv[0])):
-        if not entry.subject or table == consent.table:
+        if not entry.subject or table == source:
             continue
         if own & set(entry.columns.get(entry.subject, ())):
             continue

@@ -1191,3 +1191,21 @@ def test_a_consent_subject_of_another_kind_is_an_error(tmp_path):
     assert [p.severity for p in problems] == [ERROR]
     assert "events.participants" in problems[0].message and "marketing.announcements" in problems[0].message
     assert problems[0].line == line_with(catalog.read_text(), "  events.participants:")
+
+
+def test_consent_decisions_any_purpose_may_rewrite_are_an_error(tmp_path):
+    # With privacy.consents.status unclassified, a marketing session could run
+    # UPDATE privacy.consents SET status = 'granted' ... and see everyone who withdrew.
+    shutil.copytree(SAMPLE, tmp_path / "p")
+    catalog = tmp_path / "p" / "catalog.yaml"
+    catalog.write_text(swap(catalog.read_text(), "      status: [consent.decision]", "      status: []"))
+    problems = check_policy(Policy.load(tmp_path / "p"))
+    assert [p.severity for p in problems] == [ERROR]
+    assert "privacy.consents: status not classified" in problems[0].message
+
+
+def test_under_the_shipped_policy_only_the_stop_of_use_procedure_touches_consent_decisions(sample):
+    writers = {p for role in sample.subjects for p in sample.purposes_allowing(role, "consent.decision", v.WRITE)}
+    readers = {p for role in sample.subjects for p in sample.purposes_allowing(role, "consent.decision", v.READ)}
+    assert writers == {"disclosure_requests"}
+    assert readers <= {"disclosure_requests", "operations"}  # operations reads everything redacted
