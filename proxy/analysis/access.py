@@ -220,8 +220,10 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
     elif kind is Kind.CALL:
         if len(toks) < 3:
             raise Unsupported("cannot read CALL statement")
+        acc.opaque_code = "a procedure (CALL)"
         _expressions(st, (1, len(toks)), ctx, acc)
     elif kind is Kind.DO:
+        acc.opaque_code = "a DO block"
         return
     elif kind is Kind.COPY_TO:
         _copy_statement(st, ctx, acc)
@@ -336,6 +338,7 @@ def _qi(name: str) -> str:
 
 def _ddl(st: Statement, ctx: Context, acc: StatementAccess, first: str | None) -> None:
     toks = st.tokens
+    acc.opaque_code = utility.ddl_code(toks)
     if first == "refresh":
         parts, data = utility.parse_refresh(toks)
         rel = _relation(ctx, parts)

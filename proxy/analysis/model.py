@@ -203,6 +203,9 @@ class StatementAccess:
     reads_constants: bool = False
     # DECLARE ... WITH HOLD: the cursor outlives its transaction (read from the tokens).
     holdable: bool = False
+    # Code PostgreSQL runs now or later that the analysis cannot read (a DO block, a
+    # procedure, a function or trigger body, a DEFAULT or CHECK expression...): what it is.
+    opaque_code: str | None = None
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

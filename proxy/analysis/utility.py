@@ -366,6 +366,50 @@ def parse_execute(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, tuple[i
     return name, (r.i, len(tokens))
 
 
+# Objects whose definition is code PostgreSQL runs later, and clauses that store an
+# expression it evaluates later (or on every row now: ALTER ... TYPE ... USING).
+_CODE_OBJECTS = frozenset({"function", "procedure", "trigger", "rule", "aggregate", "operator", "cast", "language",
+                           "transform", "policy", "domain", "conversion"})
+_CODE_CLAUSES = frozenset({"default", "check", "generated", "using", "execute"})
+
+
+def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
+    """What code a DDL statement defines or runs that the analysis cannot read, or None.
+
+    Keywords are read from the tokens (a string or quoted identifier never counts); the
+    reading errs on the side of finding code (``DROP DEFAULT`` counts).
+
+    >>> from proxy.analysis.lexer import scan
+    >>> [ddl_code(scan(q)) for q in ("CREATE OR REPLACE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+    ...     "ALTER TABLE t ADD COLUMN y text DEFAULT f()", "CREATE INDEX ON t ((email::int))",
+    ...     'CREATE TABLE t (a int, "default" text)', "COMMENT ON TABLE t IS 'a check'")]
+    ['CREATE FUNCTION', 'a DEFAULT clause', 'an index expression', None, None]
+    """
+    words = [t.value for t in tokens if t.kind is T.IDENT]
+    if not words:
+        return None
+    if words[0] in ("create", "alter"):
+        for w in words[1:5]:
+            if w in _CODE_OBJECTS:
+                return f"{words[0].upper()} {w.upper()}"
+    if words[0] in ("create", "alter"):
+        for w in words:
+            if w in _CODE_CLAUSES:
+                return f"a {w.upper()} clause"
+    if words[0] == "create" and "index" in words[1:4]:
+        depth = 0
+        for t in tokens:
+            if t.kind is T.LPAREN:
+                depth += 1
+                if depth > 1:
+                    return "an index expression"
+            elif t.kind is T.RPAREN:
+                depth -= 1
+            elif depth and t.kind is T.OP:
+                return "an index expression"
+    return None
+
+
 def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int, bool]:
     """(cursor name, index of the cursor query's first token, whether it is WITH HOLD).
 

@@ -443,6 +443,24 @@ def _admin_block(admin_kinds: list[str], purpose: str, policy: Policy, role: str
                         detail=f"Administering under {purpose}: {admin.why}.", hint=hint)
 
 
+def _opaque_code_block(statements: list[StatementAccess], purpose: str, policy: Policy, role: str,
+                       expl: Explanation) -> Outcome | None:
+    """Step 5b: code the analysis cannot read (a DO block, a procedure, a function or trigger body, a DEFAULT
+    or CHECK expression) reads whatever it likes, now or whenever it runs later, in this session or others:
+    only a purpose that may read every category in the clear may run or define it."""
+    what = next((st.opaque_code for st in flatten(statements) if st.opaque_code), None)
+    if what is None:
+        return None
+    unclear = [c for c in sorted(policy.catalog.categories) if policy.decide(role, purpose, c, v.READ).effect != v.ALLOW]
+    if not unclear:
+        return None
+    return _block(expl, f"purpose \"{purpose}\" may not run or define code the proxy cannot read ({what})",
+                  "opaque-code", detail=f"The code could read personal data that {purpose} may not read in the clear, "
+                                        f"such as category \"{unclear[0]}\".",
+                  hint="Run it under a purpose that may read every category unmasked, or apply schema changes "
+                       "outside the proxy.")
+
+
 def _explain_column(col: Column, t: _Touch, cats: tuple[str, ...], role: str, purpose: str, policy: Policy
                     ) -> tuple[ColumnExplanation, Requirement | None]:
     """Step 6, for one column: a decision per (category, action), and the column's outcome."""
@@ -605,6 +623,8 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     assert purpose is not None
     expl, blocked = _admin_block(admin_kinds, purpose, policy, role, expl)
     if blocked:
+        return blocked
+    if blocked := _opaque_code_block(statements, purpose, policy, role, expl):
         return blocked
 
     explained = [_explain_column(c, t, personal[c], role, purpose, policy) for c, t in sorted(touched.items())]
