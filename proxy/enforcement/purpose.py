@@ -27,7 +27,7 @@ from proxy.analysis.shape import shape
 from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
-from proxy.enforcement.startup import startup_settings
+from proxy.enforcement.startup import BadOptions, startup_settings
 from proxy.policy.decision import Block, Decision
 from proxy.policy.verdict import Explanation, decide_statement, flatten
 
@@ -64,14 +64,19 @@ class PurposeSession:
         self.role = info.role
         self.database = info.database
         self.setting = runtime.config.purpose_setting
-        settings = startup_settings(info.params)
+        try:
+            settings = startup_settings(info.params)
+        except BadOptions as exc:
+            raise StartupRefused(Block(str(exc), sqlstate="0A000", severity="FATAL", reason="startup-options",
+                                       hint="Pass settings as -c name=value in options (PGOPTIONS), or as startup "
+                                            "parameters of their own.")) from None
         self.startup_purpose = settings.get(self.setting) or None
         self.purpose = self.startup_purpose
         sp = settings.get("search_path")
         self.startup_search_path = (parse_search_path(sp) if sp is not None
                                     else db.default_search_path(self.role, self.database))
-        self.search_path = list(self.startup_search_path)
         self._purpose_epoch = 0
+        self.search_path = list(self.startup_search_path)
         # SQL-level PREPARE name -> every statement that may be behind the name, as
         # (sql, decision, epoch, explanation): a PREPARE of a name that exists fails in
         # PostgreSQL, which the proxy does not see, so the earlier statements stay candidates.
@@ -359,6 +364,19 @@ class PurposeSession:
         forget = getattr(self.relay, "forget_statement", None)
         if forget is not None:
             forget(name)
+
+    @property
+    def search_path(self) -> list[str]:
+        return self._search_path
+
+    @search_path.setter
+    def search_path(self, path: list[str]) -> None:
+        # A statement prepared under another search_path may name other relations now:
+        # PostgreSQL re-plans it under the new one (plancache.c revalidation), so what the
+        # proxy decided for it no longer holds (the epoch moves, as for a purpose change).
+        if path != getattr(self, "_search_path", None):
+            self._search_path = path
+            self._purpose_epoch += 1
 
     def _set_purpose(self, purpose: str | None) -> None:
         if purpose != self.purpose:

@@ -4,8 +4,10 @@ A StartupMessage carries settings two ways (55.7, "StartupMessage"): as their ow
 parameters (``pii.purpose=billing``) and inside ``options`` as command-line
 switches (``-c pii.purpose=billing`` or ``--pii.purpose=billing``), split on
 white space with backslash escaping a following character (pg_split_opts in
-src/backend/utils/init/postinit.c). Later ones win, and ``options`` is applied
-after the plain parameters, as in process_startup_options.
+src/backend/utils/init/postinit.c). ``options`` is applied first and the
+parameters of their own after it, so those win (process_startup_options); within
+each, later ones win. ``options`` holding anything but settings refuses the
+connection (``option_settings``).
 """
 
 from __future__ import annotations
@@ -42,29 +44,60 @@ def split_options(options: str) -> list[str]:
     return out
 
 
-def startup_settings(params: dict[str, str]) -> dict[str, str]:
-    """All settings of a StartupMessage, names lower-cased, ``options`` applied last.
+class BadOptions(ValueError):
+    """The ``options`` of a StartupMessage hold something other than settings the proxy reads as PostgreSQL does."""
 
-    >>> startup_settings({"user": "app", "pii.purpose": "a", "options": "-c pii.purpose=b --search_path=crm"})
-    {'pii.purpose': 'b', 'search_path': 'crm'}
+
+def option_settings(options: str) -> list[tuple[str, str]]:
+    """The settings an ``options`` string makes, in order, or ``BadOptions``.
+
+    PostgreSQL reads ``options`` with getopt over its whole set of server switches
+    (process_postgres_switches in src/backend/tcop/postgres.c), where ``-Ec x=y`` is
+    two bundled switches and ``-r -c --x=y`` sets ``x`` (``-r`` takes ``-c`` as its
+    argument). Rather than mimic all of getopt, only ``-c name=value``,
+    ``-cname=value`` and ``--name=value`` are read; anything else refuses the
+    connection, so the two readings cannot differ. Dashes in names are underscores
+    (ParseLongOption).
+
+    >>> option_settings(r"-c pii.purpose=b -csearch_path=crm --work-mem=4MB")
+    [('pii.purpose', 'b'), ('search_path', 'crm'), ('work_mem', '4MB')]
+    >>> option_settings("-Ec search_path=crm")
+    Traceback (most recent call last):
+    ...
+    proxy.enforcement.startup.BadOptions: startup options: purpose-proxy reads only -c name=value and --name=value, not '-Ec'
     """
-    reserved = {"user", "database", "options", "replication"}
-    settings = {k.lower(): v for k, v in params.items() if k.lower() not in reserved and not k.startswith("_pq_.")}
-    args = split_options(params.get("options", ""))
+    args = split_options(options)
+    out: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
         arg = args[i]
-        item = None
         if arg == "-c" and i + 1 < len(args):
             item = args[i + 1]
+            i += 2
+        elif arg.startswith("-c") and len(arg) > 2 or arg.startswith("--") and len(arg) > 2:
+            item = arg[2:]
             i += 1
-        elif arg.startswith("-c") and len(arg) > 2:
-            item = arg[2:]
-        elif arg.startswith("--"):
-            item = arg[2:]
-        i += 1
-        if item and "=" in item:
-            name, _, value = item.partition("=")
-            # PostgreSQL treats dashes in option names as underscores (ParseLongOption).
-            settings[name.replace("-", "_").lower()] = value
+        else:
+            raise BadOptions(f"startup options: purpose-proxy reads only -c name=value and --name=value, not {arg!r}")
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise BadOptions(f"startup options: {item!r} is not name=value")
+        out.append((name.replace("-", "_").lower(), value))
+    return out
+
+
+def startup_settings(params: dict[str, str]) -> dict[str, str]:
+    """All settings of a StartupMessage, names lower-cased: ``options`` first, then the parameters of their
+    own, which win (process_startup_options in src/backend/utils/init/postinit.c). ``BadOptions`` when
+    ``options`` holds anything but settings.
+
+    >>> startup_settings({"user": "app", "pii.purpose": "a", "options": "-c pii.purpose=b --search_path=crm"})
+    {'search_path': 'crm', 'pii.purpose': 'a'}
+    """
+    reserved = {"user", "database", "options", "replication"}
+    settings = dict(option_settings(params.get("options", "")))
+    for k, v in params.items():
+        if k.lower() not in reserved and not k.startswith("_pq_."):
+            settings.pop(k.lower(), None)  # re-inserted last: the order PostgreSQL applies them in
+            settings[k.lower()] = v
     return settings

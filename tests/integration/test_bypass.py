@@ -552,3 +552,65 @@ def test_scenario_other_sessions_statement_texts(pg, enforce_proxy):
                 assert not outcome.leaks({"contact.phone"}), f"BYPASS {sql}: {outcome.summary()}"
             # Monitoring without statement texts still works.
             assert marketing.execute("SELECT count(*) FROM pg_stat_activity WHERE state IS NOT NULL").fetchone()
+
+
+# --- found by a session/protocol hunt -----------------------------------------------------------
+
+
+def test_scenario_sql_prepare_then_search_path_change(pg, enforce_proxy):
+    """PREPARE under the default search_path (public.members, a decoy), then SET search_path = crm:
+    PostgreSQL re-plans the statement under the new path, so EXECUTE would read crm.members."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "marketing")) as conn:
+        conn.execute("PREPARE s AS SELECT phone FROM members")
+        assert conn.execute("EXECUTE s").fetchall()  # the decoy's phones
+        conn.execute("SET search_path = crm")
+        outcome = run_psycopg(conn, "EXECUTE s", prepare=False, mode="simple")
+        assert outcome.refused and not outcome.leaks({"contact.phone"}), f"BYPASS: {outcome.summary()}"
+
+
+def test_scenario_protocol_prepare_then_search_path_change(pg, enforce_proxy):
+    """The same with a protocol-level Parse, then Bind/Execute after the SET."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "marketing")) as conn:
+        pgc = conn.pgconn
+        pgc.send_prepare(b"s_path", b"SELECT phone FROM members")
+        assert _libpq_results(pgc)[0][0] == pq.ExecStatus.COMMAND_OK
+        conn.execute("SET search_path = crm")
+        for attempt in range(2):
+            pgc.send_query_prepared(b"s_path", None)
+            _assert_refused_no_leak(_libpq_results(pgc), f"Bind #{attempt + 1} after the search_path change")
+
+
+@pytest.mark.parametrize("options", ["-c pii.purpose=marketing -Ec search_path=crm",
+                                     "-c pii.purpose=marketing -r -c --search_path=crm",
+                                     "-c pii.purpose=marketing -c"])
+def test_scenario_startup_options_the_proxy_cannot_read_refuse_the_connection(options, pg, enforce_proxy):
+    """PostgreSQL reads options with getopt (-Ec is two switches; -r takes -c as its argument and
+    --search_path=crm then sets the path): anything but -c name=value / --name=value is refused."""
+    with pytest.raises(psycopg.OperationalError) as info:
+        with psycopg_connect(pg.dsn("app", host=enforce_proxy.host, port=enforce_proxy.port,
+                                    options=f"'{options}'")) as c:
+            rows = c.execute("SELECT phone FROM members").fetchall()
+            pytest.fail(f"BYPASS: connected and read {rows}")
+    assert "startup options" in str(info.value)
+
+
+@pytest.mark.parametrize("setting,plain,in_options,sql", [
+    ("search_path", "crm", "public", "SELECT phone FROM members"),
+    ("pii.purpose", "marketing", "support", "SELECT phone FROM crm.members"),
+])
+def test_scenario_startup_parameters_win_over_options(setting, plain, in_options, sql, pg, enforce_proxy, loop):
+    """PostgreSQL applies options first and the startup parameters of their own after them (they win):
+    the proxy must decide under the same values."""
+    async def go():
+        settings = {"pii.purpose": "marketing", setting: plain, "options": f"-c {setting}={in_options}"}
+        conn = await asyncpg.connect(proxy_url(pg, enforce_proxy), server_settings=settings)
+        try:
+            assert await conn.fetchval(f"SHOW {setting}") == plain
+            with pytest.raises(asyncpg.PostgresError) as info:
+                rows = await conn.fetch(sql)
+                pytest.fail(f"BYPASS: {rows}")
+            assert info.value.sqlstate == "42501"
+        finally:
+            await conn.close()
+
+    loop.run_until_complete(asyncio.wait_for(go(), 30))
