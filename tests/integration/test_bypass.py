@@ -301,16 +301,22 @@ def test_scenario_psycopg_prepared_under_support_run_under_marketing(pg, enforce
             assert info.value.sqlstate in ("42501", "0A000") and info.value.diag.source_file is None
 
 
+def _binds_refused_after(dsn: str, sql: bytes, change: str, binds: int) -> None:
+    """Parse ``sql`` (libpq), run ``change``, then Bind/Execute it ``binds`` times: each must be refused."""
+    with psycopg_connect(dsn) as conn:
+        pgc = conn.pgconn
+        pgc.send_prepare(b"s_changed", sql)
+        assert _libpq_results(pgc)[0][0] == pq.ExecStatus.COMMAND_OK
+        conn.execute(change)
+        for attempt in range(binds):
+            pgc.send_query_prepared(b"s_changed", None)
+            _assert_refused_no_leak(_libpq_results(pgc), f"Bind #{attempt + 1} after {change}")
+
+
 def test_scenario_libpq_bind_after_refused_bind(pg, enforce_proxy):
     """A Bind refused after a purpose change must stay refused on the next Bind of that name."""
-    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "support")) as conn:
-        pgc = conn.pgconn
-        pgc.send_prepare(b"s_phone", b"SELECT phone FROM crm.members")
-        assert _libpq_results(pgc)[0][0] == pq.ExecStatus.COMMAND_OK
-        conn.execute("SET pii.purpose = 'marketing'")
-        for attempt in range(3):
-            pgc.send_query_prepared(b"s_phone", None)
-            _assert_refused_no_leak(_libpq_results(pgc), f"Bind #{attempt + 1} after the purpose change")
+    _binds_refused_after(proxy_dsn(pg, enforce_proxy, "support"), b"SELECT phone FROM crm.members",
+                         "SET pii.purpose = 'marketing'", 3)
 
 
 def test_scenario_sql_prepare_then_protocol_bind(pg, enforce_proxy):
@@ -570,14 +576,8 @@ def test_scenario_sql_prepare_then_search_path_change(pg, enforce_proxy):
 
 def test_scenario_protocol_prepare_then_search_path_change(pg, enforce_proxy):
     """The same with a protocol-level Parse, then Bind/Execute after the SET."""
-    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "marketing")) as conn:
-        pgc = conn.pgconn
-        pgc.send_prepare(b"s_path", b"SELECT phone FROM members")
-        assert _libpq_results(pgc)[0][0] == pq.ExecStatus.COMMAND_OK
-        conn.execute("SET search_path = crm")
-        for attempt in range(2):
-            pgc.send_query_prepared(b"s_path", None)
-            _assert_refused_no_leak(_libpq_results(pgc), f"Bind #{attempt + 1} after the search_path change")
+    _binds_refused_after(proxy_dsn(pg, enforce_proxy, "marketing"), b"SELECT phone FROM members",
+                         "SET search_path = crm", 2)
 
 
 @pytest.mark.parametrize("options", ["-c pii.purpose=marketing -Ec search_path=crm",
