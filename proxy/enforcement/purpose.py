@@ -70,6 +70,11 @@ class PurposeSession:
             raise StartupRefused(Block(str(exc), sqlstate="0A000", severity="FATAL", reason="startup-options",
                                        hint="Pass settings as -c name=value in options (PGOPTIONS), or as startup "
                                             "parameters of their own.")) from None
+        if IDENTITY_SETTINGS & settings.keys():
+            # As SET ROLE later: the proxy decides for the role that logged in.
+            raise StartupRefused(Block("changing the session's role at connect time is refused by purpose-proxy",
+                                       sqlstate="42501", severity="FATAL", reason="set-role",
+                                       hint="Connect as the role that should run the statements."))
         self.startup_purpose = settings.get(self.setting) or None
         self.purpose = self.startup_purpose
         sp = settings.get("search_path")

@@ -614,3 +614,14 @@ def test_scenario_startup_parameters_win_over_options(setting, plain, in_options
             await conn.close()
 
     loop.run_until_complete(asyncio.wait_for(go(), 30))
+
+
+@pytest.mark.parametrize("options", ["-c role=app", "--session-authorization=app"])
+def test_scenario_role_at_connect_time_is_refused(options, pg, enforce_proxy):
+    """As SET ROLE is later: the proxy decides for the role that logged in, so a session
+    may not start as another one (with role memberships, -c role=X would run it as X)."""
+    with pytest.raises(psycopg.OperationalError) as info:
+        with psycopg_connect(pg.dsn("app", host=enforce_proxy.host, port=enforce_proxy.port,
+                                    options=f"'-c pii.purpose=marketing {options}'")):
+            pytest.fail("connected")
+    assert "role at connect time" in str(info.value)
