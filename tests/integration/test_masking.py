@@ -430,6 +430,18 @@ def test_consent_filters_updates_and_deletes(mproxy, masking_db):
     assert phones == {2: "RAW-new", 3: "RAW-03-1111-0003"}  # member 3 withdrew support: untouched
 
 
+def test_no_purpose_here_may_rewrite_the_consent_decisions(mproxy, masking_db):
+    # Once any purpose could run this and then see every member who had withdrawn.
+    for sql in ("UPDATE privacy.consents SET status = 'granted' WHERE status = 'withdrawn'",
+                "DELETE FROM privacy.consents WHERE status = 'withdrawn'",
+                "INSERT INTO privacy.consents VALUES (3, 'support', 'granted', now() + interval '1 day')"):
+        e = prefused(mproxy, "support", sql)
+        assert "consent" in str(e), str(e)
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM privacy.consents WHERE member_id = 3 AND status = 'granted' "
+                            "AND recorded_at > now()").fetchone() == (0,)
+
+
 # --- aggregate-only --------------------------------------------------------------------------------------------
 
 def test_aggregate_only_groups_and_suppression(mproxy):
