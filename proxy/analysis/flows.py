@@ -598,16 +598,17 @@ class Analyzer:
             if d.result is None:
                 continue
             modifying = isinstance(d.node, (exp.Insert, exp.Update, exp.Delete, exp.Merge))
-            if modifying or d.refs and (d.materialized or d.recursive or d.refs > 1 or any(
-                    self.evaluated_regardless(e) for e in d.node.find_all(exp.Anonymous, exp.Func))):
+            if modifying or d.refs and (d.materialized or d.recursive or d.refs > 1
+                                        or self.evaluated_regardless(d.node)):
                 for fl in d.result.flows:
                     self.consume(fl, P)
 
     def evaluated_regardless(self, e: exp.Expr) -> bool:
-        """Whether PostgreSQL computes ``e``, an output of a subquery, even when nothing above uses it: it
-        calls a volatile or set-returning function, or a user-defined one (volatile unless declared
-        otherwise; its body is not analysed). Other unused outputs are never computed (the planner drops
-        them, allpaths.c remove_unused_subquery_outputs), so their errors cannot show a value."""
+        """Whether ``e`` (anywhere in it) calls a volatile or set-returning function, or a user-defined one
+        (volatile unless declared otherwise; its body is not analysed). PostgreSQL computes such an
+        output of a subquery even when nothing above uses it, and does not inline a WITH query holding
+        one. Other unused outputs are never computed (the planner drops them, allpaths.c
+        remove_unused_subquery_outputs), so their errors cannot show a value."""
         for node in e.walk():
             if isinstance(node, exp.Anonymous):
                 if isinstance(node.parent, exp.Dot):
