@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from proxy.config import Config
 from proxy.observability import audit as audit_mod
 from proxy.observability.fingerprint import Fingerprints, operation_of
-from proxy.observability.logs import mask_values
 from proxy.observability.metrics import DECISION_LABEL, NONE, OTHER, Metrics
 from proxy.policy.decision import Block, Decision, Mask
 from proxy.wire import codec
@@ -446,8 +446,34 @@ def _error_fields(ev: "StatementEvent") -> dict | None:
     decision = ev.decision
     if type(decision) is Block and fields.get("C") == decision.sqlstate:
         return {"sqlstate": decision.sqlstate, "message": decision.message, "source": "proxy"}
-    # PostgreSQL's own error: its message may quote values, so quoted text and numbers are masked.
-    return {"sqlstate": fields.get("C"), "message": mask_values(fields.get("M", "")), "source": "postgresql"}
+    # PostgreSQL's own error: its message can hold values in any form (RAISE '%' of a parameter, a
+    # value with a quote inside "..."), so it is not recorded; the condition's name stands in.
+    return {"sqlstate": fields.get("C"), "message": condition_name(fields.get("C")), "source": "postgresql"}
+
+
+_CONDITIONS: dict[str, str] = {}
+
+
+def condition_name(sqlstate: str | None) -> str | None:
+    """PostgreSQL's name of the error condition ``sqlstate`` (Appendix A, "PostgreSQL Error Codes"), from
+    asyncpg's table of them; None when unknown.
+
+    >>> condition_name("22P02"), condition_name("P0001"), condition_name("ZZZZZ")
+    ('invalid_text_representation', 'raise_exception', None)
+    """
+    if not _CONDITIONS:
+        import asyncpg.exceptions
+
+        stack = [asyncpg.exceptions.PostgresError]
+        while stack:
+            cls = stack.pop()
+            stack.extend(cls.__subclasses__())
+            state = getattr(cls, "sqlstate", None)
+            if state and state not in _CONDITIONS:
+                words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.__name__.removesuffix("Error")).lower()
+                _CONDITIONS[state] = words
+        _CONDITIONS["P0001"] = "raise_exception"  # asyncpg names it RaiseError
+    return _CONDITIONS.get(sqlstate) if sqlstate else None
 
 
 class StatementRecords:

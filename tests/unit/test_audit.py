@@ -408,3 +408,21 @@ def test_a_statement_record_says_whether_the_consent_filter_was_applied():
     masked = rec(Mask("SELECT (...) AS email FROM crm.members", ("partial",)))
     assert filtered["consent_filter"] is True and filtered["rewrite"] == {"applied": True, "methods": ["consent"]}
     assert masked["consent_filter"] is False and rec(ALLOW)["consent_filter"] is False
+
+
+def test_postgresql_error_messages_never_reach_the_record():
+    # Masking quoted text and numbers missed a RAISE of a parameter and a value with a quote
+    # inside "...": only the SQLSTATE and its condition name are recorded.
+    from proxy.observability.fingerprint import Fingerprints
+    from proxy.observability.recorder import StatementRecords
+    from proxy.wire.relay import StatementEvent
+
+    records = StatementRecords(Fingerprints())
+    for state, message, name in (("P0001", "raised: CANARYX-raise", "raise_exception"),
+                                 ("22P02", 'invalid input syntax for type integer: "ab"CANARYX-dq"',
+                                  "invalid_text_representation")):
+        ev = StatementEvent("query", "SELECT f($1)", ALLOW, 0.00001, 100.0, finished=100.1,
+                            error=codec.error_response(state, message))
+        line = records(ev, None, ("1", "127.0.0.1:1", "app", "db", "a"), "billing", "declared")
+        assert "CANARYX" not in line
+        assert json.loads("{" + line + "}")["error"] == {"sqlstate": state, "message": name, "source": "postgresql"}
