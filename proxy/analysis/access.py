@@ -236,7 +236,8 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
     elif kind is Kind.DDL:
         _ddl(st, ctx, acc, first)
     else:
-        raise Unsupported(f"{(toks[0].text or '?').upper()} statements are not supported by the analysis")
+        named = f"{first.upper()} statements" if first in utility.COMMAND_WORDS else "statements of this kind"
+        raise Unsupported(f"{named} are not supported by the analysis")  # never client text
 
 
 def _copy(inner: StatementAccess, acc: StatementAccess, settings: bool) -> None:

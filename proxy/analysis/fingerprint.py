@@ -13,6 +13,7 @@ needed and nothing is parsed beyond the lexer.
 from __future__ import annotations
 
 from proxy.analysis.lexer import LITERALS, LexError, T, literal_mask, scan
+from proxy.analysis.utility import COMMAND_WORDS
 
 UNREADABLE = "<unreadable sql>"
 MAX_LENGTH = 4096
@@ -43,8 +44,13 @@ def fingerprint(sql: str) -> str:
             return UNREADABLE
     out: list[str] = []
     kinds: list[T | None] = []
-    for t in tokens:
-        if t.kind in LITERALS or t.kind is T.NUMBER or _overlaps(t.start, t.end, masked):
+    value_from = _masked_from(tokens)
+    for i, t in enumerate(tokens):
+        if t.kind is T.SEMI:
+            value_from = i + 1 + _masked_from(tokens[i + 1:])  # the next statement's
+        elif i > value_from:
+            continue  # the rest of a SET's value: one ? stands for all of it
+        if t.kind in LITERALS or t.kind is T.NUMBER or _overlaps(t.start, t.end, masked) or i == value_from:
             text, kind = "?", None
         elif t.kind is T.IDENT:
             text, kind = t.value, t.kind
@@ -55,6 +61,30 @@ def fingerprint(sql: str) -> str:
         out.append(text)
         kinds.append(kind)
     return _join(_collapse(out, kinds))[:MAX_LENGTH]
+
+
+def _masked_from(tokens) -> int:
+    """Where the value of a ``SET [SESSION|LOCAL] name = / TO value`` begins (a bare word there is a value,
+    not a name: ``SET application_name TO ann``); 0 for a statement that begins with no command word; past
+    the end for any other statement.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> [_masked_from(scan(q)) for q in ("SET application_name TO ann", "SET a.b = x, y", "SET TIME ZONE utc",
+    ...                                       "SELECT 1", "ann smith")]
+    [3, 5, 3, 2, 0]
+    """
+    if not tokens:
+        return 0
+    if tokens[0].kind is T.IDENT and tokens[0].value not in COMMAND_WORDS:
+        return 0  # no command: its words may be anything the client typed, values included
+    if not tokens[0].is_word("set"):
+        return len(tokens)
+    if len(tokens) > 3 and tokens[1].is_word("time") and tokens[2].is_word("zone"):
+        return 3
+    for i, t in enumerate(tokens[1:], 1):
+        if t.is_word("to") or (t.kind is T.OP and t.text == "="):
+            return i + 1
+    return len(tokens)
 
 
 def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:

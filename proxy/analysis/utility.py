@@ -25,6 +25,15 @@ DDL_WORDS = frozenset({"create", "alter", "drop", "grant", "revoke", "comment", 
                        "analyse", "cluster", "reindex", "refresh", "import", "reassign"})
 LIST_QUOTE_SETTINGS = frozenset({"search_path", "temp_tablespaces"})
 
+# The words PostgreSQL's commands begin with (the SQL Commands reference): a statement's first
+# word is named in messages and telemetry only when it is one of these, never client text.
+COMMAND_WORDS = frozenset("""
+    abort alter analyze analyse begin call checkpoint close cluster comment commit copy create deallocate declare
+    delete discard do drop end execute explain fetch grant import insert listen load lock merge move notify
+    prepare reassign refresh reindex release reset revoke rollback savepoint security select set show start
+    table truncate unlisten update vacuum values with
+""".split())
+
 Setting = tuple[str, "str | None", bool]
 
 

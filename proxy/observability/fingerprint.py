@@ -12,6 +12,8 @@ import hashlib
 import re
 from collections import OrderedDict
 
+from proxy.analysis.utility import COMMAND_WORDS
+
 try:  # the analysis layer's fingerprint (lexer-based, normalised) and statement shapes
     from proxy.analysis.fingerprint import fingerprint as _analysis_fingerprint
     from proxy.analysis.shape import shape as _shape
@@ -97,8 +99,8 @@ class Fingerprints:
 def operation_of(fingerprint: str) -> str:
     """The first keyword of a fingerprint, upper case ("SELECT"), or "" when there is none.
 
-    >>> operation_of("with x as (select 1) select * from x"), operation_of("<unreadable sql>")
-    ('WITH', '')
+    >>> operation_of("with x as (select 1) select * from x"), operation_of("<unreadable sql>"), operation_of("ann x")
+    ('WITH', '', '')
     """
     word = fingerprint.lstrip("( ").split(" ", 1)[0]
-    return word.upper() if word.isalpha() else ""
+    return word.upper() if word in COMMAND_WORDS else ""  # a span's name: never client text

@@ -143,9 +143,12 @@ def scrub(text: str, sql: str, limit: int = 300) -> str:
 
     >>> scrub("cannot analyse near 'secret@example.com'", "SELECT 'secret@example.com'")
     "cannot analyse near '?'"
+    >>> scrub("Unknown option CANARY-X. Line 1", "INSERT INTO t VALUES (1) ON CONFLICT 'canary-x'")
+    'Unknown option ?. Line 1'
     """
     for literal in literals_of(sql):
-        text = text.replace(literal, "?")
+        if literal:  # any case: sqlglot upper-cases what it quotes back ("Unknown option X")
+            text = re.sub(re.escape(literal), "?", text, flags=re.IGNORECASE)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

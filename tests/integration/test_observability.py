@@ -42,7 +42,8 @@ pytestmark = pytest.mark.integration
 
 MARKER = ("--decider", "tests.support.deciders:refuse_marker")
 CANARIES = ("canary-allow-9931", "canary-refused-4417", "canary-error-8812", "canary-dollar-7123",
-            "canary-unparsed-5521", "987654321987", "canary-param-3309", "canarypurpose")
+            "canary-unparsed-5521", "987654321987", "canary-param-3309", "canarypurpose", "canary-dq-6604",
+            "canary_setbare_2208", "canaryword", "canary-option-7719")
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +283,12 @@ def test_console_exporter_and_logs_carry_no_values(pg, obs_db, start_proxy):
         assert refused(conn, "SELECT 'canary-error-8812'::int") == "22P02"
         conn.execute("SELECT $$canary-dollar-7123$$ AS x, 987654321987 AS n").fetchall()
         assert refused(conn, "SELECT 'canary-unparsed-5521' FROM WHERE") == "42501"
+        # Found by a telemetry hunt: a quote inside PostgreSQL's "...", a SET value as a bare word, a
+        # first word that is no command, a literal sqlglot quotes back upper-cased.
+        assert refused(conn, """SELECT 'ab"canary-dq-6604'::int""") == "22P02"
+        conn.execute("SET myapp.note TO canary_setbare_2208")
+        assert refused(conn, "canaryword blah blah") == "42501"
+        assert refused(conn, "INSERT INTO crm.members VALUES (1) ON CONFLICT 'canary-option-7719'") == "42501"
     with connect(pg, proxy, obs_db, "marketing") as conn:
         assert refused(conn, "SELECT email FROM crm.members WHERE name = 'canary-refused-4417'") == "42501"
     with pytest.raises(psycopg.OperationalError):
