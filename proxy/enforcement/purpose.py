@@ -80,8 +80,8 @@ class PurposeSession:
         sp = settings.get("search_path")
         self.startup_search_path = (parse_search_path(sp) if sp is not None
                                     else db.default_search_path(self.role, self.database))
-        self._purpose_epoch = 0
-        self.search_path = list(self.startup_search_path)
+        self._settings_epoch = 0  # moves whenever the purpose or the search_path changes
+        self._search_path = list(self.startup_search_path)
         # SQL-level PREPARE name -> every statement that may be behind the name, as
         # (sql, decision, epoch, explanation): a PREPARE of a name that exists fails in
         # PostgreSQL, which the proxy does not see, so the earlier statements stay candidates.
@@ -104,7 +104,7 @@ class PurposeSession:
     @property
     def epoch(self) -> tuple:
         """Changes whenever a decision made earlier may no longer hold."""
-        return self._purpose_epoch, self.runtime.policy.version, self.db.schema.version
+        return self._settings_epoch, self.runtime.policy.version, self.db.schema.version
 
     def _quiet(self) -> bool:
         return self.relay is None or self.relay.quiet
@@ -379,15 +379,15 @@ class PurposeSession:
         # A statement prepared under another search_path may name other relations now:
         # PostgreSQL re-plans it under the new one (plancache.c revalidation), so what the
         # proxy decided for it no longer holds (the epoch moves, as for a purpose change).
-        if path != getattr(self, "_search_path", None):
+        if path != self._search_path:
             self._search_path = path
-            self._purpose_epoch += 1
+            self._settings_epoch += 1
 
     def _set_purpose(self, purpose: str | None) -> None:
         if purpose != self.purpose:
             log.info("session %s: purpose %s -> %s", self.info.session_id, self.purpose, purpose)
             self.purpose = purpose
-            self._purpose_epoch += 1
+            self._settings_epoch += 1
 
 
 def decider_factory(runtime: "PolicyRuntime"):
