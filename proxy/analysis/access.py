@@ -41,7 +41,7 @@ def lex(sql: str, standard_conforming_strings: bool = True) -> list[Token]:
     proxy.analysis.lexer.LexError: a string literal containing a backslash is read differently depending on standard_conforming_strings
     """
     tokens = scan(sql, standard_conforming_strings)
-    if any(t.kind is T.STRING and "\\" in t.text and t.text[:1] in ("'", "n", "N") for t in tokens):
+    if "\\" in sql and any(t.kind is T.STRING and "\\" in t.text and t.text[:1] in ("'", "n", "N") for t in tokens):
         try:
             other = scan(sql, not standard_conforming_strings)
         except LexError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NAMEDATALEN = 64  # identifiers are truncated to NAMEDATALEN - 1 bytes
 
@@ -43,12 +44,18 @@ class T(enum.Enum):
     DOT = "."
     SEMI = ";"
 
+    # Enum hashes a member by its name in Python code; the analysis looks kinds up in sets
+    # for every token, so hash by identity in C (members are singletons, compared by identity).
+    __hash__ = object.__hash__
+
 
 LITERALS = (T.STRING, T.BITSTRING, T.HEXSTRING)
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
+class Token(NamedTuple):
+    """One PostgreSQL token (a named tuple: the lexer makes hundreds per statement, and a
+    tuple is built at a third of a frozen dataclass's cost)."""
+
     kind: T
     start: int  # offset of the first character
     end: int  # offset one past the last character
@@ -61,6 +68,7 @@ class Token:
 
 
 _SPACE = " \t\n\r\f"
+_DIGITS = frozenset("0123456789")  # scan.l's digit: ASCII only (str.isdigit() also takes "٣" and "²")
 _NEWLINE = "\n\r"
 _OP_CHARS = set("~!@#^&|`?+-*/%<>=")
 _SELF = {"(": T.LPAREN, ")": T.RPAREN, "[": T.LBRACKET, "]": T.RBRACKET, ",": T.COMMA, ";": T.SEMI}
@@ -84,7 +92,7 @@ def ascii_lower(s: str) -> str:
     >>> ascii_lower("MÉMBERS")
     'mÉmbers'
     """
-    return s.translate(_ASCII_LOWER)
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
@@ -96,6 +104,8 @@ def truncate_identifier(name: str) -> str:
     >>> truncate_identifier("a" * 70) == "a" * 63
     True
     """
+    if len(name) < 16:  # at most 4 bytes a character: short enough
+        return name
     b = name.encode("utf-8", "surrogateescape")  # bytes of the SQL text that are not UTF-8 stay bytes
     if len(b) < NAMEDATALEN:
         return name
@@ -108,11 +118,35 @@ def truncate_identifier(name: str) -> str:
     return ""
 
 
+# The tokens most statements are made of, each with the white space before it, for one
+# match per token in _Scanner.run; whatever does not match here (comments, quotes, $,
+# numbers other than plain integers, ...) takes the scanner's careful branches. Each
+# alternative must read exactly what those branches read:
+# * w: an unquoted word (identifier or key word), unless it is the prefix of a string
+#   (E'', N'', B'', X'') or of a Unicode escape (U&'', U&"");
+# * p: punctuation, and a "." not followed by a digit (".5" is a number);
+# * n: an integer not followed by a digit, ".", "e", or an identifier character
+#   (PostgreSQL 15 refuses "123abc" as trailing junk: the careful branch raises);
+# * o: one operator character that does not begin a comment ("--", "/*"), or "::" / ":".
+_FAST = re.compile(r"""[ \t\n\r\f]*(?:
+    (?P<w>(?![eEnNbBxX]')(?![uU]&['"])[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)
+  | (?P<p>[(),\[\];]|\.(?![0-9]))
+  | (?P<n>[0-9]+(?![0-9.A-Za-z_$\x80-\U0010ffff]))
+  | (?P<o>[~!@\#^&|`?+*%<>=]|-(?!-)|/(?!\*)|::?)
+)""", re.VERBOSE)
+def _no_match(s: str, i: int) -> None:
+    return None
+
+
+_FAST_KIND = {"p": None, "n": T.NUMBER, "o": T.OP}
+_PUNCT = {"(": T.LPAREN, ")": T.RPAREN, "[": T.LBRACKET, "]": T.RBRACKET, ",": T.COMMA, ";": T.SEMI, ".": T.DOT}
+
 _DOLQ = re.compile(r"\$([A-Za-z_\x80-\U0010ffff][A-Za-z_0-9\x80-\U0010ffff]*)?\$")
 
 
 class _Scanner:
-    def __init__(self, sql: str, standard_conforming_strings: bool) -> None:
+    def __init__(self, sql: str, standard_conforming_strings: bool, fast: bool = True) -> None:
+        self.fast = fast  # take the common tokens in one match each (tests compare with the careful branches)
         self.s = sql
         self.n = len(sql)
         self.scs = standard_conforming_strings
@@ -209,8 +243,20 @@ class _Scanner:
 
     def run(self) -> list[Token]:
         s, n = self.s, self.n
+        add, new, IDENT = self.tokens.append, tuple.__new__, T.IDENT  # (locals: hot loop)
+        fast = _FAST.match if self.fast else _no_match
         i = 0
         while True:
+            m = fast(s, i)
+            if m is not None:  # the common tokens, one match each (see _FAST)
+                group = m.lastgroup
+                a, i = m.span(group)
+                word = s[a:i]
+                if group == "w":
+                    add(new(Token, (IDENT, a, i, word.lower() if word.isascii() else ascii_lower(word), word)))
+                else:
+                    add(new(Token, (_FAST_KIND[group] or _PUNCT[word], a, i, word, word)))
+                continue
             i = self._skip_space_and_comments(i)
             if i >= n:
                 return self.tokens
@@ -246,9 +292,9 @@ class _Scanner:
                 self._add(T.QIDENT, i, j, name)
                 i = j
             elif c == "$":
-                if nxt.isdigit():
+                if nxt in _DIGITS:
                     j = i + 1
-                    while j < n and s[j].isdigit():
+                    while j < n and s[j] in _DIGITS:
                         j += 1
                     if j < n and _ident_cont(s[j]):
                         raise LexError("trailing junk after parameter")
@@ -269,7 +315,7 @@ class _Scanner:
                 word = s[i:j]
                 self.tokens.append(Token(T.IDENT, i, j, ascii_lower(word), word))
                 i = j
-            elif c.isdigit() or (c == "." and nxt.isdigit()):
+            elif c in _DIGITS or (c == "." and nxt in _DIGITS):
                 i = self._number(i)
             elif c == ".":
                 self._add(T.DOT, i, i + 1, ".")
@@ -291,23 +337,23 @@ class _Scanner:
                 raise LexError(f"unexpected character {c!r}")
 
     def _add(self, kind: T, start: int, end: int, value: str) -> None:
-        self.tokens.append(Token(kind, start, end, value, self.s[start:end]))
+        self.tokens.append(tuple.__new__(Token, (kind, start, end, value, self.s[start:end])))
 
     def _number(self, i: int) -> int:
         s, n = self.s, self.n
         j = i
-        while j < n and s[j].isdigit():
+        while j < n and s[j] in _DIGITS:
             j += 1
         if j < n and s[j] == "." and not s.startswith("..", j):
             j += 1
-            while j < n and s[j].isdigit():
+            while j < n and s[j] in _DIGITS:
                 j += 1
         if j < n and s[j] in "eE":
             k = j + 1
             if k < n and s[k] in "+-":
                 k += 1
-            if k < n and s[k].isdigit():
-                while k < n and s[k].isdigit():
+            if k < n and s[k] in _DIGITS:
+                while k < n and s[k] in _DIGITS:
                     k += 1
                 j = k
             else:
@@ -482,6 +528,8 @@ def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
     >>> [s.text for s in split_statements("SELECT 1; ;SELECT (2)", scan("SELECT 1; ;SELECT (2)"))]
     ['SELECT 1', 'SELECT (2)']
     """
+    if ";" not in sql:  # one statement (a semicolon inside a literal or comment only slows this down)
+        return [_statement(sql, tokens, 0)] if tokens else []
     out: list[Statement] = []
     depth = 0
     atomic = 0  # nesting of BEGIN ATOMIC / CASE ... END inside a function body

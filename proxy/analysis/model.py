@@ -28,7 +28,21 @@ class Use(enum.Flag):
     WHOLE_ROW = enum.auto()  # through a whole-row reference (SELECT t FROM t, row_to_json(t), t.*::text)
     AGGREGATE = enum.auto()  # only inside an aggregate function (count(x), avg(x), ...)
 
-    # Flag operators are Python code in enum (a new member lookup each): these test bits.
+    # Flag's operators and hash are Python code in enum (a member lookup through the enum
+    # machinery each); the analysis combines uses for every column reference. Every
+    # combination is a cached singleton (_COMBINATIONS), so identity hashing is consistent.
+    __hash__ = object.__hash__
+
+    def __or__(self, other: Use) -> Use:
+        if other.__class__ is not Use:
+            return NotImplemented
+        return _COMBINATIONS[self._value_ | other._value_]
+
+    def __and__(self, other: Use) -> Use:
+        if other.__class__ is not Use:
+            return NotImplemented
+        return _COMBINATIONS[self._value_ & other._value_]
+
     @property
     def reads(self) -> bool:
         return bool(self._value_ & _READ_BITS)
@@ -38,6 +52,7 @@ class Use(enum.Flag):
         return bool(self._value_ & _WRITE_BITS)
 
 
+_COMBINATIONS = tuple(enum.Flag.__or__(Use(v), Use.NONE) for v in range(1 << (len(Use.__members__) - 1)))
 _READ_BITS = (Use.PROJECT | Use.FILTER | Use.WHOLE_ROW | Use.AGGREGATE).value
 _WRITE_BITS = (Use.WRITE | Use.DELETE).value
 

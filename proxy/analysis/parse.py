@@ -24,11 +24,12 @@ from proxy.analysis.lexer import T, Token, truncate_identifier
 DIALECT = Postgres()
 _TOKENIZER_CLS = Postgres.Tokenizer
 _CODE_KINDS = frozenset({T.IDENT, T.OP, T.LPAREN, T.RPAREN, T.LBRACKET, T.RBRACKET, T.COMMA, T.DOT})
-_UNEXPECTED_IN_CODE = {
+# (ids: sqlglot's TokenType hashes its members in Python code, and this runs for every token)
+_UNEXPECTED_IN_CODE = {id(t) for t in (
     TokenType.STRING, TokenType.IDENTIFIER, TokenType.HEREDOC_STRING, TokenType.BYTE_STRING,
     TokenType.NATIONAL_STRING, TokenType.RAW_STRING, TokenType.BIT_STRING, TokenType.HEX_STRING,
     TokenType.UNICODE_STRING, TokenType.UNKNOWN,
-}
+)}
 
 
 
@@ -57,41 +58,44 @@ def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> lis
     >>> [(t.token_type.name, t.text) for t in to_sqlglot_tokens(sql, scan(sql))]
     [('SELECT', 'SELECT'), ('IDENTIFIER', 'a'), ('FROM', 'FROM'), ('VAR', 't')]
     """
-    chars = [" "] * len(text)
-    opaque: dict[int, Token] = {}
-    for t in tokens:
-        if t.kind in _CODE_KINDS:
-            chars[t.start:t.end] = text[t.start:t.end]
-        else:
-            chars[t.start:t.end] = "_" * (t.end - t.start)
-            opaque[t.start] = t
-    blanked = "".join(chars)
+    code = _CODE_KINDS
+    pieces: list[str] = []
+    starting: dict[int, int] = {}  # offset -> index of the PostgreSQL token starting there
+    ending: dict[int, int] = {}  # offset -> index of the PostgreSQL token ending there
+    pos = 0
+    for k, t in enumerate(tokens):
+        a, b = t.start, t.end
+        if a > pos:
+            pieces.append(" " * (a - pos))
+        pieces.append(text[a:b] if t.kind in code else "_" * (b - a))
+        starting[a] = k
+        ending[b] = k
+        pos = b
+    pieces.append(" " * (len(text) - pos))
+    blanked = "".join(pieces)
     try:
         stoks = _TOKENIZER_CLS(dialect=DIALECT).tokenize(blanked)
     except TokenError as exc:
         raise Unparsable(f"cannot tokenize: {exc}") from None
     # Every sqlglot token must begin and end where a PostgreSQL token begins and ends (it
-    # may span several, e.g. the keyword ORDER BY), and every non-blank character must
-    # belong to a sqlglot token: then both read the same identifiers.
-    my_starts = {t.start for t in tokens}
-    my_ends = {t.end for t in tokens}
+    # may span several code tokens, e.g. the keyword ORDER BY, but a literal only alone),
+    # and every PostgreSQL token must lie in a sqlglot token: then both read the same
+    # identifiers.
     covered = 0
     out: list[SqlglotToken] = []
     for st in stoks:
         a, b = st.start, st.end + 1
-        if st.token_type in _UNEXPECTED_IN_CODE or a not in my_starts or b not in my_ends:
+        first, last = starting.get(a), ending.get(b)
+        if id(st.token_type) in _UNEXPECTED_IN_CODE or first is None or last is None or last < first:
             raise Unparsable(f"the analysis reads {blanked[a:b]!r} differently from PostgreSQL")
-        covered += b - a - blanked.count(" ", a, b)
-        mine = opaque.get(a)
-        if mine is None:
-            if any(p in opaque for p in range(a + 1, b)):
-                raise Unparsable(f"the analysis reads {text[a:b]!r} differently from PostgreSQL")
+        covered += last - first + 1
+        if first == last and tokens[first].kind not in code:
+            out.extend(_literal_tokens(tokens[first]))
+        elif first == last or all(tokens[k].kind in code for k in range(first, last + 1)):
             out.append(st)
-            continue
-        if mine.end != b:
+        else:
             raise Unparsable(f"the analysis reads {text[a:b]!r} differently from PostgreSQL")
-        out.extend(_literal_tokens(mine))
-    if covered != len(blanked) - blanked.count(" "):
+    if covered != len(tokens):
         raise Unparsable("the analysis reads the statement's code differently from PostgreSQL")
     return _object_identifier_arrays(out)
 

@@ -116,6 +116,41 @@ def test_lexer_refuses(sql):
         scan(sql)
 
 
+# Characters around which the lexer's branches differ: quotes and their prefixes, comment
+# starts, digits (ASCII and not), operator characters, white space and identifier characters.
+_LEXER_ALPHABET = "aeEnNbBxXuU&_$019.:;,()[]'\"-/*+<>=!@#%^|`?~\\ \t\n\r\f٣²é\u00a0\ufeff"
+
+
+def _scanned(sql: str, fast: bool) -> list | str:
+    from proxy.analysis.lexer import _Scanner
+
+    try:
+        return _Scanner(sql, True, fast).run()
+    except LexError as exc:
+        return str(exc)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=_LEXER_ALPHABET, max_size=40))
+def test_the_lexers_one_match_path_reads_as_its_careful_branches_do(sql):
+    # The scanner takes common tokens (words, punctuation, integers, operator characters)
+    # in one regular-expression match each; the character-by-character branches are the
+    # reference it must agree with, token for token and error for error.
+    assert _scanned(sql, True) == _scanned(sql, False)
+
+
+@pytest.mark.parametrize("sql, tokens", [
+    ("SELECT .\u0663", [("select", T.IDENT), (".", T.DOT), ("\u0663", T.IDENT)]),  # "." then an identifier
+    ("SELECT $\u0663$ x $\u0663$", [("select", T.IDENT), (" x ", T.STRING)]),  # a dollar quote, not $n
+])
+def test_only_ascii_digits_are_digits(sql, tokens):
+    # scan.l's digit is [0-9]; str.isdigit() also takes other scripts' digits (the reading
+    # pglast, PostgreSQL's own scanner, gives for these statements).
+    assert [(t.value, t.kind) for t in scan(sql)] == tokens
+    with pytest.raises(LexError):
+        scan("SELECT 1\u00b2")  # trailing junk after a number, as PostgreSQL 15 says
+
+
 def test_statements_split_only_at_top_level_semicolons():
     sql = "SELECT 1; CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; NOTIFY b);;SELECT ';'"
     parts = split_statements(sql, scan(sql))
@@ -158,9 +193,12 @@ def test_long_chains_are_analysed_without_recursion():
     assert not st.unsupported and st.columns == {Column("crm", "members", "phone"): Use.PROJECT}
 
 
-def test_too_deep_nesting_fails_closed():
-    st = analyze("SELECT " + "(" * 400 + "email" + ")" * 400 + " FROM crm.members", SCHEMA).statements[0]
-    assert st.unsupported
+@pytest.mark.parametrize("depth", [5000, 400_000])
+def test_too_deep_nesting_fails_closed(depth):
+    # Deeper than either sqlglot (pure Python or compiled by sqlglotc) recurses; up to the
+    # length limit, with no crash.
+    sql = "SELECT " + "(" * depth + "email" + ")" * depth + " FROM crm.members"
+    assert analyze(sql, SCHEMA).statements[0].unsupported
 
 
 SQLISH = st.text(alphabet=string.ascii_letters + string.digits + " ,.;()'\"$*=<>-/\\:[]\n_&|!", max_size=80)
