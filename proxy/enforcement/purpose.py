@@ -16,6 +16,7 @@ and never with ``SET LOCAL`` or ``set_config``. Anything else is refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -38,6 +39,37 @@ log = logging.getLogger(__name__)
 
 # Settings whose change would move the ground the analysis stands on.
 IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
+_GUARDED = IDENTITY_SETTINGS | {"search_path", "all", "client_encoding"}  # never through set_config()
+# PostgreSQL's client-only encodings (documentation 24.3.1), by every name its
+# clean_encoding_name accepts (lower case, letters and digits; encnames.c). They are not
+# ASCII-safe: the second byte of a character can be a quote or a backslash (Shift-JIS
+# 0x95 0x5C is one character). PostgreSQL converts the text to the server encoding
+# before its lexer reads it; the proxy reads it as UTF-8, so under these encodings the
+# two would see different tokens ("E'\x95\\' ..." ends a string for one of them only).
+UNSAFE_CLIENT_ENCODINGS = frozenset({
+    "big5", "win950", "windows950", "gb18030", "gbk", "win936", "windows936", "johab", "sjis", "shiftjis",
+    "mskanji", "win932", "windows932", "shiftjis2004", "uhc", "win949", "windows949",
+})
+
+
+@functools.lru_cache(maxsize=64)  # asked for every statement, with the server's ParameterStatus value
+def unsafe_client_encoding(name: str | None) -> bool:
+    """Whether ``name`` is a client encoding the proxy cannot read as PostgreSQL does.
+
+    >>> unsafe_client_encoding("Shift_JIS"), unsafe_client_encoding("UTF8"), unsafe_client_encoding(None)
+    (True, False, False)
+    """
+    return name is not None and re.sub(r"[^0-9a-z]", "", name.lower()) in UNSAFE_CLIENT_ENCODINGS
+
+
+def _encoding_refusal(name: str, severity: str = "ERROR") -> Block:
+    return Block(f"client_encoding {name} is not supported by purpose-proxy", sqlstate="0A000",
+                 severity=severity, reason="client-encoding",
+                 detail="In this encoding a byte inside a character can read as a quote or a backslash, so the "
+                        "proxy could not read statements as PostgreSQL reads them.",
+                 hint="Use client_encoding UTF8 (PostgreSQL converts to and from the database's encoding).")
+
+
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
 SHAPED = True  # tags the cache keys of shape entries (a text without constants is its own shape)
@@ -75,6 +107,8 @@ class PurposeSession:
             raise StartupRefused(Block("changing the session's role at connect time is refused by purpose-proxy",
                                        sqlstate="42501", severity="FATAL", reason="set-role",
                                        hint="Connect as the role that should run the statements."))
+        if unsafe_client_encoding(settings.get("client_encoding")):
+            raise StartupRefused(_encoding_refusal(settings["client_encoding"], "FATAL"))
         self.startup_purpose = settings.get(self.setting) or None
         self.purpose = self.startup_purpose
         sp = settings.get("search_path")
@@ -152,7 +186,12 @@ class PurposeSession:
         policy = self.runtime.policy
         scs = True
         if self.relay is not None:
-            scs = self.relay.server_params.get("standard_conforming_strings", "on") == "on"
+            params = self.relay.server_params
+            scs = params.get("standard_conforming_strings", "on") == "on"
+            # The encoding in force, as the server reports it (a role's or database's default
+            # included): under a client-only encoding nothing can be read with certainty.
+            if unsafe_client_encoding(params.get("client_encoding")):
+                return _encoding_refusal(params["client_encoding"]), None
         # While a SET is unconfirmed a statement is decided twice (below): no cache then.
         cache = self.runtime.cache if self._unsettled is None else None
         shp = None
@@ -257,12 +296,15 @@ class PurposeSession:
                     return stale
             if "pg_catalog.set_config" in st.functions:
                 names = {name for name, _, _ in st.settings}
-                if not names or names & ({self.setting, "search_path", "all"} | IDENTITY_SETTINGS):
+                if not names or names & (_GUARDED | {self.setting}):
                     return _refuse(
-                        "set_config() on the purpose, search_path or role is refused by purpose-proxy",
+                        "set_config() on the purpose, search_path, role or client_encoding is refused by "
+                        "purpose-proxy",
                         reason="set-config", hint=f"Use SET {self.setting} / SET search_path in a statement of "
                                                   "its own, outside a transaction block.")
             for name, value, local in st.settings:
+                if name == "client_encoding" and unsafe_client_encoding(value):  # None: back to the connect-time one
+                    return _encoding_refusal(value)
                 if name in IDENTITY_SETTINGS:
                     return _refuse(f"changing the session's role ({name.replace('_', ' ')}) is refused by "
                                    "purpose-proxy", reason="set-role",

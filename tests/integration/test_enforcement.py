@@ -416,3 +416,49 @@ def test_broken_policy_reload_keeps_the_previous_policy(pg, enforce_db, policy_c
             assert conn.info.status == pq.ConnStatus.OK
     finally:
         proxy.stop()
+
+
+# --- client encodings the proxy cannot read ------------------------------------------------------------
+# In PostgreSQL's client-only encodings (SJIS, BIG5, GBK, ...) the second byte of a character
+# can be a backslash: "E'\x95\\'" is one string for a reader of UTF-8 and an unterminated one
+# for PostgreSQL, which converts from the client encoding first. Under SJIS this statement
+# read cards as marketing before the proxy refused these encodings.
+SJIS_SMUGGLE = (b"SELECT E'\x95\\' AS x, member_id, phone FROM crm.members LIMIT 3 --'")
+
+
+def test_a_client_only_encoding_at_connect_is_fatal(pg, enforce_proxy):
+    for extra in ({"client_encoding": "SJIS"}, {"options": "'-c pii.purpose=marketing -c client_encoding=win932'"}):
+        conninfo = pg.dsn("app", host=enforce_proxy.host, port=enforce_proxy.port,
+                          **({} if "options" in extra else purpose_options("marketing")), **extra)
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(conninfo)
+        assert "FATAL" in str(info.value) and "is not supported by purpose-proxy" in str(info.value)
+
+
+def test_a_client_only_encoding_cannot_be_set(pg, enforce_proxy):
+    for sql in ("SET client_encoding = 'SJIS'", "SET NAMES 'big5'", "SET client_encoding TO \"Shift_JIS_2004\"",
+                "SELECT set_config('client_encoding', 'GBK', false)"):
+        seen = error_of(pg, enforce_proxy, "marketing", sql)
+        assert seen.sqlstate in ("0A000", "42501") and seen.from_proxy(), sql
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        conn.execute("SET client_encoding = 'LATIN1'")  # ASCII-safe encodings stay allowed
+        conn.execute("RESET client_encoding")
+        assert conn.execute("SHOW client_encoding").fetchone()[0] == "UTF8"
+
+
+def test_a_client_only_encoding_from_the_role_refuses_every_statement(pg, enforce_proxy):
+    admin = pg.dsn("postgres", dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("ALTER ROLE app SET client_encoding = 'SJIS'")
+    try:
+        conn = pq.PGconn.connect(dsn(pg, enforce_proxy, "marketing").encode())
+        assert conn.status == pq.ConnStatus.OK, conn.error_message
+        assert conn.parameter_status(b"client_encoding") == b"SJIS"
+        res = conn.exec_(SJIS_SMUGGLE)
+        assert res.status == pq.ExecStatus.FATAL_ERROR
+        assert res.error_field(pq.DiagnosticField.SQLSTATE) == b"0A000"
+        assert b"client_encoding SJIS is not supported" in res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
+        conn.finish()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("ALTER ROLE app RESET client_encoding")
