@@ -43,9 +43,7 @@ SQL_VALUE_KEYWORDS = frozenset({
 _STAT_AGG_TYPES = (
     exp.Count, exp.Sum, exp.Avg, exp.Stddev, exp.StddevPop, exp.StddevSamp, exp.Variance, exp.VariancePop,
     exp.Corr, exp.CovarPop, exp.CovarSamp, exp.RegrAvgx, exp.RegrAvgy, exp.RegrCount, exp.RegrIntercept,
-    exp.RegrR2, exp.RegrSlope, exp.RegrSxx, exp.RegrSxy, exp.RegrSyy, exp.BitwiseAndAgg, exp.BitwiseOrAgg,
-    exp.BitwiseXorAgg, exp.LogicalAnd, exp.LogicalOr, exp.PercentileCont, exp.Rank, exp.DenseRank,
-    exp.PercentRank, exp.CumeDist,
+    exp.RegrR2, exp.RegrSlope, exp.RegrSxx, exp.RegrSxy, exp.RegrSyy,
 )
 # Typed nodes that are syntax, not calls of a pg_proc function.
 _NOT_CALLS = (

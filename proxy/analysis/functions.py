@@ -85,9 +85,13 @@ DENY_PREFIXES: dict[str, str] = {
 STATISTICAL_AGGREGATES = frozenset("""
     count sum avg stddev stddev_pop stddev_samp variance var_pop var_samp corr covar_pop covar_samp
     regr_avgx regr_avgy regr_count regr_intercept regr_r2 regr_slope regr_sxx regr_sxy regr_syy
-    bit_and bit_or bit_xor bool_and bool_or every percentile_cont rank dense_rank percent_rank cume_dist
 """.split())
+# Aggregates whose result is, or pins down, one input: percentile_cont(0) and (1) are min and
+# max, and with an array of fractions return every input; the hypothetical-set rank family
+# says on which side of a chosen value each input lies (a binary search finds any value);
+# bit_and/bit_or and bool_and/bool_or/every keep bits one input alone may set.
 VALUE_AGGREGATES = frozenset("""
+    percentile_cont rank dense_rank percent_rank cume_dist bit_and bit_or bit_xor bool_and bool_or every
     min max array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg json_agg_strict
     jsonb_agg_strict json_object_agg_strict jsonb_object_agg_strict json_object_agg_unique
     jsonb_object_agg_unique json_object_agg_unique_strict jsonb_object_agg_unique_strict json_arrayagg

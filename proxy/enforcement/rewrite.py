@@ -42,6 +42,7 @@ ROW = "__pp_row"  # the relation inside its derived table
 CONSENT = "__pp_consent"  # the consent table inside the consent condition
 LATER = "__pp_later"  # a later consent record of the same subject and purpose
 VIEW_BODY = "__pp_view"  # an inlined view definition
+ROW_ID = "__pp_ctid"  # a derived table's row identity (its relation's ctid), for the repetition check
 RESERVED_PREFIX = "__pp_"
 
 Edit = tuple[int, int, str]  # replace text[start:end] by the string
@@ -391,9 +392,10 @@ def subject_column(table: Table, ctx: Context) -> str:
     return col.name
 
 
-def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context) -> str:
+def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context, row_id: bool = False) -> str:
     """The text that replaces ``ref``: a derived table with the relation's columns, masked, and its rows
-    filtered by consent; named like the reference (its alias stays where it is)."""
+    filtered by consent; named like the reference (its alias stays where it is). ``row_id`` adds the
+    relation's ctid as ``__pp_ctid`` (see ``repetition_checks``)."""
     rel = ctx.schema.relation(ref.table.schema, ref.table.name)
     if rel is None or not rel.columns:
         raise Refused(f"{ref.table} must be rewritten, but its columns are unknown")
@@ -408,6 +410,8 @@ def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context) -> str:
             items.append(f"{mask_sql(src, method, rel.type_of(col))} AS {quote_ident(col)}")
         except MaskError as exc:
             raise Refused(f"column {ref.table}.{col} cannot be masked ({method}): {exc}") from None
+    if row_id:
+        items.append(f"{ROW}.ctid AS {ROW_ID}")
     where = ""
     if tp.consent:
         subject = subject_column(ref.table, ctx)
@@ -492,17 +496,41 @@ def having_edits(text: str, calls: list[AggregateCall], ctx: Context) -> list[Ed
         if call.ref.table != Table(col.schema, col.table):
             raise Refused(f"{rule}: here the aggregate reads it through another relation")
         count = _group_size(call, ctx, rule)
-        entry = blocks.setdefault(id(call.block), (call.block, {}))
+        entry = blocks.setdefault(id(call.block), (call.block, {}, set()))
         entry[1][count] = max(entry[1].get(count, 0), k)
+        if not call.sole:
+            entry[2].add(_row_identity(call.ref, ctx))
     edits: list[Edit] = []
-    for block, counts in blocks.values():
-        cond = " AND ".join(f"{count} OPERATOR(pg_catalog.>=) {k}" for count, k in sorted(counts.items()))
+    for block, counts, rows in blocks.values():
+        cond = " AND ".join([f"{count} OPERATOR(pg_catalog.>=) {k}" for count, k in sorted(counts.items())] + [
+            f"pg_catalog.count(*) OPERATOR(pg_catalog.=) pg_catalog.count(DISTINCT {row})" for row in sorted(rows)])
         if block.having is not None:
             edits += [(block.having.start, block.having.start, "("), (block.having.end, block.having.end,
                                                                       f") AND {cond}")]
         else:
             edits.append((block.having_at, block.having_at, clause_at(text, block.having_at, f"HAVING {cond}")))
     return edits
+
+
+def repeated_refs(calls: list[AggregateCall], ctx: Context) -> set[int]:
+    """The references (ids) whose rows a join may repeat in a group aggregating an aggregate-only column.
+
+    Counting a group's data subjects does not bound what one of them contributes: a join or
+    LATERAL that repeats one row a thousand times (``CROSS JOIN LATERAL generate_series(1, CASE
+    WHEN id = 500 THEN 1000 ELSE 1 END)``) weights its value out of a sum, and with the rank
+    family any value by binary search. So a group of a block with more than one FROM item is
+    also suppressed unless it holds each row of the aggregated relation once:
+    ``count(*) = count(DISTINCT <ref>.ctid)`` (a partitioned or inherited table's ctids can
+    repeat across its parts, which suppresses more groups, never fewer).
+    """
+    return {id(c.ref) for c in calls if c.ref is not None and not c.sole
+            and any(col in ctx.plan.aggregates for col in c.columns)}
+
+
+def _row_identity(ref: RelationRef, ctx: Context) -> str:
+    tp = ctx.plan.tables.get(ref.table)
+    column = ROW_ID if tp is not None and tp.substitute else "ctid"
+    return f"{quote_ident(ref.name)}.{column}"
 
 
 def _group_size(call: AggregateCall, ctx: Context, rule: str) -> str:
@@ -524,6 +552,7 @@ def _group_size(call: AggregateCall, ctx: Context, rule: str) -> str:
 def text_edits(text: str, refs: list[RelationRef], calls: list[AggregateCall], ctx: Context) -> list[Edit]:
     """The edits of one text (a statement, or a view definition): references, DML targets and HAVING clauses."""
     edits: list[Edit] = []
+    repeated = repeated_refs(calls, ctx)
     for ref in refs:
         tp = ctx.plan.tables.get(ref.table)
         if ref.target:
@@ -546,7 +575,7 @@ def text_edits(text: str, refs: list[RelationRef], calls: list[AggregateCall], c
                 raise Refused(f"{ref.table} must be rewritten under purpose \"{ctx.plan.purpose}\" "
                               f"({_why_table(tp)}), but {ref.problems[0]}",
                               hint="Give the table an alias and name its columns through the alias; no TABLESAMPLE.")
-            edits.append((ref.span.start, ref.span.end, derived_table(ref, tp, ctx)))
+            edits.append((ref.span.start, ref.span.end, derived_table(ref, tp, ctx, id(ref) in repeated)))
     edits += having_edits(text, calls, ctx)
     return edits
 
