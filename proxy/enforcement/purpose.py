@@ -170,7 +170,7 @@ class PurposeSession:
     def decide(self, sql: str, via: str) -> Decision:
         decision, analysis = self._judge(sql, via)
         if analysis is not None:
-            self._apply(analysis, decision)
+            self._apply(analysis, decision, via)
         return decision
 
     def _judge(self, sql: str, via: str) -> tuple[Decision, Analysis | None]:
@@ -354,7 +354,7 @@ class PurposeSession:
         self.prepared[name] = renewed
         return None
 
-    def _apply(self, analysis: Analysis, decision: Decision) -> None:
+    def _apply(self, analysis: Analysis, decision: Decision, via: str = "query") -> None:
         """Update the session state for an allowed (or masked) statement."""
         sql = analysis.sql
         before = (self.purpose, list(self.search_path))
@@ -374,11 +374,9 @@ class PurposeSession:
                 self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch, self.last))
                 self._forget_protocol_statement(st.prepared_name)
             elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
-                self.prepared.pop(st.prepared_name, None)
-                self._forget_protocol_statement(st.prepared_name)
+                self._deallocated(st.prepared_name, via)
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
-                self.prepared.clear()
-                self._forget_protocol_statement(None)
+                self._deallocated(None, via)
             elif st.kind is Kind.DECLARE and st.holdable:
                 self.holdable_cursors = True
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
@@ -388,9 +386,34 @@ class PurposeSession:
                 self._ddl_sent = self.relay is not None  # and again once it has run (``ready``)
         if any(name == "all" for st in analysis.statements for name, _, _ in st.settings):
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
-                self.prepared.clear()
-                self._forget_protocol_statement(None)
+                self._deallocated(None, via)
                 self.holdable_cursors = False
+
+    def _deallocated(self, name: str | None, via: str) -> None:
+        """DEALLOCATE ``name`` (None: all) was sent. PostgreSQL drops the statements only if it
+        gets that far without an error (an earlier statement of the string, an aborted
+        transaction): the records go at the ReadyForQuery that ends the statement's batch, and
+        only if no error came. Dropped at once, a failing DEALLOCATE followed by a PREPARE of
+        the same name (which fails too) would leave the new text as the only candidate, and
+        a later EXECUTE would be decided on it while PostgreSQL runs the old one."""
+        gone = {n: tuple(e) for n, e in self.prepared.items() if name is None or n == name}
+
+        def confirmed(errored: bool) -> None:
+            if errored:
+                return
+            for n, entries in gone.items():
+                kept = [e for e in self.prepared.get(n, ()) if not any(e is g for g in entries)]
+                if kept:
+                    self.prepared[n] = kept
+                else:
+                    self.prepared.pop(n, None)
+            self._forget_protocol_statement(name)
+
+        later = getattr(self.relay, "on_batch_end", None)
+        if later is None:
+            confirmed(False)
+        else:
+            later(confirmed, counted=via == "query")
 
     def prepared_run(self, name: str) -> tuple[str, Decision, Explanation | None] | None:
         """The PREPARE (its text, decision and explanation) behind ``name``, for a run of it through the

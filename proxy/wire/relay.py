@@ -228,6 +228,9 @@ class Relay:
         # to learn whether a setting change it allowed took effect.
         self._ready_hook = getattr(decider, "ready", None)
         self._errored = False
+        # Callbacks waiting for the ReadyForQuery that ends a batch, as [ReadyForQuery
+        # messages to let pass first, callback(errored)] (see ``on_batch_end``).
+        self._batch_hooks: list[list] = []
         # Errors of integrity constraints can echo whole rows: withhold their DETAIL.
         self._withhold_rows = bool(getattr(decider, "withhold_error_rows", False))
         # Statement events awaiting their answer: those decided since the last sync
@@ -383,7 +386,15 @@ class Relay:
                 out.append(item.raw)
             elif t == codec.F_CLOSE:
                 if item.raw[5:6] == b"S":
-                    self._statements.pop(codec.cstring_at(item.raw, 6), None)
+                    # PostgreSQL closes the statement only if its batch gets that far (after
+                    # an error it skips to Sync, 55.2.3): the record goes when the batch ends
+                    # without an error. Kept a little too long, a record only makes a later
+                    # Bind be decided under more candidates, never fewer.
+                    name = codec.cstring_at(item.raw, 6)
+                    if entries := self._statements.get(name):
+                        closed = tuple(entries)
+                        self.on_batch_end(lambda errored, n=name, c=closed: errored or self._drop_statements(n, c),
+                                          counted=False)
                 elif self._portals and item.raw[5:6] == b"P":
                     self._portals.pop(item.raw[6:item.raw.find(b"\x00", 6)], None)
                 if phase is _IDLE:
@@ -518,6 +529,35 @@ class Relay:
         self._refuse(refusal)
         self.phase = _DISCARDING
 
+    def on_batch_end(self, callback: Callable[[bool], object], counted: bool) -> None:
+        """Call ``callback(errored)`` at the ReadyForQuery that ends the batch of the message being
+        handled (``counted``: that message, a Query, is itself the batch's sync point, already
+        counted); ``errored`` says an error came in that batch. Session state that a statement
+        changes in PostgreSQL only if it succeeds (a Close, a DEALLOCATE) waits for this."""
+        self._batch_hooks.append([self._outstanding - 1 if counted else self._outstanding, callback])
+
+    def _drop_statements(self, name: str, gone: tuple) -> None:
+        """Drop the candidates ``gone`` of statement ``name`` (a Parse since then stays)."""
+        entries = self._statements.get(name)
+        if entries is None:
+            return
+        kept = [e for e in entries if not any(e is g for g in gone)]
+        if kept:
+            self._statements[name] = kept
+        else:
+            del self._statements[name]
+
+    def _batch_ended(self, errored: bool) -> None:
+        due = []
+        for hook in self._batch_hooks:
+            hook[0] -= 1
+            if hook[0] < 0:
+                due.append(hook)
+        if due:
+            self._batch_hooks = [h for h in self._batch_hooks if h[0] >= 0]
+            for _, callback in due:
+                callback(errored)
+
     def forget_statement(self, name: str | None) -> None:
         """Drop the record of prepared statement ``name`` (None: all), when SQL-level
         PREPARE or DEALLOCATE touched it: a later Bind of it, once decisions may be
@@ -639,6 +679,8 @@ class Relay:
                 self.tx_status = item.raw[5:6]
                 if self._outstanding > 0:
                     self._outstanding -= 1
+                if self._batch_hooks:
+                    self._batch_ended(self._errored)
                 if self._ready_hook is not None:
                     self._ready_hook(self._errored)
                 self._errored = False

@@ -229,6 +229,24 @@ def test_set_purpose_inside_a_transaction_block_is_refused(pg, enforce_proxy):
     assert seen.sqlstate == "42501" and seen.message == "SET LOCAL pii.purpose is refused by purpose-proxy"
 
 
+def test_a_deallocate_that_failed_keeps_the_statement_behind_its_name(pg, enforce_proxy):
+    # A DEALLOCATE that PostgreSQL never ran (an error earlier in the string) must not make
+    # the proxy forget the statement: a PREPARE of the name then fails in PostgreSQL, and
+    # EXECUTE after a purpose change would be decided on that text while the old one runs.
+    with psycopg.connect(dsn(pg, enforce_proxy, "support"), autocommit=True) as conn:
+        conn.execute("PREPARE q AS SELECT phone FROM crm.members")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0; DEALLOCATE q")
+        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+            conn.execute("PREPARE q AS SELECT 1")
+        conn.execute("SET pii.purpose = 'marketing'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("EXECUTE q")
+        conn.execute("DEALLOCATE q")  # this one runs: the name is free again
+        conn.execute("PREPARE q AS SELECT 1")
+        assert conn.execute("EXECUTE q").fetchone() == (1,)
+
+
 def test_set_purpose_through_the_extended_protocol_is_refused(pg, enforce_proxy):
     """A prepared SET runs only when (and if) it is executed, which the proxy cannot see."""
     with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:

@@ -118,12 +118,29 @@ def test_bind_of_statement_allowed_before_but_masked_now_must_be_prepared_again(
     assert codec.parse_error_fields(out[5:out.index(b"Z")])["C"] == "0A000"
 
 
-def test_closed_statement_is_forgotten():
+def test_closed_statement_is_forgotten_once_its_batch_ends_without_an_error():
     d = Decider()
     r = ready_relay(d)
     r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
-    r.client_data(codec.message(b"C", b"Ss1\x00") + sync())
-    assert "s1" not in r._statements
+    r.server_data(codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    r.client_data(codec.message(b"C", b"Ss1\x00") + codec.encode_parse("s1", "SELECT 2", ()) + sync())
+    assert len(r._statements["s1"]) == 2  # PostgreSQL has not closed it yet
+    r.server_data(codec.message(b"3", b"") + codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    assert [p.sql for p, *_ in r._statements["s1"]] == ["SELECT 2"]  # the Parse after the Close stays
+
+
+def test_a_close_skipped_after_an_error_keeps_the_statement():
+    # PostgreSQL skips to Sync after an error (55.2.3), so the Close never ran: a later
+    # failing Parse of the name must not become the only statement the relay knows of.
+    d = Decider()
+    r = ready_relay(d)
+    r.client_data(codec.encode_parse("s1", "SELECT secret", ()) + sync())
+    r.server_data(codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    r.client_data(codec.encode_bind("", "nope") + codec.message(b"C", b"Ss1\x00") + sync())
+    r.server_data(codec.error_response("26000", "prepared statement \"nope\" does not exist")
+                  + codec.ready_for_query(b"I"))
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    assert [p.sql for p, *_ in r._statements["s1"]] == ["SELECT secret", "SELECT 1"]
 
 
 def test_function_call_is_decided_and_refused_like_a_query():
