@@ -57,7 +57,8 @@ Admit = Callable[[], Block | None]  # at AuthenticationOk: None lets the session
 # stream through opaque. Sync and Flush are framed so that, while discarding, every
 # opaque byte can simply be dropped.
 CLIENT_INSPECT = frozenset({codec.F_QUERY, codec.F_PARSE, codec.F_FUNCTION_CALL, codec.F_SYNC,
-                            codec.F_FLUSH, codec.F_CLOSE, codec.F_TERMINATE})
+                            codec.F_FLUSH, codec.F_CLOSE, codec.F_TERMINATE, codec.F_COPY_DONE,
+                            codec.F_COPY_FAIL})
 # Once a decision may have gone stale (the decider's epoch moved: a purpose change
 # or a policy reload), Bind is framed too, so that a statement prepared earlier is
 # decided again before it runs.
@@ -209,6 +210,11 @@ class Relay:
         self._server = codec.Scanner(SERVER_INSPECT if observed else SERVER_INSPECT_UNOBSERVED, None)
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
         self._busy_phase = _IDLE  # phase to return to after COPY ends
+        # COPY FROM STDIN and the client's Syncs (see the Sync branch of _client_items):
+        # whether the client ended the copy (CopyDone/CopyFail) since CopyInResponse, and
+        # how many Syncs sent after it stand in for one sent before the copy began.
+        self._copy_ended = False
+        self._copy_skip = 0
         self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
         # Prepared statements by name: every (Parse, its decision, the epoch it was
         # decided in) that may be behind the name. A Parse of a name that exists fails
@@ -338,9 +344,17 @@ class Relay:
                 self._inflight.append(self._batch)
                 self._batch = None
             elif t == codec.F_SYNC:
-                # The backend ignores Sync during COPY IN (copyfromparse.c), so only
-                # a Sync outside COPY IN earns a ReadyForQuery.
-                if phase is not _COPY_IN:
+                # The backend ignores Sync while in COPY IN, until the client's CopyDone or
+                # CopyFail (CopyGetData in copyfromparse.c; 55.2.6), so such a Sync earns no
+                # ReadyForQuery. A Sync after the client ended the copy counts, unless it
+                # stands in for the batch's own Sync that libpq sent with the Execute, before
+                # the copy began, which the backend ignored (_copy_skip, set at CopyInResponse).
+                # Miscounting either way matters: too few and the session looks quiet while
+                # statements run (a purpose change would be let through), too many and never.
+                if phase is _COPY_IN and (not self._copy_ended or self._copy_skip):
+                    if self._copy_ended:
+                        self._copy_skip -= 1
+                else:
                     self._outstanding += 1
                     self._inflight.append(self._batch)
                     self._batch = None
@@ -412,6 +426,12 @@ class Relay:
                 self._batch = None
             elif t == codec.F_TERMINATE:
                 self.phase = _CLOSED
+                out.append(item.raw)
+            elif t == codec.F_COPY_DONE or t == codec.F_COPY_FAIL:
+                if phase is _COPY_IN:
+                    self._copy_ended = True
+                elif phase is _IDLE:
+                    self.phase = _EXTENDED
                 out.append(item.raw)
             else:
                 if phase is _IDLE:
@@ -723,6 +743,11 @@ class Relay:
                     if self.phase not in _COPY_PHASES.values():
                         self._busy_phase = self.phase
                     self.phase = _COPY_PHASES[t]
+                    if t == codec.B_COPY_IN:
+                        # In the extended protocol the batch's Sync may already be on its
+                        # way (libpq sends it with the Execute): the backend will ignore it.
+                        self._copy_ended = False
+                        self._copy_skip = 1 if self._busy_phase is _EXTENDED and self._outstanding else 0
                 out.append(item.raw)
             elif t == codec.B_COPY_DONE:
                 if self.phase is _COPY_OUT:

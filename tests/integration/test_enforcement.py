@@ -7,9 +7,12 @@ tests/fixtures/enforce.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 import uuid
 
 import asyncpg
@@ -480,3 +483,65 @@ def test_a_client_only_encoding_from_the_role_refuses_every_statement(pg, enforc
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("ALTER ROLE app RESET client_encoding")
+
+
+def test_the_purpose_can_change_after_a_copy_through_the_extended_protocol(pg, enforce_proxy):
+    # libpq sends Sync with the COPY's Execute (the backend ignores it during COPY IN) and
+    # another after CopyDone: one ReadyForQuery. Counted right, the session is quiet again.
+    conn = pq.PGconn.connect(dsn(pg, enforce_proxy, "billing").encode())
+    try:
+        for data in (b"not a number\n", None):
+            conn.send_query_params(b"COPY billing.invoices (invoice_id) FROM STDIN", None)
+            res = conn.get_result()
+            assert res.status == pq.ExecStatus.COPY_IN, res.error_message
+            if data is not None:
+                conn.put_copy_data(data)
+            conn.put_copy_end(None if data is not None else b"changed my mind")
+            res = conn.get_result()
+            assert res.status == pq.ExecStatus.FATAL_ERROR  # bad input, then CopyFail
+            assert conn.get_result() is None
+        res = conn.exec_(b"SET pii.purpose = 'support'")
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        assert conn.exec_(b"SHOW pii.purpose").get_value(0, 0) == b"support"
+    finally:
+        conn.finish()
+
+
+def test_syncs_after_a_copy_fail_keep_the_session_busy(pg, enforce_proxy):
+    # Sent in one write after CopyInResponse: CopyFail, three Syncs (each answered by the
+    # backend, which left COPY IN at the CopyFail), then a slow statement and a transaction.
+    # A purpose change sent while they run must be refused as not quiet, however the Syncs fall.
+    def msg(t: bytes, body: bytes = b"") -> bytes:
+        return t + (len(body) + 4).to_bytes(4, "big") + body
+
+    conn = psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True)
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        sock.settimeout(10)
+        sock.sendall(msg(b"P", b"\x00COPY billing.invoices (invoice_id) FROM STDIN\x00\x00\x00")
+                     + msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00") + msg(b"E", b"\x00\x00\x00\x00\x00")
+                     + msg(b"H"))
+        got = b""
+        while b"G" not in [got[i:i + 1] for i in _starts(got)]:
+            got += sock.recv(65536)
+        sock.sendall(msg(b"f", b"stop\x00") + msg(b"S") * 3 + msg(b"Q", b"SELECT pg_sleep(1)\x00")
+                     + msg(b"Q", b"BEGIN\x00"))
+        time.sleep(0.4)
+        sock.sendall(msg(b"Q", b"SET pii.purpose = 'support'\x00"))
+        got = b""
+        while got.count(b"Z\x00\x00\x00\x05") < 6:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            got += chunk
+        assert b"C25001\x00" in got  # the SET: refused, the session was not quiet
+    finally:
+        sock.close()
+        conn.close()
+
+
+def _starts(buf: bytes):
+    """Offsets of the messages in ``buf`` (a run of whole or partial backend messages)."""
+    i = 0
+    while i + 5 <= len(buf):
+        yield i
+        i += 1 + int.from_bytes(buf[i + 1:i + 5], "big")

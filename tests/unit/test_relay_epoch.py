@@ -202,3 +202,49 @@ def test_bind_of_a_name_the_relay_never_saw_parsed_is_refused_once_stale():
     r.to_server.clear()
     r.client_data(codec.encode_bind("", "") + execute() + sync())  # the unnamed statement: PostgreSQL decides
     assert b"purpose_proxy_refused_" not in b"".join(r.to_server)
+
+
+# --- COPY FROM STDIN and the count of Syncs -----------------------------------------------------------
+# The backend ignores Sync during COPY IN until the client's CopyDone/CopyFail (55.2.6). The
+# relay's count of sync points must match the ReadyForQuery messages that will come: too few
+# and the session looks quiet (a purpose change let through) while statements still run.
+
+COPY_IN = codec.message(b"G", b"\x00\x00\x01\x00\x00")
+COPY_DONE, COPY_FAIL = codec.message(b"c", b""), codec.message(b"f", b"no\x00")
+
+
+def _copy_started(r, with_sync: bool):
+    r.client_data(codec.encode_parse("", "COPY t FROM STDIN", ()) + codec.encode_bind("", "") + execute()
+                  + (sync() if with_sync else codec.message(b"H", b"")))
+    r.server_data(codec.message(b"1", b"") + codec.message(b"2", b"") + COPY_IN)
+
+
+def test_libpq_extended_copy_counts_one_sync_point():
+    # libpq sends Sync with the Execute (ignored by the backend) and another after CopyDone.
+    r = ready_relay(Decider())
+    _copy_started(r, with_sync=True)
+    r.client_data(codec.message(b"d", b"1\n") + COPY_DONE + sync())
+    assert r._outstanding == 1
+    r.server_data(codec.message(b"C", b"COPY 1\x00") + codec.ready_for_query(b"I"))
+    assert r._outstanding == 0 and r.phase is Phase.IDLE
+
+
+def test_syncs_after_copy_fail_are_counted():
+    # Each Sync after CopyFail earns a ReadyForQuery; with a pre-copy Sync, one fewer.
+    for with_sync in (False, True):
+        r = ready_relay(Decider())
+        _copy_started(r, with_sync)
+        r.client_data(COPY_FAIL + sync() + sync() + sync() + codec.query("SELECT pg_sleep(3)"))
+        assert r._outstanding == 4, with_sync
+        r.server_data(codec.error_response("57014", "COPY from stdin failed") + codec.ready_for_query(b"I")
+                      + codec.ready_for_query(b"I") + codec.ready_for_query(b"I"))
+        assert r._outstanding == 1 and not r.quiet  # the SELECT still runs
+        r.client_data(codec.query("SET pii.purpose = 'x'"))
+        assert not r.quiet
+
+
+def test_syncs_during_copy_in_are_not_counted():
+    r = ready_relay(Decider())
+    _copy_started(r, with_sync=False)
+    r.client_data(sync() + codec.message(b"d", b"1\n") + sync() + COPY_DONE + sync())
+    assert r._outstanding == 1
