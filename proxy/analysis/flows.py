@@ -25,7 +25,7 @@ from sqlglot import exp
 
 from proxy.analysis import functions as fn
 from proxy.analysis import positions as pos
-from proxy.analysis.lexer import Statement, T
+from proxy.analysis.lexer import Statement, T, Token
 from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
                                   Use)
 from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
@@ -213,6 +213,7 @@ class Analyzer:
             where = node.args.get("where")
             if where is not None:
                 self.consume(self.expr(where.this, inner), F)
+                self.note_pushable(where.this, inner)
             for w in node.args.get("windows") or []:
                 self.window_spec(w, inner)
             names, flows = self.select_list(node.expressions, inner, evaluated=node is not self.top)
@@ -839,6 +840,31 @@ class Analyzer:
             return None
         srcs = [src for src in items[0].sources if src.known and parts[0] in src.columns]
         return srcs[0] if len(srcs) == 1 and srcs[0].columns.count(parts[0]) == 1 else None
+
+    def note_pushable(self, cond: exp.Expr, env: Env) -> None:
+        """Record on each reference the ``column = constant`` conjuncts of its block's WHERE (``RelationRef.pushable``).
+
+        Only top-level conjuncts, a plain column of exactly one FROM item of this block on
+        one side and a literal or ``$n`` on the other, each checked to be one token of the
+        text; statements only (not view definitions).
+        """
+        text = self.text
+        if text is None or self.view_depth:
+            return
+        for conj in _conjuncts(cond):
+            if not isinstance(conj, exp.EQ):
+                continue
+            for col, const in ((conj.this, conj.expression), (conj.expression, conj.this)):
+                found = _constant_token(const, text)
+                if found is None or not isinstance(col, exp.Column):
+                    continue
+                src = self.local_source(col, env)
+                if src is None or src.ref is None or src.relation is None:
+                    continue
+                i = src.columns.index(_column_parts(col, self.ctx.schema)[-1])
+                tok, kind = found
+                src.ref.pushable.append((i, tok.start + text.offset, tok.end + text.offset, kind))
+                break
 
     def block_of(self, ref: RelationRef) -> AggregateBlock | None:
         """The query block (SELECT) whose FROM list holds ``ref``, with where its HAVING is."""
@@ -1677,6 +1703,34 @@ def _column_parts(node: exp.Column, schema: Schema) -> list[str]:
             parts.append(ident(v))
     parts.append(ident(node.this) if not isinstance(node.this, exp.Star) else "*")
     return parts
+
+
+def _conjuncts(cond: exp.Expr) -> list[exp.Expr]:
+    """The top-level AND-ed conditions of ``cond`` (parentheses dropped)."""
+    while isinstance(cond, exp.Paren):
+        cond = cond.this
+    if isinstance(cond, exp.And):
+        return _conjuncts(cond.this) + _conjuncts(cond.expression)
+    return [cond]
+
+
+def _constant_token(node: exp.Expr, text: pos.Text) -> tuple[Token, str] | None:
+    """The lexer's token for a plain constant (an integer, a string, ``$n``) and its kind, or None."""
+    if isinstance(node, exp.Parameter) and isinstance(node.this, exp.Literal):
+        start, kind = node.this.meta.get("start"), "param"
+        start = start - 1 if isinstance(start, int) else None  # the "$"
+    elif isinstance(node, exp.Literal):
+        start, kind = node.meta.get("start"), "str" if node.is_string else "int"
+    else:
+        return None
+    i = text.index_at(start) if isinstance(start, int) else None
+    if i is None:
+        return None
+    tok = text.tokens[i]
+    want = {"param": T.PARAM, "str": T.STRING, "int": T.NUMBER}[kind]
+    if tok.kind is not want or (kind == "int" and not (tok.text.isdigit() and len(tok.text) <= 18)):
+        return None  # (a longer integer is numeric, whose = is not leakproof)
+    return tok, kind
 
 
 def _ordinal(e: exp.Literal, flows: list[Flow]) -> Flow:

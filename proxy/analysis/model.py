@@ -153,6 +153,11 @@ class RelationRef:
     where_at: int | None = None
     where_token: int | None = None  # the token ``where_at`` is before (the number of tokens: at the end)
     conflict_update: bool = False  # INSERT ... ON CONFLICT DO UPDATE
+    # ``column = constant`` conjuncts of the WHERE of the block reading this reference, as
+    # (the column's index among the relation's columns, the constant's span in the whole
+    # string, its kind: "int", "str" or "param"): the rewrite may test them inside the
+    # derived table too, so that a consent-filtered lookup can use an index.
+    pushable: list[tuple[int, int, int, str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:

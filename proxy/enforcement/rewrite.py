@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 from proxy.analysis.functions import effective_search_path
 from proxy.analysis.model import AggregateCall, Analysis, Column, Kind, RelationRef, StatementAccess, Table, Use
 from proxy.analysis.schema import MATERIALIZED_VIEW, VIEW, Schema, quote_ident
+from proxy.analysis.shape import COPY, copy_of
 from proxy.enforcement.masks import MaskError, mask_sql
 from proxy.policy import vocabulary as v
 from proxy.policy.catalog import ConsentSource
@@ -43,6 +44,14 @@ CONSENT = "__pp_consent"  # the consent table inside the consent condition
 LATER = "__pp_later"  # a later consent record of the same subject and purpose
 VIEW_BODY = "__pp_view"  # an inlined view definition
 ROW_ID = "__pp_ctid"  # a derived table's row identity (its relation's ctid), for the repetition check
+# Column types whose "=" with an integer, a string or a parameter is leakproof in
+# PostgreSQL (pg_proc.proleakproof of int2/4/8eq and their cross-type forms, texteq,
+# bpchareq, uuid_eq, booleq): such a test may run on rows the consent filter drops.
+_PUSHABLE_TYPES = {
+    "smallint": ("int", "str", "param"), "integer": ("int", "str", "param"), "bigint": ("int", "str", "param"),
+    "text": ("str", "param"), "character varying": ("str", "param"), "character": ("str", "param"),
+    "uuid": ("str", "param"), "boolean": ("str", "param"),
+}
 RESERVED_PREFIX = "__pp_"
 
 Edit = tuple[int, int, str]  # replace text[start:end] by the string
@@ -143,6 +152,8 @@ def apply_edits(text: str, edits: Iterable[Edit]) -> str:
     """
     out = text
     for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        if "\x03" in new:
+            new = COPY.sub(lambda m: text[int(m[1]):int(m[2])], new)
         out = out[:start] + new + out[end:]
     return out
 
@@ -417,12 +428,42 @@ def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context, row_id: bool = 
         subject = subject_column(ref.table, ctx)
         where = " WHERE " + consent_condition(ctx.plan.consent, tp.consent, ctx.plan.purpose,
                                               f"{ROW}.{quote_ident(subject)}")
+        if ctx.plan.consent.barrier:  # (without the barrier PostgreSQL pushes the conditions down itself)
+            where += pushed_down(ref, tp, rel)
     only = "ONLY " if ref.only else ""
     # OFFSET 0 keeps the statement's own predicates out of the derived table (a barrier, like a
     # security_barrier view's): PostgreSQL evaluates them only on rows the consent filter kept.
     fence = " OFFSET 0" if tp.consent and ctx.plan.consent.barrier else ""
     body = f"(SELECT {', '.join(items)} FROM {only}{qualified(ref.table)} AS {ROW}{where}{fence})"
     return _named(ref, body)
+
+
+def pushed_down(ref: RelationRef, tp: TablePlan, rel) -> str:
+    """`` AND col = constant`` inside a consent-filtered derived table for each such conjunct of
+    the statement's WHERE on the reference (``RelationRef.pushable``), so that the barrier
+    (OFFSET 0) does not turn a lookup by key into a scan of the whole table.
+
+    PostgreSQL pushes only leakproof conditions into a security-barrier view; these are the
+    same kind: an unmasked column of a type whose ``=`` is leakproof against a constant. The
+    statement's own WHERE still applies outside, so rows and results do not change.
+
+    >>> from proxy.analysis.model import RelationRef, Table
+    >>> from proxy.analysis.schema import RelationInfo
+    >>> r = RelationRef(Table("crm", "m"), "table", None, pushable=[(0, 30, 31, "int"), (1, 40, 45, "str")])
+    >>> info = RelationInfo("crm", "m", columns=("id", "email"), types=("integer", "text"))
+    >>> pushed_down(r, TablePlan(Table("crm", "m"), masks={"email": "redact"}), info)
+    ' AND __pp_row.id OPERATOR(pg_catalog.=) \\x0330:31\\x03'
+    """
+    out = []
+    for i, start, end, kind in ref.pushable:
+        if i >= len(rel.columns) or rel.columns[i] in tp.masks:
+            continue
+        if kind not in _PUSHABLE_TYPES.get(rel.type_of(rel.columns[i]) or "", ()):
+            continue
+        test = f" AND {ROW}.{quote_ident(rel.columns[i])} OPERATOR(pg_catalog.=) {copy_of(start, end)}"
+        if test not in out:
+            out.append(test)
+    return "".join(out)
 
 
 def _named(ref: RelationRef, body: str) -> str:
