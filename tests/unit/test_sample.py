@@ -32,7 +32,7 @@ def schema_from_sql(text: str) -> Schema:
     for st in sqlglot.parse(text, read="postgres"):
         assert isinstance(st, exp.Create), f"schema.sql holds only CREATE statements, not {st.sql()[:60]}"
         kind = st.args.get("kind")
-        if kind == "SCHEMA":
+        if kind in ("SCHEMA", "INDEX"):  # (indexes add no relation the analysis sees)
             continue
         if kind == "TABLE":
             table = st.this.this

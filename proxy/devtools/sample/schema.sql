@@ -399,3 +399,5 @@ CREATE TABLE privacy.consents (
     status       text NOT NULL CHECK (status IN ('granted', 'withdrawn')),
     recorded_at  timestamptz NOT NULL
 );
+-- The consent filter looks up a subject's latest decision per purpose for each row it keeps.
+CREATE INDEX consents_subject ON privacy.consents (member_id, purpose, recorded_at);
