@@ -212,7 +212,7 @@ class Relay:
         self._busy_phase = _IDLE  # phase to return to after COPY ends
         # COPY FROM STDIN and the client's Syncs (see the Sync branch of _client_items):
         # whether the client ended the copy (CopyDone/CopyFail) since CopyInResponse, and
-        # how many Syncs sent after it stand in for one sent before the copy began.
+        # how many Syncs sent after that stand in for one sent before the copy began.
         self._copy_ended = False
         self._copy_skip = 0
         self._refusals: OrderedDict[bytes, Refusal] = OrderedDict()
@@ -344,16 +344,17 @@ class Relay:
                 self._inflight.append(self._batch)
                 self._batch = None
             elif t == codec.F_SYNC:
-                # The backend ignores Sync while in COPY IN, until the client's CopyDone or
-                # CopyFail (CopyGetData in copyfromparse.c; 55.2.6), so such a Sync earns no
-                # ReadyForQuery. A Sync after the client ended the copy counts, unless it
-                # stands in for the batch's own Sync that libpq sent with the Execute, before
-                # the copy began, which the backend ignored (_copy_skip, set at CopyInResponse).
-                # Miscounting either way matters: too few and the session looks quiet while
-                # statements run (a purpose change would be let through), too many and never.
-                if phase is _COPY_IN and (not self._copy_ended or self._copy_skip):
-                    if self._copy_ended:
-                        self._copy_skip -= 1
+                # The backend ignores a Sync it reads while in COPY IN (CopyGetData in
+                # copyfromparse.c; 55.2.6), but the copy may already have failed on its
+                # side (bad data) when it reads one, and then answers it. The relay cannot
+                # tell, so it counts every Sync: too many sync points only keep the session
+                # from looking quiet (a purpose change is refused), too few would let one
+                # through while statements still run. The exception is libpq's own flow: it
+                # sends the batch's Sync with the Execute, before the copy begins (ignored),
+                # and another after CopyDone; that one stands in for it (_copy_skip, set at
+                # CopyInResponse).
+                if phase is _COPY_IN and self._copy_ended and self._copy_skip:
+                    self._copy_skip -= 1
                 else:
                     self._outstanding += 1
                     self._inflight.append(self._batch)

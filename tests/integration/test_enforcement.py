@@ -507,29 +507,41 @@ def test_the_purpose_can_change_after_a_copy_through_the_extended_protocol(pg, e
         conn.finish()
 
 
-def test_syncs_after_a_copy_fail_keep_the_session_busy(pg, enforce_proxy):
-    # Sent in one write after CopyInResponse: CopyFail, three Syncs (each answered by the
-    # backend, which left COPY IN at the CopyFail), then a slow statement and a transaction.
-    # A purpose change sent while they run must be refused as not quiet, however the Syncs fall.
-    def msg(t: bytes, body: bytes = b"") -> bytes:
-        return t + (len(body) + 4).to_bytes(4, "big") + body
+def _msg(t: bytes, body: bytes = b"") -> bytes:
+    return t + (len(body) + 4).to_bytes(4, "big") + body
 
+
+_COPY_EXTENDED = (_msg(b"P", b"\x00COPY billing.invoices (invoice_id) FROM STDIN\x00\x00\x00")
+                  + _msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00") + _msg(b"E", b"\x00\x00\x00\x00\x00")
+                  + _msg(b"H"))
+_COPY_SIMPLE = _msg(b"Q", b"COPY billing.invoices (invoice_id) FROM STDIN\x00")
+
+
+@pytest.mark.parametrize("start, during, answers", [
+    # CopyFail, then three Syncs: the backend left COPY IN at the CopyFail and answers each.
+    (_COPY_EXTENDED, _msg(b"f", b"stop\x00") + _msg(b"S") * 3, 3),
+    # Bad data, then a Sync: the copy fails on the data, then the backend reads and answers the Sync.
+    (_COPY_EXTENDED, _msg(b"d", b"not a number\n") + _msg(b"S"), 1),
+    (_COPY_SIMPLE, _msg(b"d", b"not a number\n") + _msg(b"S"), 2),
+], ids=["copy-fail-then-syncs", "bad-data-then-sync", "simple-copy-bad-data-then-sync"])
+def test_syncs_around_a_failing_copy_keep_the_session_busy(pg, enforce_proxy, start, during, answers):
+    # Sent in one write after CopyInResponse: the copy's end as above, then a transaction with
+    # a slow statement. A purpose change sent while it runs must be refused as not quiet,
+    # however the backend counts the Syncs (hunts found both ways to make the proxy count
+    # one too few, and the SET was let through inside the transaction).
     conn = psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True)
     sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
     try:
         sock.settimeout(10)
-        sock.sendall(msg(b"P", b"\x00COPY billing.invoices (invoice_id) FROM STDIN\x00\x00\x00")
-                     + msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00") + msg(b"E", b"\x00\x00\x00\x00\x00")
-                     + msg(b"H"))
+        sock.sendall(start)
         got = b""
         while b"G" not in [got[i:i + 1] for i in _starts(got)]:
             got += sock.recv(65536)
-        sock.sendall(msg(b"f", b"stop\x00") + msg(b"S") * 3 + msg(b"Q", b"SELECT pg_sleep(1)\x00")
-                     + msg(b"Q", b"BEGIN\x00"))
+        sock.sendall(during + _msg(b"Q", b"BEGIN; SELECT pg_sleep(1)\x00"))
         time.sleep(0.4)
-        sock.sendall(msg(b"Q", b"SET pii.purpose = 'support'\x00"))
+        sock.sendall(_msg(b"Q", b"SET pii.purpose = 'support'\x00"))
         got = b""
-        while got.count(b"Z\x00\x00\x00\x05") < 6:
+        while got.count(b"Z\x00\x00\x00\x05") < answers + 2:
             chunk = sock.recv(65536)
             assert chunk, "the connection closed"
             got += chunk
