@@ -40,34 +40,44 @@ log = logging.getLogger(__name__)
 # Settings whose change would move the ground the analysis stands on.
 IDENTITY_SETTINGS = frozenset({"role", "session_authorization"})
 _GUARDED = IDENTITY_SETTINGS | {"search_path", "all", "client_encoding"}  # never through set_config()
-# PostgreSQL's client-only encodings (documentation 24.3.1), by every name its
-# clean_encoding_name accepts (lower case, letters and digits; encnames.c). They are not
-# ASCII-safe: the second byte of a character can be a quote or a backslash (Shift-JIS
-# 0x95 0x5C is one character). PostgreSQL converts the text to the server encoding
-# before its lexer reads it; the proxy reads it as UTF-8, so under these encodings the
-# two would see different tokens ("E'\x95\\' ..." ends a string for one of them only).
-UNSAFE_CLIENT_ENCODINGS = frozenset({
-    "big5", "win950", "windows950", "gb18030", "gbk", "win936", "windows936", "johab", "sjis", "shiftjis",
-    "mskanji", "win932", "windows932", "shiftjis2004", "uhc", "win949", "windows949",
-})
+# The proxy reads statements as UTF-8 and truncates names at 63 bytes of UTF-8, as a UTF8
+# database does. Any other client encoding can make PostgreSQL, which converts the text
+# to the database encoding before its lexer reads it, see other tokens or names:
+# - in the client-only encodings (SJIS, BIG5, GBK, GB18030, UHC, JOHAB, SHIFT_JIS_2004;
+#   documentation 24.3.1) the second byte of a character can be a quote or a backslash
+#   (Shift-JIS 0x95 0x5C is one character): "E'\x95\\' ..." ends a string for one reader only;
+# - in the others a byte above 0x7F becomes two or three bytes of UTF-8, so two names
+#   the proxy truncates to the same 63 bytes are different names in PostgreSQL (a WITH
+#   query read in place of another).
+# SQL_ASCII is no conversion: PostgreSQL checks the bytes as UTF-8 (its database encoding),
+# as the proxy reads them. Names as clean_encoding_name compares them (encnames.c).
+_UTF8_READ = frozenset({"utf8", "unicode", "sqlascii"})
 
 
 @functools.lru_cache(maxsize=64)  # asked for every statement, with the server's ParameterStatus value
 def unsafe_client_encoding(name: str | None) -> bool:
-    """Whether ``name`` is a client encoding the proxy cannot read as PostgreSQL does.
+    """Whether statements in client encoding ``name`` could read differently to the proxy and to PostgreSQL.
 
-    >>> unsafe_client_encoding("Shift_JIS"), unsafe_client_encoding("UTF8"), unsafe_client_encoding(None)
-    (True, False, False)
+    >>> [unsafe_client_encoding(n) for n in ("Shift_JIS", "LATIN1", "UTF8", "unicode", "SQL_ASCII", None)]
+    [True, True, False, False, False, False]
     """
-    return name is not None and re.sub(r"[^0-9a-z]", "", name.lower()) in UNSAFE_CLIENT_ENCODINGS
+    return name is not None and re.sub(r"[^0-9a-z]", "", name.lower()) not in _UTF8_READ
 
 
 def _encoding_refusal(name: str, severity: str = "ERROR") -> Block:
     return Block(f"client_encoding {name} is not supported by purpose-proxy", sqlstate="0A000",
                  severity=severity, reason="client-encoding",
-                 detail="In this encoding a byte inside a character can read as a quote or a backslash, so the "
-                        "proxy could not read statements as PostgreSQL reads them.",
+                 detail="The proxy reads SQL as UTF-8; in this encoding PostgreSQL could read a statement's "
+                        "strings or names differently.",
                  hint="Use client_encoding UTF8 (PostgreSQL converts to and from the database's encoding).")
+
+
+def _database_encoding_refusal(name: str) -> Block:
+    return Block(f"the database encoding {name} is not supported by purpose-proxy", sqlstate="0A000",
+                 reason="client-encoding",
+                 detail="PostgreSQL truncates names at 63 bytes of the database encoding; the proxy, which "
+                        "reads names as UTF-8, could take two of them for one.",
+                 hint="Put the proxy in front of UTF8 databases.")
 
 
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
@@ -188,10 +198,12 @@ class PurposeSession:
         if self.relay is not None:
             params = self.relay.server_params
             scs = params.get("standard_conforming_strings", "on") == "on"
-            # The encoding in force, as the server reports it (a role's or database's default
-            # included): under a client-only encoding nothing can be read with certainty.
+            # The encodings in force, as the server reports them (a role's or database's default
+            # included): under any but UTF-8 nothing can be read with certainty.
             if unsafe_client_encoding(params.get("client_encoding")):
                 return _encoding_refusal(params["client_encoding"]), None
+            if params.get("server_encoding", "UTF8") != "UTF8":
+                return _database_encoding_refusal(params["server_encoding"]), None
         # While a SET is unconfirmed a statement is decided twice (below): no cache then.
         cache = self.runtime.cache if self._unsettled is None else None
         shp = None

@@ -443,7 +443,7 @@ def test_broken_policy_reload_keeps_the_previous_policy(pg, enforce_db, policy_c
 # In PostgreSQL's client-only encodings (SJIS, BIG5, GBK, ...) the second byte of a character
 # can be a backslash: "E'\x95\\'" is one string for a reader of UTF-8 and an unterminated one
 # for PostgreSQL, which converts from the client encoding first. Under SJIS this statement
-# read cards as marketing before the proxy refused these encodings.
+# read cards as marketing before the proxy refused these encodings (now all but UTF8).
 SJIS_SMUGGLE = (b"SELECT E'\x95\\' AS x, member_id, phone FROM crm.members LIMIT 3 --'")
 
 
@@ -461,8 +461,12 @@ def test_a_client_only_encoding_cannot_be_set(pg, enforce_proxy):
                 "SELECT set_config('client_encoding', 'GBK', false)"):
         seen = error_of(pg, enforce_proxy, "marketing", sql)
         assert seen.sqlstate in ("0A000", "42501") and seen.from_proxy(), sql
+    # LATIN1 is ASCII-safe, but a byte above 0x7F is two bytes of UTF-8 in PostgreSQL: names
+    # the proxy truncated at 63 bytes to one name were two (a hunt swapped a WITH query so).
+    seen = error_of(pg, enforce_proxy, "marketing", "SET client_encoding = 'LATIN1'")
+    assert seen.sqlstate == "0A000" and seen.from_proxy()
     with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
-        conn.execute("SET client_encoding = 'LATIN1'")  # ASCII-safe encodings stay allowed
+        conn.execute("SET client_encoding = 'SQL_ASCII'")  # no conversion: the server checks UTF-8
         conn.execute("RESET client_encoding")
         assert conn.execute("SHOW client_encoding").fetchone()[0] == "UTF8"
 
