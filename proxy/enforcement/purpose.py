@@ -345,11 +345,23 @@ class PurposeSession:
                                        hint="CLOSE ALL first.")
         return None
 
+    def sql_prepared(self, name: str) -> bool:
+        """Whether a SQL PREPARE may be behind ``name`` (the relay asks, for a Bind of a shared name)."""
+        return bool(self.prepared.get(name))
+
     def _stale_prepared(self, name: str) -> Block | None:
         entries = self.prepared.get(name)
         if not entries:
             return _refuse(f"prepared statement \"{name}\" was not prepared through purpose-proxy", sqlstate="26000",
                            reason="unknown-prepared")
+        protocol = getattr(self.relay, "protocol_statement", None)
+        if protocol is not None and protocol(name) and any(epoch != self.epoch for _, _, epoch, _ in entries):
+            # Parse and PREPARE share PostgreSQL's namespace: a PREPARE of the name that failed
+            # there (42P05) is recorded here, and the statement behind it may be a Parse's.
+            return _refuse(f"prepared statement \"{name}\" may have been prepared through the extended protocol, "
+                           "so EXECUTE cannot decide it again under the current purpose or policy",
+                           sqlstate="26000", reason="unknown-prepared",
+                           hint="DEALLOCATE it and prepare it again.")
         renewed = []
         for sql, before, epoch, explanation in entries:
             if epoch == self.epoch:
@@ -384,7 +396,7 @@ class PurposeSession:
                     self.search_path = list(self.startup_search_path)
             if st.kind is Kind.PREPARE and st.prepared_name:
                 self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch, self.last))
-                self._forget_protocol_statement(st.prepared_name)
+                self._prepared_confirmed(st.prepared_name, via)
             elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
                 self._deallocated(st.prepared_name, via)
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
@@ -400,6 +412,15 @@ class PurposeSession:
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
                 self._deallocated(None, via)
                 self.holdable_cursors = False
+
+    def _prepared_confirmed(self, name: str, via: str) -> None:
+        """A PREPARE of ``name`` that succeeds means no Parse's statement is behind the name any more:
+        the relay forgets its record then (a PREPARE that fails, 42P05, leaves it)."""
+        later = getattr(self.relay, "on_batch_end", None)
+        if later is None:
+            self._forget_protocol_statement(name)
+        else:
+            later(lambda errored: errored or self._forget_protocol_statement(name), counted=via == "query")
 
     def _deallocated(self, name: str | None, via: str) -> None:
         """DEALLOCATE ``name`` (None: all) was sent. PostgreSQL drops the statements only if it

@@ -230,6 +230,8 @@ class Relay:
         self._unexecuted: dict[str, StatementEvent] = {}
         # (sql, decision, account) of a statement prepared with SQL PREPARE, if the decider keeps them.
         self._prepared_run = getattr(decider, "prepared_run", None)
+        # Whether a SQL PREPARE (whose text only the decider keeps) may be behind a name.
+        self._sql_prepared = getattr(decider, "sql_prepared", None)
         # The decider hears of every ReadyForQuery (and whether an error preceded it),
         # to learn whether a setting change it allowed took effect.
         self._ready_hook = getattr(decider, "ready", None)
@@ -503,6 +505,10 @@ class Relay:
             return
         now: Decision | None = None
         renewed = []
+        if name and self._sql_prepared is not None and self._sql_prepared(name):
+            # SQL PREPARE and Parse share PostgreSQL's namespace: a Parse of the name that failed
+            # there (42P05) is recorded here, and the statement behind it may be the PREPARE's.
+            entries = None
         for parse, before, epoch, detail in entries or ():
             if epoch == self._epoch:
                 renewed.append((parse, before, epoch, detail))
@@ -578,6 +584,10 @@ class Relay:
             self._batch_hooks = [h for h in self._batch_hooks if h[0] >= 0]
             for _, callback in due:
                 callback(errored)
+
+    def protocol_statement(self, name: str) -> bool:
+        """Whether a statement prepared with Parse may be behind ``name`` (for EXECUTE of a shared name)."""
+        return bool(self._statements.get(name))
 
     def forget_statement(self, name: str | None) -> None:
         """Drop the record of prepared statement ``name`` (None: all), when SQL-level

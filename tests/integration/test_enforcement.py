@@ -250,6 +250,33 @@ def test_a_deallocate_that_failed_keeps_the_statement_behind_its_name(pg, enforc
         assert conn.execute("EXECUTE q").fetchone() == (1,)
 
 
+def test_parse_and_prepare_of_one_name_are_both_candidates(pg, enforce_proxy):
+    # Parse and SQL PREPARE share PostgreSQL's namespace; the second of a name fails there
+    # (42P05) but was the only text the proxy kept for its side: after a purpose change,
+    # EXECUTE (or Bind) was decided on "SELECT 1" and ran the first one.
+    for first_parse in (False, True):
+        with psycopg.connect(dsn(pg, enforce_proxy, "support"), autocommit=True) as conn:
+            pgc = conn.pgconn
+            if first_parse:
+                res = pgc.prepare(b"s1", b"SELECT phone FROM crm.members")
+                assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+                with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+                    conn.execute("PREPARE s1 AS SELECT 1")
+            else:
+                conn.execute("PREPARE s1 AS SELECT phone FROM crm.members")
+                res = pgc.prepare(b"s1", b"SELECT 1")
+                assert res.status == pq.ExecStatus.FATAL_ERROR  # 42P05 from PostgreSQL
+            conn.execute("SET pii.purpose = 'marketing'")
+            if first_parse:
+                with pytest.raises(psycopg.Error) as info:
+                    conn.execute("EXECUTE s1")
+                assert info.value.sqlstate in ("26000", "42501")
+            else:
+                res = pgc.exec_prepared(b"s1", [])
+                assert res.status == pq.ExecStatus.FATAL_ERROR
+                assert res.error_field(pq.DiagnosticField.SQLSTATE) in (b"26000", b"42501", b"0A000")
+
+
 def test_set_purpose_through_the_extended_protocol_is_refused(pg, enforce_proxy):
     """A prepared SET runs only when (and if) it is executed, which the proxy cannot see."""
     with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
