@@ -71,6 +71,9 @@ def analyze(sql: str, schema: Schema, search_path: Iterable[str] | str = ("$user
     if len(sql) > MAX_SQL_LENGTH:
         msg = f"the SQL text is longer than {MAX_SQL_LENGTH} characters"
         return Analysis(sql, [StatementAccess(Kind.OTHER, unsupported=[msg])], error=msg)
+    if "\x00" in sql:  # PostgreSQL's strings end at NUL; the rewrite's placeholders rely on it
+        msg = "the SQL text contains a NUL character"
+        return Analysis(sql, [StatementAccess(Kind.OTHER, unsupported=[msg])], error=msg)
     try:
         tokens = lex(sql, standard_conforming_strings)
     except LexError as exc:

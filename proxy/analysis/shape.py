@@ -37,13 +37,15 @@ MARKERS = re.compile("[\x01\x02]")
 # In the text of a rewrite's edit, a copy of the statement's text at [start, end) (a
 # constant the rewrite repeats elsewhere): the rewrite puts the text there, and a
 # template (``template``) the constant of each later statement of the same shape.
-COPY = re.compile("\x03([0-9]+):([0-9]+)\x03")
-_COPIED = re.compile("\x04([0-9]+)\x04")  # in a template: a copy of constant number n
+# Delimited by NUL, which no SQL text can hold (the protocol's strings end at NUL, and
+# analyze refuses one), so no name or string a client writes can pose as a placeholder.
+COPY = re.compile("\x00C([0-9]+):([0-9]+)\x00")
+_COPIED = re.compile("\x00K([0-9]+)\x00")  # in a template: a copy of constant number n
 
 
 def copy_of(start: int, end: int) -> str:
     """The placeholder for a copy of the statement's text at ``[start, end)`` (see ``COPY``)."""
-    return f"\x03{start}:{end}\x03"
+    return f"\x00C{start}:{end}\x00"
 
 # Groups: 1 a quoted identifier (kept), 2 a string constant, 3 a number; matched where
 # _PIECE_START finds a character a piece can start with (one character class, which the
@@ -172,7 +174,7 @@ def fill(template: str, constants: tuple[str, ...]) -> str:
     pieces = MARKERS.split(template)
     if len(pieces) != len(constants) + 1:
         raise ValueError("the template does not hold one marker per constant")
-    if "\x04" in template:  # copies of constants (resolved piece by piece: a constant may hold anything)
+    if "\x00" in template:  # copies of constants (resolved piece by piece: a constant may hold anything)
         pieces = [_COPIED.sub(lambda m: constants[int(m[1])], p) for p in pieces]
     out = [pieces[0]]
     for const, piece in zip(constants, pieces[1:]):
@@ -210,7 +212,7 @@ def _copies(sql: str, new: str, where: list[tuple[int, int]]) -> str | None:
     where it copies no constant (a ``$n``); None if one copies part of a constant.
 
     >>> _copies("SELECT 1 WHERE a = 42", "b = " + copy_of(19, 21), [(7, 8), (19, 21)])
-    'b = \\x041\\x04'
+    'b = \\x00K1\\x00'
     """
     index = {span: k for k, span in enumerate(where)}
     failed = False
@@ -219,7 +221,7 @@ def _copies(sql: str, new: str, where: list[tuple[int, int]]) -> str | None:
         nonlocal failed
         a, b = int(m[1]), int(m[2])
         if (a, b) in index:
-            return f"\x04{index[(a, b)]}\x04"
+            return f"\x00K{index[(a, b)]}\x00"
         if any(ca < b and a < cb for ca, cb in where):
             failed = True
         return sql[a:b]
@@ -241,9 +243,9 @@ def template(sql: str, edits: list[tuple[int, int, str]]) -> str | None:
     where = spans(sql)
     if where is None:
         return None
-    if any(MARKERS.search(new) or "\x04" in new for _, _, new in edits):
+    if any(MARKERS.search(new) for _, _, new in edits):
         return None
-    if any("\x03" in new for _, _, new in edits):
+    if any("\x00" in new for _, _, new in edits):
         copied = [(start, end, _copies(sql, new, where)) for start, end, new in edits]
         if any(new is None for _, _, new in copied):
             return None

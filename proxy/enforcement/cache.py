@@ -75,7 +75,7 @@ class Shaped:
         if self.template is None or shape is None:
             return self.decision
         d = self.decision
-        if "\x04" in self.template:  # the rewrite repeats a constant (rewrite.pushed_down)
+        if "\x00" in self.template:  # the rewrite repeats a constant (rewrite.pushed_down)
             return Mask(shapes.fill(self.template, shape.constants), d.methods, d.reason)
         pieces = self.pieces
         out = [pieces[0]]

@@ -152,7 +152,7 @@ def apply_edits(text: str, edits: Iterable[Edit]) -> str:
     """
     out = text
     for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
-        if "\x03" in new:
+        if "\x00" in new:
             new = COPY.sub(lambda m: text[int(m[1]):int(m[2])], new)
         out = out[:start] + new + out[end:]
     return out
@@ -452,7 +452,7 @@ def pushed_down(ref: RelationRef, tp: TablePlan, rel) -> str:
     >>> r = RelationRef(Table("crm", "m"), "table", None, pushable=[(0, 30, 31, "int"), (1, 40, 45, "str")])
     >>> info = RelationInfo("crm", "m", columns=("id", "email"), types=("integer", "text"))
     >>> pushed_down(r, TablePlan(Table("crm", "m"), masks={"email": "redact"}), info)
-    ' AND __pp_row.id OPERATOR(pg_catalog.=) \\x0330:31\\x03'
+    ' AND __pp_row.id OPERATOR(pg_catalog.=) \\x00C30:31\\x00'
     """
     out = []
     for i, start, end, kind in ref.pushable:

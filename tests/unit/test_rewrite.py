@@ -117,6 +117,33 @@ def _with_inner(st):
         st = st.inner
 
 
+@pytest.mark.parametrize("mark", ["\x03", "\x04", "\x01", "\x02"])
+def test_names_a_client_writes_cannot_pose_as_the_rewrites_placeholders(mark):
+    # A hunt named a table alias "\x03A:B\x03", the form the rewrite's copy placeholders had:
+    # the alias went into the HAVING clause and was replaced by the text of a string constant
+    # holding "... UNION ALL SELECT email, phone ...", never analysed. Placeholders are
+    # NUL-delimited now (no SQL text holds a NUL); any other character stays in the name.
+    payload = 'member_id") >= 0 UNION ALL SELECT email FROM crm.members --'
+    pre = "SELECT '"
+    a, b = len(pre), len(pre) + len(payload)
+    alias = f'"{mark}{a}:{b}{mark}"'
+    sql = f"{pre}{payload}' AS t, count({alias}.amount)::text FROM billing.invoices AS {alias}"
+    decision, _ = decide({"sql": sql, "purpose": "analytics", "schema": "tests/fixtures/masking/schema.yaml",
+                          "policies": "tests/fixtures/masking/policies"})
+    assert isinstance(decision, (Mask, Block))
+    if isinstance(decision, Mask):
+        assert decision.sql.count("UNION ALL") == 1 and f"{mark}{a}:{b}{mark}" in decision.sql
+
+
+def test_a_nul_in_the_sql_text_is_refused():
+    from proxy.analysis.shape import copy_of
+
+    sql = f'SELECT count(amount) FROM billing.invoices AS "{copy_of(0, 6)}"'
+    decision, _ = decide({"sql": sql, "purpose": "analytics", "schema": "tests/fixtures/masking/schema.yaml",
+                          "policies": "tests/fixtures/masking/policies"})
+    assert isinstance(decision, Block)
+
+
 def test_without_a_rewrite_masking_and_consent_are_refused():
     case = {"sql": "SELECT email FROM crm.members", "purpose": "support",
             "schema": "tests/fixtures/masking/schema.yaml", "policies": "tests/fixtures/masking/policies"}
