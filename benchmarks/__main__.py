@@ -110,6 +110,15 @@ def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _sqlglot_build() -> str:
+    """sqlglot's version, and whether sqlglotc's compiled modules are what imports (the proxies run here too)."""
+    import sqlglot
+    import sqlglot.parser
+
+    compiled = not sqlglot.parser.__file__.endswith(".py")
+    return f"{sqlglot.__version__}" + (" compiled (sqlglotc)" if compiled else " (pure Python)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind like Ctrl-C: stop what was started
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                    sample_members=args.members if parts & {"personal", "decisions"} else 0) as stack:
             meta["versions"] = stack.versions()
             meta["uvloop"] = stack.uses_uvloop()
+            meta["sqlglot"] = _sqlglot_build()
             meta["notes"] = list(stack.notes)
             if not meta["uvloop"]:
                 print("warning: the proxy is not using uvloop (pip install uvloop)", file=sys.stderr)

@@ -377,6 +377,7 @@ def markdown(meta: dict, runs: list[Run], summary: dict, extras: dict | None = N
         *env,
         f"- **proxy code**: {meta['revision']}",
         f"- **proxy event loop**: {'uvloop' if meta['uvloop'] else 'asyncio (uvloop not loaded)'}",
+        *([f"- **sqlglot**: {meta['sqlglot']}"] if meta.get("sqlglot") else []),
         settings,
         f"- **load average** before / after: {meta['load_before']} / {meta['load_after']}",
         *([f"- **duration of the whole run**: {meta['elapsed']}"] if meta.get("elapsed") else []),
