@@ -145,6 +145,12 @@ class PurposeSession:
         """The relay whose quiet points gate setting changes."""
         self.relay = relay
 
+    def refresh_state(self) -> None:
+        """Take up the database state in force (after a schema reload). The epoch reads the schema
+        version from it, and a session that only binds statements prepared earlier decides
+        nothing that would refresh it: without this, its Binds never saw the new schema."""
+        self.db = self.runtime.database(self.database) or self.db
+
     @property
     def epoch(self) -> tuple:
         """Changes whenever a decision made earlier may no longer hold."""

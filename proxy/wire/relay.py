@@ -273,7 +273,10 @@ class Relay:
         return self._outstanding > 0 and self.phase is not _COPY_IN and self.phase is not _COPY_BOTH
 
     def refresh_epoch(self) -> None:
-        """Look at the decider's epoch again (the session calls this after a policy reload)."""
+        """Look at the decider's epoch again (the listener calls this after a policy or schema reload)."""
+        refresh = getattr(self._decider, "refresh_state", None)
+        if refresh is not None:
+            refresh()  # the decider takes up the new state first: its epoch is read from it
         epoch = getattr(self._decider, "epoch", 0)
         if epoch != self._epoch:
             self._epoch = epoch

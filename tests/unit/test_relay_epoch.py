@@ -259,3 +259,28 @@ def test_syncs_during_copy_in_are_counted_as_the_backend_may_answer_them():
         r.server_data(codec.error_response("22P02", "invalid input syntax for type integer")
                       + codec.ready_for_query(b"I") * (2 if copy_query else 1))
         assert r._outstanding == 1 and not r.quiet, copy_query  # BEGIN still to be answered
+
+
+def test_a_schema_reload_makes_binds_decided_again():
+    # A hunt replaced a view's column (phone -> card number) and reloaded the schema: a session
+    # that only bound its statement again kept the decision made on the old view, because
+    # the epoch read the schema version from the state the session last decided with.
+    from benchmarks.decisions import runtime, schema_file_state, session
+    from proxy.analysis.schema import Schema
+    from proxy.devtools.sample import policies_dir
+    from proxy.enforcement.runtime import DatabaseState
+
+    pol = policies_dir()
+    rt = runtime(pol, 100)
+    state = schema_file_state(pol)
+    s = session(rt, state, "isp", "app_support", "support")
+    r = ready_relay(s)
+    s.attach(r)
+    r.client_data(codec.encode_parse("s1", "SELECT phone FROM member.members WHERE member_id = $1", ()) + sync())
+    r.server_data(codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    assert not r._redecide_binds
+    changed = state.schema.to_dict()
+    changed["version"] = "another-version"
+    rt._databases["isp"] = DatabaseState(Schema.from_dict(changed))
+    r.refresh_epoch()  # what the listener does for every session after a reload
+    assert r._redecide_binds
