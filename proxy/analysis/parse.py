@@ -67,7 +67,15 @@ def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> lis
         a, b = t.start, t.end
         if a > pos:
             pieces.append(" " * (a - pos))
-        pieces.append(text[a:b] if t.kind in code else "_" * (b - a))
+        if t.kind in code:
+            if not t.text.isascii() and any(c.isspace() for c in t.text):
+                # PostgreSQL takes every non-ASCII character for part of a name; sqlglot takes
+                # U+00A0, U+3000, U+0085, ... for spaces, and then reads "order\u3000by" (a
+                # table alias to PostgreSQL) as ORDER BY.
+                raise Unparsable(f"the name {t.text!r} holds a character the analysis would read as a space")
+            pieces.append(text[a:b])
+        else:
+            pieces.append("_" * (b - a))
         starting[a] = k
         ending[b] = k
         pos = b

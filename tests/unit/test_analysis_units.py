@@ -151,11 +151,29 @@ def test_only_ascii_digits_are_digits(sql, tokens):
         scan("SELECT 1\u00b2")  # trailing junk after a number, as PostgreSQL 15 says
 
 
+@pytest.mark.parametrize("space", ["\u3000", "\u0085", "\u00a0", "\u2028", "\u2003"])
+def test_a_name_with_a_character_sqlglot_takes_for_a_space_is_refused(space):
+    # To PostgreSQL "order\u3000by" is one name (here a table alias with a column list that
+    # renames card_number to card_brand); sqlglot read ORDER BY and the card column vanished.
+    sql = (f"SELECT member_id, card_brand FROM billing.cards order{space}by "
+           "(card_id, member_id, card_brand, card_number) LIMIT 3")
+    st = analyze(sql, SCHEMA).statements[0]
+    assert st.unsupported and "space" in st.unsupported[0]
+
+
 def test_statements_split_only_at_top_level_semicolons():
     sql = "SELECT 1; CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; NOTIFY b);;SELECT ';'"
     parts = split_statements(sql, scan(sql))
     assert [p.text for p in parts] == ["SELECT 1", "CREATE RULE r AS ON INSERT TO t DO ALSO (NOTIFY a; NOTIFY b)",
                                        "SELECT ';'"]
+
+
+@pytest.mark.parametrize("label", ["AS case", "AS end", "x.end"])
+def test_case_and_end_as_names_do_not_move_a_begin_atomic_body(label):
+    sql = (f"CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 {label} FROM (SELECT 1) x; END; "
+           "SELECT card_number FROM billing.cards")
+    parts = split_statements(sql, scan(sql))
+    assert [p.text.split()[0] for p in parts] == ["CREATE", "SELECT"]
 
 
 def test_lex_refuses_text_whose_tokens_depend_on_standard_conforming_strings():
