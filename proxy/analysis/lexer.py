@@ -553,10 +553,9 @@ def split_statements(sql: str, tokens: list[Token]) -> list[Statement]:
             if in_routine:
                 if tok.value == "atomic" and cur[-1].is_word("begin") and depth == 0:
                     atomic += 1
-                elif atomic and tok.value == "case":
-                    atomic += 1
-                elif atomic and tok.value == "end":
-                    atomic -= 1
+                elif atomic and tok.value in ("case", "end") and not (cur[-1].kind is T.DOT or cur[-1].is_word("as")):
+                    # (a label "AS case" or a qualified "x.end" is a name, not the key word)
+                    atomic += 1 if tok.value == "case" else -1
         if tok.kind is T.SEMI and depth <= 0 and atomic == 0:
             if cur:
                 out.append(_statement(sql, cur, first))
