@@ -28,8 +28,8 @@ from proxy.analysis import positions as pos
 from proxy.analysis.lexer import Statement, T, Token
 from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
                                   Use)
-from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, Unsupported, aggregated, check_conflicts,
-                                    column_of, consumed, ident, lookup_qualified, lookup_refname,
+from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
+                                    check_conflicts, column_of, consumed, ident, lookup_qualified, lookup_refname,
                                     lookup_unqualified, merge_into, resolve_relation, union, whole_row)
 from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
 
@@ -39,6 +39,8 @@ SQL_VALUE_KEYWORDS = frozenset({
     "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp", "system_user",
     "default",
 })
+# ... from PostgreSQL 16 on: before, an ordinary name (any column or alias may be called it).
+KEYWORDS_FROM_16 = frozenset({"system_user"})
 
 _STAT_AGG_TYPES = (
     exp.Count, exp.Sum, exp.Avg, exp.Stddev, exp.StddevPop, exp.StddevSamp, exp.Variance, exp.VariancePop,
@@ -1475,7 +1477,14 @@ class Analyzer:
             name = parts[0]
             this = node.this
             if name in SQL_VALUE_KEYWORDS and isinstance(this, exp.Identifier) and not this.quoted:
-                return {}
+                if name not in KEYWORDS_FROM_16:
+                    return {}
+                # PostgreSQL 15 reads a column (or FROM item) of that name where there is one, 16 the
+                # key word: the column, whichever server this is (a hunt named a card column so).
+                try:
+                    return lookup_unqualified(env, name)
+                except UnknownColumn:
+                    return {}
             return lookup_unqualified(env, name)
         return lookup_qualified(env, parts)
 

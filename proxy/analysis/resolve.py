@@ -32,6 +32,10 @@ class Unsupported(Exception):
     """The analysis cannot vouch for the statement; the message says why (one English sentence)."""
 
 
+class UnknownColumn(Unsupported):
+    """No column or FROM item of that name is in scope."""
+
+
 # --- flows -----------------------------------------------------------------------------------
 
 
@@ -227,7 +231,7 @@ def lookup_unqualified(env: Env, name: str) -> Flow:
     src = lookup_refname(env, name)
     if src is not None:
         return src.whole()
-    raise Unsupported(f'column "{name}" does not exist')
+    raise UnknownColumn(f'column "{name}" does not exist')
 
 
 def check_conflicts(existing: list[Source], new: list[Source]) -> None:
