@@ -419,14 +419,19 @@ class PurposeSession:
                 self._deallocated(None, via)
                 self.holdable_cursors = False
 
+    def _once_done(self, callback, via: str) -> None:
+        """Call ``callback(errored)`` when the statement being decided has run (at its batch's
+        ReadyForQuery; at once without a relay)."""
+        later = getattr(self.relay, "on_batch_end", None)
+        if later is None:
+            callback(False)
+        else:
+            later(callback, counted=via == "query")
+
     def _prepared_confirmed(self, name: str, via: str) -> None:
         """A PREPARE of ``name`` that succeeds means no Parse's statement is behind the name any more:
         the relay forgets its record then (a PREPARE that fails, 42P05, leaves it)."""
-        later = getattr(self.relay, "on_batch_end", None)
-        if later is None:
-            self._forget_protocol_statement(name)
-        else:
-            later(lambda errored: errored or self._forget_protocol_statement(name), counted=via == "query")
+        self._once_done(lambda errored: errored or self._forget_protocol_statement(name), via)
 
     def _deallocated(self, name: str | None, via: str) -> None:
         """DEALLOCATE ``name`` (None: all) was sent. PostgreSQL drops the statements only if it
@@ -448,11 +453,7 @@ class PurposeSession:
                     self.prepared.pop(n, None)
             self._forget_protocol_statement(name)
 
-        later = getattr(self.relay, "on_batch_end", None)
-        if later is None:
-            confirmed(False)
-        else:
-            later(confirmed, counted=via == "query")
+        self._once_done(confirmed, via)
 
     def prepared_run(self, name: str) -> tuple[str, Decision, Explanation | None] | None:
         """The PREPARE (its text, decision and explanation) behind ``name``, for a run of it through the

@@ -95,6 +95,7 @@ _B_COMMAND_COMPLETE = codec.B_COMMAND_COMPLETE
 perf_counter = time.perf_counter
 _MAX_PENDING_REFUSALS = 64
 _MAX_PORTALS = 1024
+_MAX_BATCH_HOOKS = 1024
 
 
 class _Batch(list):
@@ -563,8 +564,13 @@ class Relay:
         """Call ``callback(errored)`` at the ReadyForQuery that ends the batch of the message being
         handled (``counted``: that message, a Query, is itself the batch's sync point, already
         counted); ``errored`` says an error came in that batch. Session state that a statement
-        changes in PostgreSQL only if it succeeds (a Close, a DEALLOCATE) waits for this."""
-        self._batch_hooks.append([self._outstanding - 1 if counted else self._outstanding, callback])
+        changes in PostgreSQL only if it succeeds (a Close, a DEALLOCATE) waits for this.
+
+        Bounded: past _MAX_BATCH_HOOKS waiting (a client sending Close after Close without a
+        Sync) the callback is dropped, which leaves the records it would have removed: later
+        decisions only see more candidates behind a name, never fewer."""
+        if len(self._batch_hooks) < _MAX_BATCH_HOOKS:
+            self._batch_hooks.append([self._outstanding - 1 if counted else self._outstanding, callback])
 
     def _drop_statements(self, name: str, gone: tuple) -> None:
         """Drop the candidates ``gone`` of statement ``name`` (a Parse since then stays)."""

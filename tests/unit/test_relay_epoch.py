@@ -284,3 +284,14 @@ def test_a_schema_reload_makes_binds_decided_again():
     rt._databases["isp"] = DatabaseState(Schema.from_dict(changed))
     r.refresh_epoch()  # what the listener does for every session after a reload
     assert r._redecide_binds
+
+
+def test_closes_waiting_for_their_batch_are_bounded():
+    r = ready_relay(Decider())
+    r.client_data(codec.encode_parse("s1", "SELECT 1", ()) + sync())
+    r.server_data(codec.message(b"1", b"") + codec.ready_for_query(b"I"))
+    r.client_data(codec.message(b"C", b"Ss1\x00") * 5000)  # no Sync: nothing is confirmed yet
+    assert len(r._batch_hooks) == 1024 and "s1" in r._statements
+    r.client_data(sync())
+    r.server_data(codec.message(b"3", b"") * 5000 + codec.ready_for_query(b"I"))
+    assert "s1" not in r._statements and not r._batch_hooks
