@@ -277,6 +277,43 @@ def test_parse_and_prepare_of_one_name_are_both_candidates(pg, enforce_proxy):
                 assert res.error_field(pq.DiagnosticField.SQLSTATE) in (b"26000", b"42501", b"0A000")
 
 
+def test_a_schema_reload_reaches_statements_prepared_before(pg, enforce_db):
+    # A hunt had a view's column replaced (same name, another source) outside the proxy and the
+    # schema reloaded: a session that only bound its prepared statement again kept the old
+    # decision and returned the new column's values. Its next Bind must be decided again.
+    view = f"crm.v_{uuid.uuid4().hex[:8]}"
+    proxy = enforcing_proxy(pg, POLICY_DIR)
+    try:
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"CREATE VIEW {view} AS SELECT member_id, name FROM crm.members")
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn, \
+                psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as other:
+            query = f"SELECT name FROM {view} ORDER BY member_id LIMIT 1".encode()
+            res = conn.pgconn.prepare(b"s", query)
+            assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+            assert conn.pgconn.exec_prepared(b"s", []).status == pq.ExecStatus.TUPLES_OK
+            with psycopg.connect(enforce_db, autocommit=True) as owner:
+                owner.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT member_id, phone AS name FROM crm.members")
+
+            def reloaded() -> bool:  # an unknown name makes the proxy load the schema again
+                with pytest.raises(psycopg.Error):
+                    other.execute("SELECT * FROM crm.no_such_table_here")
+                try:
+                    other.execute(query.decode())
+                except psycopg.errors.InsufficientPrivilege:
+                    return True
+                return False
+
+            wait_for(reloaded, 30, "the proxy to load the changed view")
+            res = conn.pgconn.exec_prepared(b"s", [])
+            assert res.status == pq.ExecStatus.FATAL_ERROR
+            assert res.error_field(pq.DiagnosticField.SQLSTATE) in (b"42501", b"0A000")
+    finally:
+        proxy.stop()
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"DROP VIEW IF EXISTS {view}")
+
+
 def test_set_purpose_through_the_extended_protocol_is_refused(pg, enforce_proxy):
     """A prepared SET runs only when (and if) it is executed, which the proxy cannot see."""
     with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
