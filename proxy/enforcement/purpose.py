@@ -16,7 +16,6 @@ and never with ``SET LOCAL`` or ``set_config``. Anything else is refused.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -54,7 +53,6 @@ _GUARDED = IDENTITY_SETTINGS | {"search_path", "all", "client_encoding"}  # neve
 _UTF8_READ = frozenset({"utf8", "unicode", "sqlascii"})
 
 
-@functools.lru_cache(maxsize=64)  # asked for every statement, with the server's ParameterStatus value
 def unsafe_client_encoding(name: str | None) -> bool:
     """Whether statements in client encoding ``name`` could read differently to the proxy and to PostgreSQL.
 
@@ -136,6 +134,8 @@ class PurposeSession:
         self._ddl_sent = False
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self.relay = None
+        self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
+        self._unreadable: Block | None = None  # the refusal of every statement under an unreadable encoding
         self.last: Explanation | None = None  # the explanation of the latest decision
         self._check_startup_purpose()
 
@@ -144,6 +144,18 @@ class PurposeSession:
     def attach(self, relay) -> None:
         """The relay whose quiet points gate setting changes."""
         self.relay = relay
+
+    def parameter_status(self, params: dict[str, str]) -> None:
+        """The server reported a setting (the relay calls this at each ParameterStatus): take up the
+        ones the analysis depends on, once, rather than at every statement."""
+        self._scs = params.get("standard_conforming_strings", "on") == "on"
+        # The encodings in force (a role's or database's default included): under any but UTF-8
+        # nothing can be read with certainty, and every statement is refused.
+        self._unreadable = None
+        if unsafe_client_encoding(params.get("client_encoding")):
+            self._unreadable = _encoding_refusal(params["client_encoding"])
+        elif params.get("server_encoding", "UTF8") != "UTF8":
+            self._unreadable = _database_encoding_refusal(params["server_encoding"])
 
     def refresh_state(self) -> None:
         """Take up the database state in force (after a schema reload). The epoch reads the schema
@@ -196,20 +208,13 @@ class PurposeSession:
             return _refuse("the FunctionCall protocol message is refused: purpose-proxy cannot see what the "
                            "function reads", reason="function-call",
                            hint="Call the function from SQL (SELECT f(...)) so the proxy can analyse it."), None
+        if self._unreadable is not None:
+            return self._unreadable, None
         # Read the state in force once: a reload swaps these objects whole.
-        db = self.runtime.database(self.database) or self.db
-        self.db = db
+        self.refresh_state()
+        db = self.db
         policy = self.runtime.policy
-        scs = True
-        if self.relay is not None:
-            params = self.relay.server_params
-            scs = params.get("standard_conforming_strings", "on") == "on"
-            # The encodings in force, as the server reports them (a role's or database's default
-            # included): under any but UTF-8 nothing can be read with certainty.
-            if unsafe_client_encoding(params.get("client_encoding")):
-                return _encoding_refusal(params["client_encoding"]), None
-            if params.get("server_encoding", "UTF8") != "UTF8":
-                return _database_encoding_refusal(params["server_encoding"]), None
+        scs = self._scs
         # While a SET is unconfirmed a statement is decided twice (below): no cache then.
         cache = self.runtime.cache if self._unsettled is None else None
         shp = None

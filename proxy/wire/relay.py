@@ -236,6 +236,8 @@ class Relay:
         # The decider hears of every ReadyForQuery (and whether an error preceded it),
         # to learn whether a setting change it allowed took effect.
         self._ready_hook = getattr(decider, "ready", None)
+        # ... and of every ParameterStatus (the settings the server reports as they change).
+        self._params_hook = getattr(decider, "parameter_status", None)
         self._errored = False
         # Callbacks waiting for the ReadyForQuery that ends a batch, as [ReadyForQuery
         # messages to let pass first, callback(errored)] (see ``on_batch_end``).
@@ -776,6 +778,8 @@ class Relay:
             elif t == codec.B_PARAMETER_STATUS:
                 name, value = codec.parameter_status(item.body)
                 self.server_params[name] = value
+                if self._params_hook is not None:
+                    self._params_hook(self.server_params)
                 out.append(item.raw)
             elif t == codec.B_AUTH:
                 out.append(self._auth(item))
