@@ -29,7 +29,9 @@ their shape.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
+
+from proxy.extensions import compiled
 
 STRING = "\x01"  # stands for a string constant in a shape
 NUMBER = "\x02"  # stands for a number
@@ -94,8 +96,7 @@ def _unsafe(outside: str) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
+class Shape(NamedTuple):
     """``key``: the text with each constant replaced by ``STRING`` or ``NUMBER``;
     ``constants``: the constants' texts in order (quotes included)."""
 
@@ -138,7 +139,8 @@ def shape(sql: str) -> Shape | None:
     return answer
 
 
-def _shape(sql: str) -> Shape | None:
+def _shape_py(sql: str) -> Shape | None:
+    """The shape of ``sql`` read in Python: the reference of the compiled ``_shape.scan`` (and its stand-in)."""
     if "\\" in sql:  # anywhere: inside a string its meaning depends on standard_conforming_strings
         return None
     key: list[str] = []  # the text, a quoted identifier or a marker, the text, ...
@@ -163,6 +165,18 @@ def _shape(sql: str) -> Shape | None:
         return None
     key.append(tail)
     return Shape("".join(key), tuple(constants))
+
+
+
+COMPILED_SCAN = compiled("proxy.analysis._shape", "scan")  # None: not built, or PURPOSE_PROXY_NO_EXTENSIONS
+
+
+def _shape_c(sql: str, _scan=COMPILED_SCAN, _new=tuple.__new__) -> Shape | None:
+    found = _scan(sql)
+    return None if found is None else _new(Shape, found)
+
+
+_shape = _shape_c if COMPILED_SCAN is not None else _shape_py
 
 
 def fill(template: str, constants: tuple[str, ...]) -> str:

@@ -13,9 +13,10 @@ in memory. Only inspected messages are buffered whole.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
+
+from proxy.extensions import compiled
 
 # Special startup-phase request codes (55.7, "CancelRequest", "SSLRequest", ...).
 PROTOCOL_3_0 = 196608  # 3 << 16
@@ -130,18 +131,7 @@ def split_messages(data: bytes, pos: int, table: bytes, max_size: int, frame: ty
     return items, pos, skip, need, None
 
 
-def _compiled_split():
-    """The compiled framing loop, unless it was not built or PURPOSE_PROXY_NO_EXTENSIONS is set."""
-    if os.environ.get("PURPOSE_PROXY_NO_EXTENSIONS"):
-        return None
-    try:
-        from proxy.wire._scan import split
-    except ImportError:
-        return None
-    return split
-
-
-COMPILED_SPLIT = _compiled_split()
+COMPILED_SPLIT = compiled("proxy.wire._scan", "split")  # None: not built, or PURPOSE_PROXY_NO_EXTENSIONS
 _split = COMPILED_SPLIT or split_messages
 _TABLES: dict[frozenset, bytes] = {}
 

@@ -242,6 +242,51 @@ def test_shape_subset_refuses_what_it_cannot_read_exactly():
     assert "\x02" not in shapes.shape("SELECT a1, t.2x, 1e5, 0x1F FROM t").key
 
 
+# --- the compiled scan (proxy/analysis/_shape.c) against the Python reading ------------------------------
+
+
+def test_the_compiled_shape_scan_is_built_where_a_compiler_is():
+    # setup.py builds it as optional: a failed build would pass unnoticed without this.
+    import os
+    import shutil
+    import sysconfig
+
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if shutil.which("cc") and headers and not os.environ.get("PURPOSE_PROXY_NO_EXTENSIONS"):
+        assert shapes.COMPILED_SCAN is not None, "proxy/analysis/_shape.c was not built (pip install -e . builds it)"
+        assert shapes._shape is shapes._shape_c
+
+
+def _both_readings(sql: str) -> None:
+    if shapes.COMPILED_SCAN is None:  # the test above checks that this happens only without a C compiler
+        pytest.skip("the compiled shape scan is not built here")
+    expected = shapes._shape_py(sql)
+    got = shapes._shape_c(sql)
+    assert got == expected
+    if expected is not None:  # dict keys: equal strings of one kind (CPython compares kinds first)
+        assert type(got) is shapes.Shape and all(type(c) is str for c in got.constants)
+        assert hash(got.key) == hash(expected.key)
+
+
+_edge = st.sampled_from(["'", "''", '"', '""', "1", "12", "1.5", "1.", ".5", "$", "$1", "$a", "-", "--", "/", "/*",
+                         "*", "&", "\\", "\t", "\n", "\r", "\x00", "\x01", "\x0b", "\x7f", "\x80", "é", "日",
+                         "\U0001F600", "\u3000", "a", "_", "x1", "e", " ", ".", ",", "U&"])
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_edge, _piece, _constant, st.text(max_size=3)), max_size=24))
+def test_compiled_and_python_shapes_agree(pieces):
+    _both_readings("".join(pieces))
+
+
+@pytest.mark.parametrize("sql", CORPUS[::3] + [
+    "", "1", "'a'", '"a"', "'a''", "'a'''b'", '"a""b', '"a"""', "$'x'1", "-'x'-", 'a-"x"-b', "12.5x", "1.2.3",
+    "1.23", "x$", 'SELECT "é" FROM t WHERE a = 1.5', "SELECT \"\U0001F600\" FROM t WHERE a = '\u3000'",
+    "SELECT 'a\\b'", 'SELECT "a\\b"', "SELECT 1\t\r\n", "SELECT 'é', 1", "SELECT '" + "x" * 100 + "'," + ",".join(["1"] * 40)])
+def test_compiled_and_python_shapes_agree_on_the_corpus(sql):
+    _both_readings(sql)
+
+
 def test_a_statement_is_shaped_once_for_the_decision_cache_and_its_fingerprint(monkeypatch):
     from proxy.observability.fingerprint import Fingerprints
 
