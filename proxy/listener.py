@@ -117,6 +117,8 @@ class ProxyServer:
             self.runtime.start()
         if self.peers is not None:
             await self.peers.start(self)
+            if self.runtime is not None:  # DDL committed through this worker is news to its siblings
+                self.runtime.schema_observers.append(self.peers.schema_changed)
         for addr in self.config.listen:
             host, port = parse_hostport(addr, "listen")
             server = await loop.create_server(

@@ -16,6 +16,11 @@ directory only the proxy's user can enter (like PgBouncer's peering); the
 owner handles it exactly as one sent to it directly, and a key nobody issued is
 ignored, as PostgreSQL does.
 
+Schema changes: DDL committed through one worker is news to the others, whose schemas
+would otherwise stay stale until their own next reload: the worker sends the database's
+name to every sibling's socket, and each treats it as DDL of its own (stale, reloaded,
+statements depending on it refused meanwhile).
+
 Metrics and health: worker i serves its own ``/metrics``, ``/healthz`` and
 ``/readyz`` on the ``metrics_listen`` port + 1 + i; the supervisor serves
 ``metrics_listen`` itself: ``/healthz``, ``/readyz`` (ready only when every
@@ -67,6 +72,11 @@ CONTROL_TIMEOUT = 30.0
 WORKER_READYZ_TIMEOUT = 3.0
 # The longest CancelRequest: 12 bytes and a secret of at most 256 bytes (protocol 3.2).
 MAX_CANCEL_PACKET = 12 + 256
+# A sibling's news that DDL was committed through it (the same framing as a CancelRequest: an
+# int32 length, an int32 code, then the database name): this worker's schema of that database is
+# stale until it loads it again, as the sibling's is.
+SCHEMA_CHANGED_CODE = 0x50505343  # "PPSC", not a protocol code
+MAX_SCHEMA_PACKET = 8 + 256
 MAX_WORKERS = 256
 
 
@@ -116,6 +126,7 @@ class CancelPeers:
         self.server: "ProxyServer | None" = None
         self._listener: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._announcing: set[asyncio.Task] = set()
 
     def path(self, index: int) -> str:
         return os.path.join(self.directory, f"worker-{index}.sock")
@@ -142,10 +153,10 @@ class CancelPeers:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-        for task in list(self._handlers):
+        for task in list(self._handlers) + list(self._announcing):
             task.cancel()
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=2)
+        if self._handlers or self._announcing:
+            await asyncio.wait(list(self._handlers) + list(self._announcing), timeout=2)
         if self._listener is not None:
             try:
                 await asyncio.wait_for(self._listener.wait_closed(), 2)
@@ -175,14 +186,47 @@ class CancelPeers:
             log.warning("could not forward a cancel request to worker %d: %s", owner, exc.__class__.__name__)
         return True
 
+    def schema_changed(self, database: str) -> None:
+        """Tell every sibling that DDL on ``database`` was committed through this worker (in the
+        background, each bounded by the peer timeout)."""
+        name = database.encode("utf-8", "surrogateescape")
+        if len(name) + 8 > MAX_SCHEMA_PACKET:
+            return
+        packet = struct.pack("!iI", len(name) + 8, SCHEMA_CHANGED_CODE) + name
+        for index in range(self.count):
+            if index != self.index:
+                task = asyncio.get_running_loop().create_task(
+                    self._announce(index, packet), name=f"worker-{self.index}-schema-news-{index}")
+                self._announcing.add(task)
+                task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, index: int, packet: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_unix_connection(self.path(index))
+                try:
+                    writer.write(packet)
+                    await writer.drain()
+                    await reader.read(1)  # the sibling closes once it has taken the news
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not tell worker %d of a schema change: %s", index, exc.__class__.__name__)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            task.set_name(f"worker-{self.index}-peer-cancel")
+            task.set_name(f"worker-{self.index}-peer")
             self._handlers.add(task)
         try:
             async with asyncio.timeout(PEER_READ_TIMEOUT):
                 size, code = struct.unpack("!iI", await reader.readexactly(8))
+                if code == SCHEMA_CHANGED_CODE and 8 <= size <= MAX_SCHEMA_PACKET:
+                    name = (await reader.readexactly(size - 8)).decode("utf-8", "surrogateescape")
+                    runtime = getattr(self.server, "runtime", None)
+                    if runtime is not None:
+                        runtime.schema_changed(name, "DDL committed through a sibling worker", local=False)
+                    return
                 if code != codec.CANCEL_REQUEST_CODE or not 12 <= size <= MAX_CANCEL_PACKET:
                     return
                 body = await reader.readexactly(size - 8)

@@ -80,6 +80,9 @@ def _database_encoding_refusal(name: str) -> Block:
 
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
+# What may run while the schema the proxy decides on is changing (DDL not yet committed in this
+# session, or committed and not yet loaded): statements that name no relation of that schema.
+_SCHEMA_FREE = frozenset({Kind.DDL, Kind.SET, Kind.SHOW, Kind.TRANSACTION, Kind.UTILITY, Kind.EMPTY})
 SHAPED = True  # tags the cache keys of shape entries (a text without constants is its own shape)
 # An UPDATE of pg_settings runs set_config() for each row it changes.
 PG_SETTINGS = Table("pg_catalog", "pg_settings")
@@ -131,7 +134,9 @@ class PurposeSession:
         # The (purpose, search_path) before a SET the server has not yet confirmed:
         # until its ReadyForQuery, statements are decided under both (see ``ready``).
         self._unsettled: tuple[str | None, list[str]] | None = None
-        self._ddl_sent = False
+        # DDL was let through and its transaction has not ended yet (see ``ready``): until then the
+        # loaded schema may not be what PostgreSQL resolves names against in this session.
+        self._ddl_open = False
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self.relay = None
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
@@ -165,8 +170,9 @@ class PurposeSession:
 
     @property
     def epoch(self) -> tuple:
-        """Changes whenever a decision made earlier may no longer hold."""
-        return self._settings_epoch, self.runtime.policy.version, self.db.schema.version
+        """Changes whenever a decision made earlier may no longer hold (DDL committed included)."""
+        return (self._settings_epoch, self.runtime.policy.version, self.db.schema.version,
+                self.runtime.generation(self.database))
 
     def _quiet(self) -> bool:
         return self.relay is None or self.relay.quiet
@@ -215,8 +221,10 @@ class PurposeSession:
         db = self.db
         policy = self.runtime.policy
         scs = self._scs
-        # While a SET is unconfirmed a statement is decided twice (below): no cache then.
-        cache = self.runtime.cache if self._unsettled is None else None
+        # While a SET is unconfirmed a statement is decided twice (below): no cache then; nor while
+        # the schema is changing (every statement is checked by ``_schema_changing``).
+        changing = self._ddl_open or self.database in self.runtime.stale
+        cache = self.runtime.cache if self._unsettled is None and not changing else None
         shp = None
         if cache is not None:
             context = (self.role, self.purpose, tuple(self.search_path), policy.version, db.schema.version, scs)
@@ -253,6 +261,10 @@ class PurposeSession:
         refused = self._session_rules(analysis, via)
         if refused is not None:
             return refused, None
+        if changing or any(st.kind is Kind.DDL for st in statements):
+            refused = self._schema_changing(analysis)
+            if refused is not None:
+                return refused, None
         edits: list = []
         decision, self.last = decide_statement(
             analysis, role=self.role, purpose=self.purpose, policy=policy,
@@ -289,9 +301,11 @@ class PurposeSession:
         so the first ReadyForQuery after it ends it: if an error came, PostgreSQL did
         not apply it, and neither does the proxy.
         """
-        if self._ddl_sent:
-            self._ddl_sent = False
-            self.runtime.refresh_schema(self.database, "DDL done", stale=True)
+        if self._ddl_open and self.relay.tx_status == b"I":
+            # The DDL's transaction has ended (committed, or rolled back): from now on other
+            # sessions see its effect too, and the schema is stale until it is loaded again.
+            self._ddl_open = False
+            self.runtime.schema_changed(self.database, "DDL committed")
         if self._unsettled is None:
             return
         purpose, path = self._unsettled
@@ -389,6 +403,32 @@ class PurposeSession:
         self.prepared[name] = renewed
         return None
 
+    def _schema_changing(self, analysis: Analysis) -> Block | None:
+        """The refusal of a statement that depends on a schema that is changing, else None.
+
+        After DDL in this session, until its transaction ends, only statements that name no
+        relation may follow (the proxy loads schemas through its own connection, which sees
+        committed catalogs only). After DDL was committed, until the schema is loaded again,
+        the same holds for every session on the database: that refusal is worth retrying.
+        """
+        ddl = self._ddl_open
+        for st in analysis.statements:
+            if st.kind is Kind.DDL:
+                ddl = True
+            elif st.kind in _SCHEMA_FREE:
+                continue
+            elif ddl:
+                return _refuse(
+                    "statement refused: DDL earlier in this transaction changed the schema, and purpose-proxy "
+                    "only decides on schemas that are committed", sqlstate="0A000", reason="after-ddl",
+                    hint="Commit the DDL first, then run this statement (in a transaction of its own).")
+            elif self.database in self.runtime.stale:
+                return _refuse(
+                    "statement refused: the database schema changed (DDL) and purpose-proxy is loading it again",
+                    sqlstate="40001", reason="schema-reloading",
+                    hint="Retry in a moment; statements are decided again once the new schema is loaded.")
+        return None
+
     def _apply(self, analysis: Analysis, decision: Decision, via: str = "query") -> None:
         """Update the session state for an allowed (or masked) statement."""
         sql = analysis.sql
@@ -417,8 +457,14 @@ class PurposeSession:
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self.holdable_cursors = False
             elif st.kind is Kind.DDL:
-                self.runtime.refresh_schema(self.database, "DDL", stale=True)
-                self._ddl_sent = self.relay is not None  # and again once it has run (``ready``)
+                if self.relay is None:  # deciding alone (no protocol): as if it ran and committed
+                    self.runtime.schema_changed(self.database, "DDL")
+                elif not self._ddl_open:
+                    # Until its transaction ends (``ready``) the statements after it in this
+                    # session are refused; and Binds are decided again from now on, so a
+                    # statement prepared before cannot run after it in the same batch.
+                    self._ddl_open = True
+                    self._settings_epoch += 1
         if any(name == "all" for st in analysis.statements for name, _, _ in st.settings):
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
                 self._deallocated(None, via)

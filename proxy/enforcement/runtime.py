@@ -5,7 +5,9 @@ directory at start and again on SIGHUP or when a file changes; a new policy is
 validated whole before it replaces the old one, so an invalid change leaves the
 previous policy enforcing and sessions are never dropped. Each database's schema
 is read through a connection the proxy opens itself (``schema_dsn``), on first
-use, on an interval, and after DDL or an unknown name passed through it.
+use, on an interval, after an unknown name, and after DDL passed through it: from
+the moment DDL is committed until a load that began after it has ended, the
+database's schema is ``stale`` and sessions refuse statements that depend on it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 POLICY_FILES = ("catalog.yaml", "purposes.yaml", "model.conf", "policy.csv")
 SETTLE_SECONDS = 0.2  # how long policy files must stand still before a change is read
+# The loader's own limits: a session holding a lock on a view (pg_get_viewdef waits for it)
+# must not hold a reload off for long; a failed load after DDL is tried again, 1 s, 2 s, ... 10 s later.
+LOADER_SETTINGS = {"lock_timeout": "2s", "statement_timeout": "30s"}
+RETRY_MIN, RETRY_MAX = 1.0, 10.0
 READ_ATTEMPTS = 3  # reads of a policy whose files change while they are read, before giving up until the next change
 
 _ROLE_SETTINGS_SQL = """
@@ -63,7 +69,7 @@ class DatabaseState:
 async def load_database_state(dsn: str, database: str, connect_timeout: float) -> DatabaseState:
     import asyncpg
 
-    conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout)
+    conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout, server_settings=LOADER_SETTINGS)
     try:
         schema = await load_schema(conn)
         server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
@@ -94,12 +100,16 @@ class PolicyRuntime:
         self._databases: dict[str, DatabaseState] = {}
         self._loading: dict[str, asyncio.Task] = {}
         # DDL passed through the proxy may have changed a database (its relations, or the
-        # search_path defaults of ALTER ROLE/DATABASE ... SET) for sessions that start
-        # later: each DDL moves the database's generation, and a session opening on a
-        # database whose loaded state is older waits for a fresh load.
+        # search_path defaults of ALTER ROLE/DATABASE ... SET): each committed DDL moves the
+        # database's generation, and a session opening on a database whose loaded state is
+        # older waits for a fresh load.
         self._generation: dict[str, int] = {}
         self._loaded_generation: dict[str, int] = {}
-        self._deferred: set[str] = set()
+        # Databases changed by DDL (committed through this proxy, or reported by a sibling worker)
+        # whose schema has not been loaded since: decisions that depend on it are refused meanwhile.
+        self.stale: set[str] = set()
+        self._again: set[str] = set()  # changed while a load was running: load again when it ends
+        self.schema_observers: list[Callable[[str], None]] = []  # told of DDL committed here (workers)
         self._tasks: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
         self.reloads_ok = 0
@@ -229,6 +239,9 @@ class PolicyRuntime:
             old = self._databases.get(name)
             self._databases[name] = state
             self._loaded_generation[name] = max(generation, self._loaded_generation.get(name, -1))
+            if self._fresh(name) and name in self.stale:
+                self.stale.discard(name)
+                log.info("schema of database %s is current again after DDL", name)
             if old is not None and old.schema.version != state.schema.version:
                 self._changed()
             relations = state.schema.relations  # a property of Schema (a method in older versions)
@@ -236,39 +249,64 @@ class PolicyRuntime:
                      len(relations() if callable(relations) else relations), state.schema.version)
             return state
         finally:
-            self._loading.pop(name, None)
+            if self._loading.get(name) is asyncio.current_task():
+                del self._loading[name]
+            if name in self._again:
+                self._again.discard(name)
+                self._start_load(name, "DDL during the previous load")
 
-    def refresh_schema(self, name: str, why: str, *, stale: bool = False) -> None:
-        """Reload a database's schema in the background (at most one load at a time, once a second).
-
-        ``stale``: the database changed (DDL went through): sessions opened from now on
-        wait for a load that began after this call, and a refresh skipped for the
-        once-a-second limit happens a second later instead.
-        """
-        if stale:
-            self._generation[name] = self._generation.get(name, 0) + 1
-        state = self._databases.get(name)
-        if name in self._loading or (state is not None and time.monotonic() - state.loaded_at < 1.0):
-            if stale and name not in self._deferred:
-                self._deferred.add(name)
-
-                async def later() -> None:
-                    await asyncio.sleep(1.0)
-                    self._deferred.discard(name)
-                    if not self._fresh(name):
-                        self.refresh_schema(name, f"{why} (deferred)")
-
-                self._spawn(later(), f"schema-refresh-later-{name}")
-            return
+    def _start_load(self, name: str, why: str, delay: float = 0.0) -> None:
+        """A background load of ``name`` (registered, so that at most one runs); after DDL, one that
+        fails is tried again with a growing delay for as long as the schema is stale."""
         log.info("refreshing schema of database %s (%s)", name, why)
 
         async def run() -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            if name in self._loading:  # another load began meanwhile: it ends the staleness, or retries
+                self._again.add(name)
+                return
+            task = asyncio.current_task()
+            self._loading[name] = task
             try:
                 await self._load(name)
-            except Exception as exc:  # the old schema stays in use
-                log.warning("schema refresh of database %s failed: %s", name, exc)
+            except Exception as exc:  # the old schema stays in use (and stays refused while stale)
+                log.warning("schema refresh of database %s failed: %s: %s", name, exc.__class__.__name__, exc)
+                if name in self.stale:
+                    self._start_load(name, "retry after a failed load", min(max(delay * 2, RETRY_MIN), RETRY_MAX))
 
         self._spawn(run(), f"schema-refresh-{name}")
+
+    def generation(self, name: str) -> int:
+        """How many times DDL changed database ``name`` (through this proxy or a sibling worker)."""
+        return self._generation.get(name, 0)
+
+    def schema_changed(self, name: str, why: str, *, local: bool = True) -> None:
+        """DDL on ``name`` was committed: its schema is stale until a load that begins now ends.
+
+        Every session's epoch moves (statements prepared earlier are decided again at their
+        next Bind), decisions that depend on the schema are refused meanwhile (see
+        ``PurposeSession``), and sibling workers are told (``local``: the DDL went through
+        this process).
+        """
+        self._generation[name] = self._generation.get(name, 0) + 1
+        self.stale.add(name)
+        self._changed()
+        if local:
+            for observer in self.schema_observers:
+                observer(name)
+        if name in self._loading:
+            self._again.add(name)  # the running load may have read the catalog before the commit
+        else:
+            self._start_load(name, why)
+
+    def refresh_schema(self, name: str, why: str) -> None:
+        """Reload a database's schema in the background (an unknown name, the interval): at most one
+        load at a time, and not within a second of the last one (clients can ask for this at will)."""
+        state = self._databases.get(name)
+        if name in self._loading or (state is not None and time.monotonic() - state.loaded_at < 1.0):
+            return
+        self._start_load(name, why)
 
     async def refresh_all(self, interval: float) -> None:
         while True:

@@ -625,3 +625,125 @@ def _starts(buf: bytes):
     while i + 5 <= len(buf):
         yield i
         i += 1 + int.from_bytes(buf[i + 1:i + 5], "big")
+
+
+# --- DDL: the schema the proxy decides on changes --------------------------------------------------------
+
+
+@pytest.fixture
+def ddl_decoy(pg, enforce_db):
+    """A schema holding a decoy ``members`` (as crm.members, nothing personal), created directly and
+    owned by app; the proxy started after it knows it. Yields (schema, proxy)."""
+    schema = f"dd_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(enforce_db, autocommit=True) as owner:
+        owner.execute(f"CREATE SCHEMA {schema}")
+        owner.execute(f"CREATE TABLE {schema}.members (member_id int, phone text)")
+        owner.execute(f"INSERT INTO {schema}.members VALUES (1, 'not-a-phone')")
+    proxy = enforcing_proxy(pg, POLICY_DIR)
+    try:
+        yield schema, proxy
+    finally:
+        proxy.stop()
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _phone_reader(pg, proxy, schema: str) -> psycopg.Connection:
+    """Marketing (phone denied) with the decoy's schema first in its search_path: ``members`` is the
+    decoy while it exists, crm.members once it is gone."""
+    conn = psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True)
+    conn.execute(f"SET search_path = {schema}, crm")
+    assert conn.execute("SELECT phone FROM members").fetchall() == [("not-a-phone",)]
+    return conn
+
+
+def _never_the_real_phones(conn: psycopg.Connection) -> None:
+    """``SELECT phone FROM members`` is refused (while the schema reloads: 40001, retried), and never
+    returns crm.members' phones."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            rows = conn.execute("SELECT phone FROM members").fetchall()
+        except psycopg.errors.SerializationFailure as exc:  # the proxy is loading the new schema
+            assert "loading it again" in str(exc)
+            assert time.monotonic() < deadline, "the schema was never loaded again"
+            time.sleep(0.05)
+            continue
+        except psycopg.errors.InsufficientPrivilege as exc:
+            assert "contact.phone" in str(exc)
+            return
+        raise AssertionError(f"the statement ran on the old schema's decision: {rows[:2]}")
+
+
+def test_ddl_committed_after_a_while_is_taken_up_before_the_next_statement(pg, ddl_decoy):
+    # A hunt dropped the decoy in a transaction block held open for a while: the loads the DDL
+    # started ran before the COMMIT (their connection cannot see uncommitted catalogs), nothing
+    # loaded again at the COMMIT, and marketing read crm.members' phones through the decoy's name
+    # until the next interval reload.
+    schema, proxy = ddl_decoy
+    reader = _phone_reader(pg, proxy, schema)
+    with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin, reader:
+        admin.execute("BEGIN")
+        admin.execute(f"DROP TABLE {schema}.members")
+        time.sleep(2.5)  # longer than the old once-a-second reload deferral
+        admin.execute("COMMIT")
+        _never_the_real_phones(reader)
+
+
+def test_statements_after_ddl_in_its_transaction_are_refused(pg, ddl_decoy):
+    # In the DDL's own transaction the proxy's schema (read through its own connection) cannot
+    # know the change: what follows it there is refused, until it commits.
+    schema, proxy = ddl_decoy
+    with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin:
+        admin.execute(f"SET search_path = {schema}, crm")
+        admin.execute("BEGIN")
+        admin.execute(f"DROP TABLE {schema}.members")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            admin.execute("SELECT phone FROM members")
+        assert "DDL earlier in this transaction" in str(info.value)
+        admin.execute("ROLLBACK")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):  # in one Query too
+            admin.execute(f"DROP TABLE {schema}.members; SELECT phone FROM members")
+
+
+def test_ddl_run_through_the_extended_protocol_later_is_taken_up(pg, ddl_decoy):
+    # A hunt prepared the DROP (Parse, Sync: the reloads ran then, before it ran) and executed it
+    # later: nothing loaded the schema again.
+    schema, proxy = ddl_decoy
+    reader = _phone_reader(pg, proxy, schema)
+    with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin, reader:
+        res = admin.pgconn.prepare(b"dd", f"DROP TABLE {schema}.members".encode())
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        time.sleep(2.5)
+        res = admin.pgconn.exec_prepared(b"dd", [])
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        _never_the_real_phones(reader)
+
+
+def test_a_statement_prepared_before_ddl_cannot_run_after_it_in_one_pipeline(pg, ddl_decoy):
+    # Bind and Execute of a statement prepared on the decoy, pipelined right after the DROP's: the
+    # statement would be planned again by PostgreSQL on crm.members.
+    schema, proxy = ddl_decoy
+    with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin:
+        admin.execute(f"SET search_path = {schema}, crm")
+        for name, sql in ((b"read", "SELECT phone FROM members"), (b"dd", f"DROP TABLE {schema}.members")):
+            res = admin.pgconn.prepare(name, sql.encode())
+            assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        pgconn = admin.pgconn
+        pgconn.enter_pipeline_mode()
+        pgconn.send_query_prepared(b"dd", [])
+        pgconn.send_query_prepared(b"read", [])
+        pgconn.pipeline_sync()
+        results = []
+        while True:
+            pgconn.consume_input()
+            res = pgconn.get_result()
+            if res is None:
+                continue
+            results.append(res)
+            if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                break
+        pgconn.exit_pipeline_mode()
+        assert all(r.status != pq.ExecStatus.TUPLES_OK for r in results), [r.status for r in results]
+        refused = [r for r in results if r.status == pq.ExecStatus.FATAL_ERROR]
+        assert refused and refused[0].error_field(pq.DiagnosticField.SQLSTATE) == b"0A000"

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import struct
+import time
 import uuid
 from pathlib import Path
 
@@ -338,3 +339,36 @@ def test_invalid_worker_settings_are_refused(pg, tmp_path):
         with pytest.raises(RuntimeError) as info:
             p.start()
         assert p.proc.returncode == 2 and message in str(info.value)
+
+
+def test_ddl_through_one_worker_reaches_the_others(pg, start_proxy, enforce_db):
+    # A hunt dropped a decoy table through one worker: that worker reloaded its schema, the other
+    # kept deciding on the decoy (its name now meant crm.members) until its interval reload.
+    from tests.integration.test_enforcement import _never_the_real_phones
+
+    schema = f"dd_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(enforce_db, autocommit=True) as owner:
+        owner.execute(f"CREATE SCHEMA {schema}")
+        owner.execute(f"CREATE TABLE {schema}.members (member_id int, phone text)")
+        owner.execute(f"INSERT INTO {schema}.members VALUES (1, 'not-a-phone')")
+    conns = []
+    try:
+        p = start_workers(start_proxy, "--decider", "purpose", "--policies", str(POLICY_DIR), "--schema-dsn",
+                          pg.url("postgres", dbname="postgres"), "--policy-watch-interval", "0")
+        conns = [psycopg.connect(dsn(pg, p, **purpose_options("marketing")), autocommit=True) for _ in range(20)]
+        for conn in conns:
+            conn.execute(f"SET search_path = {schema}, crm")
+            assert conn.execute("SELECT phone FROM members").fetchall() == [("not-a-phone",)]
+        assert all(n > 0 for n in sessions(p, "purpose_proxy_client_sessions_open"))  # readers on both workers
+        with psycopg.connect(dsn(pg, p, **purpose_options("maintenance")), autocommit=True) as admin:
+            admin.execute(f"DROP TABLE {schema}.members")
+        # The news reaches the sibling a moment after the DDL's own client has its answer (README,
+        # "Schema changes": a statement decided in that moment is decided on the old schema).
+        time.sleep(0.5)
+        for conn in conns:
+            _never_the_real_phones(conn)
+    finally:
+        for conn in conns:
+            conn.close()
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"DROP SCHEMA {schema} CASCADE")

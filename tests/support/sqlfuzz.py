@@ -58,12 +58,19 @@ class StaticRuntime:
         self.state = DatabaseState(schema)
         self.cache = cache
         self.refreshes = 0  # a count: a list would grow without bound over a long run
+        self.stale: set[str] = set()
 
     def database(self, name: str) -> DatabaseState:
         return self.state
 
-    def refresh_schema(self, name: str, why: str, *, stale: bool = False) -> None:
+    def refresh_schema(self, name: str, why: str) -> None:
         self.refreshes += 1
+
+    def schema_changed(self, name: str, why: str) -> None:
+        self.refreshes += 1  # no reload here: the static schema is current at once
+
+    def generation(self, name: str) -> int:
+        return 0
 
 
 @dataclass
