@@ -206,7 +206,12 @@ class Relay:
         # Statement events (timings, row counts) are kept only when someone observes
         # them; unobserved, CommandComplete streams through opaque like a DataRow.
         self.observed = observed
-        self._client = codec.Scanner(CLIENT_INSPECT_OBSERVED if observed else CLIENT_INSPECT, max_message_size)
+        # A decider whose decisions can go stale (it has an epoch) gets Bind framed from the start: a
+        # Bind whose first bytes streamed through before the epoch moved would otherwise run on the
+        # old decision, with the rest of its bytes sent after (a hunt split one across a reload).
+        inspect = CLIENT_INSPECT_OBSERVED if observed else (
+            CLIENT_INSPECT_BIND if hasattr(decider, "epoch") else CLIENT_INSPECT)
+        self._client = codec.Scanner(inspect, max_message_size)
         self._redecide_binds = False  # the epoch moved once: every Bind is decided again before it runs
         self._server = codec.Scanner(SERVER_INSPECT if observed else SERVER_INSPECT_UNOBSERVED, None)
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z

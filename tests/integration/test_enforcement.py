@@ -747,3 +747,38 @@ def test_a_statement_prepared_before_ddl_cannot_run_after_it_in_one_pipeline(pg,
         assert all(r.status != pq.ExecStatus.TUPLES_OK for r in results), [r.status for r in results]
         refused = [r for r in results if r.status == pq.ExecStatus.FATAL_ERROR]
         assert refused and refused[0].error_field(pq.DiagnosticField.SQLSTATE) == b"0A000"
+
+
+def test_a_bind_split_across_a_policy_reload_is_decided_again(pg, enforce_db, policy_copy):
+    # A hunt sent the first bytes of a Bind, had the policy reloaded to deny the statement's column,
+    # then sent the rest: with observability off Bind streamed through undecided once it had begun,
+    # and the statement ran under the old policy.
+    from proxy.devtools.process import OBSERVABILITY_OFF, ProxyProcess
+
+    proxy = ProxyProcess(pg.address, "--decider", "purpose", "--policies", str(policy_copy), "--schema-dsn",
+                         pg.url("postgres", dbname="postgres"), "--policy-watch-interval", "0",
+                         *OBSERVABILITY_OFF).start()
+    conn = psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True)
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        res = conn.pgconn.prepare(b"s", b"SELECT email FROM crm.members WHERE member_id = 1")
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        bind = _msg(b"B", b"\x00s\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+        sock.settimeout(10)
+        sock.sendall(bind[:7])
+        time.sleep(0.2)
+        _append_rule(policy_copy, "p, staff, marketing, contact.email, read, deny")
+        proxy.signal(signal.SIGHUP)
+        wait_for(lambda: "policy reloaded" in proxy.log(), 10, "the policy reload")
+        sock.sendall(bind[7:] + _msg(b"E", b"\x00\x00\x00\x00\x00") + _msg(b"S"))
+        got = b""
+        while b"Z\x00\x00\x00\x05" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            got += chunk
+        assert b"CANARY-EMAIL" not in got
+        assert b"C42501\x00" in got or b"C0A000\x00" in got, got
+    finally:
+        sock.close()
+        conn.close()
+        proxy.stop()
