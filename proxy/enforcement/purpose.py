@@ -170,9 +170,9 @@ class PurposeSession:
 
     @property
     def epoch(self) -> tuple:
-        """Changes whenever a decision made earlier may no longer hold (DDL committed included)."""
-        return (self._settings_epoch, self.runtime.policy.version, self.db.schema.version,
-                self.runtime.generation(self.database))
+        """Changes whenever a decision made earlier may no longer hold: the session's purpose or
+        search_path changed, or the runtime's policy or schema (a reload, DDL committed)."""
+        return self._settings_epoch, self.runtime.changes, self.db.schema.version
 
     def _quiet(self) -> bool:
         return self.relay is None or self.relay.quiet

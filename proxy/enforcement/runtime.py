@@ -116,6 +116,7 @@ class PolicyRuntime:
         self.reloads_failed = 0
         self.last_reload = time.time()
         self.listeners: list[Callable[[], None]] = []  # called after a policy or schema change
+        self.changes = 0  # counts those changes (a new policy, a new schema version, DDL committed)
         # Decisions by statement text or shape, shared by every session (keys hold the
         # role, purpose, search_path and the policy and schema versions).
         self.cache = DecisionCache(config.decision_cache_size) if config.decision_cache_size > 0 else None
@@ -182,6 +183,7 @@ class PolicyRuntime:
         return True
 
     def _changed(self) -> None:
+        self.changes += 1  # sessions' epochs read it: decisions made before may not hold
         if self.cache is not None:
             self.cache.clear()  # nothing in it can be found again: free the memory
         for listener in self.listeners:
@@ -276,10 +278,6 @@ class PolicyRuntime:
                     self._start_load(name, "retry after a failed load", min(max(delay * 2, RETRY_MIN), RETRY_MAX))
 
         self._spawn(run(), f"schema-refresh-{name}")
-
-    def generation(self, name: str) -> int:
-        """How many times DDL changed database ``name`` (through this proxy or a sibling worker)."""
-        return self._generation.get(name, 0)
 
     def schema_changed(self, name: str, why: str, *, local: bool = True) -> None:
         """DDL on ``name`` was committed: its schema is stale until a load that begins now ends.

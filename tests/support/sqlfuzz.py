@@ -59,6 +59,7 @@ class StaticRuntime:
         self.cache = cache
         self.refreshes = 0  # a count: a list would grow without bound over a long run
         self.stale: set[str] = set()
+        self.changes = 0
 
     def database(self, name: str) -> DatabaseState:
         return self.state
@@ -68,9 +69,6 @@ class StaticRuntime:
 
     def schema_changed(self, name: str, why: str) -> None:
         self.refreshes += 1  # no reload here: the static schema is current at once
-
-    def generation(self, name: str) -> int:
-        return 0
 
 
 @dataclass
