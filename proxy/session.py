@@ -127,6 +127,7 @@ class Session:
         self.relaying = False
         self.info: SessionInfo | None = None
         self.task: asyncio.Task | None = None
+        self.hold_task: asyncio.Task | None = None  # holds the client's answers (``_hold_client_output``)
         self.done = asyncio.get_running_loop().create_future()
         self.draining = False
         self.counted = False  # holds one of the server's client-connection slots
@@ -196,14 +197,41 @@ class Session:
                 self.upstream.transport.writelines(relay.to_server)
             relay.to_server.clear()
         if relay.to_client:
-            if not self.client.closed:
-                self.client.transport.writelines(relay.to_client)
-            relay.to_client.clear()
+            if relay.client_hold is not None:
+                self._hold_client_output(relay)
+            else:
+                if not self.client.closed:
+                    self.client.transport.writelines(relay.to_client)
+                relay.to_client.clear()
         if relay.events:
             self.server.observe(self, relay.events)
             relay.events.clear()
         if relay.close_after_flush:
             self.close()
+
+    def _hold_client_output(self, relay) -> None:
+        """Write nothing to the client until ``relay.client_hold`` is done (bounded: connect_timeout
+        + 3 s); meanwhile nothing more is read from PostgreSQL, so nothing piles up here."""
+        if self.hold_task is not None:
+            return
+        if self.upstream is not None and not self.upstream.closed:
+            self.upstream.transport.pause_reading()
+
+        async def release(until) -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(until), self.config.connect_timeout + 3.0)
+            except Exception as exc:  # a timeout; the siblings' announcements log their own failures
+                log.warning("session %s: answered before every worker heard of the schema change (%s)",
+                            self.id, exc.__class__.__name__)
+            finally:
+                self.hold_task = None
+                relay.client_hold = None
+                if self.upstream is not None and not self.upstream.closed and not self.upstream_paused:
+                    self.upstream.transport.resume_reading()
+                if not self.client.closed:
+                    self.flush()
+
+        self.hold_task = self.loop.create_task(release(relay.client_hold), name=f"session-{self.id}-hold")
 
     def pause_other(self, side: _Side) -> None:
         other = self.client if side.upstream else self.upstream
@@ -516,6 +544,8 @@ class Session:
         if (self.connecting and not self.relaying and task is not None and not task.done()
                 and task is not asyncio.current_task()):
             task.cancel()  # deciding or connecting upstream for a session that is over
+        if self.hold_task is not None and self.hold_task is not asyncio.current_task():
+            self.hold_task.cancel()
         if self.relay is not None:
             self.relay.phase = Phase.CLOSED if self.relay.phase is not Phase.FAILED else Phase.FAILED
         if not self.done.done():

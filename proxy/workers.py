@@ -186,19 +186,22 @@ class CancelPeers:
             log.warning("could not forward a cancel request to worker %d: %s", owner, exc.__class__.__name__)
         return True
 
-    def schema_changed(self, database: str) -> None:
+    def schema_changed(self, database: str) -> "asyncio.Future | None":
         """Tell every sibling that DDL on ``database`` was committed through this worker (in the
-        background, each bounded by the peer timeout)."""
+        background, each bounded by the peer timeout); the future is done when all have taken it."""
         name = database.encode("utf-8", "surrogateescape")
         if len(name) + 8 > MAX_SCHEMA_PACKET:
-            return
+            return None
         packet = struct.pack("!iI", len(name) + 8, SCHEMA_CHANGED_CODE) + name
+        tasks = []
         for index in range(self.count):
             if index != self.index:
                 task = asyncio.get_running_loop().create_task(
                     self._announce(index, packet), name=f"worker-{self.index}-schema-news-{index}")
                 self._announcing.add(task)
                 task.add_done_callback(self._announcing.discard)
+                tasks.append(task)
+        return asyncio.gather(*tasks, return_exceptions=True) if tasks else None
 
     async def _announce(self, index: int, packet: bytes) -> None:
         try:
@@ -207,7 +210,7 @@ class CancelPeers:
                 try:
                     writer.write(packet)
                     await writer.drain()
-                    await reader.read(1)  # the sibling closes once it has taken the news
+                    await reader.read(1)  # the sibling answers once it has taken the news
                 finally:
                     writer.close()
         except (OSError, TimeoutError) as exc:
@@ -226,6 +229,8 @@ class CancelPeers:
                     runtime = getattr(self.server, "runtime", None)
                     if runtime is not None:
                         runtime.schema_changed(name, "DDL committed through a sibling worker", local=False)
+                    writer.write(b"k")  # taken: the sibling's client may have its answer now
+                    await writer.drain()
                     return
                 if code != codec.CANCEL_REQUEST_CODE or not 12 <= size <= MAX_CANCEL_PACKET:
                     return

@@ -305,7 +305,9 @@ class PurposeSession:
             # The DDL's transaction has ended (committed, or rolled back): from now on other
             # sessions see its effect too, and the schema is stale until it is loaded again.
             self._ddl_open = False
-            self.runtime.schema_changed(self.database, "DDL committed")
+            told = self.runtime.schema_changed(self.database, "DDL committed")
+            if told is not None:  # sibling workers: the client has its answer once they know
+                self.relay.hold_client_output(told)
         if self._unsettled is None:
             return
         purpose, path = self._unsettled

@@ -109,7 +109,9 @@ class PolicyRuntime:
         # whose schema has not been loaded since: decisions that depend on it are refused meanwhile.
         self.stale: set[str] = set()
         self._again: set[str] = set()  # changed while a load was running: load again when it ends
-        self.schema_observers: list[Callable[[str], None]] = []  # told of DDL committed here (workers)
+        # Told of DDL committed through this process (the workers' peering); each may return a future
+        # that is done once the news has been taken (see ``schema_changed``).
+        self.schema_observers: list[Callable[[str], "asyncio.Future | None"]] = []
         self._tasks: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
         self.reloads_ok = 0
@@ -279,24 +281,31 @@ class PolicyRuntime:
 
         self._spawn(run(), f"schema-refresh-{name}")
 
-    def schema_changed(self, name: str, why: str, *, local: bool = True) -> None:
+    def schema_changed(self, name: str, why: str, *, local: bool = True) -> "asyncio.Future | None":
         """DDL on ``name`` was committed: its schema is stale until a load that begins now ends.
 
         Every session's epoch moves (statements prepared earlier are decided again at their
         next Bind), decisions that depend on the schema are refused meanwhile (see
         ``PurposeSession``), and sibling workers are told (``local``: the DDL went through
-        this process).
+        this process). Returns a future that is done once they all have been told (None: no one
+        to tell): the DDL's client gets its answer only then.
         """
         self._generation[name] = self._generation.get(name, 0) + 1
         self.stale.add(name)
         self._changed()
+        told = []
         if local:
             for observer in self.schema_observers:
-                observer(name)
+                news = observer(name)
+                if news is not None:
+                    told.append(news)
         if name in self._loading:
             self._again.add(name)  # the running load may have read the catalog before the commit
         else:
             self._start_load(name, why)
+        if not told:
+            return None
+        return told[0] if len(told) == 1 else asyncio.gather(*told, return_exceptions=True)
 
     def refresh_schema(self, name: str, why: str) -> None:
         """Reload a database's schema in the background (an unknown name, the interval): at most one

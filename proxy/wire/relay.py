@@ -194,6 +194,9 @@ class Relay:
         self.tx_status = b"I"
         self.to_server: list[bytes] = []
         self.to_client: list[bytes] = []
+        # Set by the decider (``hold_client_output``): the session writes nothing to the client until
+        # this awaitable is done (the relay itself awaits nothing; bytes keep collecting in to_client).
+        self.client_hold = None
         self.events: list[StatementEvent] = []  # completed statements, for the session to observe
         self.server_params: dict[str, str] = {}
         self.backend_key: tuple[int, bytes] | None = None
@@ -566,6 +569,10 @@ class Relay:
         self.to_server.append(upstream)
         self._refuse(refusal)
         self.phase = _DISCARDING
+
+    def hold_client_output(self, until) -> None:
+        """Keep what is for the client (this answer and the next) until the awaitable ``until`` is done."""
+        self.client_hold = until
 
     def on_batch_end(self, callback: Callable[[bool], object], counted: bool) -> None:
         """Call ``callback(errored)`` at the ReadyForQuery that ends the batch of the message being
