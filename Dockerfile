@@ -4,7 +4,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY policies ./policies
 # fast: uvloop; otlp: the OTLP span exporter (trace_exporter = otlp). gcc only for the
-# build of the compiled framing loop (proxy/wire/_scan.c), removed again afterwards.
+# build of the compiled loops (proxy/wire/_scan.c, proxy/analysis/_shape.c), removed again afterwards.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir ".[fast,otlp]" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
