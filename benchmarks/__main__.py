@@ -119,6 +119,16 @@ def _sqlglot_build() -> str:
     return f"{sqlglot.__version__}" + (" compiled (sqlglotc)" if compiled else " (pure Python)")
 
 
+def _compiled_loops() -> str:
+    """Which of the proxy's optional C loops (setup.py) import here (the proxies run here too)."""
+    from proxy.analysis import shape
+    from proxy.wire import codec
+
+    built = [name for name, loop in (("framing", codec.COMPILED_SPLIT), ("shapes", shape.COMPILED_SCAN))
+             if loop is not None]
+    return ", ".join(built) if built else "none (Python loops)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind like Ctrl-C: stop what was started
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["versions"] = stack.versions()
             meta["uvloop"] = stack.uses_uvloop()
             meta["sqlglot"] = _sqlglot_build()
+            meta["compiled_loops"] = _compiled_loops()
             meta["notes"] = list(stack.notes)
             if not meta["uvloop"]:
                 print("warning: the proxy is not using uvloop (pip install uvloop)", file=sys.stderr)

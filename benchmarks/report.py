@@ -378,6 +378,7 @@ def markdown(meta: dict, runs: list[Run], summary: dict, extras: dict | None = N
         f"- **proxy code**: {meta['revision']}",
         f"- **proxy event loop**: {'uvloop' if meta['uvloop'] else 'asyncio (uvloop not loaded)'}",
         *([f"- **sqlglot**: {meta['sqlglot']}"] if meta.get("sqlglot") else []),
+        *([f"- **compiled loops**: {meta['compiled_loops']}"] if meta.get("compiled_loops") else []),
         settings,
         f"- **load average** before / after: {meta['load_before']} / {meta['load_after']}",
         *([f"- **duration of the whole run**: {meta['elapsed']}"] if meta.get("elapsed") else []),
