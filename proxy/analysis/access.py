@@ -343,6 +343,22 @@ def _qi(name: str) -> str:
 def _ddl(st: Statement, ctx: Context, acc: StatementAccess, first: str | None) -> None:
     toks = st.tokens
     acc.opaque_code = utility.ddl_code(toks)
+    try:
+        reads = utility.ddl_reads(toks)
+    except Unsupported:
+        reads = []  # ddl_code has made the statement code the analysis cannot read
+    for read in reads:
+        # Stored values the statement reads as it runs (and may show in its errors): reads of
+        # those columns (for a materialized view, also of what its definition read), decided by
+        # the policy like any other.
+        rel = _relation(ctx, read.relation)
+        an = Analyzer(ctx, acc)
+        src = an.relation_source(rel)
+        for c in rel.columns if read.columns is None else read.columns:
+            if c not in rel.columns:
+                raise Unsupported(f'column "{c}" of relation {rel} does not exist')
+            an.consume(src.flows[rel.columns.index(c)], read.use)
+        an.consume(src.rows, read.use)
     if first == "refresh":
         parts, data = utility.parse_refresh(toks)
         rel = _relation(ctx, parts)

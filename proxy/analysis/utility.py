@@ -10,9 +10,10 @@ returns plain values; a statement they do not recognise raises ``Unsupported``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from proxy.analysis.lexer import LITERALS, T, Token, truncate_identifier
-from proxy.analysis.model import Kind
+from proxy.analysis.model import Kind, Use
 from proxy.analysis.resolve import Unsupported
 from proxy.analysis.schema import quote_ident
 
@@ -386,13 +387,20 @@ def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
     """What code a DDL statement defines or runs that the analysis cannot read, or None.
 
     Keywords are read from the tokens (a string or quoted identifier never counts); the
-    reading errs on the side of finding code (``DROP DEFAULT`` counts).
+    reading errs on the side of finding code (``DROP DEFAULT`` counts). Expressions that
+    PostgreSQL evaluates over the stored rows as the statement runs (index expressions and
+    predicates, statistics expressions, exclusion constraints, a changed attribute type of
+    typed tables) count, and so does an ALTER TABLE or CREATE UNIQUE INDEX whose reads of
+    stored values (``ddl_reads``) cannot be told.
 
     >>> from proxy.analysis.lexer import scan
     >>> [ddl_code(scan(q)) for q in ("CREATE OR REPLACE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
     ...     "ALTER TABLE t ADD COLUMN y text DEFAULT f()", "CREATE INDEX ON t ((email::int))",
     ...     'CREATE TABLE t (a int, "default" text)', "COMMENT ON TABLE t IS 'a check'")]
     ['CREATE FUNCTION', 'a DEFAULT clause', 'an index expression', None, None]
+    >>> [ddl_code(scan(q)) for q in ("CREATE INDEX i ON t (a) WHERE b::int > 0", "CREATE STATISTICS s ON (a || b) FROM t",
+    ...     "CREATE STATISTICS s (ndistinct) ON a, b FROM t", "ALTER TABLE t ADD EXCLUDE (a WITH =)")]
+    ['a partial-index predicate (WHERE)', 'a statistics expression', None, 'an exclusion constraint']
     """
     words = [t.value for t in tokens if t.kind is T.IDENT]
     if not words:
@@ -405,6 +413,9 @@ def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
         for w in words:
             if w in _CODE_CLAUSES:
                 return f"a {w.upper()} clause"
+        found = _evaluated_expression(tokens, words)
+        if found:
+            return found
     if words[0] == "create" and "index" in words[1:4]:
         depth = 0
         for t in tokens:
@@ -416,7 +427,224 @@ def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
                 depth -= 1
             elif depth and t.kind is T.OP:
                 return "an index expression"
+            elif not depth and t.is_word("where"):  # evaluated on every stored row as the index is built
+                return "a partial-index predicate (WHERE)"
+    try:
+        ddl_reads(tokens)
+    except Unsupported as exc:
+        return str(exc)
     return None
+
+
+def _evaluated_expression(tokens: tuple[Token, ...] | list[Token], words: list[str]) -> str | None:
+    """Expressions of a CREATE or ALTER that PostgreSQL evaluates over stored rows, keyword clauses aside."""
+    for a, b in pairwise(tokens):
+        if a.is_word("set") and b.is_word("expression"):  # ALTER COLUMN ... SET EXPRESSION AS (...)
+            return "a generation expression (SET EXPRESSION)"
+        if a.is_word("exclude") and (b.kind is T.LPAREN or b.is_word("using")):  # its operators and WHERE
+            return "an exclusion constraint"
+    if words[:2] == ["alter", "type"] and "attribute" in words and "type" in words[words.index("attribute"):]:
+        # converts the values stored in the tables of the type (typed tables), which the analysis does not know
+        return "ALTER TYPE ... ALTER ATTRIBUTE ... TYPE"
+    if words[:2] == ["create", "statistics"]:
+        # CREATE STATISTICS [IF NOT EXISTS] name [(kinds)] ON column, ... FROM table: anything but
+        # column names between ON and FROM is an expression ANALYZE evaluates on the stored rows.
+        depth, on = 0, None
+        for j, t in enumerate(tokens):
+            depth += {T.LPAREN: 1, T.RPAREN: -1}.get(t.kind, 0)
+            if depth or t.kind is T.RPAREN:
+                continue
+            if on is None and t.is_word("on"):
+                on = j
+            elif on is not None and t.is_word("from"):
+                if all(x.kind in (T.IDENT, T.QIDENT, T.COMMA) for x in tokens[on + 1:j]):
+                    return None
+                break
+        return "a statistics expression"
+    return None
+
+
+@dataclass(frozen=True)
+class DdlRead:
+    """Stored values of a relation a DDL statement reads as it runs (and may show in its errors).
+
+    ``columns`` None: every column of the relation.
+    """
+
+    relation: list[str]
+    columns: tuple[str, ...] | None
+    use: Use
+
+
+_ALTER_READ_WORDS = frozenset({"type", "unique", "primary", "foreign", "attach", "inherit"})
+
+
+def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
+    """The stored values an ALTER TABLE or CREATE UNIQUE INDEX reads as it runs.
+
+    PostgreSQL reads them and names them in its errors: ALTER COLUMN ... TYPE converts
+    every stored value of the column (a failed conversion repeats it), a new UNIQUE or
+    PRIMARY KEY constraint or unique index shows a duplicated key, a new FOREIGN KEY a
+    key missing from the referenced columns (which it compares), ATTACH PARTITION builds
+    the partitioned table's indexes (unique or with expressions) over the attached table.
+    ATTACH PARTITION and INHERIT also make every row of the table readable through its new
+    parent, where the analysis (which knows no inheritance) would not look for them.
+    Columns added by the same ALTER TABLE hold nothing stored yet and are left out.
+    Raises ``Unsupported`` when the statement may read stored values but cannot be read.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> [(r.relation, r.columns, r.use.name) for r in ddl_reads(scan(
+    ...     "ALTER TABLE ONLY crm.t ADD COLUMN z int, ALTER COLUMN a SET DATA TYPE bigint, ADD UNIQUE (b, z)"))]
+    [(['crm', 't'], ('a',), 'PROJECT'), (['crm', 't'], ('b',), 'PROJECT')]
+    >>> [(r.relation, r.columns, r.use.name) for r in ddl_reads(scan("CREATE UNIQUE INDEX i ON t (lower(a), b)"))]
+    [(['t'], ('b',), 'PROJECT')]
+    >>> ddl_reads(scan("ALTER TABLE t RENAME COLUMN a TO b")), ddl_reads(scan("CREATE INDEX ON t (a)"))
+    ([], [])
+    """
+    words = [t.value for t in tokens if t.kind is T.IDENT]
+    if len(words) < 3:
+        return []
+    if words[0] == "alter" and (words[1] == "table" or words[1:3] == ["foreign", "table"]):
+        if not _ALTER_READ_WORDS.intersection(words[2:]):
+            return []
+        read, what = _alter_table_reads, "an ALTER TABLE"
+    elif words[0] == "create" and words[1:3] == ["unique", "index"]:
+        read, what = _unique_index_reads, "a CREATE UNIQUE INDEX"
+    else:
+        return []
+    try:
+        return read(tokens)
+    except Unsupported as exc:
+        if str(exc).startswith("cannot read "):  # a _Reader's failure
+            raise Unsupported(f"{what} whose reads of stored values the analysis cannot tell") from None
+        raise
+
+
+def _alter_table_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
+    r = _Reader(tokens, "ALTER TABLE")
+    r.expect("alter")
+    r.accept("foreign")
+    r.expect("table")
+    if r.accept("if"):
+        r.expect("exists")
+    r.accept("only")
+    rel = r.qualified_name()
+    if (star := r.peek()) is not None and star.kind is T.OP and star.value == "*":
+        r.next()
+    actions: list[list[Token]] = [[]]
+    depth = 0
+    for tok in r.t[r.i:]:
+        depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+        if depth == 0 and tok.kind is T.COMMA:
+            actions.append([])
+        else:
+            actions[-1].append(tok)
+    reads: list[DdlRead] = []
+    added: set[str] = set()
+    for action in actions:
+        a = _Reader(action, "ALTER TABLE")
+        if a.accept("alter"):
+            if a.accept("constraint"):
+                continue
+            a.accept("column")
+            column = a.name()
+            if a.accept("type") or (a.accept("set") and a.accept("data") and a.expect("type")):
+                reads.append(DdlRead(rel, (column,), Use.PROJECT))  # converts every stored value
+        elif a.accept("add"):
+            if a.accept("constraint"):
+                a.name()
+            w = a.accept("unique", "primary", "foreign", "check", "exclude")
+            if w in ("unique", "primary"):
+                if w == "primary":
+                    a.expect("key")
+                if a.accept("nulls"):
+                    a.accept("not")
+                    a.expect("distinct")
+                if a.peek() is not None and a.peek().kind is T.LPAREN:  # not USING INDEX
+                    reads.append(DdlRead(rel, tuple(_name_list(a)), Use.PROJECT))  # shows a duplicated key
+            elif w == "foreign":
+                a.expect("key")
+                columns = _name_list(a)
+                a.expect("references")
+                target = a.qualified_name()
+                if a.peek() is None or a.peek().kind is not T.LPAREN:
+                    raise Unsupported("a FOREIGN KEY that does not name the referenced columns")
+                reads.append(DdlRead(rel, tuple(columns), Use.PROJECT))  # shows a key found missing
+                reads.append(DdlRead(target, tuple(_name_list(a)), Use.FILTER))  # which it looks up
+            elif w is None and not a.at_end():
+                a.accept("column")
+                if a.accept("if"):
+                    a.expect("not")
+                    a.expect("exists")
+                added.add(a.name())
+        elif a.accept("attach"):
+            a.expect("partition")
+            # builds the partitioned table's indexes over the attached table, whose rows it then returns
+            reads.append(DdlRead(a.qualified_name(), None, Use.PROJECT))
+        elif a.accept("inherit"):
+            # the parent then returns the rows too, and the analysis takes it for a table of its own
+            reads.append(DdlRead(rel, None, Use.PROJECT))
+    out = []
+    for read in reads:
+        if read.relation == rel and read.columns is not None:
+            kept = tuple(c for c in read.columns if c not in added)
+            if not kept:
+                continue
+            read = DdlRead(read.relation, kept, read.use)
+        out.append(read)
+    return out
+
+
+def _name_list(r: _Reader) -> list[str]:
+    """``( name [, ...] )``"""
+    if not r.accept_kind(T.LPAREN):
+        r.fail()
+    names = [r.name()]
+    while r.accept_kind(T.COMMA):
+        names.append(r.name())
+    if not r.accept_kind(T.RPAREN):
+        r.fail()
+    return names
+
+
+def _unique_index_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
+    """CREATE UNIQUE INDEX [CONCURRENTLY] [[IF NOT EXISTS] name] ON [ONLY] table [USING method] (element, ...):
+    the plain columns of its key (expressions are code: ``ddl_code``)."""
+    r = _Reader(tokens, "CREATE UNIQUE INDEX")
+    r.expect("create")
+    r.expect("unique")
+    r.expect("index")
+    r.accept("concurrently")
+    if not r.accept("on"):
+        if r.accept("if"):
+            r.expect("not")
+            r.expect("exists")
+        r.name()
+        r.expect("on")
+    r.accept("only")
+    rel = r.qualified_name()
+    if r.accept("using"):
+        r.name()
+    if not r.accept_kind(T.LPAREN):
+        r.fail()
+    elements: list[list[Token]] = [[]]
+    depth = 1
+    while depth:
+        tok = r.next()
+        depth += {T.LPAREN: 1, T.RPAREN: -1}.get(tok.kind, 0)
+        if depth == 1 and tok.kind is T.COMMA:
+            elements.append([])
+        elif depth:
+            elements[-1].append(tok)
+    columns = []
+    for el in elements:
+        if not el:
+            r.fail()
+        if el[0].kind in (T.IDENT, T.QIDENT) and (len(el) == 1 or el[1].kind not in (T.LPAREN, T.DOT)):
+            columns.append(truncate_identifier(el[0].value))
+    if not columns:
+        return []
+    return [DdlRead(rel, tuple(columns), Use.PROJECT)]  # building it shows a duplicated key
 
 
 def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int, bool]:

@@ -303,3 +303,104 @@ def test_names_sqlglot_drops_are_refused():
 def test_search_path_may_be_given_as_the_setting_text():
     a = analyze("SELECT card_number FROM cards", SCHEMA, '"$user", public', role="billing")
     assert a.statements[0].columns == {Column("billing", "cards", "card_number"): Use.PROJECT}
+
+
+# --- DDL that evaluates expressions or reads values over the stored rows ------------------------------------
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("CREATE INDEX i ON billing.cards (card_id) WHERE card_number::bigint > 0", "partial-index predicate"),
+    ("CREATE UNIQUE INDEX i ON billing.cards (card_id) INCLUDE (expiry) WHERE card_number IS NOT NULL",
+     "partial-index predicate"),
+    ("CREATE INDEX i ON billing.cards ((card_number::bigint))", "index expression"),
+    ("CREATE INDEX i ON billing.cards (lower(card_number))", "index expression"),
+    ("CREATE INDEX i ON billing.cards (CAST(card_number AS bigint))", "index expression"),
+    ("ALTER TABLE billing.cards ADD CONSTRAINT x EXCLUDE (card_id WITH =) WHERE ((card_number || 'x')::bigint > 0)",
+     "exclusion constraint"),
+    ("ALTER TABLE billing.cards ADD EXCLUDE USING gist (card_id WITH =)", "USING"),
+    ("CREATE STATISTICS billing.s ON ((card_number || 'x')::bigint), member_id FROM billing.cards",
+     "statistics expression"),
+    ("CREATE STATISTICS IF NOT EXISTS s (mcv) ON lower(card_number), member_id FROM billing.cards",
+     "statistics expression"),
+    ("CREATE STATISTICS s ON card_number", "statistics expression"),  # unreadable: fail closed
+    ("ALTER TABLE billing.cards ADD CONSTRAINT c CHECK (card_number::bigint > 0)", "CHECK"),
+    ("ALTER TABLE billing.cards ADD COLUMN g bigint GENERATED ALWAYS AS (card_number::bigint) STORED", "GENERATED"),
+    ("ALTER TABLE billing.cards ALTER COLUMN card_number SET EXPRESSION AS (expiry::text)", "SET EXPRESSION"),
+    ("ALTER TABLE billing.cards ALTER COLUMN card_number TYPE bigint USING card_number::bigint", "USING"),
+    ("ALTER DOMAIN public.d ADD CONSTRAINT c CHECK (VALUE::bigint > 0)", "ALTER DOMAIN"),
+    ("ALTER TYPE public.ct ALTER ATTRIBUTE a TYPE regclass CASCADE", "ALTER ATTRIBUTE"),
+    ("ALTER TABLE public.t ADD FOREIGN KEY (a) REFERENCES billing.cards", "referenced columns"),
+    ("ALTER TABLE billing.cards ALTER COLUMN 1 TYPE int", "ALTER TABLE whose reads"),
+])
+def test_ddl_evaluating_code_over_stored_rows_is_opaque_code(sql, code):
+    """Found by a hunt: these ran under a DDL purpose and PostgreSQL's errors showed the stored values."""
+    st = analyze(sql, SCHEMA).statements[0]
+    assert st.kind is Kind.DDL and st.opaque_code and code in st.opaque_code, st.opaque_code
+
+
+@pytest.mark.parametrize("sql, columns", [
+    ("ALTER TABLE billing.cards ALTER COLUMN card_number TYPE regclass",
+     {"billing.cards.card_number": Use.PROJECT}),
+    ("ALTER TABLE IF EXISTS ONLY billing.cards * ALTER card_number SET DATA TYPE varchar(40)",
+     {"billing.cards.card_number": Use.PROJECT}),
+    ("ALTER TABLE billing.cards ADD COLUMN z int, ALTER COLUMN z TYPE bigint, RENAME COLUMN expiry TO valid_to",
+     {}),
+    ("ALTER TABLE billing.cards ADD COLUMN z int, ALTER COLUMN card_number TYPE regclass",
+     {"billing.cards.card_number": Use.PROJECT}),
+    ('ALTER TABLE crm."CustomerFile" ALTER "OwnerName" TYPE regclass', {'crm.CustomerFile.OwnerName': Use.PROJECT}),
+    ("ALTER TABLE billing.cards ADD CONSTRAINT u UNIQUE NULLS NOT DISTINCT (card_number, member_id)",
+     {"billing.cards.card_number": Use.PROJECT, "billing.cards.member_id": Use.PROJECT}),
+    ("ALTER TABLE billing.cards ADD PRIMARY KEY (card_number)", {"billing.cards.card_number": Use.PROJECT}),
+    ("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON ONLY billing.cards (expiry DESC NULLS LAST, card_id)",
+     {"billing.cards.expiry": Use.PROJECT, "billing.cards.card_id": Use.PROJECT}),
+    ("ALTER TABLE public.audit_log ADD CONSTRAINT f FOREIGN KEY (actor) REFERENCES billing.cards (card_number)",
+     {"public.audit_log.actor": Use.PROJECT, "billing.cards.card_number": Use.FILTER}),
+    ("ALTER TABLE public.audit_log ATTACH PARTITION billing.cards FOR VALUES IN (1)",
+     {f"billing.cards.{c}": Use.PROJECT for c in ("card_id", "member_id", "card_number", "expiry")}),
+    ("CREATE UNIQUE INDEX i ON crm.member_stats (postal_code)",
+     {"crm.member_stats.postal_code": Use.PROJECT, "crm.members.postal_code": Use.PROJECT | Use.FILTER}),
+    ("ALTER TABLE billing.cards INHERIT public.audit_log",
+     {f"billing.cards.{c}": Use.PROJECT for c in ("card_id", "member_id", "card_number", "expiry")}),
+])
+def test_ddl_reading_stored_values_reads_the_columns(sql, columns):
+    """ALTER COLUMN ... TYPE converts every stored value (its errors repeat them); new unique keys show a
+    duplicate, new foreign keys a missing key: reads of those columns, for the policy to decide."""
+    st = analyze(sql, SCHEMA).statements[0]
+    assert st.kind is Kind.DDL and not st.unsupported, st.unsupported
+    assert {str(c): u for c, u in st.columns.items()} == columns
+    if columns:
+        assert all(u.reads for u in st.tables.values()) and st.tables
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE INDEX i ON billing.cards (card_number)",
+    "CREATE INDEX CONCURRENTLY i ON billing.cards (card_number, expiry DESC) INCLUDE (member_id)",
+    "CREATE UNIQUE INDEX i ON public.audit_log (actor)",
+    "ALTER TABLE billing.cards ADD COLUMN note text",
+    "ALTER TABLE billing.cards ADD COLUMN note text UNIQUE, ADD CONSTRAINT u UNIQUE (note)",
+    "ALTER TABLE billing.cards RENAME COLUMN card_number TO number",
+    "ALTER TABLE billing.cards ALTER COLUMN card_number SET NOT NULL",
+    "ALTER TABLE billing.cards DROP COLUMN expiry",
+    "ALTER TABLE billing.cards NO INHERIT public.audit_log",
+    "ALTER TABLE billing.cards OWNER TO type",
+    "ALTER TABLE public.audit_log ALTER COLUMN actor TYPE varchar(100)",
+    "ALTER TABLE public.audit_log ADD FOREIGN KEY (id) REFERENCES crm.members (member_id)",
+    "CREATE STATISTICS s (ndistinct, dependencies) ON member_id, expiry FROM billing.cards",
+    "COMMENT ON COLUMN billing.cards.card_number IS 'card'",
+    "GRANT SELECT ON billing.cards TO analyst",
+    "DROP INDEX i",
+    "CREATE TABLE t (id int PRIMARY KEY, v text UNIQUE, m int REFERENCES crm.members (member_id))",
+])
+def test_ddl_evaluating_nothing_over_personal_values_stays_plain(sql):
+    st = analyze(sql, SCHEMA).statements[0]
+    assert st.kind is Kind.DDL and not st.unsupported and st.opaque_code is None, (st.unsupported, st.opaque_code)
+    # at most a read of the key a foreign key compares with (member_id: not a value of the tables it names)
+    assert not any((c.schema == "billing" or c.table == "members") and c.name != "member_id" for c in st.columns)
+
+
+def test_ddl_reading_an_unknown_relation_or_column_is_unsupported():
+    for sql, reason in [("ALTER TABLE billing.nosuch ALTER COLUMN x TYPE int", "unknown relation billing.nosuch"),
+                        ("ALTER TABLE billing.cards ALTER COLUMN nosuch TYPE int", '"nosuch"'),
+                        ("CREATE UNIQUE INDEX i ON billing.cards (nosuch)", '"nosuch"')]:
+        st = analyze(sql, SCHEMA).statements[0]
+        assert any(reason in r for r in st.unsupported), (sql, st.unsupported)
