@@ -51,7 +51,8 @@ def pg():
         return
     if find_pg_bin() is None:
         pytest.fail("PostgreSQL server binaries not found: install the postgresql package (see .ci/run)")
-    with Cluster() as cluster:
+    # Prepared transactions (two-phase commit) on, so that the tests can commit DDL with COMMIT PREPARED.
+    with Cluster(settings={"max_prepared_transactions": "10"}) as cluster:
         yield cluster
 
 

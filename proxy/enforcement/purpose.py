@@ -137,6 +137,10 @@ class PurposeSession:
         # DDL was let through and its transaction has not ended yet (see ``ready``): until then the
         # loaded schema may not be what PostgreSQL resolves names against in this session.
         self._ddl_open = False
+        # A COMMIT/ROLLBACK AND CHAIN (the transaction ends, another begins at once: the status stays
+        # in a block) or a COMMIT/ROLLBACK PREPARED (DDL prepared earlier, by any session, commits
+        # now) was let through: at the next ReadyForQuery the schema counts as changed.
+        self._schema_news = False
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self.relay = None
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
@@ -301,10 +305,12 @@ class PurposeSession:
         so the first ReadyForQuery after it ends it: if an error came, PostgreSQL did
         not apply it, and neither does the proxy.
         """
-        if self._ddl_open and self.relay.tx_status == b"I":
+        if (self._ddl_open and self.relay.tx_status == b"I") or self._schema_news:
             # The DDL's transaction has ended (committed, or rolled back): from now on other
             # sessions see its effect too, and the schema is stale until it is loaded again.
-            self._ddl_open = False
+            # (After AND CHAIN this session is in a new block: its own rule stays until it ends.)
+            self._ddl_open = self._ddl_open and self.relay.tx_status != b"I"
+            self._schema_news = False
             told = self.runtime.schema_changed(self.database, "DDL committed")
             if told is not None:  # sibling workers: the client has its answer once they know
                 self.relay.hold_client_output(told)
@@ -458,6 +464,10 @@ class PurposeSession:
                 self.holdable_cursors = True
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self.holdable_cursors = False
+            elif st.kind is Kind.TRANSACTION and self.relay is not None:
+                low = sql.lower()  # a word is never split by a comment: the words are enough
+                if "chain" in low or "prepared" in low:
+                    self._schema_news = True
             elif st.kind is Kind.DDL:
                 if self.relay is None:  # deciding alone (no protocol): as if it ran and committed
                     self.runtime.schema_changed(self.database, "DDL")

@@ -782,3 +782,31 @@ def test_a_bind_split_across_a_policy_reload_is_decided_again(pg, enforce_db, po
         sock.close()
         conn.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("end", ["COMMIT AND CHAIN", "prepared"])
+def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_decoy, end):
+    # COMMIT AND CHAIN commits and opens the next block at once (the status never returns to idle);
+    # PREPARE TRANSACTION then COMMIT PREPARED (by any session) commits DDL prepared earlier.
+    schema, proxy = ddl_decoy
+    reader = _phone_reader(pg, proxy, schema)
+    gid = f"pp_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin, reader:
+        admin.execute("BEGIN")
+        admin.execute(f"DROP TABLE {schema}.members")
+        if end == "prepared":
+            admin.execute(f"PREPARE TRANSACTION '{gid}'")  # the test cluster allows prepared transactions
+            try:
+                time.sleep(1.5)
+                with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as other:
+                    other.execute(f"COMMIT PREPARED '{gid}'")
+            finally:  # never leave it behind holding the decoy's lock (the fixture drops the schema)
+                with psycopg.connect(pg.dsn("postgres", dbname="app"), autocommit=True) as su:
+                    if su.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", [gid]).fetchone():
+                        su.execute(f"ROLLBACK PREPARED '{gid}'")
+        else:
+            time.sleep(1.5)
+            admin.execute(end)
+        _never_the_real_phones(reader)
+        if end != "prepared":
+            admin.execute("ROLLBACK")
