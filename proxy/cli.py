@@ -57,6 +57,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the proxy's own connection for reading schemas (required for purpose enforcement)")
     p.add_argument("--purpose-setting", metavar="NAME", help="the setting that declares the purpose (default pii.purpose)")
     p.add_argument("--schema-refresh-interval", type=float, metavar="SECONDS", help="default 300")
+    p.add_argument("--catalog-watch-interval", type=float, metavar="SECONDS",
+                   help="how often catalogs are checked for DDL run directly in PostgreSQL (default 2; 0 disables)")
     p.add_argument("--decision-cache-size", type=int, metavar="N",
                    help="decisions kept by statement text or shape (default 10000; 0: no cache)")
     p.add_argument("--policy-watch-interval", type=float, metavar="SECONDS",

@@ -72,6 +72,9 @@ class Config:
     schema_dsn: str | None = None
     purpose_setting: str = "pii.purpose"
     schema_refresh_interval: float = 300.0
+    # How often each loaded database's catalogs are checked for DDL run directly in PostgreSQL
+    # (one small query over a kept connection; 0: only the interval reload sees such DDL).
+    catalog_watch_interval: float = 2.0
     # Decisions kept (by statement text, and by shape for statements that differ only in
     # their constants); 0 turns the decision cache off.
     decision_cache_size: int = 10000

@@ -321,6 +321,48 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 """
 
 
+# What a schema load depends on, summed into a few numbers: cheap to read every few
+# seconds (no pg_get_viewdef, so no lock on any view), and different after any
+# committed change the load would see. Relations and columns are hashed by content
+# (so TRUNCATE, VACUUM FULL and ANALYZE, which rewrite pg_class rows, do not count);
+# view rules, functions, operators and per-role settings by the xmin of their rows
+# (CREATE OR REPLACE writes a new row version). Temporary relations are left out, as
+# the load leaves them out: sessions create them all the time.
+CATALOG_STAMP_SQL = """
+SELECT
+ (SELECT count(*) || ':' || coalesce(sum(hashtext(c.oid::text || ' ' || c.relname || ' '
+                                                 || c.relnamespace::text || ' ' || c.relkind::text)::bigint), 0)
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
+     AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(hashtext(a.attrelid::text || ' ' || a.attnum::text || ' ' || a.attname
+                                                 || ' ' || a.atttypid::text || ' ' || a.atttypmod::text
+                                                 || ' ' || a.attisdropped::text)::bigint), 0)
+    FROM pg_catalog.pg_attribute a
+    JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'f', 'v', 'm', 'c')
+     AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(n.oid::text::bigint + hashtext(n.nspname)), 0) FROM pg_catalog.pg_namespace n
+   WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(r.xmin::text::bigint), 0)
+    FROM pg_catalog.pg_rewrite r
+    JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(p.xmin::text::bigint), 0) FROM pg_catalog.pg_proc p),
+ (SELECT count(*) || ':' || coalesce(sum(o.xmin::text::bigint), 0) FROM pg_catalog.pg_operator o),
+ (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s),
+ (SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path')
+"""
+
+
+async def catalog_stamp(conn: Any) -> tuple[str, ...]:
+    """A summary of the catalogs a schema load reads: equal stamps, same load (``CATALOG_STAMP_SQL``)."""
+    row = await conn.fetchrow(CATALOG_STAMP_SQL)
+    return tuple(str(v) for v in row)
+
+
 async def load_schema(conn: Any) -> Schema:
     """Read relations, view definitions and functions from a live server (an asyncpg connection).
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from proxy.analysis.schema import Schema, load_schema, parse_search_path
+from proxy.analysis.schema import Schema, catalog_stamp, load_schema, parse_search_path
 from proxy.config import Config
 from proxy.enforcement.cache import DecisionCache
 from proxy.policy.engine import Policy
@@ -52,6 +52,8 @@ class DatabaseState:
     # (role or "", database or "") -> search_path set with ALTER ROLE/DATABASE ... SET
     search_path_settings: dict[tuple[str, str], str] = field(default_factory=dict)
     loaded_at: float = 0.0
+    # The catalogs' stamp read just before the load (``catalog_stamp``); None: not watched.
+    stamp: tuple[str, ...] | None = None
 
     def default_search_path(self, role: str, database: str) -> list[str]:
         """The search_path a new session of ``role`` starts with, as PostgreSQL picks it.
@@ -71,6 +73,8 @@ async def load_database_state(dsn: str, database: str, connect_timeout: float) -
 
     conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout, server_settings=LOADER_SETTINGS)
     try:
+        # Read first: a change committed while the load runs makes the next look differ (a load too many).
+        stamp = await catalog_stamp(conn)
         schema = await load_schema(conn)
         server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
         settings: dict[tuple[str, str], str] = {}
@@ -81,7 +85,7 @@ async def load_database_state(dsn: str, database: str, connect_timeout: float) -
                     settings[(row["role"], row["database"])] = value
     finally:
         await conn.close()
-    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic())
+    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp)
 
 
 class PolicyRuntime:
@@ -323,6 +327,48 @@ class PolicyRuntime:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    async def watch_catalogs(self, interval: float) -> None:
+        """Notice DDL run directly in PostgreSQL: every ``interval`` seconds, read the catalog stamp of
+        each loaded database (over one kept connection per database) and load the schema again when it
+        differs from the stamp its schema was loaded with."""
+        connections: dict[str, object] = {}
+        failing: set[str] = set()
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                for name in list(self._databases):
+                    state = self._databases.get(name)
+                    if state is None or state.stamp is None or name in self._loading:
+                        continue
+                    try:
+                        conn = connections.get(name)
+                        if conn is None:
+                            conn = connections[name] = await self._watch_connection(name)
+                        stamp = await asyncio.wait_for(catalog_stamp(conn), self.config.connect_timeout)
+                    except Exception as exc:  # the next round connects again; the interval reload stays
+                        old = connections.pop(name, None)
+                        if old is not None:
+                            old.terminate()
+                        if name not in failing:
+                            failing.add(name)
+                            log.warning("cannot watch the catalogs of database %s: %s: %s", name,
+                                        exc.__class__.__name__, exc)
+                        continue
+                    failing.discard(name)
+                    if stamp != state.stamp and self._databases.get(name) is state and name not in self._loading:
+                        self._start_load(name, "catalogs changed outside the proxy")
+        finally:
+            for conn in connections.values():
+                conn.terminate()
+
+    async def _watch_connection(self, name: str):
+        import asyncpg
+
+        timeout = self.config.connect_timeout
+        return await asyncio.wait_for(asyncpg.connect(
+            self.config.schema_dsn, database=name, timeout=timeout,
+            server_settings={**LOADER_SETTINGS, "application_name": "purpose-proxy catalog watch"}), timeout * 2)
+
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
@@ -334,6 +380,8 @@ class PolicyRuntime:
             self._spawn(self.watch(self.config.policy_watch_interval), "policy-watch")
         if self.config.schema_refresh_interval > 0:
             self._spawn(self.refresh_all(self.config.schema_refresh_interval), "schema-refresh")
+        if self.config.catalog_watch_interval > 0:
+            self._spawn(self.watch_catalogs(self.config.catalog_watch_interval), "catalog-watch")
 
     async def close(self) -> None:
         tasks = list(self._tasks) + list(self._loading.values())

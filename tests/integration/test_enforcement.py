@@ -784,6 +784,28 @@ def test_a_bind_split_across_a_policy_reload_is_decided_again(pg, enforce_db, po
         proxy.stop()
 
 
+def test_ddl_run_directly_in_postgresql_is_noticed_by_the_catalog_watch(pg, enforce_db, ddl_decoy):
+    # DDL run directly in PostgreSQL (a migration tool that does not connect through the proxy) used
+    # to be seen only at the next interval reload, 300 s later: for that long marketing read
+    # crm.members' phones through the dropped decoy's name. The catalog watch (every 2 s by default)
+    # notices the change and loads the schema again, with no statement naming anything unknown.
+    schema, proxy = ddl_decoy
+    with _phone_reader(pg, proxy, schema) as reader:
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"DROP TABLE {schema}.members")
+        wait_for(lambda: "catalogs changed outside the proxy" in proxy.log(), 20, "the catalog watch")
+
+        def refused() -> bool:
+            try:
+                reader.execute("SELECT phone FROM members").fetchall()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert "contact.phone" in str(exc)
+                return True
+            return False
+
+        wait_for(refused, 20, "the reloaded schema to decide the statement")
+
+
 @pytest.mark.parametrize("end", ["COMMIT AND CHAIN", "prepared"])
 def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_decoy, end):
     # COMMIT AND CHAIN commits and opens the next block at once (the status never returns to idle);

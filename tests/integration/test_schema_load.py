@@ -23,7 +23,7 @@ import pytest
 
 from proxy.analysis.access import analyze
 from proxy.analysis.model import Column, Kind
-from proxy.analysis.schema import MATERIALIZED_VIEW, TABLE, VIEW, load_schema
+from proxy.analysis.schema import MATERIALIZED_VIEW, TABLE, VIEW, catalog_stamp, load_schema
 from tests.unit.test_analysis import CASES, DEFAULT_PATH, SCHEMA as YAML_SCHEMA
 
 pytestmark = pytest.mark.integration
@@ -138,6 +138,50 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
     changed = asyncio.run(_load(db))
     assert changed.version != loaded.version
     assert changed.relation("public", "scratch").columns == ("x",)
+
+
+@pytest.mark.parametrize("change, counts", [
+    ("CREATE TEMP TABLE scratch_tmp (x int)", False),  # other sessions' temporary tables are not loaded
+    ("TRUNCATE billing.invoices", False),  # rewrites the pg_class row, not what a load reads
+    ("ANALYZE crm.members", False),
+    ("VACUUM FULL crm.notes", False),
+    ("CREATE INDEX ON crm.notes (member_id)", False),
+    ("ALTER TABLE crm.notes ADD COLUMN stamp_test text", True),
+    ("ALTER TABLE crm.notes RENAME COLUMN body TO body_renamed", True),
+    ("ALTER TABLE crm.notes ALTER COLUMN body TYPE varchar(200)", True),
+    ("ALTER TABLE crm.notes RENAME TO notes_renamed", True),
+    ("CREATE OR REPLACE VIEW crm.member_contacts AS "
+     "SELECT m.member_id, m.name, m.postal_code AS email, m.phone FROM crm.members m", True),
+    ("CREATE OR REPLACE FUNCTION crm.member_score(id int) RETURNS int LANGUAGE plpgsql VOLATILE "
+     "AS $$ BEGIN RETURN id; END $$", True),
+    ("ALTER ROLE app SET search_path = crm, public", True),
+    ("CREATE SCHEMA stamp_test", True),
+])
+def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
+    """The catalog watch reloads when the stamp moves: on DDL that changes what ``load_schema`` and the
+    search_path defaults read, and not on what sessions do all the time."""
+    name = "pp_stamp_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+
+    async def run() -> tuple:
+        conn = await asyncpg.connect(pg.url("app", dbname=name))
+        other = await asyncpg.connect(pg.url("app", dbname=name))
+        try:
+            await conn.execute(DDL)
+            before = await catalog_stamp(conn)
+            assert await catalog_stamp(conn) == before
+            await other.execute(change)
+            return before, await catalog_stamp(conn)
+        finally:
+            await conn.execute("ALTER ROLE app RESET search_path")
+            await conn.close()
+            await other.close()
+
+    try:
+        before, after = asyncio.run(run())
+        assert (after != before) is counts
+    finally:
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_loaded_view_definition_analyses_to_base_columns(loaded):
