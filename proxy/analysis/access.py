@@ -195,6 +195,8 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
         acc.unsupported.extend(inner.unsupported)
         if executes:
             _copy(inner, acc, settings=True)
+            if inner.kind is Kind.DDL:  # EXPLAIN ANALYZE CREATE TABLE ... AS / SELECT ... INTO creates it
+                acc.kind = Kind.DDL
             if inner.kind is Kind.EXECUTE:
                 acc.unsupported.append("EXPLAIN ANALYZE EXECUTE runs a prepared statement whose accesses the "
                                        "analysis of this statement does not see")
@@ -359,6 +361,15 @@ def _ddl(st: Statement, ctx: Context, acc: StatementAccess, first: str | None) -
                 raise Unsupported(f'column "{c}" of relation {rel} does not exist')
             an.consume(src.flows[rel.columns.index(c)], read.use)
         an.consume(src.rows, read.use)
+    renamed = utility.renamed_schema(toks) if first == "alter" else None
+    if renamed is not None:  # every stored value in it goes by another name: see ``ddl_reads``
+        an = Analyzer(ctx, acc)
+        for rel in ctx.schema.relations:
+            if rel.schema == renamed:
+                src = an.relation_source(rel)
+                for flow in src.flows:
+                    an.consume(flow, Use.PROJECT)
+                an.consume(src.rows, Use.PROJECT)
     if first == "refresh":
         parts, data = utility.parse_refresh(toks)
         rel = _relation(ctx, parts)

@@ -124,6 +124,9 @@ class Analyzer:
         self.path = ctx.path
         self.frames: list[_Frame] = [_Frame()]
         self.modifying: list[Kind] = []
+        # A SELECT ... INTO anywhere (PostgreSQL takes it inside parentheses, and on the first branch
+        # of a UNION, and refuses it elsewhere): the statement creates a table.
+        self.creates_table = False
         self.view_depth = 0
         self.views: dict[tuple[str, str], Result] = {}
         self.views_busy: set[tuple[str, str]] = set()
@@ -175,9 +178,7 @@ class Analyzer:
         elif isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery, exp.Values)):
             r = self.query(tree, env)
             self.consume_result(r, P)
-            kind = Kind.SELECT
-            if isinstance(tree, exp.Select) and tree.args.get("into"):
-                kind = Kind.DDL
+            kind = Kind.DDL if self.creates_table else Kind.SELECT
         else:
             raise Unsupported(f"{type(tree).__name__.upper()} statements are not supported by the analysis")
         self.evaluated_ctes()
@@ -204,6 +205,8 @@ class Analyzer:
 
     def select(self, node: exp.Select, env: Env) -> Result:
         _check_args(node, _SELECT_ARGS, "SELECT")
+        if node.args.get("into"):
+            self.creates_table = True
         env = self.with_(node, env)
         level = Level()
         from_ = node.args.get("from_")

@@ -297,6 +297,19 @@ def _end(r: _Reader) -> None:
         r.fail()
 
 
+def ends_a_transaction_aside(sql: str) -> bool:
+    """Whether a transaction statement may commit DDL without this session going idle: COMMIT AND
+    CHAIN (the next block opens at once) or COMMIT/ROLLBACK PREPARED (of a transaction prepared by
+    any session). A word is never split by a comment, so the words are enough; a false positive only
+    reloads a schema once more.
+
+    >>> [ends_a_transaction_aside(q) for q in ("COMMIT AND CHAIN", "COMMIT PREPARED 'x'", "COMMIT", "END")]
+    [True, True, False, False]
+    """
+    low = sql.lower()
+    return "chain" in low or "prepared" in low
+
+
 # --- EXPLAIN / PREPARE / EXECUTE / DECLARE / DEALLOCATE ------------------------------------------------------
 
 
@@ -446,6 +459,9 @@ def _evaluated_expression(tokens: tuple[Token, ...] | list[Token], words: list[s
     if words[:2] == ["alter", "type"] and "attribute" in words and "type" in words[words.index("attribute"):]:
         # converts the values stored in the tables of the type (typed tables), which the analysis does not know
         return "ALTER TYPE ... ALTER ATTRIBUTE ... TYPE"
+    if words[:2] == ["alter", "type"] and "rename" in words and "attribute" in words:
+        # CASCADE renames the columns of the type's typed tables, which the analysis does not know
+        return "ALTER TYPE ... RENAME ATTRIBUTE"
     if words[:2] == ["create", "statistics"]:
         # CREATE STATISTICS [IF NOT EXISTS] name [(kinds)] ON column, ... FROM table: anything but
         # column names between ON and FROM is an expression ANALYZE evaluates on the stored rows.
@@ -476,7 +492,7 @@ class DdlRead:
     use: Use
 
 
-_ALTER_READ_WORDS = frozenset({"type", "unique", "primary", "foreign", "attach", "inherit"})
+_ALTER_READ_WORDS = frozenset({"type", "unique", "primary", "foreign", "attach", "inherit", "rename", "schema"})
 
 
 def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
@@ -488,7 +504,11 @@ def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
     key missing from the referenced columns (which it compares), ATTACH PARTITION builds
     the partitioned table's indexes (unique or with expressions) over the attached table.
     ATTACH PARTITION and INHERIT also make every row of the table readable through its new
-    parent, where the analysis (which knows no inheritance) would not look for them.
+    parent, where the analysis (which knows no inheritance) would not look for them. RENAME
+    and SET SCHEMA (of a table, foreign table, view or materialized view) give stored values
+    another name, and the catalog categorises by name: ``billing.payment_methods.card_number``
+    renamed ``method_id`` (not personal), or moved to a schema without ``personal_by_default``,
+    would be read as what it is called then. So they read what they rename, like a copy would.
     Columns added by the same ALTER TABLE hold nothing stored yet and are left out.
     Raises ``Unsupported`` when the statement may read stored values but cannot be read.
 
@@ -498,13 +518,18 @@ def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
     [(['crm', 't'], ('a',), 'PROJECT'), (['crm', 't'], ('b',), 'PROJECT')]
     >>> [(r.relation, r.columns, r.use.name) for r in ddl_reads(scan("CREATE UNIQUE INDEX i ON t (lower(a), b)"))]
     [(['t'], ('b',), 'PROJECT')]
-    >>> ddl_reads(scan("ALTER TABLE t RENAME COLUMN a TO b")), ddl_reads(scan("CREATE INDEX ON t (a)"))
+    >>> [(r.relation, r.columns) for r in ddl_reads(scan("ALTER TABLE t RENAME COLUMN a TO b"))]
+    [(['t'], ('a',))]
+    >>> [(r.relation, r.columns) for r in ddl_reads(scan("ALTER MATERIALIZED VIEW s.v SET SCHEMA x"))]
+    [(['s', 'v'], None)]
+    >>> ddl_reads(scan("ALTER TABLE t RENAME CONSTRAINT c TO d")), ddl_reads(scan("CREATE INDEX ON t (a)"))
     ([], [])
     """
     words = [t.value for t in tokens if t.kind is T.IDENT]
     if len(words) < 3:
         return []
-    if words[0] == "alter" and (words[1] == "table" or words[1:3] == ["foreign", "table"]):
+    if words[0] == "alter" and (words[1] in ("table", "view")
+                                or words[1:3] in (["foreign", "table"], ["materialized", "view"])):
         if not _ALTER_READ_WORDS.intersection(words[2:]):
             return []
         read, what = _alter_table_reads, "an ALTER TABLE"
@@ -523,8 +548,12 @@ def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
 def _alter_table_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
     r = _Reader(tokens, "ALTER TABLE")
     r.expect("alter")
-    r.accept("foreign")
-    r.expect("table")
+    if r.accept("foreign"):
+        r.expect("table")
+    elif r.accept("materialized"):
+        r.expect("view")
+    else:
+        r.expect("table", "view")
     if r.accept("if"):
         r.expect("exists")
     r.accept("only")
@@ -584,6 +613,14 @@ def _alter_table_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]
         elif a.accept("inherit"):
             # the parent then returns the rows too, and the analysis takes it for a table of its own
             reads.append(DdlRead(rel, None, Use.PROJECT))
+        elif a.accept("rename"):
+            if a.accept("to"):  # every column now belongs to a relation of another name
+                reads.append(DdlRead(rel, None, Use.PROJECT))
+            elif not a.accept("constraint"):
+                a.accept("column")
+                reads.append(DdlRead(rel, (a.name(),), Use.PROJECT))
+        elif a.accept("set") and a.accept("schema"):  # ... and to a relation of another schema
+            reads.append(DdlRead(rel, None, Use.PROJECT))
     out = []
     for read in reads:
         if read.relation == rel and read.columns is not None:
@@ -593,6 +630,21 @@ def _alter_table_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]
             read = DdlRead(read.relation, kept, read.use)
         out.append(read)
     return out
+
+
+def renamed_schema(tokens: tuple[Token, ...] | list[Token]) -> str | None:
+    """The schema an ``ALTER SCHEMA name RENAME TO new`` renames (every relation in it then goes by
+    another qualified name, as with ``ALTER TABLE ... SET SCHEMA``), else None.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> renamed_schema(scan("ALTER SCHEMA billing RENAME TO old_billing")), renamed_schema(scan("ALTER SCHEMA s OWNER TO x"))
+    ('billing', None)
+    """
+    r = _Reader(tokens, "ALTER SCHEMA")
+    if not (r.accept("alter") and r.accept("schema")):
+        return None
+    name = r.name()
+    return name if r.accept("rename") else None
 
 
 def _name_list(r: _Reader) -> list[str]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from proxy.analysis import shape as shapes
 from proxy.analysis.model import Analysis, Kind
+from proxy.analysis.utility import ends_a_transaction_aside
 from proxy.policy.decision import Block, Decision, Mask
 from proxy.policy.verdict import Explanation
 
@@ -36,6 +37,8 @@ from proxy.policy.verdict import Explanation
 # Transaction control reads no data and sets nothing the proxy tracks (SET TRANSACTION
 # is a SET): keyed by its text (no constants) or shape (PREPARE TRANSACTION 'gid'), a
 # hit skips the session rules an exact-text entry would run again (pgbench's BEGIN/END).
+# Not so COMMIT AND CHAIN and COMMIT PREPARED, which may commit DDL the session must
+# account for: those are kept by text only, and a hit goes through the session again.
 SHAPE_KINDS = frozenset({Kind.SELECT, Kind.INSERT, Kind.UPDATE, Kind.DELETE, Kind.MERGE, Kind.TRANSACTION})
 MAX_TEXT = 64 * 1024  # longer statements are not kept by exact text
 
@@ -105,6 +108,8 @@ def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation
         if (st.kind not in SHAPE_KINDS or st.reads_constants or st.settings or st.prepared_name is not None
                 or st.inner is not None):
             return None
+        if st.kind is Kind.TRANSACTION and ends_a_transaction_aside(analysis.sql):
+            return None  # the session must see each one (``PurposeSession._apply``): kept by text only
     if type(decision) is Mask:
         template = shapes.template(analysis.sql, edits)
         if template is None or shapes.fill(template, shapes.shape(analysis.sql).constants) != decision.sql:

@@ -24,6 +24,7 @@ from proxy.analysis.access import analyze
 from proxy.analysis.model import Analysis, Kind, Table
 from proxy.analysis.schema import parse_search_path
 from proxy.analysis.shape import shape
+from proxy.analysis.utility import ends_a_transaction_aside
 from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
@@ -140,7 +141,8 @@ class PurposeSession:
         # A COMMIT/ROLLBACK AND CHAIN (the transaction ends, another begins at once: the status stays
         # in a block) or a COMMIT/ROLLBACK PREPARED (DDL prepared earlier, by any session, commits
         # now) was let through: at the next ReadyForQuery the schema counts as changed.
-        self._schema_news = False
+        # ReadyForQuery messages still to come that may follow a commit of DDL (see ``_apply``).
+        self._news_ahead = 0
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self.relay = None
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
@@ -305,12 +307,14 @@ class PurposeSession:
         so the first ReadyForQuery after it ends it: if an error came, PostgreSQL did
         not apply it, and neither does the proxy.
         """
-        if (self._ddl_open and self.relay.tx_status == b"I") or self._schema_news:
+        news = self._news_ahead > 0
+        if news:
+            self._news_ahead -= 1
+        if (self._ddl_open and self.relay.tx_status == b"I") or news:
             # The DDL's transaction has ended (committed, or rolled back): from now on other
             # sessions see its effect too, and the schema is stale until it is loaded again.
             # (After AND CHAIN this session is in a new block: its own rule stays until it ends.)
             self._ddl_open = self._ddl_open and self.relay.tx_status != b"I"
-            self._schema_news = False
             told = self.runtime.schema_changed(self.database, "DDL committed")
             if told is not None:  # sibling workers: the client has its answer once they know
                 self.relay.hold_client_output(told)
@@ -465,9 +469,12 @@ class PurposeSession:
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self.holdable_cursors = False
             elif st.kind is Kind.TRANSACTION and self.relay is not None:
-                low = sql.lower()  # a word is never split by a comment: the words are enough
-                if "chain" in low or "prepared" in low:
-                    self._schema_news = True
+                if ends_a_transaction_aside(sql):
+                    # It is decided when it arrives, but runs after whatever the client sent before
+                    # it (a pipeline): every ReadyForQuery up to the one that ends its batch counts.
+                    distance = getattr(self.relay, "batch_end_distance", None)
+                    ahead = distance(via == "query") if distance is not None else 1
+                    self._news_ahead = max(self._news_ahead, ahead)
             elif st.kind is Kind.DDL:
                 if self.relay is None:  # deciding alone (no protocol): as if it ran and committed
                     self.runtime.schema_changed(self.database, "DDL")

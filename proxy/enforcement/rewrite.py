@@ -279,12 +279,13 @@ def check_statement(st: StatementAccess, ctx: Context) -> None:
         return
     subject = _subject_of(tables, aggregated, masked)
     if st.kind is Kind.DDL:
-        # A DDL statement cannot be rewritten: what it reads it copies (CREATE ... AS, REFRESH), or
+        # A DDL statement cannot be rewritten: what it reads it copies (CREATE ... AS, REFRESH),
         # evaluates over the stored rows and may show in its errors (ALTER COLUMN ... TYPE, a new
-        # unique key or foreign key: utility.ddl_reads).
+        # unique key or foreign key), or renames (utility.ddl_reads).
         raise Refused(f"{subject} would be read unprotected by a DDL statement under purpose \"{plan.purpose}\" "
-                      "(copied by CREATE ... AS, SELECT INTO or REFRESH MATERIALIZED VIEW, or evaluated over the "
-                      "stored rows by ALTER COLUMN ... TYPE or a new key, whose errors show values)",
+                      "(copied by CREATE ... AS, SELECT INTO or REFRESH MATERIALIZED VIEW, evaluated over the "
+                      "stored rows by ALTER COLUMN ... TYPE or a new key, whose errors show values, or renamed or "
+                      "moved by RENAME or SET SCHEMA, after which the catalog knows it by its new name only)",
                       hint="Only read such data; change such columns under a purpose that may read them in the clear.")
     if st.kind is Kind.COPY_TO and (aggregated or masked):
         raise Refused(f"{subject} would be copied out of its protection by COPY ... TO under purpose "

@@ -586,6 +586,11 @@ class Relay:
         if len(self._batch_hooks) < _MAX_BATCH_HOOKS:
             self._batch_hooks.append([self._outstanding - 1 if counted else self._outstanding, callback])
 
+    def batch_end_distance(self, counted: bool) -> int:
+        """How many ReadyForQuery messages from now the one that ends the batch of the message being
+        handled comes (1: the next one); ``counted`` as for ``on_batch_end``."""
+        return self._outstanding if counted else self._outstanding + 1
+
     def _drop_statements(self, name: str, gone: tuple) -> None:
         """Drop the candidates ``gone`` of statement ``name`` (a Parse since then stays)."""
         entries = self._statements.get(name)

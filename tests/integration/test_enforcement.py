@@ -806,22 +806,40 @@ def test_ddl_run_directly_in_postgresql_is_noticed_by_the_catalog_watch(pg, enfo
         wait_for(refused, 20, "the reloaded schema to decide the statement")
 
 
-@pytest.mark.parametrize("end", ["COMMIT AND CHAIN", "prepared"])
+@pytest.mark.parametrize("end", ["COMMIT AND CHAIN", "prepared", "prepared, cache warm"])
 def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_decoy, end):
     # COMMIT AND CHAIN commits and opens the next block at once (the status never returns to idle);
     # PREPARE TRANSACTION then COMMIT PREPARED (by any session) commits DDL prepared earlier.
+    # "cache warm": a hunt first sent a COMMIT PREPARED of a transaction that does not exist (it fails,
+    # and its news reloaded the schema while the DDL was still uncommitted); the real one then came
+    # from the decision cache by shape, which skipped the session, and nothing was reloaded after it.
     schema, proxy = ddl_decoy
     reader = _phone_reader(pg, proxy, schema)
     gid = f"pp_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as admin, reader:
         admin.execute("BEGIN")
         admin.execute(f"DROP TABLE {schema}.members")
-        if end == "prepared":
+        if end.startswith("prepared"):
             admin.execute(f"PREPARE TRANSACTION '{gid}'")  # the test cluster allows prepared transactions
             try:
                 time.sleep(1.5)
                 with psycopg.connect(dsn(pg, proxy, "maintenance"), autocommit=True) as other:
-                    other.execute(f"COMMIT PREPARED '{gid}'")
+                    if end.endswith("cache warm"):  # three Query messages in one write
+                        sock = socket.socket(fileno=os.dup(other.pgconn.socket))
+                        try:
+                            sock.settimeout(10)
+                            sock.sendall(b"".join(_msg(b"Q", q.encode() + b"\x00") for q in (
+                                "COMMIT PREPARED 'pp_nothere'", "SELECT pg_sleep(1)", f"COMMIT PREPARED '{gid}'")))
+                            got = b""
+                            while got.count(b"Z\x00\x00\x00\x05") < 3:
+                                chunk = sock.recv(65536)
+                                assert chunk, "the connection closed"
+                                got += chunk
+                            assert got.count(b"COMMIT PREPARED\x00") == 1, got
+                        finally:
+                            sock.close()
+                    else:
+                        other.execute(f"COMMIT PREPARED '{gid}'")
             finally:  # never leave it behind holding the decoy's lock (the fixture drops the schema)
                 with psycopg.connect(pg.dsn("postgres", dbname="app"), autocommit=True) as su:
                     if su.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", [gid]).fetchone():
@@ -830,5 +848,5 @@ def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_d
             time.sleep(1.5)
             admin.execute(end)
         _never_the_real_phones(reader)
-        if end != "prepared":
+        if not end.startswith("prepared"):
             admin.execute("ROLLBACK")

@@ -24,7 +24,7 @@ from proxy.analysis import shape as shapes
 from proxy.analysis.lexer import LITERALS, T, scan
 from proxy.analysis.schema import Schema
 from proxy.config import Config
-from proxy.enforcement.cache import Shaped
+from proxy.enforcement.cache import Shaped, Verdict
 from proxy.enforcement.hook import SessionInfo
 from proxy.enforcement.purpose import PurposeSession
 from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
@@ -199,6 +199,20 @@ def test_transaction_control_is_kept_as_a_final_decision(sql):
     _same(s.decide(sql, "query"), first)
     assert cache.shape_hits + cache.text_hits == hits + 1
     assert s.purpose == "support"
+
+
+@pytest.mark.parametrize("sql", ["COMMIT AND CHAIN", "COMMIT PREPARED 'gid-1'", "ROLLBACK PREPARED 'gid-1'"])
+def test_transaction_control_that_may_commit_ddl_aside_goes_through_the_session_on_a_hit(sql):
+    # Found by a hunt: COMMIT PREPARED answered from a shape entry skipped the session, which then
+    # never loaded the schema after the prepared DDL committed.
+    case = dict(CASES[0], sql=sql, purpose="support")
+    s = _session(case, 1000)
+    cache = s.runtime.cache
+    cache.clear()
+    s.decide(sql, "query")
+    assert [type(e) for e in cache._entries.values()] == [Verdict]
+    _, analysis = s._judge(sql, "query")
+    assert analysis is not None  # so ``decide`` applies it to the session
 
 
 @pytest.mark.parametrize("sql", [
