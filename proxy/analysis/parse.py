@@ -12,6 +12,7 @@ sqlglot's opaque ``exp.Command`` fallback raises ``Unparsable``.
 from __future__ import annotations
 
 import logging
+import re
 
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
@@ -51,13 +52,23 @@ def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> lis
     sqlglot's tokenizer runs over the statement with every comment blanked out and
     every literal, quoted identifier, number and parameter replaced by a same-length
     placeholder word; each placeholder then becomes the token the PostgreSQL lexer
-    read there.
+    read there. Most statements take a shortcut to the same tokens (``_direct_tokens``).
 
     >>> from proxy.analysis.lexer import scan
     >>> sql = 'SELECT U&"\\0061" FROM t'
     >>> [(t.token_type.name, t.text) for t in to_sqlglot_tokens(sql, scan(sql))]
     [('SELECT', 'SELECT'), ('IDENTIFIER', 'a'), ('FROM', 'FROM'), ('VAR', 't')]
     """
+    out = _direct_tokens(text, tokens) if _DIRECT else None
+    if out is None:
+        out = _tokens_via_sqlglot(text, tokens)
+    if "[" in text:  # (only an array suffix needs it)
+        out = _object_identifier_arrays(out)
+    return out
+
+
+def _tokens_via_sqlglot(text: str, tokens: tuple[Token, ...] | list[Token]) -> list[SqlglotToken]:
+    """``to_sqlglot_tokens`` the long way: sqlglot's tokenizer over the blanked statement, checked token by token."""
     code = _CODE_KINDS
     pieces: list[str] = []
     starting: dict[int, int] = {}  # offset -> index of the PostgreSQL token starting there
@@ -105,7 +116,194 @@ def to_sqlglot_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> lis
             raise Unparsable(f"the analysis reads {text[a:b]!r} differently from PostgreSQL")
     if covered != len(tokens):
         raise Unparsable("the analysis reads the statement's code differently from PostgreSQL")
-    return _object_identifier_arrays(out)
+    return out
+
+
+# --- the shortcut: sqlglot's tokens straight from the PostgreSQL lexer's -----------------------------------
+#
+# sqlglot's tokenizer reads the blanked statement as three kinds of pieces: words (a key word's
+# type, else VAR), runs of operator and punctuation characters (the longest key words of its
+# table, e.g. "<>", "::", else one token per character) and placeholders (one VAR each). What
+# it makes of a word or a run depends on that piece alone, with the exceptions that
+# _direct_tokens leaves to _tokens_via_sqlglot: two-word key words ("ORDER BY", read here from
+# the table below), a word or placeholder touching another one, a word after "@", command key
+# words, anything not plain ASCII. Each distinct piece is tokenized once by sqlglot itself and
+# remembered. The table is checked when the module loads (_direct_table); if sqlglot's rules
+# are not the ones relied on, every statement takes the long way.
+
+_PG_SYMBOLS = "~!@#^&|`?+-*/%<>=:()[],."  # every character of an OP or punctuation token
+_SYMBOL_KINDS = frozenset({T.OP, T.LPAREN, T.RPAREN, T.LBRACKET, T.RBRACKET, T.COMMA, T.DOT})
+_PLACEHOLDER_KINDS = frozenset({T.QIDENT, T.STRING, T.BITSTRING, T.HEXSTRING, T.NUMBER, T.PARAM})
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEMO_LIMIT = 20000  # remembered words and runs (beyond that they are tokenized each time)
+_PIECES: dict[str, tuple[tuple[TokenType, str, int, int], ...] | None] = {}
+
+
+def _direct_table() -> tuple[bool, dict[str, dict[str, TokenType]], frozenset[str]]:
+    """Whether the shortcut applies to this sqlglot, its two-word key words (first word -> second
+    word -> type) and the words that begin a key word going on with a symbol ("USER-DEFINED")."""
+    tok = _TOKENIZER_CLS
+    keys: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for ch, sub in node.items():
+            if ch == 0:
+                keys.append(prefix)
+            else:
+                walk(sub, prefix + ch)
+
+    walk(tok._KEYWORD_TRIE, "")
+    pairs: dict[str, dict[str, TokenType]] = {}
+    touching: set[str] = set()
+    ok = all(c in tok.SINGLE_TOKENS and c not in tok.VAR_SINGLE_TOKENS for c in _PG_SYMBOLS)
+    for key in keys:
+        if "'" in key or '"' in key:
+            continue  # never met: quotes are inside literals, which the blanked text does not hold
+        if _WORD.match(key) is None:  # operators: symbols only, so a run never goes on into a word
+            ok = ok and not any(c.isalnum() or c == "_" or c.isspace() for c in key)
+        elif re.fullmatch(r"[A-Z_]+ [A-Z_]+", key):
+            first, second = key.split(" ")
+            ok = ok and not any(k != key and k.startswith(key) for k in keys)
+            pairs.setdefault(first, {})[second] = tok.KEYWORDS[key]
+        elif " " not in key:
+            touching.add(_WORD.match(key).group(0))
+        else:
+            ok = False
+    return ok, pairs, frozenset(touching)
+
+
+_DIRECT, _PAIRS, _TOUCHING = _direct_table()
+_COMMAND_TYPES = frozenset(_TOKENIZER_CLS.COMMANDS)
+_COMMAND_PREFIXES = frozenset(_TOKENIZER_CLS.COMMAND_PREFIX_TOKENS)
+
+
+def _piece(piece: str) -> tuple[tuple[TokenType, str, int, int], ...] | None:
+    """sqlglot's tokens for one word or run on its own: (type, text, start, end) each, or None when it
+    reads it as something the shortcut does not take (a type unexpected in code, a comment)."""
+    found = _PIECES.get(piece, False)
+    if found is not False:
+        return found  # type: ignore[return-value]
+    try:
+        toks = _TOKENIZER_CLS(dialect=DIALECT).tokenize(piece)
+    except TokenError:
+        toks = None
+    out = None
+    if toks and not any(id(t.token_type) in _UNEXPECTED_IN_CODE or t.comments for t in toks):
+        out = tuple((t.token_type, t.text, t.start, t.end) for t in toks)
+    if len(_PIECES) < _MEMO_LIMIT:
+        _PIECES[piece] = out
+    return out
+
+
+# word -> (type, text, two-word first word's seconds or None, touching) or None (not for the shortcut)
+_WORDS: dict[str, tuple[TokenType, str, dict[str, TokenType] | None, bool] | None] = {}
+
+
+def _word(word: str) -> tuple[TokenType, str, dict[str, TokenType] | None, bool] | None:
+    found = _WORDS.get(word, False)
+    if found is not False:
+        return found  # type: ignore[return-value]
+    out = None
+    if _WORD.fullmatch(word):
+        toks = _piece(word)
+        if toks is not None and len(toks) == 1 and toks[0][2] == 0 and toks[0][3] == len(word) - 1:
+            upper = word.upper()
+            out = (toks[0][0], toks[0][1], _PAIRS.get(upper), upper in _TOUCHING)
+    if len(_WORDS) < _MEMO_LIMIT:
+        _WORDS[word] = out
+    return out
+
+
+def _direct_tokens(text: str, tokens: tuple[Token, ...] | list[Token]) -> list[SqlglotToken] | None:
+    """The tokens ``_tokens_via_sqlglot`` makes, built from the PostgreSQL lexer's tokens, or None when
+    the statement holds something only sqlglot's tokenizer can tell (see above)."""
+    out: list[SqlglotToken] = []
+    add = out.append
+    IDENT, PARAMETER = T.IDENT, TokenType.PARAMETER
+    symbols, placeholders, commands, words, pieces = _SYMBOL_KINDS, _PLACEHOLDER_KINDS, _COMMAND_TYPES, _WORDS, _PIECES
+    n = len(tokens)
+    prev_end = -1
+    prev_type = None  # the type of the last token made
+    prev_wordish = False  # the previous token was a word or a placeholder (no gap may follow it)
+    i = 0
+    while i < n:
+        tok = tokens[i]
+        kind, a, b = tok[0], tok[1], tok[2]
+        if kind is IDENT:
+            if (prev_wordish and a == prev_end) or prev_type is PARAMETER:
+                return None
+            w = words.get(tok[4], False)
+            if w is False:
+                w = _word(tok[4])
+            if w is None:
+                return None
+            tt, ttext, seconds, touching = w
+            if seconds is not None and i + 1 < n:
+                nxt = tokens[i + 1]
+                if nxt[1] > b and nxt[0] is IDENT:
+                    # the first word of a two-word key word, then a gap and a word: sqlglot reads on into it
+                    w2 = words.get(nxt[4], False)
+                    if w2 is False:
+                        w2 = _word(nxt[4])
+                    if w2 is None:
+                        return None
+                    second = nxt[4].upper()
+                    pair = seconds.get(second)
+                    if pair is not None:  # "ORDER BY": one token over both words
+                        if i + 2 < n and tokens[i + 2][1] == nxt[2] and tokens[i + 2][0] not in symbols:
+                            return None
+                        b = nxt[2]
+                        add(SqlglotToken(pair, f"{tok[4].upper()} {second}", 1, b, a, b - 1))
+                        prev_end, prev_type, prev_wordish = b, pair, True
+                        i += 2
+                        continue
+                    # else sqlglot stops inside the second word or after it, having met no key word:
+                    # the first word is read on its own
+            elif touching and i + 1 < n and tokens[i + 1][1] == b:
+                return None
+            if tt in commands and (prev_type is None or prev_type in _COMMAND_PREFIXES):
+                return None  # sqlglot reads the rest of the statement as the command's text
+            add(SqlglotToken(tt, ttext, 1, b, a, b - 1))
+            prev_type = tt
+            prev_wordish = True
+        elif kind in symbols:
+            j = i + 1
+            if j < n and tokens[j][1] == b and tokens[j][0] in symbols:  # a run of several
+                ends = {b}
+                while j < n and tokens[j][1] == b and tokens[j][0] in symbols:
+                    b = tokens[j][2]
+                    ends.add(b)
+                    j += 1
+                found = _piece(text[a:b])
+                if found is None:
+                    return None
+                for tt, ttext, s, e in found:
+                    if tt in commands or (s != 0 and a + s not in ends) or a + e + 1 not in ends:
+                        return None  # a token that does not end where a PostgreSQL token ends
+                    add(SqlglotToken(tt, ttext, 1, a + e + 1, a + s, a + e))
+                i = j - 1
+            else:
+                found = pieces.get(tok[4], False)
+                if found is False:
+                    found = _piece(tok[4])
+                if found is None or len(found) != 1:
+                    return None
+                tt, ttext, s, e = found[0]
+                if tt in commands or s != 0 or e != b - a - 1:
+                    return None
+                add(SqlglotToken(tt, ttext, 1, b, a, b - 1))
+            prev_type = tt
+            prev_wordish = False
+        elif kind in placeholders and not (prev_wordish and a == prev_end):
+            lit = _literal_tokens(tok)
+            out.extend(lit)
+            prev_type = lit[-1].token_type
+            prev_wordish = True
+        else:
+            return None
+        prev_end = b
+        i += 1
+    return out
 
 
 def _object_identifier_arrays(out: list[SqlglotToken]) -> list[SqlglotToken]:
@@ -129,14 +327,17 @@ def _object_identifier_arrays(out: list[SqlglotToken]) -> list[SqlglotToken]:
     return out
 
 
+_LITERAL_TYPES = {T.QIDENT: TokenType.IDENTIFIER, T.STRING: TokenType.STRING, T.BITSTRING: TokenType.BIT_STRING,
+                  T.HEXSTRING: TokenType.HEX_STRING, T.NUMBER: TokenType.NUMBER}
+
+
 def _literal_tokens(tok: Token) -> list[SqlglotToken]:
     col = tok.start + 1
     if tok.kind is T.PARAM:
         return [SqlglotToken(TokenType.PARAMETER, "$", line=1, col=col, start=tok.start, end=tok.start),
                 SqlglotToken(TokenType.NUMBER, tok.value[1:], line=1, col=col + 1, start=tok.start + 1,
                              end=tok.end - 1)]
-    tt = {T.QIDENT: TokenType.IDENTIFIER, T.STRING: TokenType.STRING, T.BITSTRING: TokenType.BIT_STRING,
-          T.HEXSTRING: TokenType.HEX_STRING, T.NUMBER: TokenType.NUMBER}.get(tok.kind)
+    tt = _LITERAL_TYPES.get(tok.kind)
     if tt is None:  # pragma: no cover - SEMI never reaches here (statements are split)
         raise Unparsable(f"unexpected token {tok.text!r}")
     return [SqlglotToken(tt, tok.value, line=1, col=col, start=tok.start, end=tok.end - 1)]
