@@ -57,6 +57,10 @@ _NOT_CALLS = (
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _EMPTY = (None, False, [], "")
 _TYPED_NAMES: dict[type, str | None] = {}  # typed sqlglot function class -> PostgreSQL name
+# Node classes met so far that Analyzer.special has no branch for (operators, CASE, ...), and that
+# are no call of a function (Analyzer.evaluated_regardless): both decide by class alone.
+_PLAIN: set[type] = set()
+_NOT_CALL_CLASSES: set[type] = set()
 
 
 # Expressions PostgreSQL names after their construct in a result column (FigureColname).
@@ -613,7 +617,10 @@ class Analyzer:
         output of a subquery even when nothing above uses it, and does not inline a WITH query holding
         one. Other unused outputs are never computed (the planner drops them, allpaths.c
         remove_unused_subquery_outputs), so their errors cannot show a value."""
+        inert = _NOT_CALL_CLASSES
         for node in e.walk():
+            if node.__class__ in inert:
+                continue
             if isinstance(node, exp.Anonymous):
                 if isinstance(node.parent, exp.Dot):
                     return True  # schema-qualified: taken for a user-defined function
@@ -627,6 +634,8 @@ class Analyzer:
                 name = self.typed_name(node)
                 if name and fn.evaluated_regardless(name, self.ctx.schema):
                     return True
+            else:
+                inert.add(node.__class__)  # (the tests above are on the class alone)
         return False
 
     @staticmethod
@@ -1378,7 +1387,14 @@ class Analyzer:
         return out
 
     def special(self, node: exp.Expr, env: Env) -> Flow | None:
-        """The flow of a node that has a meaning of its own, or None for a plain operator node."""
+        """The flow of a node that has a meaning of its own, or None for a plain operator node.
+
+        Which branch a node takes depends on its class alone (keep it so): a class that took
+        none is remembered in ``_PLAIN`` and not tested again (most nodes of an expression are
+        operators, which would otherwise go through every test below).
+        """
+        if node.__class__ in _PLAIN:
+            return None
         if isinstance(node, exp.Column):
             return self.column(node, env)
         if isinstance(node, exp.Parameter):
@@ -1454,6 +1470,7 @@ class Analyzer:
         if isinstance(node, (exp.Table, exp.From, exp.Join, exp.Lateral, exp.Insert, exp.Update, exp.Delete,
                              exp.Merge, exp.Command, exp.Alias)):
             raise Unsupported(f"unexpected {type(node).__name__} in an expression")
+        _PLAIN.add(node.__class__)
         return None
 
     def name_flow(self, node: exp.Var | exp.Identifier, env: Env) -> Flow:

@@ -9,6 +9,7 @@ here is reserved in PostgreSQL, so it cannot be a bare name).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from proxy.analysis.lexer import T, Token, scan
 from proxy.analysis.model import Span
@@ -16,6 +17,9 @@ from proxy.analysis.model import Span
 # Clauses that follow HAVING in a SELECT, in the grammar's order.
 _AFTER_HAVING = frozenset({"window", "order", "limit", "offset", "fetch", "for"})
 _SET_OPERATIONS = frozenset({"union", "intersect", "except"})
+# Every word _block_scan looks at (the others are skipped at once).
+_CLAUSE_WORDS = _AFTER_HAVING | _SET_OPERATIONS | {"having", "group", "where", "from", "into", "order", "for"}
+_KIND, _START = itemgetter(0), itemgetter(1)  # a Token's kind and start (a named tuple's fields by index: faster)
 
 
 @dataclass(eq=False)
@@ -44,7 +48,7 @@ class Text:
     def index_at(self, pos: int) -> int | None:
         """The index of the token starting at character ``pos`` (relative to this text)."""
         if not self._starts:
-            self._starts = {t.start: i for i, t in enumerate(self.tokens)}
+            self._starts = dict(zip(map(_START, self.tokens), range(len(self.tokens))))
         return self._starts.get(pos)
 
     def matching(self, i: int) -> int:
@@ -52,10 +56,11 @@ class Text:
         if self._match is None:
             match = [-1] * len(self.tokens)
             stack: list[int] = []
-            for k, tok in enumerate(self.tokens):
-                if tok.kind is T.LPAREN:
+            LPAREN, RPAREN = T.LPAREN, T.RPAREN
+            for k, kind in enumerate(map(_KIND, self.tokens)):
+                if kind is LPAREN:
                     stack.append(k)
-                elif tok.kind is T.RPAREN and stack:
+                elif kind is RPAREN and stack:
                     j = stack.pop()
                     match[j], match[k] = k, j
             self._match = match
@@ -84,16 +89,18 @@ def block_start(text: Text, i: int) -> int | None:
     (0, 4)
     """
     toks = text.tokens
+    RPAREN, IDENT = T.RPAREN, T.IDENT
     k = i - 1
     while k >= 0:
         tok = toks[k]
-        if tok.kind is T.RPAREN:
+        kind = tok[0]
+        if kind is RPAREN:
             m = text.matching(k)
             if m < 0:
                 return None
             k = m - 1
             continue
-        if tok.is_word("select"):
+        if kind is IDENT and tok[3] == "select":
             return k
         k -= 1
     return None
@@ -105,18 +112,20 @@ def _block_scan(text: Text, sel: int) -> tuple[dict[str, int], int]:
     found: dict[str, int] = {}
     k = sel + 1
     n = len(toks)
+    LPAREN, RPAREN, IDENT = T.LPAREN, T.RPAREN, T.IDENT
     while k < n:
         tok = toks[k]
-        if tok.kind is T.LPAREN:
+        kind = tok[0]
+        if kind is LPAREN:
             m = text.matching(k)
             if m < 0:
                 return found, n
             k = m + 1
             continue
-        if tok.kind is T.RPAREN:
+        if kind is RPAREN:
             return found, k
-        if tok.kind is T.IDENT:
-            word = tok.value
+        if kind is IDENT and tok[3] in _CLAUSE_WORDS:
+            word = tok[3]
             nxt = toks[k + 1] if k + 1 < n else None
             if word in _SET_OPERATIONS:
                 return found, k
