@@ -10,8 +10,10 @@ and rule lines, never values from the SQL text.
 from __future__ import annotations
 
 import re
+from operator import attrgetter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
+from weakref import WeakKeyDictionary
 
 from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Table, Use
 from proxy.policy import vocabulary as v
@@ -58,6 +60,7 @@ OPAQUE_COLUMNS = {
 USE_NAMES = ((Use.PROJECT, "project"), (Use.FILTER, "filter"), (Use.WHOLE_ROW, "whole_row"),
              (Use.AGGREGATE, "aggregate"), (Use.WRITE, "write"), (Use.DELETE, "delete"))
 ROW_LEVEL = Use.PROJECT | Use.FILTER | Use.WHOLE_ROW
+_COLUMN_ORDER = attrgetter("schema", "table", "name")  # Column's own order (its fields, in turn)
 
 Rewrite = Callable[[Analysis, "Explanation"], Decision]
 
@@ -487,6 +490,40 @@ def _explain_column(col: Column, t: _Touch, cats: tuple[str, ...], role: str, pu
     return replace(base, outcome=read.effect, method=read.method, k=read.k), requirement
 
 
+# Per policy (which is immutable once loaded), the explanations of columns already explained: a
+# column's explanation depends on the column, its uses and functions, the role and the purpose only.
+_MEMOS: WeakKeyDictionary[Policy, dict] = WeakKeyDictionary()
+_MEMO_LIMIT = 50000
+
+
+def _memo(policy: Policy) -> dict:
+    memo = _MEMOS.get(policy)
+    if memo is None or len(memo) > _MEMO_LIMIT:
+        memo = _MEMOS[policy] = {}
+    return memo
+
+
+def _undecided(memo: dict, key: tuple, cats: tuple[str, ...]) -> ColumnExplanation:
+    """The column's explanation before the policy is asked (``key``: column, use, functions)."""
+    found = memo.get(key)
+    if found is None:
+        col, use, via = key
+        found = memo[key] = ColumnExplanation(str(col), use_names(use), cats, (),
+                                              "undecided" if cats else "not personal", via=via)
+    return found
+
+
+def _explained(memo: dict, key: tuple, cats: tuple[str, ...], role: str, purpose: str, policy: Policy
+               ) -> tuple[ColumnExplanation, Requirement | None]:
+    """``_explain_column`` of the column ``key`` stands for (column, use, functions), remembered."""
+    full = (key, role, purpose)
+    found = memo.get(full)
+    if found is None:
+        col, use, via = key
+        found = memo[full] = _explain_column(col, _Touch(use, set(via)), cats, role, purpose, policy)
+    return found
+
+
 def _deny_block(expl: Explanation, purpose: str, role: str, policy: Policy) -> Outcome | None:
     """Step 7: any deny blocks, naming purpose, category, columns, rules and a way forward."""
     denied = [(c.column, d) for c in expl.columns for d in c.decisions if d.decision.denied]
@@ -606,9 +643,10 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
         return blocked
 
     personal = {c: policy.categories_of(c) for c in touched}
-    expl = replace(expl, columns=tuple(
-        ColumnExplanation(str(c), use_names(t.use), personal[c], (), "undecided" if personal[c] else "not personal",
-                          via=tuple(sorted(t.via))) for c, t in sorted(touched.items())))
+    order = sorted(touched, key=_COLUMN_ORDER)  # as Column sorts itself, without its Python-level __lt__
+    memo = _memo(policy)
+    keys = {c: (c, touched[c].use, tuple(sorted(touched[c].via)) if touched[c].via else ()) for c in order}
+    expl = replace(expl, columns=tuple(_undecided(memo, keys[c], personal[c]) for c in order))
     admin_kinds = sorted({st.kind.value for st in statements if st.kind in ADMIN_KINDS})
     needs_purpose = bool(admin_kinds) or any(personal.values())
     if blocked := _purpose_change_block(statements, needs_purpose, policy, role, expl):
@@ -619,7 +657,7 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
             return _rewrite(analysis, expl, purpose, rewrite, consent)
         return Allow("no personal data"), replace(expl, verdict="allow", reason="no personal data")
 
-    personal_names = [str(c) for c, cats in sorted(personal.items()) if cats]
+    personal_names = [str(c) for c in order if personal[c]]
     expl, blocked = _purpose_block(purpose, personal_names, admin_kinds, policy, role, expl)
     if blocked:
         return blocked
@@ -630,7 +668,7 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     if blocked := _opaque_code_block(statements, purpose, policy, role, expl):
         return blocked
 
-    explained = [_explain_column(c, t, personal[c], role, purpose, policy) for c, t in sorted(touched.items())]
+    explained = [_explained(memo, keys[c], personal[c], role, purpose, policy) for c in order]
     expl = replace(expl, columns=tuple(col for col, _ in explained),
                    requirements=tuple(req for _, req in explained if req is not None))
     if blocked := _deny_block(expl, purpose, role, policy) or _aggregate_block(expl, purpose):
