@@ -1721,16 +1721,21 @@ def _func_name(node: exp.Anonymous) -> str:
 
 def _column_parts(node: exp.Column, schema: Schema) -> list[str]:
     parts = []
-    cat = node.args.get("catalog")
+    args = node.args
+    get = args.get
+    cat = get("catalog")
     if cat is not None:
         c = ident(cat)
         if c != schema.database:
             raise Unsupported(f"cross-database reference {node.sql('postgres')}")
-    for key in ("db", "table"):
-        v = node.args.get(key)
-        if v is not None:
-            parts.append(ident(v))
-    parts.append(ident(node.this) if not isinstance(node.this, exp.Star) else "*")
+    v = get("db")
+    if v is not None:
+        parts.append(ident(v))
+    v = get("table")
+    if v is not None:
+        parts.append(ident(v))
+    this = get("this")
+    parts.append(ident(this) if not isinstance(this, exp.Star) else "*")
     return parts
 
 

@@ -83,6 +83,9 @@ def consumed(u: Use, ctx: Use) -> Use:
 
 # --- identifiers and relations -------------------------------------------------------------------
 
+_IDENTIFIER = exp.Identifier
+_ASCII_LOWER = {c: c + 32 for c in range(65, 91)}  # as lexer.ascii_lower folds
+
 
 def ident(node: exp.Expr | str | None) -> str | None:
     """The PostgreSQL name of an identifier node: unquoted ones folded (ASCII only), all truncated.
@@ -90,6 +93,12 @@ def ident(node: exp.Expr | str | None) -> str | None:
     >>> ident(exp.to_identifier("Members")), ident(exp.to_identifier("Members", quoted=True))
     ('members', 'Members')
     """
+    if node.__class__ is _IDENTIFIER:  # the usual case, first (args read directly: the properties cost more)
+        args = node.args
+        name = args.get("this")
+        if not args.get("quoted"):
+            name = name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
+        return name if len(name) < 16 else truncate_identifier(name)
     if node is None:
         return None
     if isinstance(node, str):
