@@ -139,6 +139,10 @@ def _no_match(s: str, i: int) -> None:
 
 
 _FAST_KIND = {"p": None, "n": T.NUMBER, "o": T.OP}
+# The same by _FAST's group numbers (1: w, 2: p, 3: n, 4: o), which the scanner reads.
+_FAST_KINDS = (None, None, _FAST_KIND["p"], _FAST_KIND["n"], _FAST_KIND["o"])
+if dict(_FAST.groupindex) != {"w": 1, "p": 2, "n": 3, "o": 4}:  # pragma: no cover - _FAST was edited
+    raise ImportError("lexer._FAST_KINDS does not follow the groups of _FAST")
 _PUNCT = {"(": T.LPAREN, ")": T.RPAREN, "[": T.LBRACKET, "]": T.RBRACKET, ",": T.COMMA, ";": T.SEMI, ".": T.DOT}
 
 _DOLQ = re.compile(r"\$([A-Za-z_\x80-\U0010ffff][A-Za-z_0-9\x80-\U0010ffff]*)?\$")
@@ -245,17 +249,19 @@ class _Scanner:
         s, n = self.s, self.n
         add, new, IDENT = self.tokens.append, tuple.__new__, T.IDENT  # (locals: hot loop)
         fast = _FAST.match if self.fast else _no_match
+        kinds = _FAST_KINDS
         i = 0
         while True:
             m = fast(s, i)
             if m is not None:  # the common tokens, one match each (see _FAST)
-                group = m.lastgroup
-                a, i = m.span(group)
+                group = m.lastindex  # (by number: lastgroup and span(name) look the name up)
+                a = m.start(group)
+                i = m.end()
                 word = s[a:i]
-                if group == "w":
+                if group == 1:
                     add(new(Token, (IDENT, a, i, word.lower() if word.isascii() else ascii_lower(word), word)))
                 else:
-                    add(new(Token, (_FAST_KIND[group] or _PUNCT[word], a, i, word, word)))
+                    add(new(Token, (kinds[group] or _PUNCT[word], a, i, word, word)))
                 continue
             i = self._skip_space_and_comments(i)
             if i >= n:
