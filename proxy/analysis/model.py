@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Use(enum.Flag):
@@ -57,9 +58,13 @@ _READ_BITS = (Use.PROJECT | Use.FILTER | Use.WHOLE_ROW | Use.AGGREGATE).value
 _WRITE_BITS = (Use.WRITE | Use.DELETE).value
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Column:
-    """A base-table column, fully qualified and in PostgreSQL's case (unquoted names lowered)."""
+class Column(NamedTuple):
+    """A base-table column, fully qualified and in PostgreSQL's case (unquoted names lowered).
+
+    A named tuple, not a dataclass: the analysis hashes and compares hundreds of them per
+    statement, and a tuple does both in C (a frozen dataclass's ``__hash__`` and ``__eq__``
+    are Python code).
+    """
 
     schema: str
     table: str
@@ -69,8 +74,7 @@ class Column:
         return f"{self.schema}.{self.table}.{self.name}"
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Table:
+class Table(NamedTuple):
     schema: str
     name: str
 
