@@ -422,22 +422,32 @@ def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
         for w in words[1:5]:
             if w in _CODE_OBJECTS:
                 return f"{words[0].upper()} {w.upper()}"
+    index = words[0] == "create" and "index" in words[1:4]
     if words[0] in ("create", "alter"):
-        for w in words:
-            if w in _CODE_CLAUSES:
-                return f"a {w.upper()} clause"
+        for j, t in enumerate(tokens):
+            if t.kind is T.IDENT and t.value in _CODE_CLAUSES:
+                if index and t.value == "using" and _access_method_at(tokens, j + 1):
+                    continue  # CREATE INDEX ... USING btree (...): the index's access method, no code
+                return f"a {t.value.upper()} clause"
         found = _evaluated_expression(tokens, words)
         if found:
             return found
-    if words[0] == "create" and "index" in words[1:4]:
+    if index:
         depth = 0
-        for t in tokens:
+        skip = None  # the depth at which WITH (storage_parameter = value, ...) ends
+        for k, t in enumerate(tokens):
             if t.kind is T.LPAREN:
                 depth += 1
-                if depth > 1:
+                if skip is None and depth == 1 and k and tokens[k - 1].is_word("with"):
+                    skip = 0  # storage parameters are settings, not expressions
+                elif depth > 1 and skip is None:
                     return "an index expression"
             elif t.kind is T.RPAREN:
                 depth -= 1
+                if skip is not None and depth == skip:
+                    skip = None
+            elif skip is not None:
+                continue
             elif depth and t.kind is T.OP:
                 return "an index expression"
             elif not depth and t.is_word("where"):  # evaluated on every stored row as the index is built
@@ -447,6 +457,11 @@ def ddl_code(tokens: tuple[Token, ...] | list[Token]) -> str | None:
     except Unsupported as exc:
         return str(exc)
     return None
+
+
+def _access_method_at(tokens: tuple[Token, ...] | list[Token], j: int) -> bool:
+    """Whether tokens ``j``, ``j + 1`` are an access method's name and the ``(`` of the index's columns."""
+    return (j + 1 < len(tokens) and tokens[j].kind in (T.IDENT, T.QIDENT) and tokens[j + 1].kind is T.LPAREN)
 
 
 def _evaluated_expression(tokens: tuple[Token, ...] | list[Token], words: list[str]) -> str | None:

@@ -330,6 +330,10 @@ def test_search_path_may_be_given_as_the_setting_text():
     ("ALTER DOMAIN public.d ADD CONSTRAINT c CHECK (VALUE::bigint > 0)", "ALTER DOMAIN"),
     ("ALTER TYPE public.ct ALTER ATTRIBUTE a TYPE regclass CASCADE", "ALTER ATTRIBUTE"),
     ("ALTER TYPE public.ct RENAME ATTRIBUTE a TO b CASCADE", "RENAME ATTRIBUTE"),
+    ("CREATE INDEX i ON billing.cards USING btree ((card_number::bigint))", "index expression"),
+    ("CREATE INDEX i ON billing.cards USING btree (expiry) WITH (fillfactor = 70) WHERE card_number::bigint > 0",
+     "partial-index predicate"),
+    ("ALTER TABLE billing.cards ALTER COLUMN expiry TYPE date USING f(card_number)", "USING clause"),
     ("ALTER TABLE public.t ADD FOREIGN KEY (a) REFERENCES billing.cards", "referenced columns"),
     ("ALTER TABLE billing.cards ALTER COLUMN 1 TYPE int", "ALTER TABLE whose reads"),
 ])
@@ -392,6 +396,10 @@ def test_ddl_reading_stored_values_reads_the_columns(sql, columns):
 @pytest.mark.parametrize("sql", [
     "CREATE INDEX i ON billing.cards (card_number)",
     "CREATE INDEX CONCURRENTLY i ON billing.cards (card_number, expiry DESC) INCLUDE (member_id)",
+    # pg_dump writes USING btree on every index; storage parameters are settings, not expressions
+    "CREATE INDEX i ON billing.cards USING btree (card_number)",
+    "CREATE INDEX i ON billing.cards USING gin (card_number gin_trgm_ops) WITH (fastupdate = off)",
+    "CREATE INDEX i ON billing.cards (expiry) WITH (fillfactor = 70) TABLESPACE pg_default",
     "CREATE UNIQUE INDEX i ON public.audit_log (actor)",
     "ALTER TABLE billing.cards ADD COLUMN note text",
     "ALTER TABLE billing.cards ADD COLUMN note text UNIQUE, ADD CONSTRAINT u UNIQUE (note)",
