@@ -443,7 +443,7 @@ class Session:
         self.relay = relay
         await self._connect_upstream()
         relay.channel_binding = self._same_certificate()
-        relay.start(raw)
+        relay.start(codec.with_startup_params(raw, getattr(decider, "startup_parameters", None) or {}))
         self.flush()  # the StartupMessage goes upstream
         await self._upstream_answer()
         self.relaying = True

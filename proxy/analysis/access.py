@@ -353,7 +353,12 @@ def _ddl(st: Statement, ctx: Context, acc: StatementAccess, first: str | None) -
         # Stored values the statement reads as it runs (and may show in its errors): reads of
         # those columns (for a materialized view, also of what its definition read), decided by
         # the policy like any other.
-        rel = _relation(ctx, read.relation)
+        try:
+            rel = _relation(ctx, read.relation)
+        except Unsupported:
+            if read.if_known:
+                continue  # an index (or nothing: PostgreSQL then refuses the statement itself)
+            raise
         an = Analyzer(ctx, acc)
         src = an.relation_source(rel)
         for c in rel.columns if read.columns is None else read.columns:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -327,7 +328,10 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 # (so TRUNCATE, VACUUM FULL and ANALYZE, which rewrite pg_class rows, do not count);
 # view rules, functions, operators and per-role settings by the xmin of their rows
 # (CREATE OR REPLACE writes a new row version). Temporary relations are left out, as
-# the load leaves them out: sessions create them all the time.
+# the load leaves them out: sessions create them all the time. The server's own search_path
+# is not in it: a session's reset value is fixed when it starts, so the watch's kept connection
+# and a load's new one would differ for ever after a change; sessions through the proxy have
+# their search_path pinned at connect time anyway (PurposeSession.startup_parameters).
 CATALOG_STAMP_SQL = """
 SELECT
  (SELECT count(*) || ':' || coalesce(sum(hashtext(c.oid::text || ' ' || c.relname || ' '
@@ -350,10 +354,13 @@ SELECT
     JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
- (SELECT count(*) || ':' || coalesce(sum(p.xmin::text::bigint), 0) FROM pg_catalog.pg_proc p),
- (SELECT count(*) || ':' || coalesce(sum(o.xmin::text::bigint), 0) FROM pg_catalog.pg_operator o),
- (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s),
- (SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path')
+ (SELECT count(*) || ':' || coalesce(sum(p.xmin::text::bigint), 0)
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+   WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(o.xmin::text::bigint), 0)
+    FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+   WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s)
 """
 
 
@@ -410,6 +417,19 @@ def quote_ident(name: str) -> str:
     if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) and name not in _RESERVED:
         return name
     return '"' + name.replace('"', '""') + '"'
+
+
+def format_search_path(names: list[str]) -> str:
+    """A search_path setting PostgreSQL reads back as ``names`` (``parse_search_path``'s inverse), quoting
+    only the names that need it, as PostgreSQL prints its default.
+
+    >>> format_search_path(["$user", "public", "Crm", 'a"b'])
+    '"$user", public, "Crm", "a""b"'
+    >>> parse_search_path(format_search_path(["$user", "public", "Crm", 'a"b']))
+    ['$user', 'public', 'Crm', 'a"b']
+    """
+    return ", ".join(n if re.fullmatch(r"[a-z_][a-z0-9_]*", n) else '"' + n.replace('"', '""') + '"'
+                     for n in names)
 
 
 def parse_search_path(value: str | None) -> list[str]:

@@ -499,12 +499,15 @@ def _evaluated_expression(tokens: tuple[Token, ...] | list[Token], words: list[s
 class DdlRead:
     """Stored values of a relation a DDL statement reads as it runs (and may show in its errors).
 
-    ``columns`` None: every column of the relation.
+    ``columns`` None: every column of the relation. ``if_known``: only if the name is a relation
+    the schema holds (ALTER INDEX ... RENAME renames whatever relation it names, usually an index,
+    which the schema does not hold).
     """
 
     relation: list[str]
     columns: tuple[str, ...] | None
     use: Use
+    if_known: bool = False
 
 
 _ALTER_READ_WORDS = frozenset({"type", "unique", "primary", "foreign", "attach", "inherit", "rename", "schema"})
@@ -543,6 +546,15 @@ def ddl_reads(tokens: tuple[Token, ...] | list[Token]) -> list[DdlRead]:
     words = [t.value for t in tokens if t.kind is T.IDENT]
     if len(words) < 3:
         return []
+    if words[:2] == ["alter", "index"] and "rename" in words:
+        # PostgreSQL lets ALTER INDEX rename any relation, a table too (RenameRelation)
+        r = _Reader(tokens, "ALTER INDEX")
+        r.expect("alter")
+        r.expect("index")
+        if r.accept("if"):
+            r.expect("exists")
+        rel = r.qualified_name()
+        return [DdlRead(rel, None, Use.PROJECT, if_known=True)] if r.accept("rename") else []
     if words[0] == "alter" and (words[1] in ("table", "view")
                                 or words[1:3] in (["foreign", "table"], ["materialized", "view"])):
         if not _ALTER_READ_WORDS.intersection(words[2:]):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from proxy.analysis.access import analyze
 from proxy.analysis.model import Analysis, Kind, Table
-from proxy.analysis.schema import parse_search_path
+from proxy.analysis.schema import format_search_path, parse_search_path
 from proxy.analysis.shape import shape
 from proxy.analysis.utility import ends_a_transaction_aside
 from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
@@ -126,6 +126,14 @@ class PurposeSession:
         sp = settings.get("search_path")
         self.startup_search_path = (parse_search_path(sp) if sp is not None
                                     else db.default_search_path(self.role, self.database))
+        # Settings the proxy adds to the StartupMessage it sends upstream. The search_path the
+        # session starts with is the proxy's reading of the role's, database's and server's
+        # defaults; pinned as a client setting it stays what the proxy decides on, whatever
+        # changes there later (a SIGHUP applies a new postgresql.conf search_path to open
+        # sessions that have not set theirs; ALTER ROLE ... SET or a renamed role reaches new
+        # sessions before the proxy has read it). RESET goes back to it, as the proxy expects.
+        self.startup_parameters = ({} if sp is not None
+                                   else {"search_path": format_search_path(self.startup_search_path)})
         self._settings_epoch = 0  # moves whenever the purpose or the search_path changes
         self._search_path = list(self.startup_search_path)
         # SQL-level PREPARE name -> every statement that may be behind the name, as

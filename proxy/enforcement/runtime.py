@@ -263,9 +263,11 @@ class PolicyRuntime:
                 self._again.discard(name)
                 self._start_load(name, "DDL during the previous load")
 
-    def _start_load(self, name: str, why: str, delay: float = 0.0) -> None:
+    def _start_load(self, name: str, why: str, delay: float = 0.0, *, changed: bool = False) -> None:
         """A background load of ``name`` (registered, so that at most one runs); after DDL, one that
-        fails is tried again with a growing delay for as long as the schema is stale."""
+        fails is tried again with a growing delay for as long as the schema is stale. ``changed``: the
+        catalogs are known to have changed, so a failed load makes the schema stale (a session holding
+        a lock on a view keeps every load failing: the old schema must not stay in force meanwhile)."""
         log.info("refreshing schema of database %s (%s)", name, why)
 
         async def run() -> None:
@@ -280,6 +282,9 @@ class PolicyRuntime:
                 await self._load(name)
             except Exception as exc:  # the old schema stays in use (and stays refused while stale)
                 log.warning("schema refresh of database %s failed: %s: %s", name, exc.__class__.__name__, exc)
+                if changed and name not in self.stale:
+                    self.stale.add(name)
+                    self._changed()
                 if name in self.stale:
                     self._start_load(name, "retry after a failed load", min(max(delay * 2, RETRY_MIN), RETRY_MAX))
 
@@ -356,7 +361,7 @@ class PolicyRuntime:
                         continue
                     failing.discard(name)
                     if stamp != state.stamp and self._databases.get(name) is state and name not in self._loading:
-                        self._start_load(name, "catalogs changed outside the proxy")
+                        self._start_load(name, "catalogs changed outside the proxy", changed=True)
         finally:
             for conn in connections.values():
                 conn.terminate()

@@ -281,6 +281,20 @@ def parse_startup_params(payload: bytes) -> dict[str, str]:
     return params
 
 
+def with_startup_params(packet: bytes, params: dict[str, str]) -> bytes:
+    """A StartupMessage ``packet`` with ``params`` added after the client's own (the client's bytes kept).
+
+    >>> with_startup_params(startup_message({"user": "u"}), {"search_path": "public"}) == \\
+    ...     startup_message({"user": "u", "search_path": "public"})
+    True
+    """
+    if not params:
+        return packet
+    extra = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items())
+    body = packet[4:-1] + extra + b"\x00"  # before the list's terminating NUL
+    return _I32.pack(4 + len(body)) + body
+
+
 def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
     body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
     return _I32.pack(8 + len(body)) + _I32.pack(version) + body

@@ -806,6 +806,45 @@ def test_ddl_run_directly_in_postgresql_is_noticed_by_the_catalog_watch(pg, enfo
         wait_for(refused, 20, "the reloaded schema to decide the statement")
 
 
+def test_a_view_locked_while_the_catalogs_change_makes_the_schema_stale(pg, enforce_db, ddl_decoy):
+    # Found by a hunt: an application session holding a lock on a view keeps every load failing
+    # (pg_get_viewdef waits for the lock, lock_timeout ends the wait); after DDL run directly the proxy
+    # then kept deciding on the old schema for as long as the lock was held. Now a failed load after a
+    # change the catalog watch saw makes the schema stale: refused (40001) until a load succeeds.
+    schema, proxy = ddl_decoy
+    with _phone_reader(pg, proxy, schema) as reader, psycopg.connect(enforce_db) as locker:
+        locker.execute("LOCK TABLE crm.member_contacts IN ACCESS EXCLUSIVE MODE")  # (a transaction of its own)
+        with psycopg.connect(enforce_db, autocommit=True) as owner:
+            owner.execute(f"DROP TABLE {schema}.members")
+        wait_for(lambda: "schema refresh of database app failed" in proxy.log(), 30, "a failed load")
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            reader.execute("SELECT phone FROM members")
+        locker.rollback()
+        _never_the_real_phones(reader)
+
+
+def test_the_search_path_is_pinned_at_connect_time(pg, enforce_proxy, enforce_db):
+    # Found by a hunt: a search_path changed in postgresql.conf (SIGHUP) reaches open sessions that
+    # never set theirs, and the proxy kept deciding on the one it read at connect time. The proxy now
+    # sends the search_path it decides on in the StartupMessage, where a SIGHUP does not override it.
+    with psycopg.connect(enforce_db, autocommit=True) as direct:
+        default = direct.execute("SHOW search_path").fetchone()[0]
+    with psycopg.connect(dsn(pg, enforce_proxy, "marketing"), autocommit=True) as conn:
+        assert conn.execute("SHOW search_path").fetchone()[0] == default  # as without the proxy
+        pg.psql_admin("ALTER SYSTEM SET search_path = crm, public")
+        try:
+            pg.psql_admin("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            conn.execute("SELECT 1")  # a backend takes up a reloaded configuration between statements
+            assert conn.execute("SHOW search_path").fetchone()[0] == default
+            conn.execute("SET search_path = crm")
+            conn.execute("RESET search_path")
+            assert conn.execute("SHOW search_path").fetchone()[0] == default
+        finally:
+            pg.psql_admin("ALTER SYSTEM RESET search_path")
+            pg.psql_admin("SELECT pg_reload_conf()")
+
+
 @pytest.mark.parametrize("end", ["COMMIT AND CHAIN", "prepared", "prepared, cache warm"])
 def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_decoy, end):
     # COMMIT AND CHAIN commits and opens the next block at once (the status never returns to idle);

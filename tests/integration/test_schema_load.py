@@ -142,6 +142,7 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
 
 @pytest.mark.parametrize("change, counts", [
     ("CREATE TEMP TABLE scratch_tmp (x int)", False),  # other sessions' temporary tables are not loaded
+    ("CREATE FUNCTION pg_temp.scratch_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'", False),
     ("TRUNCATE billing.invoices", False),  # rewrites the pg_class row, not what a load reads
     ("ANALYZE crm.members", False),
     ("VACUUM FULL crm.notes", False),
@@ -180,6 +181,33 @@ def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     try:
         before, after = asyncio.run(run())
         assert (after != before) is counts
+    finally:
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_catalog_stamp_is_the_same_from_an_old_connection_and_a_new_one(pg):
+    # Found by a hunt: the stamp held the server's search_path as the session read it at start; after
+    # ALTER DATABASE ... SET search_path the watch's kept connection and every load's new one differed
+    # for ever, and the proxy loaded the schema every 2 s.
+    name = "pp_stamp_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+
+    async def run() -> tuple:
+        old = await asyncpg.connect(pg.url("app", dbname=name))
+        try:
+            await old.execute(f'ALTER DATABASE "{name}" SET search_path = public, pg_catalog')
+            first = await catalog_stamp(old)
+            new = await asyncpg.connect(pg.url("app", dbname=name))
+            try:
+                return first, await catalog_stamp(old), await catalog_stamp(new)
+            finally:
+                await new.close()
+        finally:
+            await old.close()
+
+    try:
+        first, again, fresh = asyncio.run(run())
+        assert first == again == fresh
     finally:
         pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -379,6 +379,9 @@ def test_ddl_evaluating_code_over_stored_rows_is_opaque_code(sql, code):
     ("ALTER MATERIALIZED VIEW crm.member_stats SET SCHEMA public",
      {"crm.member_stats.postal_code": Use.PROJECT, "crm.member_stats.members": Use.PROJECT,
       "crm.members.postal_code": Use.PROJECT | Use.FILTER}),
+    # ALTER INDEX renames any relation it names, a table too (found by a hunt)
+    ("ALTER INDEX IF EXISTS billing.cards RENAME TO cards_old",
+     {f"billing.cards.{c}": Use.PROJECT for c in ("card_id", "member_id", "card_number", "expiry")}),
     ("ALTER SCHEMA billing RENAME TO billing_old",
      {f"billing.cards.{c}": Use.PROJECT for c in ("card_id", "member_id", "card_number", "expiry")}
      | {f"billing.invoices.{c}": Use.PROJECT for c in ("invoice_id", "member_id", "amount", "issued_at")}),
@@ -406,6 +409,7 @@ def test_ddl_reading_stored_values_reads_the_columns(sql, columns):
     "ALTER TABLE billing.cards RENAME CONSTRAINT cards_pkey TO cards_key",
     "ALTER TABLE billing.cards SET TABLESPACE pg_default",
     "ALTER SCHEMA billing OWNER TO app",
+    "ALTER INDEX billing.cards_pkey RENAME TO cards_key",  # an index: no stored values renamed
     "ALTER TABLE billing.cards ALTER COLUMN card_number SET NOT NULL",
     "ALTER TABLE billing.cards DROP COLUMN expiry",
     "ALTER TABLE billing.cards NO INHERIT public.audit_log",
