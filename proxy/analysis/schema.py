@@ -327,7 +327,8 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 # committed change the load would see. Relations and columns are hashed by content
 # (so TRUNCATE, VACUUM FULL and ANALYZE, which rewrite pg_class rows, do not count);
 # view rules, functions, operators and per-role settings by the xmin of their rows
-# (CREATE OR REPLACE writes a new row version). Temporary relations are left out, as
+# (CREATE OR REPLACE writes a new row version); schemas with their privileges, and roles with
+# their memberships (which schemas a role may use). Temporary relations are left out, as
 # the load leaves them out: sessions create them all the time. The server's own search_path
 # is not in it: a session's reset value is fixed when it starts, so the watch's kept connection
 # and a load's new one would differ for ever after a change; sessions through the proxy have
@@ -347,7 +348,9 @@ SELECT
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE a.attnum > 0 AND c.relkind IN ('r', 'p', 'f', 'v', 'm', 'c')
      AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
- (SELECT count(*) || ':' || coalesce(sum(n.oid::text::bigint + hashtext(n.nspname)), 0) FROM pg_catalog.pg_namespace n
+ (SELECT count(*) || ':' || coalesce(sum(n.oid::text::bigint + hashtext(n.nspname || ' '
+                                                                     || coalesce(n.nspacl::text, ''))), 0)
+    FROM pg_catalog.pg_namespace n
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
  (SELECT count(*) || ':' || coalesce(sum(r.xmin::text::bigint), 0)
     FROM pg_catalog.pg_rewrite r
@@ -360,7 +363,11 @@ SELECT
  (SELECT count(*) || ':' || coalesce(sum(o.xmin::text::bigint), 0)
     FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
- (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s)
+ (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s),
+ (SELECT count(*) || ':' || coalesce(sum(hashtext(r.oid::text || ' ' || r.rolname || ' ' || r.rolsuper::text || ' '
+                                                 || r.rolcanlogin::text || ' ' || r.rolinherit::text)::bigint), 0)
+    FROM pg_catalog.pg_roles r),
+ (SELECT count(*) || ':' || coalesce(sum(m.xmin::text::bigint), 0) FROM pg_catalog.pg_auth_members m)
 """
 
 
@@ -433,46 +440,63 @@ def format_search_path(names: list[str]) -> str:
 
 
 def parse_search_path(value: str | None) -> list[str]:
-    """Split a search_path setting (as SET records it, or SHOW prints it) into schema names.
+    """Split a search_path setting (as SET records it, or SHOW prints it) into schema names, exactly as
+    PostgreSQL's SplitIdentifierString does (utils/adt/varlena.c): only ASCII space, tab, newline,
+    carriage return and form feed separate (scanner_isspace; a U+3000 or U+00A0 is part of a name),
+    unquoted names are lowered in ASCII only, every name is truncated to 63 bytes. A value PostgreSQL
+    refuses ("invalid list syntax") raises ``ValueError``.
 
     >>> parse_search_path('"$user", public, "Crm", CRM')
     ['$user', 'public', 'Crm', 'crm']
+    >>> parse_search_path('public\u3000,member'), parse_search_path('')
+    (['public\u3000', 'member'], [])
     """
-    from proxy.analysis.lexer import ascii_lower
+    from proxy.analysis.lexer import ascii_lower, truncate_identifier
 
-    if not value:
-        return []
+    space = " \t\n\r\f"
     out: list[str] = []
-    i, n = 0, len(value)
-    while i < n:
-        while i < n and value[i] in " \t\n\r\f":
-            i += 1
-        if i >= n:
-            break
+    i, n = 0, len(value or "")
+    while i < n and value[i] in space:
+        i += 1
+    if i >= n:
+        return []
+    while True:
         if value[i] == '"':
-            j = i + 1
             buf = []
-            while j < n:
-                if value[j] == '"':
-                    if j + 1 < n and value[j + 1] == '"':
-                        buf.append('"')
-                        j += 2
-                        continue
-                    break
-                buf.append(value[j])
-                j += 1
-            out.append("".join(buf))
-            i = j + 1
+            j = i + 1
+            while True:
+                k = value.find('"', j)
+                if k < 0:
+                    raise ValueError("invalid list syntax in search_path: mismatched quotes")
+                buf.append(value[j:k])
+                if k + 1 < n and value[k + 1] == '"':
+                    buf.append('"')
+                    j = k + 2
+                    continue
+                break
+            name = "".join(buf)
+            i = k + 1
         else:
             j = i
-            while j < n and value[j] != ",":
+            while j < n and value[j] != "," and value[j] not in space:
                 j += 1
-            out.append(ascii_lower(value[i:j].strip()))
+            if j == i:
+                raise ValueError("invalid list syntax in search_path: an empty name")
+            name = ascii_lower(value[i:j])
             i = j
-        while i < n and value[i] in " \t\n\r\f":
+        out.append(truncate_identifier(name))
+        while i < n and value[i] in space:
             i += 1
         if i < n and value[i] == ",":
             i += 1
+            while i < n and value[i] in space:
+                i += 1
+            if i >= n:
+                raise ValueError("invalid list syntax in search_path: nothing after a comma")
+            continue
+        if i >= n:
+            break
+        raise ValueError("invalid list syntax in search_path")
     return [x for x in out if x]
 
 

@@ -235,13 +235,14 @@ class PurposeSession:
         db = self.db
         policy = self.runtime.policy
         scs = self._scs
+        path = db.usable_search_path(self.search_path, self.role)
         # While a SET is unconfirmed a statement is decided twice (below): no cache then; nor while
         # the schema is changing (every statement is checked by ``_schema_changing``).
         changing = self._ddl_open or self.database in self.runtime.stale
         cache = self.runtime.cache if self._unsettled is None and not changing else None
         shp = None
         if cache is not None:
-            context = (self.role, self.purpose, tuple(self.search_path), policy.version, db.schema.version, scs)
+            context = (self.role, self.purpose, tuple(path), policy.version, db.schema.version, scs)
             entry = cache.get((sql, context))
             if entry is None:
                 shp = shape(sql)
@@ -270,7 +271,7 @@ class PurposeSession:
                         self.runtime.refresh_schema(self.database, "unknown relation")
                     return entry.decision, None
                 return entry.decision, entry.analysis
-        analysis = analyze(sql, db.schema, self.search_path, self.role, standard_conforming_strings=scs)
+        analysis = analyze(sql, db.schema, path, self.role, standard_conforming_strings=scs)
         statements = analysis.statements
         refused = self._session_rules(analysis, via)
         if refused is not None:
@@ -282,7 +283,7 @@ class PurposeSession:
         edits: list = []
         decision, self.last = decide_statement(
             analysis, role=self.role, purpose=self.purpose, policy=policy,
-            rewrite=make_rewrite(policy, db.schema, self.search_path, self.role, edits))
+            rewrite=make_rewrite(policy, db.schema, path, self.role, edits))
         if cache is not None:
             entry = shape_entry(analysis, decision, self.last, edits) if shp is not None else None
             if entry is not None:
@@ -297,6 +298,7 @@ class PurposeSession:
             # A SET is still in flight: PostgreSQL may yet refuse it, so the statement
             # must also pass under the purpose and search_path from before it.
             purpose, path = self._unsettled
+            path = db.usable_search_path(path, self.role)
             before = analyze(sql, db.schema, path, self.role, standard_conforming_strings=scs)
             other, expl = decide_statement(before, role=self.role, purpose=purpose, policy=policy,
                                            rewrite=make_rewrite(policy, db.schema, path, self.role))

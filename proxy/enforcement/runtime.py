@@ -35,6 +35,17 @@ LOADER_SETTINGS = {"lock_timeout": "2s", "statement_timeout": "30s"}
 RETRY_MIN, RETRY_MAX = 1.0, 10.0
 READ_ATTEMPTS = 3  # reads of a policy whose files change while they are read, before giving up until the next change
 
+# Which schemas each login role (not a superuser) may not use, by PostgreSQL's own check (role
+# membership included).
+_NO_USAGE_SQL = r"""
+SELECT r.rolname AS role, array_agg(n.nspname::text) AS schemas
+  FROM pg_catalog.pg_roles r CROSS JOIN pg_catalog.pg_namespace n
+ WHERE r.rolcanlogin AND NOT r.rolsuper
+   AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast%'
+   AND NOT pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')
+ GROUP BY r.rolname
+"""
+
 _ROLE_SETTINGS_SQL = """
 SELECT coalesce(r.rolname, '') AS role, coalesce(d.datname, '') AS database, s.setconfig
   FROM pg_catalog.pg_db_role_setting s
@@ -54,6 +65,21 @@ class DatabaseState:
     loaded_at: float = 0.0
     # The catalogs' stamp read just before the load (``catalog_stamp``); None: not watched.
     stamp: tuple[str, ...] | None = None
+    # login role -> schemas it has no USAGE on: PostgreSQL leaves them out of its search_path
+    # (recomputeNamespacePath), so a name found there by the proxy is found further on by the server.
+    no_usage: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def usable_search_path(self, path: list[str], role: str) -> list[str]:
+        """``path`` without the schemas ``role`` may not use, as PostgreSQL searches it.
+
+        >>> DatabaseState(None, no_usage={"app": frozenset({"reporting", "app"})}).usable_search_path(
+        ...     ["$user", "reporting", "member"], "app")
+        ['member']
+        """
+        hidden = self.no_usage.get(role)
+        if not hidden:
+            return path
+        return [s for s in path if (role if s == "$user" else s) not in hidden]
 
     def default_search_path(self, role: str, database: str) -> list[str]:
         """The search_path a new session of ``role`` starts with, as PostgreSQL picks it.
@@ -83,9 +109,10 @@ async def load_database_state(dsn: str, database: str, connect_timeout: float) -
                 name, _, value = item.partition("=")
                 if name.lower() == "search_path":
                     settings[(row["role"], row["database"])] = value
+        no_usage = {row["role"]: frozenset(row["schemas"]) for row in await conn.fetch(_NO_USAGE_SQL)}
     finally:
         await conn.close()
-    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp)
+    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp, no_usage)
 
 
 class PolicyRuntime:

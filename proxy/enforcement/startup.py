@@ -13,11 +13,20 @@ connection (``option_settings``).
 from __future__ import annotations
 
 
+# isspace() of C on the bytes, as pg_split_opts calls it. Python's str.isspace() also takes
+# U+001C..U+001F, U+0085, U+00A0, U+3000, ... for spaces, where PostgreSQL goes on with the word:
+# "--search_path=member,<U+001C>--search_path=public" was one setting to PostgreSQL and two to the
+# proxy. Other characters that some locale could take for a space are refused (``option_settings``).
+_C_SPACE = " \t\n\v\f\r"
+
+
 def split_options(options: str) -> list[str]:
     r"""Split an ``options`` string the way pg_split_opts does.
 
     >>> split_options(r"-c a=b  -c x=with\ space")
     ['-c', 'a=b', '-c', 'x=with space']
+    >>> split_options("-c a=b\x1c-c x=y")
+    ['-c', 'a=b\x1c-c', 'x=y']
     """
     out: list[str] = []
     cur: list[str] = []
@@ -31,7 +40,7 @@ def split_options(options: str) -> list[str]:
         elif ch == "\\":
             escaped = True
             in_word = True
-        elif ch.isspace():
+        elif ch in _C_SPACE:
             if in_word:
                 out.append("".join(cur))
                 cur = []
@@ -66,6 +75,10 @@ def option_settings(options: str) -> list[tuple[str, str]]:
     ...
     proxy.enforcement.startup.BadOptions: startup options: purpose-proxy reads only -c name=value and --name=value, not '-Ec'
     """
+    odd = next((ch for ch in options if (ch.isspace() and ch not in _C_SPACE) or ord(ch) < 0x20 and ch not in _C_SPACE
+                or 0x7F <= ord(ch) <= 0xA0), None)
+    if odd is not None:  # a space to Python, or to isspace() in some server locale, but not in C's
+        raise BadOptions(f"startup options: purpose-proxy refuses the character U+{ord(odd):04X} in options")
     args = split_options(options)
     out: list[tuple[str, str]] = []
     i = 0

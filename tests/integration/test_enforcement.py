@@ -823,6 +823,52 @@ def test_a_view_locked_while_the_catalogs_change_makes_the_schema_stale(pg, enfo
         _never_the_real_phones(reader)
 
 
+def test_a_schema_the_role_may_not_use_is_not_searched(pg, enforce_db):
+    # Found by a hunt: PostgreSQL leaves schemas the role has no USAGE on out of its search_path, so
+    # with a decoy members there the proxy decided on the decoy and PostgreSQL read crm.members.
+    schema = f"nu_{uuid.uuid4().hex[:8]}"
+    pg.psql_admin(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.members (member_id int, phone text); "
+                  f"INSERT INTO {schema}.members VALUES (1, 'not-a-phone')", dbname="app")
+    proxy = enforcing_proxy(pg, POLICY_DIR)
+    try:
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn:
+            conn.execute(f"SET search_path = {schema}, crm")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute("SELECT phone FROM members").fetchall()
+            assert "contact.phone" in str(info.value)
+            # Once granted (the catalog watch sees it), both read the decoy.
+            pg.psql_admin(f"GRANT USAGE ON SCHEMA {schema} TO app; GRANT SELECT ON {schema}.members TO app",
+                          dbname="app")
+
+            def decoy() -> bool:
+                try:
+                    return conn.execute("SELECT phone FROM members").fetchall() == [("not-a-phone",)]
+                except psycopg.errors.InsufficientPrivilege:
+                    return False
+
+            wait_for(decoy, 20, "the grant to be taken up")
+    finally:
+        proxy.stop()
+        pg.psql_admin(f"DROP SCHEMA {schema} CASCADE", dbname="app")
+
+
+@pytest.mark.parametrize("space", ["\u3000", "\u00a0", "\x1c"])
+def test_a_startup_search_path_is_split_as_postgresql_splits_it(pg, enforce_proxy, space):
+    # Found by a hunt: to PostgreSQL "public<U+3000>" is one (missing) schema name, so members is
+    # crm.members; the proxy stripped the U+3000 and decided on the decoy public.members.
+    async def go() -> None:
+        conn = await asyncpg.connect(url(pg, enforce_proxy), database="app",
+                                     server_settings={"search_path": f"public{space}, crm",
+                                                      "pii.purpose": "marketing"})
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetch("SELECT phone FROM members")
+        finally:
+            await conn.close()
+
+    run(go())
+
+
 def test_the_search_path_is_pinned_at_connect_time(pg, enforce_proxy, enforce_db):
     # Found by a hunt: a search_path changed in postgresql.conf (SIGHUP) reaches open sessions that
     # never set theirs, and the proxy kept deciding on the one it read at connect time. The proxy now

@@ -157,6 +157,8 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
      "AS $$ BEGIN RETURN id; END $$", True),
     ("ALTER ROLE app SET search_path = crm, public", True),
     ("CREATE SCHEMA stamp_test", True),
+    ("REVOKE USAGE ON SCHEMA crm FROM PUBLIC", True),  # which schemas a role may search
+    ("GRANT USAGE ON SCHEMA crm TO PUBLIC", True),
 ])
 def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     """The catalog watch reloads when the stamp moves: on DDL that changes what ``load_schema`` and the

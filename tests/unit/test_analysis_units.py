@@ -455,3 +455,45 @@ def test_ddl_reading_an_unknown_relation_or_column_is_unsupported():
                         ("CREATE UNIQUE INDEX i ON billing.cards (nosuch)", '"nosuch"')]:
         st = analyze(sql, SCHEMA).statements[0]
         assert any(reason in r for r in st.unsupported), (sql, st.unsupported)
+
+
+@pytest.mark.parametrize("value, path", [
+    ('"$user", public', ["$user", "public"]),
+    (" crm ,\t\"Crm\" ", ["crm", "Crm"]),
+    ('"a""b", c', ['a"b', "c"]),
+    # Found by a hunt: only ASCII space, tab, newline, CR and form feed separate (SplitIdentifierString);
+    # "public<U+3000>" is a schema of that name to PostgreSQL, which it skips, and was "public" here.
+    ("public\u3000, crm", ["public\u3000", "crm"]),
+    ("public\x1c, crm", ["public\x1c", "crm"]),
+    ("PUBLIC\u00c9, crm", ["public\u00c9", "crm"]),  # lowered in ASCII only
+    # and every name is truncated to 63 bytes, as the server truncates it
+    ("r" * 67 + ", public", ["r" * 63, "public"]),
+    ('"' + "é" * 40 + '"', ["é" * 31]),
+])
+def test_search_path_values_split_as_postgresql_splits_them(value, path):
+    from proxy.analysis.schema import parse_search_path
+
+    assert parse_search_path(value) == path
+
+
+@pytest.mark.parametrize("value", ["a b", "a,", '"a"b', '"a', ", a"])
+def test_search_path_values_postgresql_refuses_are_refused(value):
+    from proxy.analysis.schema import parse_search_path
+
+    with pytest.raises(ValueError):
+        parse_search_path(value)
+
+
+@pytest.mark.parametrize("options", [
+    "--search_path=member,\x1c--search_path=public -c pii.purpose=x",  # one word to PostgreSQL, two to Python
+    "-c search_path=public\\\u3000,member",
+    "-c application_name=a\u00a0b",
+    "-c application_name=a\x85b",
+])
+def test_startup_options_with_spaces_only_python_sees_are_refused(options):
+    # Found by a hunt: pg_split_opts splits on C's isspace(); str.isspace() also splits on U+001C..U+001F,
+    # U+0085, U+00A0, U+3000, ..., and the proxy read a second search_path PostgreSQL never set.
+    from proxy.enforcement.startup import BadOptions, option_settings
+
+    with pytest.raises(BadOptions):
+        option_settings(options)
