@@ -119,13 +119,22 @@ class PurposeSession:
             raise StartupRefused(Block("changing the session's role at connect time is refused by purpose-proxy",
                                        sqlstate="42501", severity="FATAL", reason="set-role",
                                        hint="Connect as the role that should run the statements."))
+        if db.sets_identity(self.role, self.database):
+            raise StartupRefused(Block("a role or database setting (ALTER ROLE/DATABASE ... SET role) would make this "
+                                       "session run as another role, which purpose-proxy refuses",
+                                       sqlstate="42501", severity="FATAL", reason="set-role",
+                                       hint="Connect as the role that should run the statements."))
         if unsafe_client_encoding(settings.get("client_encoding")):
             raise StartupRefused(_encoding_refusal(settings["client_encoding"], "FATAL"))
         self.startup_purpose = settings.get(self.setting) or None
         self.purpose = self.startup_purpose
         sp = settings.get("search_path")
-        self.startup_search_path = (parse_search_path(sp) if sp is not None
-                                    else db.default_search_path(self.role, self.database))
+        try:
+            self.startup_search_path = (parse_search_path(sp) if sp is not None
+                                        else db.default_search_path(self.role, self.database))
+        except ValueError as exc:
+            raise StartupRefused(Block(f'invalid value for parameter "search_path": {exc}', sqlstate="22023",
+                                       severity="FATAL", reason="startup-options")) from None
         # Settings the proxy adds to the StartupMessage it sends upstream. The search_path the
         # session starts with is the proxy's reading of the role's, database's and server's
         # defaults; pinned as a client setting it stays what the proxy decides on, whatever

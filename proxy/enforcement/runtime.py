@@ -38,11 +38,12 @@ READ_ATTEMPTS = 3  # reads of a policy whose files change while they are read, b
 # Which schemas each login role (not a superuser) may not use, by PostgreSQL's own check (role
 # membership included).
 _NO_USAGE_SQL = r"""
-SELECT r.rolname AS role, array_agg(n.nspname::text) AS schemas
+SELECT r.rolname AS role,
+       coalesce(array_agg(n.nspname::text) FILTER (
+                  WHERE NOT r.rolsuper AND NOT pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')),
+                '{}') AS schemas
   FROM pg_catalog.pg_roles r CROSS JOIN pg_catalog.pg_namespace n
- WHERE r.rolcanlogin AND NOT r.rolsuper
-   AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast%'
-   AND NOT pg_catalog.has_schema_privilege(r.oid, n.oid, 'USAGE')
+ WHERE n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast%'
  GROUP BY r.rolname
 """
 
@@ -65,21 +66,36 @@ class DatabaseState:
     loaded_at: float = 0.0
     # The catalogs' stamp read just before the load (``catalog_stamp``); None: not watched.
     stamp: tuple[str, ...] | None = None
-    # login role -> schemas it has no USAGE on: PostgreSQL leaves them out of its search_path
+    # role -> schemas it has no USAGE on: PostgreSQL leaves them out of its search_path
     # (recomputeNamespacePath), so a name found there by the proxy is found further on by the server.
-    no_usage: dict[str, frozenset[str]] = field(default_factory=dict)
+    # None: not read (a schema from a file); else every role is in it, superusers with nothing hidden.
+    no_usage: dict[str, frozenset[str]] | None = None
+    # (role or "", database or "") whose ALTER ROLE/DATABASE ... SET makes sessions run as another
+    # role (role, session_authorization): refused at connect time, as the same settings in the
+    # StartupMessage are.
+    identity_settings: frozenset[tuple[str, str]] = frozenset()
 
     def usable_search_path(self, path: list[str], role: str) -> list[str]:
         """``path`` without the schemas ``role`` may not use, as PostgreSQL searches it.
 
-        >>> DatabaseState(None, no_usage={"app": frozenset({"reporting", "app"})}).usable_search_path(
-        ...     ["$user", "reporting", "member"], "app")
+        >>> state = DatabaseState(None, no_usage={"app": frozenset({"reporting", "app"})})
+        >>> state.usable_search_path(["$user", "reporting", "member"], "app")
         ['member']
+        >>> state.usable_search_path(["$user", "reporting", "member"], "renamed_or_new")  # unknown: nothing
+        []
         """
+        if self.no_usage is None:
+            return path
         hidden = self.no_usage.get(role)
+        if hidden is None:  # a role renamed or created since the load: search nothing until a reload
+            return []
         if not hidden:
             return path
         return [s for s in path if (role if s == "$user" else s) not in hidden]
+
+    def sets_identity(self, role: str, database: str) -> bool:
+        """Whether a role or database setting makes a session of ``role`` run as another role."""
+        return any(key in self.identity_settings for key in ((role, database), (role, ""), ("", database)))
 
     def default_search_path(self, role: str, database: str) -> list[str]:
         """The search_path a new session of ``role`` starts with, as PostgreSQL picks it.
@@ -94,6 +110,11 @@ class DatabaseState:
         return list(self.server_search_path)
 
 
+def _session_facts(state: DatabaseState) -> tuple:
+    """What a DatabaseState holds besides its schema that decisions depend on."""
+    return (state.no_usage, state.search_path_settings, state.server_search_path, state.identity_settings)
+
+
 async def load_database_state(dsn: str, database: str, connect_timeout: float) -> DatabaseState:
     import asyncpg
 
@@ -104,15 +125,19 @@ async def load_database_state(dsn: str, database: str, connect_timeout: float) -
         schema = await load_schema(conn)
         server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
         settings: dict[tuple[str, str], str] = {}
+        identity: set[tuple[str, str]] = set()
         for row in await conn.fetch(_ROLE_SETTINGS_SQL):
             for item in row["setconfig"] or ():
                 name, _, value = item.partition("=")
                 if name.lower() == "search_path":
                     settings[(row["role"], row["database"])] = value
+                elif name.lower() in ("role", "session_authorization"):
+                    identity.add((row["role"], row["database"]))
         no_usage = {row["role"]: frozenset(row["schemas"]) for row in await conn.fetch(_NO_USAGE_SQL)}
     finally:
         await conn.close()
-    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp, no_usage)
+    return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp, no_usage,
+                         frozenset(identity))
 
 
 class PolicyRuntime:
@@ -277,8 +302,9 @@ class PolicyRuntime:
             if self._fresh(name) and name in self.stale:
                 self.stale.discard(name)
                 log.info("schema of database %s is current again after DDL", name)
-            if old is not None and old.schema.version != state.schema.version:
-                self._changed()
+            if old is not None and (old.schema.version != state.schema.version or _session_facts(old)
+                                    != _session_facts(state)):
+                self._changed()  # decisions made before (prepared statements too) must be made again
             relations = state.schema.relations  # a property of Schema (a method in older versions)
             log.info("schema of database %s loaded (%d relations, version %s)", name,
                      len(relations() if callable(relations) else relations), state.schema.version)

@@ -869,6 +869,69 @@ def test_a_startup_search_path_is_split_as_postgresql_splits_it(pg, enforce_prox
     run(go())
 
 
+def test_a_revoked_schema_reaches_statements_prepared_before(pg, enforce_db):
+    # Found by a hunt: a REVOKE of USAGE run directly was taken up by new statements, but the schema's
+    # version did not change, so epochs did not move and EXECUTE / Bind of a statement prepared on the
+    # decoy went on reading crm.members.
+    schema = f"nu_{uuid.uuid4().hex[:8]}"
+    pg.psql_admin(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.members (member_id int, phone text); "
+                  f"INSERT INTO {schema}.members VALUES (1, 'not-a-phone'); GRANT USAGE ON SCHEMA {schema} TO app; "
+                  f"GRANT SELECT ON {schema}.members TO app", dbname="app")
+    proxy = enforcing_proxy(pg, POLICY_DIR)
+    try:
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn:
+            conn.execute(f"SET search_path = {schema}, crm")
+            conn.execute("PREPARE p AS SELECT phone FROM members")
+            assert conn.execute("EXECUTE p").fetchall() == [("not-a-phone",)]
+            loads = proxy.log().count("schema of database app loaded")
+            pg.psql_admin(f"REVOKE USAGE ON SCHEMA {schema} FROM app", dbname="app")
+            # (until the catalog watch has seen it and the load ends, PostgreSQL and the proxy differ:
+            # the documented window of DDL run directly)
+            wait_for(lambda: proxy.log().count("schema of database app loaded") > loads, 20, "the reload")
+            with pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.FeatureNotSupported)):
+                conn.execute("EXECUTE p").fetchall()
+    finally:
+        proxy.stop()
+        pg.psql_admin(f"DROP SCHEMA {schema} CASCADE", dbname="app")
+
+
+def test_a_role_setting_that_changes_the_role_refuses_the_login(pg, enforce_proxy):
+    # Found by a hunt: ALTER ROLE ... SET role = 'other' made sessions run as another role (with its
+    # schema privileges) while the proxy decided for the one that logged in.
+    pg.psql_admin("ALTER ROLE app IN DATABASE app SET role = 'app'", dbname="app")
+    try:
+        def refused() -> bool:
+            try:
+                psycopg.connect(dsn(pg, enforce_proxy, "marketing")).close()
+            except psycopg.OperationalError as exc:
+                assert "run as another role" in str(exc)
+                return True
+            return False
+
+        wait_for(refused, 20, "the role setting to be read")
+    finally:
+        pg.psql_admin("ALTER ROLE app IN DATABASE app RESET role", dbname="app")
+
+    def admitted() -> bool:
+        try:
+            psycopg.connect(dsn(pg, enforce_proxy, "marketing")).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    wait_for(admitted, 20, "the reset to be read")
+
+
+def test_an_invalid_startup_search_path_is_refused_as_postgresql_refuses_it(pg, enforce_proxy):
+    async def go() -> None:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(url(pg, enforce_proxy), database="app",
+                                  server_settings={"search_path": '"crm', "pii.purpose": "marketing"})
+        assert info.value.sqlstate == "22023"
+
+    run(go())
+
+
 def test_the_search_path_is_pinned_at_connect_time(pg, enforce_proxy, enforce_db):
     # Found by a hunt: a search_path changed in postgresql.conf (SIGHUP) reaches open sessions that
     # never set theirs, and the proxy kept deciding on the one it read at connect time. The proxy now
