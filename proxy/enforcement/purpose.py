@@ -145,6 +145,9 @@ class PurposeSession:
                                    else {"search_path": format_search_path(self.startup_search_path)})
         self._settings_epoch = 0  # moves whenever the purpose or the search_path changes
         self._search_path = list(self.startup_search_path)
+        # (state, search_path) -> the schemas PostgreSQL searches (without those the role may not
+        # use), as a list and a tuple: worked out once per state and path, not per statement
+        self._usable: tuple = (None, None, [], ())
         # SQL-level PREPARE name -> every statement that may be behind the name, as
         # (sql, decision, epoch, explanation): a PREPARE of a name that exists fails in
         # PostgreSQL, which the proxy does not see, so the earlier statements stay candidates.
@@ -244,14 +247,18 @@ class PurposeSession:
         db = self.db
         policy = self.runtime.policy
         scs = self._scs
-        path = db.usable_search_path(self.search_path, self.role)
+        usable = self._usable
+        if usable[0] is not db or usable[1] is not self._search_path:  # (the setter assigns a new list)
+            searched = db.usable_search_path(self._search_path, self.role)
+            usable = self._usable = (db, self._search_path, searched, tuple(searched))
+        path = usable[2]
         # While a SET is unconfirmed a statement is decided twice (below): no cache then; nor while
         # the schema is changing (every statement is checked by ``_schema_changing``).
         changing = self._ddl_open or self.database in self.runtime.stale
         cache = self.runtime.cache if self._unsettled is None and not changing else None
         shp = None
         if cache is not None:
-            context = (self.role, self.purpose, tuple(path), policy.version, db.schema.version, scs)
+            context = (self.role, self.purpose, usable[3], policy.version, db.schema.version, scs)
             entry = cache.get((sql, context))
             if entry is None:
                 shp = shape(sql)
