@@ -28,7 +28,7 @@ from proxy.analysis import positions as pos
 from proxy.analysis.lexer import Statement, T, Token
 from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
                                   Use)
-from proxy.analysis.resolve import (F, P, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
+from proxy.analysis.resolve import (F, P, W, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
                                     check_conflicts, column_of, consumed, ident, lookup_qualified, lookup_refname,
                                     lookup_unqualified, merge_into, resolve_relation, union, whole_row)
 from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
@@ -1158,7 +1158,10 @@ class Analyzer:
             for c in rel.columns if rel is not None else ():
                 self.acc.use(Column(t.schema, t.name, c), Use.DELETE)
 
-    def write(self, mapping: dict[str, list[Column]], name: str, rel: str, use: Use = Use.WRITE) -> None:
+    def write(self, mapping: dict[str, list[Column]], name: str, rel: str, use: Use = Use.WRITE,
+              value: Flow | None = None) -> None:
+        """Record the write of column ``name`` of ``rel`` (through a view: its base column), and what
+        ``value`` it is given."""
         cols = mapping.get(name)
         if cols is None:
             raise Unsupported(f'column "{name}" of relation {rel} does not exist')
@@ -1166,6 +1169,19 @@ class Analyzer:
             raise Unsupported(f'column "{name}" of view {rel} is not a plain column of its base table')
         for c in cols:
             self.acc.use(c, use)
+            if value:
+                self.copy(c, value)
+
+    def copy(self, target: Column | str, value: Flow) -> None:
+        """Record that the values of the columns in ``value`` are stored into ``target``.
+
+        Only values count: a column that reaches ``value`` through a statistical aggregate
+        alone (``sum(amount)``) is not copied; one through any other expression is
+        (``lower(email)``, ``min(email)``, ``CASE WHEN card LIKE '4%' ...``).
+        """
+        sources = [k for k, u in value.items() if isinstance(k, Column) and u & (P | W)]
+        if sources:
+            self.acc.copies.setdefault(target, set()).update(sources)
 
     def insert(self, node: exp.Insert, env: Env, top: bool = True) -> Result:
         _check_args(node, frozenset({"with_", "this", "expression", "conflict", "returning", "default"}), "INSERT")
@@ -1195,7 +1211,7 @@ class Analyzer:
                 raise Unsupported("INSERT has more expressions than target columns")
             inserted = dict(zip(written, r.flows))
         for c in written:
-            self.write(mapping, c, relname)
+            self.write(mapping, c, relname, value=inserted.get(c))
         for t in tables:
             self.acc.tables[t] = self.acc.tables.get(t, Use.NONE) | Use.WRITE
         conflict = node.args.get("conflict")
@@ -1236,21 +1252,28 @@ class Analyzer:
                 raise Unsupported("unexpected SET item")
             lhs, rhs = eq.this, eq.expression
             targets = lhs.expressions if isinstance(lhs, exp.Tuple) else [lhs]
-            for t in targets:
-                self.write(mapping, _set_target(t), relname)
             if isinstance(lhs, exp.Tuple) and isinstance(rhs, exp.Tuple):
                 values = list(rhs.expressions)
             else:
                 values = [rhs]
+            stored: list[Flow] = []  # what each target gets, in order
             for v in values:
                 if isinstance(v, exp.Column) and not v.args.get("table") and isinstance(v.this, exp.Identifier) \
                         and not v.this.quoted and v.this.this.lower() == "default":
+                    stored.append({})
                     continue
                 if isinstance(v, exp.Subquery):
                     r = self.query(v.this, env)
                     self.consume_result(r, P)
+                    stored.extend(r.flows)  # (a, b) = (SELECT x, y ...): one value per output column
                 else:
-                    self.consume(self.expr(v, env), P)
+                    fl = self.expr(v, env)
+                    self.consume(fl, P)
+                    stored.append(fl)
+            if len(stored) != len(targets):  # (a, b) = ROW(...) and the like: each may get any of it
+                stored = [union(*stored)] * len(targets)
+            for t, fl in zip(targets, stored):
+                self.write(mapping, _set_target(t), relname, value=fl)
 
     def dml_position(self, src: Source, verb: str, top: bool) -> None:
         """For the target of a top-level UPDATE/DELETE: where its WHERE condition is (for the rewrite)."""
@@ -1343,13 +1366,15 @@ class Analyzer:
                 values = vals.expressions if isinstance(vals, exp.Tuple) else ([vals] if vals is not None else [])
                 if len(values) > len(cols):
                     raise Unsupported("INSERT has more expressions than target columns")
-                for c in cols[: len(values)] if cols_node is None else cols:
-                    self.write(mapping, c, relname)
-                for v in values:
+                given: dict[str, Flow] = {}
+                for c, v in zip(cols, values):
                     if isinstance(v, exp.Column) and isinstance(v.this, exp.Identifier) and not v.this.quoted \
                             and v.this.this.lower() == "default" and not v.args.get("table"):
                         continue
-                    self.consume(self.expr(v, inner), P)
+                    given[c] = fl = self.expr(v, inner)
+                    self.consume(fl, P)
+                for c in cols[: len(values)] if cols_node is None else cols:
+                    self.write(mapping, c, relname, value=given.get(c))
                 use |= Use.WRITE
             elif isinstance(then, exp.Var) and then.name.upper() == "DELETE":
                 self.delete_rows(tables)
@@ -1655,6 +1680,8 @@ class Analyzer:
         out: Flow = {}
         for child in node.expressions:
             merge_into(out, self.expr(child, env))
+        if res.schema == "pg_catalog" and (place := fn.EXPORTING.get(res.name)) is not None:
+            self.copy(place, out)
         return out
 
     def set_config(self, node: exp.Anonymous) -> None:

@@ -72,6 +72,19 @@ _deny("acts on the server or other sessions", """
     pg_replication_origin_create pg_replication_origin_drop pg_replication_origin_session_setup
     pg_replication_origin_advance pg_replication_origin_xact_setup
 """)
+# Safe built-ins that store their arguments where other sessions, or later statements under
+# another purpose, read them: values of columns passed to them count as copied there (the
+# policy refuses personal ones), as if written into a column the catalog holds as not personal.
+EXPORTING: dict[str, str] = {
+    "pg_notify": "a notification payload (pg_notify), which every session listening on the channel receives",
+    "set_config": "a setting (set_config), which later statements read under any purpose",
+    "setval": "a sequence (setval), which other sessions read",
+    **{name: f"an advisory lock key ({name}), which every session sees in pg_locks" for name in (
+        "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
+        "pg_try_advisory_lock", "pg_try_advisory_lock_shared", "pg_try_advisory_xact_lock",
+        "pg_try_advisory_xact_lock_shared")},
+}
+
 DENY_PREFIXES: dict[str, str] = {
     "dblink": "executes SQL on another server",
     "pg_ls_": "lists server directories",

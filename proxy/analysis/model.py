@@ -230,6 +230,10 @@ class StatementAccess:
     # Code PostgreSQL runs now or later that the analysis cannot read (a DO block, a
     # procedure, a function or trigger body, a DEFAULT or CHECK expression...): what it is.
     opaque_code: str | None = None
+    # Where the statement stores values of base columns: a written base column, or a place
+    # outside the catalog named in words (a notification payload, a setting, ...) -> the
+    # columns whose values (not only statistics of them) reach it.
+    copies: dict["Column | str", set[Column]] = field(default_factory=dict)
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

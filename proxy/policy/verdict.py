@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 from weakref import WeakKeyDictionary
 
+from proxy.analysis.lexer import T, scan
 from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Table, Use
 from proxy.policy import vocabulary as v
 from proxy.policy.decision import Allow, Block, Decision, Mask
@@ -126,10 +127,17 @@ _LITERAL = re.compile(
 
 
 def literals_of(sql: str) -> list[str]:
-    """The literal values written in ``sql`` (contents of strings, dollar quotes, numbers), longest first.
+    r"""The literal values in ``sql`` (contents of strings, dollar quotes, numbers), as written and as
+    decoded, longest first.
+
+    Messages from the parser and the analysis echo the decoded value (sqlglot is given the lexer's:
+    ``E'a\x40b'`` is ``a@b`` there), so escaped strings are decoded as PostgreSQL would, with
+    ``standard_conforming_strings`` on and off (a refusal's message goes to the audit log).
 
     >>> literals_of("SELECT 'a@b.jp', $$x y$$, 4111111111111111 FROM t WHERE n = 'O''Brien'")
     ['4111111111111111', "O''Brien", "O'Brien", 'a@b.jp', 'x y']
+    >>> literals_of(r"SELECT E'k\x40m.example', U&'40\0030' FROM t")
+    ['k\\x40m.example', 'k@m.example', '40\\0030', '400']
     """
     found: set[str] = set()
     for m in _LITERAL.finditer(sql):
@@ -138,7 +146,16 @@ def literals_of(sql: str) -> list[str]:
                 found.add(value)
                 if "''" in value:
                     found.add(value.replace("''", "'"))
+    if "\\" in sql:
+        for scs in (True, False):
+            try:
+                found.update(t.value for t in scan(sql, scs) if t.kind in _VALUE_KINDS)
+            except Exception:  # unreadable to the lexer: the forms as written are all there is
+                pass
     return sorted((x for x in found if len(x) >= 2), key=lambda x: (-len(x), x))
+
+
+_VALUE_KINDS = frozenset({T.STRING, T.BITSTRING, T.HEXSTRING, T.NUMBER})
 
 
 def scrub(text: str, sql: str, limit: int = 300) -> str:
@@ -570,6 +587,38 @@ def _aggregate_block(expl: Explanation, purpose: str) -> Outcome | None:
                        f"or ordering by it would reveal its values row by row, so those are refused too.")
 
 
+def _copy_block(statements: list[StatementAccess], purpose: str, policy: Policy, expl: Explanation
+                ) -> Outcome | None:
+    """Step 8b: personal data may not be stored where the catalog holds nothing personal.
+
+    A value written into a column (INSERT, UPDATE, MERGE, ON CONFLICT) that the catalog
+    holds as not personal (a reference table, a temporary table) would be handed to every
+    purpose, and so would a notification payload, a setting or a lock key
+    (``functions.EXPORTING``), which other sessions, or later statements under another
+    purpose, read. A column with categories of its own keeps the copy under the policy:
+    the catalog may classify what a table receives differently on purpose (names reported
+    to a credit exchange are ``credit.nonpayer`` there). Masked and aggregate-only columns
+    are left to the rewrite, which refuses to store them or stores what it made of them.
+    """
+    rewritten = {r.column for r in expl.requirements}
+    for st in statements:
+        for target, sources in st.copies.items():
+            if isinstance(target, Column) and policy.categories_of(target):
+                continue
+            for src in sorted(sources, key=_COLUMN_ORDER):
+                cats = policy.categories_of(src)
+                if not cats or str(src) in rewritten:
+                    continue
+                where = (target if isinstance(target, str)
+                         else f"column {target}, which the catalog holds as not personal")
+                message = (f"under purpose \"{purpose}\", {src} (category \"{cats[0]}\") would be copied into "
+                           f"{where}, out of the policy's reach")
+                return _block(expl, message, "copied-out-of-catalog",
+                              hint="Store personal data only in columns the catalog classifies (policies/catalog.yaml), "
+                                   "or store a statistic of it (count, sum, avg).")
+    return None
+
+
 def _consent_tables(statements: list[StatementAccess], touched: Iterable[Column], policy: Policy,
                     purpose: str | None) -> list[str]:
     """The tables with a data-subject column the statement touches (also through declared functions), when
@@ -671,7 +720,8 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     explained = [_explained(memo, keys[c], personal[c], role, purpose, policy) for c in order]
     expl = replace(expl, columns=tuple(col for col, _ in explained),
                    requirements=tuple(req for _, req in explained if req is not None))
-    if blocked := _deny_block(expl, purpose, role, policy) or _aggregate_block(expl, purpose):
+    if blocked := (_deny_block(expl, purpose, role, policy) or _aggregate_block(expl, purpose)
+                   or _copy_block(statements, purpose, policy, expl)):
         return blocked
     consent = _consent_tables(statements, touched, policy, purpose)
     if expl.requirements or consent:
