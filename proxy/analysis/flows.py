@@ -731,7 +731,7 @@ class Analyzer:
                                                 lateral))
         if isinstance(node, exp.Unnest):
             _check_args(node, frozenset({"expressions", "alias", "offset"}), "UNNEST")
-            self.acc.functions.add("pg_catalog.unnest")
+            self.typed_function("unnest")
             flows = [self.expr(e, lateral) for e in node.expressions]
             alias = node.args.get("alias")
             names: list[str | None] = ["unnest"] * len(flows)
@@ -1574,13 +1574,13 @@ class Analyzer:
         func, order = node.this, node.expression
         if isinstance(func, exp.Anonymous):
             name = _func_name(func)
-            self.record_function(func, None)
-            stat = name in fn.STATISTICAL_AGGREGATES
+            res = self.record_function(func, None)
+            stat = name in fn.STATISTICAL_AGGREGATES and res.schema == "pg_catalog" and not res.others
             args = [self.expr(a, env) for a in func.expressions]
         elif isinstance(func, exp.AggFunc):
             name = self.typed_name(func) or type(func).__name__.lower()
-            self.acc.functions.add(f"pg_catalog.{name}")
-            stat = isinstance(func, _STAT_AGG_TYPES)
+            res = self.typed_function(name)
+            stat = isinstance(func, _STAT_AGG_TYPES) and res.schema == "pg_catalog" and not res.others
             args = [self.expr(a, env) for a in func.iter_expressions()]
         else:
             raise Unsupported("WITHIN GROUP on something that is not an aggregate")
@@ -1595,7 +1595,9 @@ class Analyzer:
         """An aggregate call: its input flows become AGGREGATE if it only computes a statistic."""
         name = self.typed_name(node) if not isinstance(node, exp.Anonymous) else _func_name(node)
         if name and not isinstance(node, exp.Anonymous):
-            self.acc.functions.add(f"pg_catalog.{name}")
+            res = self.typed_function(name)
+            if res.schema != "pg_catalog" or res.others:
+                stat = False  # (a user-defined aggregate of the name may return its input values)
         if not windowed:
             self.frames[-1].aggregated = True
         out: Flow = {}
@@ -1635,16 +1637,23 @@ class Analyzer:
             _TYPED_NAMES[cls] = m.group(1).lower() if m else None
         return _TYPED_NAMES[cls]
 
+    def typed_function(self, name: str) -> fn.Resolved:
+        """Record the call of a function sqlglot parsed into a typed node (``sum``, ``lower``, ``unnest``):
+        a built-in's name, which a user-defined function of the same name on the path may stand for."""
+        res = fn.classify_function(name, None, self.ctx.schema, self.path)
+        if res.cls is fn.FunctionClass.USER_DEFINED:
+            self.acc.functions.add(res.qualified)
+        elif res.cls is fn.FunctionClass.DATA_READING_BUILTIN:
+            self._deny(res)
+        else:
+            self.acc.functions.add(f"pg_catalog.{name}")
+        self.acc.functions.update(res.others)
+        return res
+
     def typed_call(self, node: exp.Func, env: Env) -> Flow:
         name = self.typed_name(node)
         if name:
-            res = fn.classify_function(name, None, self.ctx.schema, self.path)
-            if res.cls is fn.FunctionClass.USER_DEFINED:
-                self.acc.functions.add(res.qualified)
-            elif res.cls is fn.FunctionClass.DATA_READING_BUILTIN:
-                self._deny(res)
-            else:
-                self.acc.functions.add(f"pg_catalog.{name}")
+            self.typed_function(name)
         out: Flow = {}
         for child in node.iter_expressions():
             merge_into(out, self.expr(child, env))
@@ -1658,6 +1667,7 @@ class Analyzer:
         if res.cls is fn.FunctionClass.DATA_READING_BUILTIN:
             self._deny(res)
         self.acc.functions.add(res.qualified)
+        self.acc.functions.update(res.others)
         return res
 
     def _deny(self, res: fn.Resolved) -> None:
@@ -1675,7 +1685,7 @@ class Analyzer:
         if res.name == "set_config" and res.schema == "pg_catalog":
             self.set_config(node)
         if res.aggregate:
-            stat = res.schema == "pg_catalog" and res.name in fn.STATISTICAL_AGGREGATES
+            stat = res.schema == "pg_catalog" and res.name in fn.STATISTICAL_AGGREGATES and not res.others
             return self.aggregate(node, env, stat, windowed)
         out: Flow = {}
         for child in node.expressions:

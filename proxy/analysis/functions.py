@@ -16,7 +16,7 @@ A function call is one of:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.analysis.schema import AGGREGATE, PROCEDURE, WINDOW, Schema
 
@@ -204,6 +204,9 @@ class Resolved:
     aggregate: bool = False
     window: bool = False
     procedure: bool = False
+    # Further functions of the same name on the search path that PostgreSQL may call instead
+    # (it picks among all of them by argument types): qualified names, user-defined ones only.
+    others: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -262,9 +265,29 @@ def classify_function(name: str, schema_name: str | None, schema: Schema,
     'data-reading-builtin'
     >>> classify_function("nosuch", None, s, ["pg_catalog", "crm"]).cls.value
     'unknown'
+
+    PostgreSQL resolves an unqualified name among the functions of that name in every
+    schema of the path, by argument types first (10.3, "Functions": the path order only
+    breaks ties), which the analysis does not model. When the path holds a user-defined
+    function of the name besides a built-in, the call is read as the user-defined one
+    (``public.lower(bigint)`` beats ``pg_catalog.lower(text)`` for a bigint argument), and
+    every other user-defined one is named in ``others``:
+
+    >>> s = Schema.from_dict({"schemas": {"public": {"functions": {"lower": {"language": "sql"}}}}})
+    >>> r = classify_function("lower", None, s, ["pg_catalog", "public"]); (r.qualified, r.cls.value)
+    ('public.lower', 'user-defined')
     """
+    if not schema_name:
+        user = [sch for sch in path if sch not in ("pg_catalog", "information_schema")
+                and schema.function(sch, name) is not None]
+        if user:
+            first = _classify_in(name, [user[0]], schema, None)
+            return replace(first, others=tuple(f"{sch}.{name}" for sch in user[1:]))
+    return _classify_in(name, [schema_name] if schema_name else path, schema, schema_name)
+
+
+def _classify_in(name: str, candidates: list[str], schema: Schema, schema_name: str | None) -> Resolved:
     assume = not schema.knows_builtin_functions
-    candidates = [schema_name] if schema_name else path
     for sch in candidates:
         info = schema.function(sch, name)
         builtin = sch in ("pg_catalog", "information_schema")

@@ -75,10 +75,13 @@ def test_effective_search_path():
     assert effective_search_path(("crm", "pg_catalog", "public")) == ["crm", "pg_catalog", "public"]
 
 
-def test_pg_catalog_listed_late_lets_a_user_function_shadow_a_builtin():
+def test_a_user_function_named_like_a_builtin_may_be_the_one_called_wherever_it_is_on_the_path():
+    # PostgreSQL picks among all functions of the name on the path by argument types; the path
+    # order only breaks ties (hunt 15: crm.lower(int) beat pg_catalog.lower(text) for an int).
     s = Schema.from_dict({"schemas": {"crm": {"functions": {"lower": {"language": "plpgsql"}}}}})
-    assert classify_function("lower", None, s, ["pg_catalog", "crm"]).cls is FunctionClass.SAFE_BUILTIN
+    assert classify_function("lower", None, s, ["pg_catalog", "crm"]).cls is FunctionClass.USER_DEFINED
     assert classify_function("lower", None, s, ["crm", "pg_catalog"]).cls is FunctionClass.USER_DEFINED
+    assert classify_function("lower", None, s, ["pg_catalog"]).cls is FunctionClass.SAFE_BUILTIN
     a = analyze("SELECT lower('x')", s, ["crm", "pg_catalog"]).statements[0]
     assert "crm.lower" in a.functions
 
