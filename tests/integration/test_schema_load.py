@@ -54,6 +54,9 @@ CREATE FUNCTION crm.search_members(q text) RETURNS TABLE (member_id int, name te
 CREATE FUNCTION crm.opaque_rows() RETURNS SETOF record LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE FUNCTION crm.legacy_rows() RETURNS TABLE (x int, label text) LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE PROCEDURE crm.archive_member(id int) LANGUAGE plpgsql AS $$ BEGIN NULL; END $$;
+CREATE SCHEMA shadow;
+CREATE FUNCTION shadow.lower(id int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT id::text $$;
+CREATE AGGREGATE shadow.sum(numeric) (sfunc = numeric_add, stype = numeric);
 """
 
 
