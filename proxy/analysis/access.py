@@ -154,6 +154,7 @@ def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
     acc = StatementAccess(Kind.OTHER)
     try:
         acc.functions.update(operator_functions(st, ctx.schema))
+        acc.cast_functions.update(ctx.schema.casts)
         _dispatch(st, ctx, acc)
     except Unsupported as exc:
         msg = str(exc)

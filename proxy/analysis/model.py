@@ -234,6 +234,9 @@ class StatementAccess:
     # outside the catalog named in words (a notification payload, a setting, ...) -> the
     # columns whose values (not only statistics of them) reach it.
     copies: dict["Column | str", set[Column]] = field(default_factory=dict)
+    # User-defined functions behind casts, which the statement may run without naming them
+    # (``Schema.casts``): the policy treats them as called.
+    cast_functions: set[str] = field(default_factory=set)
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

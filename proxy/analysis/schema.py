@@ -102,16 +102,20 @@ class FunctionInfo:
 class Schema:
     """Relations and functions by (schema, name); treat as immutable once built."""
 
-    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators")
+    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators", "casts")
 
     def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
                  version: str | None = None, database: str | None = None,
-                 operators: Mapping[str, Iterable[str]] | None = None) -> None:
+                 operators: Mapping[str, Iterable[str]] | None = None, casts: Iterable[str] = ()) -> None:
         # User-defined operators (outside pg_catalog and information_schema): symbol ->
         # the qualified functions behind its overloads. An operator runs its function,
         # which may read any table, so a statement using the symbol reports them all.
         self.operators: dict[str, tuple[str, ...]] = {
             sym: tuple(sorted(set(fns))) for sym, fns in (operators or {}).items()}
+        # Functions outside pg_catalog and information_schema behind casts (pg_cast.castfunc):
+        # PostgreSQL runs one for x::t, CAST(x AS t), t(x), and, for an implicit or assignment
+        # cast, with no syntax at all, so every statement may run them.
+        self.casts: tuple[str, ...] = tuple(sorted(set(casts)))
         self._relations: dict[tuple[str, str], RelationInfo] = {(r.schema, r.name): r for r in relations}
         merged: dict[tuple[str, str], FunctionInfo] = {}
         for f in functions:
@@ -205,6 +209,8 @@ class Schema:
         out: dict[str, Any] = {"schemas": schemas}
         if self.operators:
             out["operators"] = {sym: list(fns) for sym, fns in sorted(self.operators.items())}
+        if self.casts:
+            out["casts"] = list(self.casts)
         if self.database:
             out["database"] = self.database
         if include_version:
@@ -257,7 +263,7 @@ class Schema:
                 functions.append(FunctionInfo(sname, fname, langs, str(fdef.get("volatility", "volatile")), kinds,
                                               tuple(rc) if rc is not None else None))
         return cls(relations, functions, version=data.get("version"), database=data.get("database"),
-                   operators=data.get("operators"))
+                   operators=data.get("operators"), casts=data.get("casts") or ())
 
     @classmethod
     def from_file(cls, path: str) -> "Schema":
@@ -299,6 +305,14 @@ SELECT o.oprname AS symbol, fn.nspname || '.' || p.proname AS function
   JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
   JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+_CASTS_SQL = """
+SELECT DISTINCT fn.nspname || '.' || p.proname AS function
+  FROM pg_catalog.pg_cast c
+  JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+ WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 _FUNCTIONS_SQL = """
@@ -363,6 +377,7 @@ SELECT
  (SELECT count(*) || ':' || coalesce(sum(o.xmin::text::bigint), 0)
     FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(c.xmin::text::bigint), 0) FROM pg_catalog.pg_cast c),
  (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s),
  (SELECT count(*) || ':' || coalesce(sum(hashtext(r.oid::text || ' ' || r.rolname || ' ' || r.rolsuper::text || ' '
                                                  || r.rolcanlogin::text || ' ' || r.rolinherit::text)::bigint), 0)
@@ -392,6 +407,7 @@ async def load_schema(conn: Any) -> Schema:
         rel_rows = await conn.fetch(_RELATIONS_SQL)
         fn_rows = await conn.fetch(_FUNCTIONS_SQL)
         op_rows = await conn.fetch(_OPERATORS_SQL)
+        cast_rows = await conn.fetch(_CASTS_SQL)
         database = await conn.fetchval("SELECT pg_catalog.current_database()")
         await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old_path)
     relations = []
@@ -410,7 +426,8 @@ async def load_schema(conn: Any) -> Schema:
     operators: dict[str, list[str]] = {}
     for r in op_rows:
         operators.setdefault(r["symbol"], []).append(r["function"])
-    return Schema(relations, functions, database=database, operators=operators)
+    return Schema(relations, functions, database=database, operators=operators,
+                  casts=[r["function"] for r in cast_rows])
 
 
 def quote_ident(name: str) -> str:

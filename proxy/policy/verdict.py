@@ -374,7 +374,8 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
     for st in statements:
         for col, use in st.columns.items():
             touched.setdefault(col, _Touch()).use |= use
-    functions = sorted({f.lower() for st in statements for f in st.functions})
+    casts = {f.lower() for st in statements for f in st.cast_functions}
+    functions = sorted({f.lower() for st in statements for f in st.functions} | casts)
     expl = replace(expl, functions=tuple(functions))
     for name in functions:
         entry = policy.catalog.functions.get(name)
@@ -386,6 +387,13 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
                 return touched, expl, _block(
                     expl, f"function {name} runs SQL or reads data the proxy cannot see", "function",
                     hint="Query the tables directly, or declare what the function reads in catalog.yaml.")
+            if name in casts:
+                return touched, expl, _block(
+                    expl, f"function {name} is behind a cast, which PostgreSQL may apply in any statement, and it "
+                          f"is not declared in the policy catalog, so the proxy cannot tell which personal data "
+                          f"it reads", "function",
+                    hint="Declare the function under 'functions:' in catalog.yaml with the columns it reads "
+                         "(reads: [] if none), or drop the cast.")
             return touched, expl, _block(
                 expl, f"function {name} is not declared in the policy catalog, so the proxy cannot tell which "
                       f"personal data it reads", "function",

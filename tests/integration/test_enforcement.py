@@ -998,3 +998,36 @@ def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_d
         _never_the_real_phones(reader)
         if not end.startswith("prepared"):
             admin.execute("ROLLBACK")
+
+
+def test_a_user_defined_cast_function_counts_as_called_in_every_statement(pg, enforce_proxy):
+    # Found by hunt 15: CREATE CAST (bigint AS text) WITH FUNCTION public.card_of(bigint) made
+    # member_id::text return card numbers, while the analysis read the cast as a plain conversion.
+    # PostgreSQL may also apply an implicit or assignment cast with no syntax at all, so every
+    # statement counts as calling such a function until the catalog declares what it reads.
+    from tests.support.enforce import SCHEMA_SQL
+
+    name = "pp_cast_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+    try:
+        with psycopg.connect(pg.dsn("app", dbname=name), autocommit=True) as conn:
+            conn.execute(SCHEMA_SQL.read_text())
+            conn.execute("CREATE TYPE crm.label AS (v text)")
+            conn.execute("CREATE FUNCTION crm.label_of(id int) RETURNS crm.label LANGUAGE sql STABLE AS "
+                         "$$ SELECT ROW(string_agg(card_number, ','))::crm.label FROM billing.cards "
+                         "WHERE member_id = id $$")
+            conn.execute("CREATE CAST (int AS crm.label) WITH FUNCTION crm.label_of(int)")
+            direct = conn.execute("SELECT (member_id::crm.label)::text FROM crm.members WHERE member_id = 1"
+                                  ).fetchone()[0]
+            assert "CANARY-CARD" in direct  # what the cast would hand out
+        dsn = pg.dsn("app", dbname=name, host=enforce_proxy.host, port=enforce_proxy.port,
+                     **purpose_options("marketing"))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for sql in ("SELECT (member_id::crm.label)::text FROM crm.members WHERE member_id = 1",
+                        "SELECT CAST(member_id AS crm.label) FROM crm.members WHERE member_id = 1",
+                        "SELECT member_id FROM crm.members WHERE member_id = 1"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                    conn.execute(sql).fetchall()
+                assert "crm.label_of is behind a cast" in str(err.value), sql
+    finally:
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -54,6 +54,7 @@ CREATE FUNCTION crm.search_members(q text) RETURNS TABLE (member_id int, name te
 CREATE FUNCTION crm.opaque_rows() RETURNS SETOF record LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE FUNCTION crm.legacy_rows() RETURNS TABLE (x int, label text) LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE PROCEDURE crm.archive_member(id int) LANGUAGE plpgsql AS $$ BEGIN NULL; END $$;
+CREATE DOMAIN crm.code AS text;
 CREATE SCHEMA shadow;
 CREATE FUNCTION shadow.lower(id int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT id::text $$;
 CREATE AGGREGATE shadow.sum(numeric) (sfunc = numeric_add, stype = numeric);
@@ -162,6 +163,7 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
     ("CREATE SCHEMA stamp_test", True),
     ("REVOKE USAGE ON SCHEMA crm FROM PUBLIC", True),  # which schemas a role may search
     ("GRANT USAGE ON SCHEMA crm TO PUBLIC", True),
+    ("CREATE CAST (int AS crm.code) WITH INOUT", True),  # a cast may run a function (hunt 15)
 ])
 def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     """The catalog watch reloads when the stamp moves: on DDL that changes what ``load_schema`` and the
