@@ -1575,12 +1575,12 @@ class Analyzer:
         if isinstance(func, exp.Anonymous):
             name = _func_name(func)
             res = self.record_function(func, None)
-            stat = name in fn.STATISTICAL_AGGREGATES and res.schema == "pg_catalog" and not res.others
+            stat = name in fn.STATISTICAL_AGGREGATES and res.builtin_only
             args = [self.expr(a, env) for a in func.expressions]
         elif isinstance(func, exp.AggFunc):
             name = self.typed_name(func) or type(func).__name__.lower()
             res = self.typed_function(name)
-            stat = isinstance(func, _STAT_AGG_TYPES) and res.schema == "pg_catalog" and not res.others
+            stat = isinstance(func, _STAT_AGG_TYPES) and res.builtin_only
             args = [self.expr(a, env) for a in func.iter_expressions()]
         else:
             raise Unsupported("WITHIN GROUP on something that is not an aggregate")
@@ -1596,7 +1596,7 @@ class Analyzer:
         name = self.typed_name(node) if not isinstance(node, exp.Anonymous) else _func_name(node)
         if name and not isinstance(node, exp.Anonymous):
             res = self.typed_function(name)
-            if res.schema != "pg_catalog" or res.others:
+            if not res.builtin_only:
                 stat = False  # (a user-defined aggregate of the name may return its input values)
         if not windowed:
             self.frames[-1].aggregated = True
@@ -1685,7 +1685,7 @@ class Analyzer:
         if res.name == "set_config" and res.schema == "pg_catalog":
             self.set_config(node)
         if res.aggregate:
-            stat = res.schema == "pg_catalog" and res.name in fn.STATISTICAL_AGGREGATES and not res.others
+            stat = res.builtin_only and res.name in fn.STATISTICAL_AGGREGATES
             return self.aggregate(node, env, stat, windowed)
         out: Flow = {}
         for child in node.expressions:

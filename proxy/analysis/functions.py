@@ -212,6 +212,11 @@ class Resolved:
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}" if self.schema else self.name
 
+    @property
+    def builtin_only(self) -> bool:
+        """Whether only pg_catalog's function of the name can be the one called."""
+        return self.schema == "pg_catalog" and not self.others
+
 
 def denied(name: str) -> str | None:
     """Why the built-in ``name`` is denylisted, or None.
