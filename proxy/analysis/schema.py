@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -445,15 +444,14 @@ def quote_ident(name: str) -> str:
 
 def format_search_path(names: list[str]) -> str:
     """A search_path setting PostgreSQL reads back as ``names`` (``parse_search_path``'s inverse), quoting
-    only the names that need it, as PostgreSQL prints its default.
+    only the names that need it (``quote_ident``), as PostgreSQL prints its default.
 
     >>> format_search_path(["$user", "public", "Crm", 'a"b'])
     '"$user", public, "Crm", "a""b"'
     >>> parse_search_path(format_search_path(["$user", "public", "Crm", 'a"b']))
     ['$user', 'public', 'Crm', 'a"b']
     """
-    return ", ".join(n if re.fullmatch(r"[a-z_][a-z0-9_]*", n) else '"' + n.replace('"', '""') + '"'
-                     for n in names)
+    return ", ".join(quote_ident(n) for n in names)
 
 
 def parse_search_path(value: str | None) -> list[str]:

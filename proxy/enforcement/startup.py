@@ -75,8 +75,8 @@ def option_settings(options: str) -> list[tuple[str, str]]:
     ...
     proxy.enforcement.startup.BadOptions: startup options: purpose-proxy reads only -c name=value and --name=value, not '-Ec'
     """
-    odd = next((ch for ch in options if (ch.isspace() and ch not in _C_SPACE) or ord(ch) < 0x20 and ch not in _C_SPACE
-                or 0x7F <= ord(ch) <= 0xA0), None)
+    odd = next((ch for ch in options
+                if ch not in _C_SPACE and (ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0xA0)), None)
     if odd is not None:  # a space to Python, or to isspace() in some server locale, but not in C's
         raise BadOptions(f"startup options: purpose-proxy refuses the character U+{ord(odd):04X} in options")
     args = split_options(options)

@@ -290,14 +290,18 @@ def with_startup_params(packet: bytes, params: dict[str, str]) -> bytes:
     """
     if not params:
         return packet
-    extra = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items())
-    body = packet[4:-1] + extra + b"\x00"  # before the list's terminating NUL
+    body = packet[4:-1] + _param_list(params) + b"\x00"  # before the list's terminating NUL
     return _I32.pack(4 + len(body)) + body
 
 
 def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
-    body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
+    body = _param_list(params) + b"\x00"
     return _I32.pack(8 + len(body)) + _I32.pack(version) + body
+
+
+def _param_list(params: dict[str, str]) -> bytes:
+    """StartupMessage parameters as name and value, each NUL-terminated (without the list's final NUL)."""
+    return b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items())
 
 
 def ssl_request() -> bytes:
