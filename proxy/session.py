@@ -40,6 +40,10 @@ _ids = itertools.count(1)
 # Seconds a closing connection may take to hand over what is still buffered for
 # it; after that it is aborted (a peer that stopped reading would hold it forever).
 CLOSE_GRACE = 10.0
+# Seconds a client connection the proxy ends stays half-open (our side shut for
+# writing, reads dropped) so that its last message, typically a FATAL saying
+# why, is not destroyed by the reset a later write of the client would provoke.
+LINGER = 1.0
 IDLE_SESSION_TIMEOUT_MESSAGE = "terminating connection due to idle-session timeout"  # PostgreSQL 14+, 57P05
 
 
@@ -57,8 +61,9 @@ class _Side(asyncio.Protocol):
         self.buf = bytearray()  # startup phase only
         self.waiter: asyncio.Future | None = None
         self.closed = False
-        self.abort_timer: asyncio.TimerHandle | None = None  # armed by Session.close (CLOSE_GRACE)
+        self.abort_timer: asyncio.TimerHandle | None = None  # armed by shut (CLOSE_GRACE) and linger (LINGER)
         self.received: Callable[[bytes], None] | None = None  # set when relaying starts: where bytes go
+        self.lingering = False  # shut for writing, dropping what it reads until the peer's EOF (``linger``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -82,8 +87,10 @@ class _Side(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        if self.upstream:
-            return False  # the server half-closed: its session is over (side_lost reports it)
+        if self.upstream or self.lingering:
+            # the server half-closed: its session is over (side_lost reports it); or the
+            # client answered our FIN with its own: close now
+            return False
         return self.session.client_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,6 +107,39 @@ class _Side(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.session.resume_other(self)
 
+    def shut(self) -> None:
+        """Close the connection; what is still buffered for the peer gets CLOSE_GRACE to go out."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and not self.closed:
+            # close() first hands over what is buffered; a peer that stopped
+            # reading would keep the connection (and its buffers) forever.
+            self.abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
+    def linger(self) -> None:
+        """End the connection gently: send FIN after what is buffered, drop whatever the peer still
+        sends, and close at its EOF or after LINGER seconds.
+
+        A plain close of a socket with unread input, or one that receives data
+        afterwards, answers with a TCP reset, and a reset makes the peer's kernel
+        discard what it received but the client has not read yet: a client that
+        sends its next Query before reading would lose the FATAL telling it why
+        the session ended (PostgreSQL's own backends have this race; a proxy in
+        the middle need not).
+        """
+        transport = self.transport
+        self.lingering = True
+        self.received = _drop
+        try:
+            transport.resume_reading()
+            transport.write_eof()
+        except (NotImplementedError, RuntimeError, OSError):
+            self.shut()
+            return
+        self.abort_timer = asyncio.get_running_loop().call_later(LINGER, self.shut)
+
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
@@ -112,6 +152,10 @@ class _Side(asyncio.Protocol):
                     raise ClientGone()
                 self.waiter = asyncio.get_running_loop().create_future()
                 await self.waiter
+
+
+def _drop(data: bytes) -> None:
+    """What a lingering connection does with what it reads."""
 
 
 class Session:
@@ -533,13 +577,13 @@ class Session:
                 timer.cancel()
         self.auth_timer = self.watch_timer = None
         for side in (self.client, self.upstream):
-            if side is not None and side.transport is not None and not side.transport.is_closing():
-                transport = side.transport
-                transport.close()
-                if transport.get_write_buffer_size() and not side.closed:
-                    # close() first hands over what is buffered; a peer that stopped
-                    # reading would keep the connection (and its buffers) forever.
-                    side.abort_timer = self.loop.call_later(CLOSE_GRACE, transport.abort)
+            if side is None or side.transport is None or side.transport.is_closing() or side.lingering:
+                continue
+            if (side is self.client and not side.closed and not self.client_done
+                    and side.transport.can_write_eof()):
+                side.linger()
+            else:
+                side.shut()
         task = self.task
         if (self.connecting and not self.relaying and task is not None and not task.done()
                 and task is not asyncio.current_task()):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 import uuid
 
 import asyncpg
@@ -474,6 +475,29 @@ def test_upstream_half_closed(cluster, upstream_fp, start, toward):
             victim.close()
             raw.sock.close()
         wait_only_the_bystander_left(cluster, p, victim_app, raw_app)
+
+
+def test_the_fatal_reaches_a_slow_client_that_writes_before_reading(cluster, upstream_fp, start):
+    """The upstream connection is lost while an answer is still on its way to a slow client (its receive
+    window is full), and the client sends its next Query before it reads on (psycopg does). After a plain
+    close that Query would meet a closed socket, whose TCP reset throws away everything not yet delivered:
+    the rest of the answer and the FATAL 08006 saying why the session ended. The proxy shuts its side for
+    writing instead and reads and drops what the client still sends, so all of it arrives."""
+    p = start(upstream=upstream_fp.address)
+    app = app_name("linger")
+    with Bystander(dsn_of(cluster, p)):  # link 0
+        with RawConnection(p.host, p.port, user="trustuser", application_name=app, rcvbuf=4096) as raw:  # link 1
+            raw.send(big_result_query(40, width=1000))  # 40 kB: more than the client's window holds
+            time.sleep(0.3)  # the whole answer has left PostgreSQL and waits in the proxy's socket
+            upstream_fp.link(1).reset()
+            wait_sessions(p, 1)  # the proxy has written the FATAL and ended the session
+            raw.send(query_message("SELECT 'too late'"))
+            time.sleep(0.3)  # a reset, if one comes, arrives before the client reads on
+            msgs = read_until_eof(raw)
+        assert [t for t, _ in msgs] == [b"T"] + [b"D"] * 40 + [b"C", b"Z", b"E"]
+        assert fatal(msgs) == [(b"E", "FATAL", "08006", LOST)]
+        wait_no_backends(cluster, app)
+        wait_connections(p, 2)
 
 
 def test_upstream_half_closed_toward_the_server_mid_statement(cluster, upstream_fp, start):
