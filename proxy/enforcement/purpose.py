@@ -164,6 +164,7 @@ class PurposeSession:
         # ReadyForQuery messages still to come that may follow a commit of DDL (see ``_apply``).
         self._news_ahead = 0
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
+        self._holdable_declared = 0  # DECLARE ... WITH HOLD let through so far (see ``_cursors_closed``)
         self.relay = None
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
         self._unreadable: Block | None = None  # the refusal of every statement under an unreadable encoding
@@ -484,16 +485,18 @@ class PurposeSession:
                     self._set_purpose(self.startup_purpose)
                     self.search_path = list(self.startup_search_path)
             if st.kind is Kind.PREPARE and st.prepared_name:
-                self.prepared.setdefault(st.prepared_name, []).append((sql, decision, self.epoch, self.last))
-                self._prepared_confirmed(st.prepared_name, via)
+                entry = (sql, decision, self.epoch, self.last)
+                self.prepared.setdefault(st.prepared_name, []).append(entry)
+                self._prepared_confirmed(st.prepared_name, via, entry if len(analysis.statements) == 1 else None)
             elif st.kind is Kind.UTILITY and st.prepared_name:  # DEALLOCATE name
                 self._deallocated(st.prepared_name, via)
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
                 self._deallocated(None, via)
             elif st.kind is Kind.DECLARE and st.holdable:
                 self.holdable_cursors = True
+                self._holdable_declared += 1
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
-                self.holdable_cursors = False
+                self._cursors_closed(via)
             elif st.kind is Kind.TRANSACTION and self.relay is not None:
                 if ends_a_transaction_aside(sql):
                     # It is decided when it arrives, but runs after whatever the client sent before
@@ -513,7 +516,7 @@ class PurposeSession:
         if any(name == "all" for st in analysis.statements for name, _, _ in st.settings):
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
                 self._deallocated(None, via)
-                self.holdable_cursors = False
+                self._cursors_closed(via)
 
     def _once_done(self, callback, via: str) -> None:
         """Call ``callback(errored)`` when the statement being decided has run (at its batch's
@@ -524,10 +527,44 @@ class PurposeSession:
         else:
             later(callback, counted=via == "query")
 
-    def _prepared_confirmed(self, name: str, via: str) -> None:
+    def _prepared_confirmed(self, name: str, via: str, entry: tuple | None) -> None:
         """A PREPARE of ``name`` that succeeds means no Parse's statement is behind the name any more:
-        the relay forgets its record then (a PREPARE that fails, 42P05, leaves it)."""
-        self._once_done(lambda errored: errored or self._forget_protocol_statement(name), via)
+        the relay forgets its record then (a PREPARE that fails, 42P05, leaves it). ``entry``, the
+        record of a PREPARE that is its Query's only statement, goes if that Query fails: no
+        statement of its text exists then.
+
+        Through Parse, a PREPARE runs only if a Bind and an Execute follow, which the proxy does
+        not follow up: nothing is forgotten (a hunt parsed ``PREPARE s AS SELECT 1``, never ran it,
+        and so had the relay forget the statement a Parse had put behind ``s``)."""
+        if via != "query":
+            return
+
+        def done(errored: bool) -> None:
+            if not errored:
+                self._forget_protocol_statement(name)
+            elif entry is not None:
+                kept = [e for e in self.prepared.get(name, ()) if e is not entry]
+                if kept:
+                    self.prepared[name] = kept
+                else:
+                    self.prepared.pop(name, None)
+
+        self._once_done(done, via)
+
+    def _cursors_closed(self, via: str) -> None:
+        """CLOSE ALL (or DISCARD ALL) was sent: the WITH HOLD cursors are gone once it has run without
+        an error, unless another was declared meanwhile. Through Parse it runs only if a Bind and an
+        Execute follow: the mark stays (a hunt parsed CLOSE ALL, never ran it, and changed the
+        purpose with its cursor open; another sent it in a failed transaction block)."""
+        if via != "query":
+            return
+        declared = self._holdable_declared
+
+        def done(errored: bool) -> None:
+            if not errored and self._holdable_declared == declared:
+                self.holdable_cursors = False
+
+        self._once_done(done, via)
 
     def _deallocated(self, name: str | None, via: str) -> None:
         """DEALLOCATE ``name`` (None: all) was sent. PostgreSQL drops the statements only if it
@@ -535,7 +572,10 @@ class PurposeSession:
         transaction): the records go at the ReadyForQuery that ends the statement's batch, and
         only if no error came. Dropped at once, a failing DEALLOCATE followed by a PREPARE of
         the same name (which fails too) would leave the new text as the only candidate, and
-        a later EXECUTE would be decided on it while PostgreSQL runs the old one."""
+        a later EXECUTE would be decided on it while PostgreSQL runs the old one. Through Parse
+        the DEALLOCATE may never run at all: the records stay."""
+        if via != "query":
+            return
         gone = {n: tuple(e) for n, e in self.prepared.items() if name is None or n == name}
 
         def confirmed(errored: bool) -> None:

@@ -54,6 +54,7 @@ B_COPY_DONE = ord("c")
 B_COMMAND_COMPLETE = ord("C")
 B_EMPTY_QUERY = ord("I")
 B_PORTAL_SUSPENDED = ord("s")
+B_PARSE_COMPLETE = ord("1")
 B_NEGOTIATE_VERSION = ord("v")
 
 AUTH_OK = 0

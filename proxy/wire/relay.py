@@ -48,6 +48,8 @@ _AUTH, _CLOSED, _COPY_BOTH, _COPY_IN, _COPY_OUT, _DISCARDING = (
     Phase.AUTH, Phase.CLOSED, Phase.COPY_BOTH, Phase.COPY_IN, Phase.COPY_OUT, Phase.DISCARDING)
 _EXTENDED, _FAILED, _IDLE, _SIMPLE_QUERY, _STARTUP = (
     Phase.EXTENDED, Phase.FAILED, Phase.IDLE, Phase.SIMPLE_QUERY, Phase.STARTUP)
+# Where an opaque client message is an extended-protocol one (not a password, not CopyData).
+_PROTOCOL_PHASES = frozenset({_IDLE, _EXTENDED, _SIMPLE_QUERY, _COPY_OUT})
 
 Decide = Callable[[str, str], Decision]  # (sql, via) -> decision; via: "query", "parse", "function_call"
 KeyMapper = Callable[[int, bytes], bytes]  # (backend pid, backend secret) -> client secret
@@ -81,6 +83,7 @@ SERVER_INSPECT = frozenset(
         codec.B_COMMAND_COMPLETE,
         codec.B_EMPTY_QUERY,
         codec.B_PORTAL_SUSPENDED,
+        codec.B_PARSE_COMPLETE,
     }
 )
 SERVER_INSPECT_UNOBSERVED = SERVER_INSPECT - {codec.B_COMMAND_COMPLETE, codec.B_EMPTY_QUERY,
@@ -92,10 +95,12 @@ _COPY_PHASES = {codec.B_COPY_IN: _COPY_IN, codec.B_COPY_OUT: _COPY_OUT,
                 codec.B_COPY_BOTH: _COPY_BOTH}
 _MARKER = MARKER_PREFIX.encode()
 _B_COMMAND_COMPLETE = codec.B_COMMAND_COMPLETE
+_B_PARSE_COMPLETE = codec.B_PARSE_COMPLETE
 perf_counter = time.perf_counter
 _MAX_PENDING_REFUSALS = 64
 _MAX_PORTALS = 1024
 _MAX_BATCH_HOOKS = 1024
+_MAX_PARSES = 4096
 
 
 class _Batch(list):
@@ -218,6 +223,11 @@ class Relay:
         self._redecide_binds = False  # the epoch moved once: every Bind is decided again before it runs
         self._server = codec.Scanner(SERVER_INSPECT if observed else SERVER_INSPECT_UNOBSERVED, None)
         self._outstanding = 0  # sync points (Query, Sync, FunctionCall) not yet answered by Z
+        # Extended-protocol messages sent since the client's last Sync: the backend runs them
+        # (Parse, Bind, Execute with a Flush, or none at all) before the ReadyForQuery of the
+        # Sync still to come, so the answer to an earlier sync point does not make the session
+        # idle (a hunt ran BEGIN and DECLARE that way while the relay took the session as idle).
+        self._unsynced = False
         self._busy_phase = _IDLE  # phase to return to after COPY ends
         # COPY FROM STDIN and the client's Syncs (see the Sync branch of _client_items):
         # whether the client ended the copy (CopyDone/CopyFail) since CopyInResponse, and
@@ -236,6 +246,13 @@ class Relay:
         # the statements parsed in the current batch whose first run is still to come (that
         # run is their Parse's event; every later run gets an event of its own).
         self._portals: dict[bytes, str] = {}
+        # Every Parse sent upstream and not yet answered, in order, as (the sync point that ends
+        # its batch, name, its record in _statements or None): ParseComplete confirms the first
+        # (55.2.3: answers come in order); one still unconfirmed when its batch's ReadyForQuery
+        # comes failed in PostgreSQL (or was skipped after an error), and its record goes. None
+        # once a client sent more than _MAX_PARSES without a Sync: records then only accumulate.
+        self._parses: deque | None = deque()
+        self._answered = 0  # ReadyForQuery messages seen
         self._unexecuted: dict[str, StatementEvent] = {}
         # (sql, decision, account) of a statement prepared with SQL PREPARE, if the decider keeps them.
         self._prepared_run = getattr(decider, "prepared_run", None)
@@ -329,6 +346,8 @@ class Relay:
                 elif phase is _DISCARDING:
                     verbatim = False
                     continue
+                if phase in _PROTOCOL_PHASES:
+                    self._unsynced = True
                 out.append(item)
                 continue
             t = item.type
@@ -339,6 +358,7 @@ class Relay:
                 # passes Flush and Sync so the backend's own answers come as they would.
                 if t == codec.F_SYNC:
                     self.phase = _EXTENDED
+                    self._unsynced = False
                     self._outstanding += 1
                     self._inflight.append(self._batch)
                     self._batch = None
@@ -354,6 +374,7 @@ class Relay:
             if t == codec.F_QUERY:
                 self._mark_quiet(phase)
                 self._outstanding += 1
+                self._unsynced = False  # its ReadyForQuery comes after whatever was sent before it
                 self.phase = _SIMPLE_QUERY
                 if type(self._decide_and_forward(item, "query", None)) is not Allow:
                     verbatim = False
@@ -369,6 +390,7 @@ class Relay:
                 # sends the batch's Sync with the Execute, before the copy begins (ignored),
                 # and another after CopyDone; that one stands in for it (_copy_skip, set at
                 # CopyInResponse).
+                self._unsynced = False
                 if phase is _COPY_IN and self._copy_ended and self._copy_skip:
                     self._copy_skip -= 1
                 else:
@@ -383,6 +405,7 @@ class Relay:
             elif t == codec.F_PARSE:
                 self._mark_quiet(phase)
                 self.phase = _EXTENDED
+                self._unsynced = True
                 parse = codec.decode_parse(item.body)
                 decision = self._decide_and_forward(item, "parse", parse)
                 allowed = decision is not None and type(decision) is not Block
@@ -393,14 +416,22 @@ class Relay:
                     event = self._batch[-1]
                     detail = event.detail
                     self._unexecuted[parse.name] = event
+                record = (parse, decision, self._epoch, detail) if allowed else None
                 if not parse.name:  # PostgreSQL drops the unnamed statement before parsing
                     if allowed:
-                        self._statements[""] = [(parse, decision, self._epoch, detail)]
+                        self._statements[""] = [record]
                     else:
                         self._statements.pop("", None)
                 elif allowed:  # a refused named Parse leaves any earlier statement of that name
-                    self._statements.setdefault(parse.name, []).append((parse, decision, self._epoch, detail))
+                    self._statements.setdefault(parse.name, []).append(record)
+                parses = self._parses
+                if parses is not None and decision is not None:
+                    if len(parses) < _MAX_PARSES:
+                        parses.append((self._answered + self._outstanding, parse.name, record))
+                    else:
+                        self._parses = None
             elif t == codec.F_BIND:
+                self._unsynced = True
                 if self.observed:
                     self._bound(item.raw)
                 if self._redecide_binds:
@@ -411,6 +442,7 @@ class Relay:
                         self.phase = _EXTENDED
                     out.append(item.raw)
             elif t == codec.F_EXECUTE:  # framed only when observed
+                self._unsynced = True
                 if phase is _IDLE:
                     self.phase = _EXTENDED
                 self._run(item.raw)
@@ -428,6 +460,7 @@ class Relay:
                                           counted=False)
                 elif self._portals and item.raw[5:6] == b"P":
                     self._portals.pop(item.raw[6:item.raw.find(b"\x00", 6)], None)
+                self._unsynced = True
                 if phase is _IDLE:
                     self.phase = _EXTENDED
                 out.append(item.raw)
@@ -436,6 +469,7 @@ class Relay:
                 # like a statement, refused through the same stand-in as a Query.
                 self._mark_quiet(phase)
                 self._outstanding += 1
+                self._unsynced = False
                 self.phase = _SIMPLE_QUERY
                 if type(self._decide_and_forward(item, "function_call", None)) is not Allow:
                     verbatim = False
@@ -450,7 +484,7 @@ class Relay:
                 elif phase is _IDLE:
                     self.phase = _EXTENDED
                 out.append(item.raw)
-            else:
+            else:  # Flush
                 if phase is _IDLE:
                     self.phase = _EXTENDED
                 out.append(item.raw)
@@ -730,6 +764,10 @@ class Relay:
                             event = _uncounted(batch)
                         event.completions = raw if event.completions is None else event.completions + raw
                 out.append(raw)
+            elif t == _B_PARSE_COMPLETE:
+                if self._parses:
+                    self._parses.popleft()
+                out.append(item.raw)
             elif t in _RUN_ENDS:  # a run without a count: an empty query, or a row limit reached
                 if inflight and (batch := inflight[0]) is not None and batch.runs:
                     batch.runs.pop(0)
@@ -738,6 +776,9 @@ class Relay:
                 self.tx_status = item.raw[5:6]
                 if self._outstanding > 0:
                     self._outstanding -= 1
+                self._answered += 1
+                if self._parses and self._parses[0][0] < self._answered:
+                    self._parses_failed()
                 if self._batch_hooks:
                     self._batch_ended(self._errored)
                 if self._ready_hook is not None:
@@ -749,7 +790,7 @@ class Relay:
                         event.finished = now
                     self.events += batch
                 if self._outstanding == 0 and self.phase is not _DISCARDING:
-                    self.phase = _IDLE
+                    self.phase = _EXTENDED if self._unsynced else _IDLE
                 elif self.phase in (_COPY_IN, _COPY_OUT, _COPY_BOTH, _AUTH):
                     self.phase = self._busy_phase
                 if not self.authenticated:
@@ -819,6 +860,24 @@ class Relay:
         if verbatim and len(items) > 1 and self._server.verbatim:
             # As in client_data: the read itself, in one piece.
             out[mark:] = (data,)
+
+    def _parses_failed(self) -> None:
+        """The batch just answered ended before these Parses completed: PostgreSQL holds no statement
+        of theirs, so their records go (else a later run of the name would be told apart wrongly:
+        the first of two Parses of a name is not the one PostgreSQL kept if it failed)."""
+        parses = self._parses
+        while parses and parses[0][0] < self._answered:
+            _, name, record = parses.popleft()
+            if record is None:
+                continue
+            entries = self._statements.get(name)
+            if entries is None:
+                continue
+            kept = [e for e in entries if e is not record]
+            if kept:
+                self._statements[name] = kept
+            else:
+                del self._statements[name]
 
     def unfinished(self) -> list[StatementEvent]:
         """Take the events still awaiting their answer (the session calls this when it ends)."""

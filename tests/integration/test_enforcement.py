@@ -277,6 +277,82 @@ def test_parse_and_prepare_of_one_name_are_both_candidates(pg, enforce_proxy):
                 assert res.error_field(pq.DiagnosticField.SQLSTATE) in (b"26000", b"42501", b"0A000")
 
 
+@pytest.mark.parametrize("how", ["parsed-only", "failed"])
+def test_a_close_all_that_did_not_run_keeps_the_cursor_guard(pg, enforce_proxy, how):
+    # Hunt 16: a CLOSE ALL that was only parsed (never bound or executed), or that failed in an
+    # aborted transaction block, made the proxy let the purpose change with a WITH HOLD cursor
+    # still open, and FETCH then returned its rows under the new purpose.
+    with psycopg.connect(dsn(pg, enforce_proxy, "support"), autocommit=True) as conn:
+        conn.execute("DECLARE h CURSOR WITH HOLD FOR SELECT phone FROM crm.members")
+        if how == "parsed-only":
+            res = conn.pgconn.prepare(b"", b"CLOSE ALL")
+            assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        else:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("BEGIN; SELECT 1/0")
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("CLOSE ALL")
+            conn.execute("ROLLBACK")
+        assert conn.execute("SELECT count(*) FROM pg_cursors WHERE name = 'h'").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction) as info:
+            conn.execute("SET pii.purpose = 'marketing'")
+        assert "WITH HOLD" in str(info.value)
+        conn.execute("CLOSE ALL")  # this one runs: the purpose may change now
+        conn.execute("SET pii.purpose = 'marketing'")
+
+
+@pytest.mark.parametrize("what", ["prepare", "deallocate"])
+def test_a_prepare_or_deallocate_only_parsed_changes_no_statement(pg, enforce_proxy, what):
+    # Hunt 16: a PREPARE or DEALLOCATE that was only parsed made the proxy forget the statement behind
+    # the name (a Parse's, or a SQL PREPARE's), and EXECUTE after a purpose change ran it undecided.
+    with psycopg.connect(dsn(pg, enforce_proxy, "support"), autocommit=True) as conn:
+        pgc = conn.pgconn
+        if what == "prepare":
+            assert pgc.prepare(b"s", b"SELECT phone FROM crm.members").status == pq.ExecStatus.COMMAND_OK
+            assert pgc.prepare(b"", b"PREPARE s AS SELECT 1").status == pq.ExecStatus.COMMAND_OK
+        else:
+            conn.execute("PREPARE s AS SELECT phone FROM crm.members")
+            assert pgc.prepare(b"", b"DEALLOCATE s").status == pq.ExecStatus.COMMAND_OK
+            with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+                conn.execute("PREPARE s AS SELECT 1")
+        conn.execute("SET pii.purpose = 'marketing'")
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("EXECUTE s")
+        assert info.value.sqlstate in ("26000", "42501") and info.value.diag.source_file is None
+
+
+def test_extended_messages_after_a_sync_keep_the_purpose_from_changing(pg, enforce_proxy):
+    # Hunt 16: Sync, then BEGIN and DECLARE through Parse/Bind/Execute with a Flush instead of a Sync.
+    # The answer to the first Sync made the proxy take the session for idle, outside a transaction:
+    # it let the purpose change inside the transaction, and FETCH read the cursor under it.
+    def pbe(sql: bytes) -> bytes:
+        return (_msg(b"P", b"\x00" + sql + b"\x00\x00\x00") + _msg(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+                + _msg(b"E", b"\x00\x00\x00\x00\x00"))
+
+    conn = psycopg.connect(dsn(pg, enforce_proxy, "support"), autocommit=True)
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        sock.settimeout(10)
+        sock.sendall(_msg(b"S") + pbe(b"BEGIN") + pbe(b"DECLARE c CURSOR FOR SELECT phone FROM crm.members")
+                     + _msg(b"H"))
+        got = b""
+        while b"Z\x00\x00\x00\x05I" not in got or got.count(b"C\x00\x00\x00") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            got += chunk
+        sock.sendall(_msg(b"Q", b"SET pii.purpose = 'marketing'\x00"))
+        got = b""
+        while b"Z\x00\x00\x00\x05" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed"
+            got += chunk
+        assert b"C25001\x00" in got  # refused: the session is in a transaction block
+        assert got.endswith(b"Z\x00\x00\x00\x05E")
+    finally:
+        sock.close()
+        conn.close()
+
+
 def test_a_schema_reload_reaches_statements_prepared_before(pg, enforce_db):
     # A hunt had a view's column replaced (same name, another source) outside the proxy and the
     # schema reloaded: a session that only bound its prepared statement again kept the old

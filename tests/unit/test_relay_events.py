@@ -281,3 +281,46 @@ def test_a_protocol_run_of_a_statement_of_sql_prepare_is_an_event_of_that_prepar
     relay.client_data(bind("", "nobody") + execute() + sync())
     relay.server_data(pg_error("26000", 'prepared statement "nobody" does not exist') + ready())
     assert relay.events == []
+
+
+def test_a_later_run_is_of_the_statement_postgresql_kept():
+    """Of two Parses of one name PostgreSQL keeps the one that completed (ParseComplete): the first when the second
+    failed (42P05), the second when the first failed. A hunt had runs of a card query audited as the failed text."""
+    for first_fails in (True, False):
+        relay = authenticated_relay()
+        relay.client_data(codec.encode_parse("s", "SELECT 'a'::text + 1") + sync())
+        relay.server_data((pg_error("42883", "operator does not exist") if first_fails else PARSE_COMPLETE)
+                          + ready(b"I"))
+        relay.client_data(codec.encode_parse("s", "SELECT a FROM t") + sync())
+        relay.server_data((PARSE_COMPLETE if first_fails else pg_error("42P05", 'prepared statement "s" already exists'))
+                          + ready(b"I"))
+        relay.events.clear()
+        relay.client_data(bind("", "s") + execute() + sync())
+        relay.server_data(BIND_COMPLETE + data_row(b"1") + command_complete("SELECT 1") + ready(b"I"))
+        (run,) = relay.events
+        assert run.sql == ("SELECT a FROM t" if first_fails else "SELECT 'a'::text + 1")
+
+
+def test_parses_after_an_error_in_their_batch_leave_no_statement():
+    """An error skips the rest of the batch: Parses without a ParseComplete by its ReadyForQuery created nothing."""
+    relay = authenticated_relay()
+    relay.client_data(codec.encode_parse("a", "SELECT 1") + codec.encode_parse("b", "SELECT nope")
+                      + codec.encode_parse("c", "SELECT 3") + sync() + codec.encode_parse("d", "SELECT 4") + sync())
+    relay.server_data(PARSE_COMPLETE + pg_error("42703", 'column "nope" does not exist') + ready(b"I"))
+    assert sorted(relay._statements) == ["a", "d"]  # d's batch is still to be answered
+    relay.server_data(PARSE_COMPLETE + ready(b"I"))
+    assert sorted(relay._statements) == ["a", "d"]
+
+
+def test_messages_sent_after_the_last_sync_keep_the_session_busy():
+    """The answer to a Sync does not make the session idle while extended messages sent after that Sync have yet to
+    be answered (a hunt sent Sync, then BEGIN and DECLARE without one, and had a purpose change let through)."""
+    relay = authenticated_relay()
+    relay.client_data(sync() + codec.encode_parse("", "BEGIN") + bind("", "") + execute() + msg(b"H"))
+    relay.server_data(ready(b"I"))  # the first Sync's answer
+    assert relay.phase is Phase.EXTENDED and not relay.idle
+    relay.client_data(codec.query("SET x = 1"))
+    assert not relay.quiet
+    relay.server_data(PARSE_COMPLETE + BIND_COMPLETE + command_complete("BEGIN") + command_complete("SET")
+                      + ready(b"T"))
+    assert relay.phase is Phase.IDLE and relay.tx_status == b"T"  # a Query's answer ends what came before it
