@@ -826,7 +826,14 @@ class Analyzer:
         alias_name = ident(alias.this) if alias is not None and alias.this is not None else None
         alias_cols = tuple(ident(c.this if isinstance(c, exp.ColumnDef) else c) for c in alias.columns) \
             if alias is not None else ()
-        ref = RelationRef(Table(rel.schema, rel.name), rel.kind, text.span(first, last), alias_name, alias_cols,
+        span = text.span(first, last)
+        for seen in self.refs:
+            # The recursive part of WITH RECURSIVE is analysed until its flows settle (twice at
+            # least): its references are one each, else the rewrite edits the same place twice
+            # (a hunt sized the second edit to delete a quote and run the string's content).
+            if seen.span == span and seen.target == target:
+                return seen
+        ref = RelationRef(Table(rel.schema, rel.name), rel.kind, span, alias_name, alias_cols,
                           target=target, only=only, table_command=command)
         parts_ = self.view_parts.get((rel.schema, rel.name))
         if parts_ is not None:

@@ -150,8 +150,13 @@ def apply_edits(text: str, edits: Iterable[Edit]) -> str:
     >>> apply_edits("SELECT a FROM t WHERE b", [(14, 15, "(SELECT 1 AS a) AS t"), (22, 22, "("), (23, 23, ") AND c")])
     'SELECT a FROM (SELECT 1 AS a) AS t WHERE (b) AND c'
     """
+    ordered = sorted(set(edits), key=lambda e: (e[0], e[1]))
+    for (_, end, _), (start, _, _) in zip(ordered, ordered[1:]):
+        if start < end:  # never expected: the analysis records each place once
+            raise Refused("purpose-proxy cannot rewrite this statement with certainty: two rewrites overlap in its "
+                          "text")
     out = text
-    for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+    for start, end, new in reversed(ordered):
         if "\x00" in new:
             new = COPY.sub(lambda m: text[int(m[1]):int(m[2])], new)
         out = out[:start] + new + out[end:]

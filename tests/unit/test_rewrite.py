@@ -281,3 +281,17 @@ def test_consent_barrier_can_be_turned_off():
                           "policies": "tests/fixtures/masking/policies"})
         assert fenced in safe.sql and fenced not in unsafe.sql
         assert unfenced in unsafe.sql
+
+
+def test_overlapping_edits_are_refused_and_repeated_ones_made_once():
+    """Two different edits of one place refuse the rewrite (a hunt had the second one delete a quote)."""
+    from proxy.enforcement.rewrite import Refused, apply_edits
+
+    text = "SELECT a FROM crm.members m WHERE 'x' = 'y'"
+    same = (14, 25, "(SELECT 1 AS a) AS")
+    assert apply_edits(text, [same, same]) == "SELECT a FROM (SELECT 1 AS a) AS m WHERE 'x' = 'y'"
+    with pytest.raises(Refused):
+        apply_edits(text, [same, (14, 29, "t")])
+    with pytest.raises(Refused):
+        apply_edits(text, [same, (20, 20, "x")])
+    assert apply_edits(text, [same, (14, 14, "/* */ ")]).startswith("SELECT a FROM /* */ (SELECT")
