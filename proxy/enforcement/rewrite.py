@@ -369,10 +369,13 @@ def check_search_path(ref: RelationRef, ctx: Context) -> None:
 
 # -- 3. the substitutions -----------------------------------------------------------------------
 
-def consent_condition(source: ConsentSource, mode: str, purpose: str, subject_sql: str) -> str:
-    """True for rows whose subject may be used under ``purpose``: no withdrawal of it or a purpose above it
-    (and, opt-in, a consent to it or a purpose above it). With ``recorded_at``, only each subject's latest
-    record per purpose counts. Evaluated by PostgreSQL, so a withdrawal holds from the next statement on.
+def consent_condition(source: ConsentSource, mode: str, purpose: str, subject_sql: str,
+                      below: tuple[str, ...] = ()) -> str:
+    """True for rows whose subject may be used under ``purpose``: no withdrawal of it, of a purpose above it
+    or of one of the purposes ``below`` it (a statement under ``marketing`` may serve any of its children,
+    so a member who withdrew from ``marketing.email`` is not used under it either), and, opt-in, a consent to
+    it or a purpose above it. With ``recorded_at``, only each subject's latest record per purpose counts.
+    Evaluated by PostgreSQL, so a withdrawal holds from the next statement on.
 
     >>> src = ConsentSource(Table("privacy", "consents"), "member_id", "purpose", "status", ("withdrawn",))
     >>> consent_condition(src, "opt_out", "marketing.email", "__pp_row.member_id")  # doctest: +NORMALIZE_WHITESPACE
@@ -384,9 +387,9 @@ def consent_condition(source: ConsentSource, mode: str, purpose: str, subject_sq
     table = qualified(source.table)
     subject, purpose_col, status = (f"{CONSENT}.{quote_ident(x)}" for x in (source.subject, source.purpose,
                                                                              source.status))
-    purposes = v.ancestors(purpose)
+    above = v.ancestors(purpose)
 
-    def decided(values: tuple) -> str:
+    def decided(values: tuple, purposes: tuple) -> str:
         cond = [equals(subject, subject_sql), any_of(purpose_col, purposes), any_of(status, values)]
         if source.recorded_at:
             at = quote_ident(source.recorded_at)
@@ -397,10 +400,16 @@ def consent_condition(source: ConsentSource, mode: str, purpose: str, subject_sq
             cond.append(later)
         return f"EXISTS (SELECT 1 FROM {table} AS {CONSENT} WHERE {' AND '.join(cond)})"
 
-    out = f"NOT {decided(source.withdrawn)}"
+    out = f"NOT {decided(source.withdrawn, above + below)}"
     if mode == "opt_in":
-        out = f"{decided(source.granted)} AND {out}"
+        out = f"{decided(source.granted, above)} AND {out}"
     return f"({out})"
+
+
+def purposes_below(ctx: Context) -> tuple[str, ...]:
+    """The registered purposes under the statement's purpose (their withdrawals count under it too)."""
+    purpose = ctx.plan.purpose
+    return tuple(p for p in ctx.policy.purposes.descendants(purpose) if p != purpose)
 
 
 def subject_column(table: Table, ctx: Context) -> str:
@@ -437,7 +446,7 @@ def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context, row_id: bool = 
     if tp.consent:
         subject = subject_column(ref.table, ctx)
         where = " WHERE " + consent_condition(ctx.plan.consent, tp.consent, ctx.plan.purpose,
-                                              f"{ROW}.{quote_ident(subject)}")
+                                              f"{ROW}.{quote_ident(subject)}", purposes_below(ctx))
         if ctx.plan.consent.barrier:  # (without the barrier PostgreSQL pushes the conditions down itself)
             where += pushed_down(ref, tp, rel)
     only = "ONLY " if ref.only else ""
@@ -516,7 +525,8 @@ def target_edits(text: str, ref: RelationRef, tp: TablePlan, ctx: Context) -> li
         raise Refused(f"the alias {ref.alias} is reserved for purpose-proxy's rewrite")
     subject = subject_column(ref.table, ctx)
     row = quote_ident(ref.alias) if ref.alias is not None else qualified(ref.table)
-    cond = consent_condition(ctx.plan.consent, tp.consent, ctx.plan.purpose, f"{row}.{quote_ident(subject)}")
+    cond = consent_condition(ctx.plan.consent, tp.consent, ctx.plan.purpose, f"{row}.{quote_ident(subject)}",
+                             purposes_below(ctx))
     if ref.where is not None and ctx.plan.consent.barrier:  # CASE: the statement's condition only on kept rows
         return [(ref.where.start, ref.where.start, f"CASE WHEN {cond} THEN ("),
                 (ref.where.end, ref.where.end, ") ELSE false END")]

@@ -405,19 +405,21 @@ def test_filtered_rows_cannot_be_detected_through_errors(mproxy):
 def test_opt_in_purpose_and_its_subtree(mproxy, masking_db):
     sql = "SELECT member_id FROM crm.members ORDER BY 1"
     ids = lambda purpose: [r[0] for r in prows(mproxy, purpose, sql)]  # noqa: E731
-    assert ids("marketing") == [1, 2, 6, 7]
+    # Member 6 consented to marketing and withdrew from marketing.email: a statement under marketing may
+    # serve e-mail too, so the withdrawal below counts (hunt 17); under marketing.email it does anyway.
+    assert ids("marketing") == [1, 2, 7]
     assert ids("marketing.email") == [1, 2, 5, 7]
     try:
         direct(masking_db, "INSERT INTO privacy.consents VALUES (8, 'marketing', 'granted', now()), "
                            "(1, 'marketing', 'withdrawn', now())")
-        assert ids("marketing") == [2, 6, 7, 8]
+        assert ids("marketing") == [2, 7, 8]
         assert ids("marketing.email") == [2, 5, 7, 8]  # a withdrawal of the parent covers the child
     finally:
         direct(masking_db, "DELETE FROM privacy.consents WHERE (member_id, purpose) IN ((8, 'marketing')) "
                            "OR (member_id = 1 AND purpose = 'marketing' AND status = 'withdrawn')")
-    assert ids("marketing") == [1, 2, 6, 7]
+    assert ids("marketing") == [1, 2, 7]
     # nothing masked, still filtered: joins and aggregates
-    assert prows(mproxy, "marketing", "SELECT count(*) FROM billing.invoices") == [(6,)]
+    assert prows(mproxy, "marketing", "SELECT count(*) FROM billing.invoices") == [(4,)]
 
 
 def test_consent_filters_updates_and_deletes(mproxy, masking_db):
