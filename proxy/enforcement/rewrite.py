@@ -292,6 +292,13 @@ def check_statement(st: StatementAccess, ctx: Context) -> None:
                       "stored rows by ALTER COLUMN ... TYPE or a new key, whose errors show values, or renamed or "
                       "moved by RENAME or SET SCHEMA, after which the catalog knows it by its new name only)",
                       hint="Only read such data; change such columns under a purpose that may read them in the clear.")
+    if st.kind is Kind.EXPLAIN:  # only EXPLAIN ANALYZE reads (the analysis copies its statement's reads)
+        # Its row counts come from inside the rewritten statement: rows the consent filter removes
+        # are counted before the filter, and conditions on masked columns before the mask (a hunt
+        # told withdrawn members from absent ones, and confirmed guesses of their attributes).
+        raise Refused(f"{subject} would be read by EXPLAIN ANALYZE under purpose \"{plan.purpose}\", whose row "
+                      "counts show what the rewrite hides (rows filtered by consent, conditions on masked values)",
+                      hint="Run EXPLAIN without ANALYZE, or the statement itself.")
     if st.kind is Kind.COPY_TO and (aggregated or masked):
         raise Refused(f"{subject} would be copied out of its protection by COPY ... TO under purpose "
                       f"\"{plan.purpose}\"", hint="Use SELECT to read masked or aggregated data.")
