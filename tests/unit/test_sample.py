@@ -113,6 +113,19 @@ def test_catalog_names_the_data_subject_of_every_personal_table(policy):
             assert entry.subject in entry.columns, table
 
 
+def test_no_column_catalogued_as_not_personal_stands_for_the_data_subject(policy):
+    """A column every purpose may read must not repeat the subject's key: where it equals the subject column
+    on every row of the generated data, it re-identifies what the purposes see pseudonymised (hunts 15, 17)."""
+    for t in data.generate(seed=1, members=300):
+        entry = policy.catalog.tables.get(Table(t.schema, t.table))
+        if entry is None or entry.subject is None or not t.rows:
+            continue
+        subject = t.columns.index(entry.subject)
+        for i, col in enumerate(t.columns):
+            if i != subject and not entry.columns[col]:
+                assert any(row[i] != row[subject] for row in t.rows), f"{t.name}.{col} equals {entry.subject}"
+
+
 def test_catalog_covers_every_kind_of_information_the_notices_name(policy):
     wanted = ["identity.name", "contact.email", "payment.card", "payment.invoice", "credit.assessment",
               "credit.nonpayer", "browsing.page", "browsing.mail", "browsing.client", "browsing.cookie",
