@@ -15,7 +15,7 @@ from typing import Iterable
 from sqlglot import exp
 
 from proxy.analysis import utility
-from proxy.analysis.flows import Analyzer, Context, analyze_tree
+from proxy.analysis.flows import Analyzer, Context, analyze_tree, implicit_code
 from proxy.analysis.functions import denied, effective_search_path
 from proxy.analysis.lexer import LexError, Statement, T, Token, scan, split_statements
 from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Table, Use
@@ -155,6 +155,8 @@ def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
     try:
         acc.functions.update(operator_functions(st, ctx.schema))
         acc.cast_functions.update(ctx.schema.casts)
+        if ctx.schema.implicit:
+            acc.implicit_functions.update(ctx.schema.implicit)
         _dispatch(st, ctx, acc)
     except Unsupported as exc:
         msg = str(exc)
@@ -238,6 +240,7 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
             rel = _relation(ctx, parts)
             if rel.kind not in (TABLE, PARTITIONED_TABLE):
                 raise Unsupported(f"cannot truncate {rel}, which is not a table")
+            implicit_code(ctx.schema, acc, rel.schema, rel.name, write=True, rules=False)
             Analyzer(ctx, acc).delete_rows([Table(rel.schema, rel.name)])
     elif kind is Kind.DDL:
         _ddl(st, ctx, acc, first)
@@ -252,6 +255,8 @@ def _copy(inner: StatementAccess, acc: StatementAccess, settings: bool) -> None:
     for t, u in inner.tables.items():
         acc.tables[t] = acc.tables.get(t, Use.NONE) | u
     acc.functions |= inner.functions
+    for name, why in inner.implicit_functions.items():
+        acc.implicit_functions.setdefault(name, why)
     if settings:
         acc.settings.extend(inner.settings)
 
@@ -318,6 +323,7 @@ def _copy_statement(st: Statement, ctx: Context, acc: StatementAccess) -> None:
         raise Unsupported(f"COPY {rel} TO: only plain tables can be copied (use COPY (SELECT ...) TO)")
     if spec.direction == "from" and rel.kind not in (TABLE, PARTITIONED_TABLE):
         raise Unsupported(f"COPY {rel} FROM: only tables can be copied into")
+    implicit_code(ctx.schema, acc, rel.schema, rel.name, write=spec.direction == "from", rules=False)
     cols = spec.columns if spec.columns is not None else list(rel.columns)
     use = Use.PROJECT if spec.direction == "to" else Use.WRITE
     for c in cols:

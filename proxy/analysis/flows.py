@@ -119,6 +119,42 @@ _WRAPPER_ARGS = frozenset({"this", "with_", "order", "limit", "offset", "locks"}
 _TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "joins", "only", "rows_from", "ordinality", "sample"})
 
 
+def implicit_code(schema: Schema, acc: StatementAccess, sch: str, name: str, write: bool,
+                  rules: bool = True) -> None:
+    """Count the code PostgreSQL runs when a statement reads (``write`` false) or writes relation
+    ``sch.name`` without the statement naming it: its row-level security policies' functions, and
+    for a write its triggers', defaults', constraints' and indexes' functions (``Schema.on_read``,
+    ``on_write``) go to ``acc.implicit_functions``; a write reaching a relation with rules is refused
+    (unless ``rules`` is false: COPY FROM and TRUNCATE run no rules).
+
+    >>> s = Schema(on_write={("crm", "t"): {"crm.f": "runs in a trigger on crm.t"}}, rules={("crm", "r"): ["crm.r"]})
+    >>> acc = StatementAccess(Kind.INSERT); implicit_code(s, acc, "crm", "t", write=True); acc.implicit_functions
+    {'crm.f': 'runs in a trigger on crm.t'}
+    >>> implicit_code(s, acc, "crm", "r", write=True)
+    Traceback (most recent call last):
+    ...
+    proxy.analysis.resolve.Unsupported: crm.r has rules (CREATE RULE), which PostgreSQL runs instead of or besides a write to it and the analysis does not read
+    """
+    key = (sch, name)
+    code = schema.on_read.get(key)
+    if code:
+        for fn, why in code.items():
+            acc.implicit_functions.setdefault(fn, why)
+    if not write:
+        return
+    ruled = schema.rules.get(key) if rules else None
+    if ruled:
+        if ruled == (f"{sch}.{name}",):
+            raise Unsupported(f"{sch}.{name} has rules (CREATE RULE), which PostgreSQL runs instead of or besides "
+                              f"a write to it and the analysis does not read")
+        raise Unsupported(f"a write to {sch}.{name} reaches {', '.join(ruled)} (a partition, child table or foreign "
+                          f"key action), which has rules (CREATE RULE) that the analysis does not read")
+    code = schema.on_write.get(key)
+    if code:
+        for fn, why in code.items():
+            acc.implicit_functions.setdefault(fn, why)
+
+
 class Analyzer:
     """Interprets statements into a ``StatementAccess``; one instance per statement."""
 
@@ -946,6 +982,8 @@ class Analyzer:
         A materialized view stores its rows: its own columns are reported as well as the
         base columns its definition read.
         """
+        if self.ctx.schema.on_read:
+            implicit_code(self.ctx.schema, self.acc, rel.schema, rel.name, write=False)
         if rel.kind in (VIEW, MATERIALIZED_VIEW) and rel.definition is not None and rel.schema not in BUILTIN_SCHEMAS:
             r = self.view_result(rel)
             if len(r.flows) != len(rel.columns):
@@ -1141,6 +1179,11 @@ class Analyzer:
             tables = [Table(rel.schema, rel.name)]
         else:
             mapping, tables = _simple_view(rel, src, self.plain_view_columns(rel))
+        schema = self.ctx.schema
+        if schema.on_write or schema.rules:
+            implicit_code(schema, self.acc, rel.schema, rel.name, write=True)
+            for t in tables:
+                implicit_code(schema, self.acc, t.schema, t.name, write=True)
         alias = node.args.get("alias")
         return _aliased(src, alias), mapping, tables
 

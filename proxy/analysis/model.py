@@ -237,6 +237,12 @@ class StatementAccess:
     # User-defined functions behind casts, which the statement may run without naming them
     # (``Schema.casts``): the policy treats them as called.
     cast_functions: set[str] = field(default_factory=set)
+    # User-defined functions PostgreSQL runs for the statement without it naming them (behind an
+    # operator, an operator class, a domain, an event trigger; a trigger, column default, CHECK
+    # constraint, index or row-level security policy of a relation it writes or reads:
+    # ``Schema.implicit``, ``on_write``, ``on_read``) -> why, in words ("runs in a trigger on
+    # crm.members"): the policy treats them as called.
+    implicit_functions: dict[str, str] = field(default_factory=dict)
 
     def use(self, column: Column, how: Use) -> None:
         self.columns[column] = self.columns.get(column, Use.NONE) | how

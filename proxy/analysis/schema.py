@@ -3,7 +3,10 @@
 A ``Schema`` is a value: relations (tables, partitioned and foreign tables,
 materialized views, views) with their ordered column names and, for views and
 materialized views, their definition; functions by qualified name with their
-language, volatility and kind; a ``version`` string that changes whenever any of
+language, volatility and kind; the user-defined functions PostgreSQL runs without a
+statement naming them (behind casts, operators, operator families, domains, event
+triggers; a relation's triggers, defaults, constraints, indexes, row-level security
+policies) and the relations with rules; a ``version`` string that changes whenever any of
 that changes (for the decision cache). ``Schema.from_dict`` reads the form used by
 tests and by ``purpose-proxy explain --schema FILE``; ``load_schema`` reads the
 catalogs of a live server through asyncpg. This module is the only one of
@@ -101,11 +104,16 @@ class FunctionInfo:
 class Schema:
     """Relations and functions by (schema, name); treat as immutable once built."""
 
-    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators", "casts")
+    __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators", "casts",
+                 "implicit", "on_write", "on_read", "rules")
 
     def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
                  version: str | None = None, database: str | None = None,
-                 operators: Mapping[str, Iterable[str]] | None = None, casts: Iterable[str] = ()) -> None:
+                 operators: Mapping[str, Iterable[str]] | None = None, casts: Iterable[str] = (),
+                 implicit: Mapping[str, str] | None = None,
+                 on_write: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
+                 on_read: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
+                 rules: Mapping[tuple[str, str], Iterable[str]] | None = None) -> None:
         # User-defined operators (outside pg_catalog and information_schema): symbol ->
         # the qualified functions behind its overloads. An operator runs its function,
         # which may read any table, so a statement using the symbol reports them all.
@@ -115,6 +123,24 @@ class Schema:
         # PostgreSQL runs one for x::t, CAST(x AS t), t(x), and, for an implicit or assignment
         # cast, with no syntax at all, so every statement may run them.
         self.casts: tuple[str, ...] = tuple(sorted(set(casts)))
+        # Code PostgreSQL runs that no statement names (``load_schema`` reads it from the catalogs;
+        # every name is a qualified function outside pg_catalog and information_schema, mapped to
+        # why it runs, in words: "runs in a trigger on crm.members"):
+        # - ``implicit``: in any statement (functions behind user-defined operators, operator
+        #   classes' support functions, domains' CHECK constraints and defaults, event triggers);
+        # - ``on_write``: when a statement writes the relation (its triggers, column defaults and
+        #   generated columns, CHECK constraints, index expressions and predicates, and those of
+        #   the relations a write to it reaches: partitions, child tables, foreign key actions);
+        # - ``on_read``: when a statement reads or writes it (row-level security policies);
+        # - ``rules``: the relations with rules (CREATE RULE, besides a view's _RETURN) that a
+        #   write to the relation reaches, itself included: the analysis refuses such writes.
+        self.implicit: dict[str, str] = dict(sorted((implicit or {}).items()))
+        self.on_write: dict[tuple[str, str], dict[str, str]] = {
+            k: dict(sorted(v.items())) for k, v in sorted((on_write or {}).items()) if v}
+        self.on_read: dict[tuple[str, str], dict[str, str]] = {
+            k: dict(sorted(v.items())) for k, v in sorted((on_read or {}).items()) if v}
+        self.rules: dict[tuple[str, str], tuple[str, ...]] = {
+            k: tuple(sorted(set(v))) for k, v in sorted((rules or {}).items()) if v}
         self._relations: dict[tuple[str, str], RelationInfo] = {(r.schema, r.name): r for r in relations}
         merged: dict[tuple[str, str], FunctionInfo] = {}
         for f in functions:
@@ -210,6 +236,22 @@ class Schema:
             out["operators"] = {sym: list(fns) for sym, fns in sorted(self.operators.items())}
         if self.casts:
             out["casts"] = list(self.casts)
+        implicit: dict[str, Any] = {}
+        if self.implicit:
+            implicit["functions"] = dict(self.implicit)
+        for key, table in (("on_write", self.on_write), ("on_read", self.on_read)):
+            if table:
+                nested: dict[str, dict[str, dict[str, str]]] = {}
+                for (sch, name), fns in table.items():
+                    nested.setdefault(sch, {})[name] = dict(fns)
+                implicit[key] = nested
+        if self.rules:
+            nested_rules: dict[str, dict[str, list[str]]] = {}
+            for (sch, name), ruled in self.rules.items():
+                nested_rules.setdefault(sch, {})[name] = list(ruled)
+            implicit["rules"] = nested_rules
+        if implicit:
+            out["implicit"] = implicit
         if self.database:
             out["database"] = self.database
         if include_version:
@@ -233,6 +275,10 @@ class Schema:
         they must qualify the relations they read, as ``pg_get_viewdef`` does when the
         loader runs it. A table or view in the mapping form may give its columns' types
         (``types: {birth_date: date}``); the masking rewrite needs them for some methods.
+
+        ``implicit`` holds the code PostgreSQL runs without the statement naming it (see
+        ``Schema.__init__``): ``functions: {fn: why}``, ``on_write`` and ``on_read``:
+        ``{schema: {relation: {fn: why}}}``, ``rules: {schema: {relation: [schema.relation, ...]}}``.
         """
         relations: list[RelationInfo] = []
         functions: list[FunctionInfo] = []
@@ -261,8 +307,16 @@ class Schema:
                 rc = fdef.get("result_columns")
                 functions.append(FunctionInfo(sname, fname, langs, str(fdef.get("volatility", "volatile")), kinds,
                                               tuple(rc) if rc is not None else None))
+        implicit = data.get("implicit") or {}
+
+        def per_relation(key: str) -> dict[tuple[str, str], Any]:
+            return {(sch, name): v for sch, rels in (implicit.get(key) or {}).items()
+                    for name, v in (rels or {}).items()}
+
         return cls(relations, functions, version=data.get("version"), database=data.get("database"),
-                   operators=data.get("operators"), casts=data.get("casts") or ())
+                   operators=data.get("operators"), casts=data.get("casts") or (),
+                   implicit=implicit.get("functions"), on_write=per_relation("on_write"),
+                   on_read=per_relation("on_read"), rules=per_relation("rules"))
 
     @classmethod
     def from_file(cls, path: str) -> "Schema":
@@ -297,6 +351,9 @@ SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
    AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
 """
 
+# A user-defined operator symbol -> the functions behind its overloads, and the user-defined
+# functions behind their commutators and negators (the planner may use one instead: a < b as
+# b > a, NOT a = b as a <> b) and selectivity estimators (the planner runs them).
 _OPERATORS_SQL = """
 SELECT o.oprname AS symbol, fn.nspname || '.' || p.proname AS function
   FROM pg_catalog.pg_operator o
@@ -304,6 +361,17 @@ SELECT o.oprname AS symbol, fn.nspname || '.' || p.proname AS function
   JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
   JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+UNION
+SELECT o.oprname, fn.nspname || '.' || p.proname
+  FROM pg_catalog.pg_operator o
+  JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+  LEFT JOIN pg_catalog.pg_operator com ON com.oid = o.oprcom
+  LEFT JOIN pg_catalog.pg_operator neg ON neg.oid = o.oprnegate
+  CROSS JOIN LATERAL (VALUES (com.oprcode::oid), (neg.oprcode::oid), (o.oprrest::oid), (o.oprjoin::oid)) f(proc)
+  JOIN pg_catalog.pg_proc p ON p.oid = f.proc
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND fn.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 _CASTS_SQL = """
@@ -313,6 +381,167 @@ SELECT DISTINCT fn.nspname || '.' || p.proname AS function
   JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
  WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema')
 """
+
+# Operator symbols PostgreSQL applies where the statement's text does not hold them: IN, NOT IN,
+# CASE x WHEN, NULLIF, IS DISTINCT FROM and USING joins (=, <>; != is <>), BETWEEN and GREATEST/
+# LEAST (<, <=, >, >=), LIKE and ILIKE (~~, !~~, ~~*, !~~*), SIMILAR TO (~, !~). A SET search_path
+# may also put a user-defined overload ahead of the built-in one. Other symbols are found in the
+# statement's text (``operator_functions``).
+# Functions outside pg_catalog and information_schema that PostgreSQL may run in any statement
+# without the statement naming them: behind an operator of those symbols or of an operator
+# family (sorting, DISTINCT, GROUP BY, hashing, indexes use them), behind the commutators and
+# negators of those, their selectivity estimators; support functions of operator families;
+# CHECK constraints and defaults of domains (a cast to the domain, a write to a column of it);
+# event triggers (DDL); subtype difference functions of range types (GiST indexes). The functions
+# an expression calls are read from pg_depend (recordDependencyOnExpr), not from its text.
+_IMPLICIT_SQL = """
+WITH implicit_ops(oid) AS (
+  SELECT o.oid FROM pg_catalog.pg_operator o
+   WHERE o.oprname IN ('=', '<>', '<', '>', '<=', '>=', '~~', '!~~', '~~*', '!~~*', '~', '!~')
+  UNION
+  SELECT am.amopopr FROM pg_catalog.pg_amop am
+), ops(oid) AS (
+  SELECT oid FROM implicit_ops
+  UNION
+  SELECT x.other FROM pg_catalog.pg_operator o JOIN implicit_ops i ON i.oid = o.oid
+   CROSS JOIN LATERAL (VALUES (o.oprcom), (o.oprnegate)) x(other)
+   WHERE x.other <> 0
+), code(proc, why) AS (
+  SELECT f.proc, 'is behind the operator ' || n.nspname || '.' || o.oprname
+                 || ' (which IN, BETWEEN, LIKE, CASE, DISTINCT, ORDER BY or an index may apply)'
+    FROM ops JOIN pg_catalog.pg_operator o ON o.oid = ops.oid
+    JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+   CROSS JOIN LATERAL (VALUES (o.oprcode::oid), (o.oprrest::oid), (o.oprjoin::oid)) f(proc)
+   WHERE f.proc <> 0
+  UNION ALL
+  SELECT ap.amproc::oid, 'is a support function of the operator family ' || n.nspname || '.' || f.opfname
+    FROM pg_catalog.pg_amproc ap
+    JOIN pg_catalog.pg_opfamily f ON f.oid = ap.amprocfamily
+    JOIN pg_catalog.pg_namespace n ON n.oid = f.opfnamespace
+  UNION ALL
+  SELECT d.refobjid, 'is behind a CHECK constraint of the domain ' || pg_catalog.format_type(co.contypid, NULL)
+    FROM pg_catalog.pg_constraint co
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid = co.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   WHERE co.contypid <> 0
+  UNION ALL
+  SELECT d.refobjid, 'is behind the default of the domain ' || pg_catalog.format_type(t.oid, NULL)
+    FROM pg_catalog.pg_type t
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid = t.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   WHERE t.typtype = 'd'
+  UNION ALL
+  SELECT e.evtfoid, 'runs in the event trigger ' || e.evtname || ' (on DDL)'
+    FROM pg_catalog.pg_event_trigger e
+  UNION ALL
+  SELECT r.rngsubdiff::oid, 'is the subtype difference function of the range type '
+                            || pg_catalog.format_type(r.rngtypid, NULL)
+    FROM pg_catalog.pg_range r WHERE r.rngsubdiff <> 0
+)
+SELECT fn.nspname || '.' || p.proname AS function, min(code.why) AS why
+  FROM code
+  JOIN pg_catalog.pg_proc p ON p.oid = code.proc
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+ WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema')
+ GROUP BY 1
+"""
+
+# Functions outside pg_catalog and information_schema that PostgreSQL runs when a statement
+# writes (or, for row-level security policies, reads) a relation: its non-internal triggers
+# (function and WHEN condition), column defaults and generated columns, CHECK (and other)
+# constraints, index expressions and predicates, and, when row-level security is enabled on it,
+# its policies' USING and WITH CHECK expressions.
+_RELATION_CODE_SQL = """
+WITH code(rel, how, proc) AS (
+  SELECT t.tgrelid, 'trigger', t.tgfoid FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal
+  UNION
+  SELECT t.tgrelid, 'trigger', d.refobjid
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass AND d.objid = t.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   WHERE NOT t.tgisinternal
+  UNION
+  SELECT ad.adrelid, CASE WHEN a.attgenerated <> '' THEN 'generated' ELSE 'default' END, d.refobjid
+    FROM pg_catalog.pg_attrdef ad
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+  UNION
+  SELECT co.conrelid, 'constraint', d.refobjid
+    FROM pg_catalog.pg_constraint co
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid = co.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   WHERE co.conrelid <> 0
+  UNION
+  SELECT i.indrelid, 'index', d.refobjid
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = i.indexrelid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+  UNION
+  SELECT po.polrelid, 'policy', d.refobjid
+    FROM pg_catalog.pg_policy po
+    JOIN pg_catalog.pg_class c ON c.oid = po.polrelid AND c.relrowsecurity
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass AND d.objid = po.oid
+                               AND d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+)
+SELECT n.nspname AS schema, c.relname AS name, code.how, fn.nspname || '.' || p.proname AS function
+  FROM code
+  JOIN pg_catalog.pg_class c ON c.oid = code.rel
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_proc p ON p.oid = code.proc
+  JOIN pg_catalog.pg_namespace fn ON fn.oid = p.pronamespace
+ WHERE fn.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+# Relations with rules other than a view's _RETURN (CREATE RULE): PostgreSQL runs their actions,
+# any SQL, instead of or besides a write to the relation. pg_catalog's own (pg_settings' rules run
+# set_config, which the purpose check refuses on its own) are left out.
+_RULES_SQL = """
+SELECT DISTINCT n.nspname AS schema, c.relname AS name
+  FROM pg_catalog.pg_rewrite r
+  JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE r.rulename <> '_RETURN' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+# Where a write to a relation also writes another: from a partitioned or parent table to its
+# partitions and child tables (pg_inherits), from a referenced table to the tables whose foreign
+# keys act on a change of it (ON DELETE / ON UPDATE CASCADE, SET NULL, SET DEFAULT), from a view
+# to the relations its definition reads (a write through a view writes its base relation).
+_WRITE_REACH_SQL = """
+SELECT pn.nspname AS from_schema, pc.relname AS from_name, cn.nspname AS to_schema, cc.relname AS to_name,
+       'partition' AS how
+  FROM pg_catalog.pg_inherits h
+  JOIN pg_catalog.pg_class pc ON pc.oid = h.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+  JOIN pg_catalog.pg_class cc ON cc.oid = h.inhrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace
+ WHERE pc.relkind IN ('r', 'p', 'f') AND cc.relkind IN ('r', 'p', 'f')
+UNION
+SELECT pn.nspname, pc.relname, cn.nspname, cc.relname, 'foreign key'
+  FROM pg_catalog.pg_constraint co
+  JOIN pg_catalog.pg_class pc ON pc.oid = co.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+  JOIN pg_catalog.pg_class cc ON cc.oid = co.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace
+ WHERE co.contype = 'f' AND (co.confdeltype IN ('c', 'n', 'd') OR co.confupdtype IN ('c', 'n', 'd'))
+UNION
+SELECT pn.nspname, pc.relname, cn.nspname, cc.relname, 'view'
+  FROM pg_catalog.pg_rewrite r
+  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
+                             AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> r.ev_class
+  JOIN pg_catalog.pg_class pc ON pc.oid = r.ev_class JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+  JOIN pg_catalog.pg_class cc ON cc.oid = d.refobjid JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace
+ WHERE r.rulename = '_RETURN' AND pc.relkind = 'v' AND cc.relkind IN ('r', 'p', 'f', 'v')
+   AND pn.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+_RELATION_CODE_WHY = {
+    "trigger": "runs in a trigger on {rel}",
+    "default": "is behind a column default of {rel}",
+    "generated": "is behind a generated column of {rel}",
+    "constraint": "is behind a CHECK constraint of {rel}",
+    "index": "is behind an index expression or predicate on {rel}",
+    "policy": "is behind a row-level security policy of {rel}",
+}
 
 _FUNCTIONS_SQL = """
 SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolatile::text AS volatility,
@@ -339,7 +568,9 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 # seconds (no pg_get_viewdef, so no lock on any view), and different after any
 # committed change the load would see. Relations and columns are hashed by content
 # (so TRUNCATE, VACUUM FULL and ANALYZE, which rewrite pg_class rows, do not count);
-# view rules, functions, operators and per-role settings by the xmin of their rows
+# view rules, functions, operators, casts, the code a statement runs without naming it (triggers,
+# column defaults, constraints, policies, indexes, partitions, operator families, domains, event
+# triggers: see ``_IMPLICIT_SQL`` and ``_RELATION_CODE_SQL``) and per-role settings by the xmin of their rows
 # (CREATE OR REPLACE writes a new row version); schemas with their privileges, and roles with
 # their memberships (which schemas a role may use). Temporary relations are left out, as
 # the load leaves them out: sessions create them all the time. The server's own search_path
@@ -349,7 +580,8 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 CATALOG_STAMP_SQL = """
 SELECT
  (SELECT count(*) || ':' || coalesce(sum(hashtext(c.oid::text || ' ' || c.relname || ' '
-                                                 || c.relnamespace::text || ' ' || c.relkind::text)::bigint), 0)
+                                                 || c.relnamespace::text || ' ' || c.relkind::text || ' '
+                                                 || c.relrowsecurity::text)::bigint), 0)
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
      AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
@@ -377,6 +609,28 @@ SELECT
     FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'),
  (SELECT count(*) || ':' || coalesce(sum(c.xmin::text::bigint), 0) FROM pg_catalog.pg_cast c),
+ (SELECT count(*) || ':' || coalesce(sum(x.xmin::text::bigint), 0)
+    FROM (SELECT t.xmin, t.tgrelid AS rel FROM pg_catalog.pg_trigger t
+          UNION ALL SELECT a.xmin, a.adrelid FROM pg_catalog.pg_attrdef a
+          UNION ALL SELECT p.xmin, p.polrelid FROM pg_catalog.pg_policy p
+          UNION ALL SELECT h.xmin, h.inhrelid FROM pg_catalog.pg_inherits h
+          UNION ALL SELECT co.xmin, co.conrelid FROM pg_catalog.pg_constraint co
+                     WHERE co.conrelid <> 0 AND co.contype IN ('c', 'f')) x
+    JOIN pg_catalog.pg_class c ON c.oid = x.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(hashtext(i.indexrelid::text || ' ' || i.indrelid::text || ' '
+                                                 || coalesce(i.indexprs::text, '') || ' '
+                                                 || coalesce(i.indpred::text, ''))::bigint), 0)
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class c ON c.oid = i.indrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+   WHERE (i.indexprs IS NOT NULL OR i.indpred IS NOT NULL)
+     AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
+ (SELECT count(*) || ':' || coalesce(sum(x.xmin::text::bigint), 0)
+    FROM (SELECT f.xmin FROM pg_catalog.pg_opfamily f UNION ALL SELECT o.xmin FROM pg_catalog.pg_opclass o
+          UNION ALL SELECT a.xmin FROM pg_catalog.pg_amop a UNION ALL SELECT a.xmin FROM pg_catalog.pg_amproc a
+          UNION ALL SELECT e.xmin FROM pg_catalog.pg_event_trigger e UNION ALL SELECT r.xmin FROM pg_catalog.pg_range r
+          UNION ALL SELECT t.xmin FROM pg_catalog.pg_type t WHERE t.typtype = 'd'
+          UNION ALL SELECT co.xmin FROM pg_catalog.pg_constraint co WHERE co.contypid <> 0) x),
  (SELECT count(*) || ':' || coalesce(sum(s.xmin::text::bigint), 0) FROM pg_catalog.pg_db_role_setting s),
  (SELECT count(*) || ':' || coalesce(sum(hashtext(r.oid::text || ' ' || r.rolname || ' ' || r.rolsuper::text || ' '
                                                  || r.rolcanlogin::text || ' ' || r.rolinherit::text)::bigint), 0)
@@ -392,7 +646,8 @@ async def catalog_stamp(conn: Any) -> tuple[str, ...]:
 
 
 async def load_schema(conn: Any) -> Schema:
-    """Read relations, view definitions and functions from a live server (an asyncpg connection).
+    """Read relations, view definitions, functions, and the code statements run without naming it, from a
+    live server (an asyncpg connection).
 
     View definitions are read with ``search_path`` set to ``pg_catalog`` only, inside a
     transaction, so that ``pg_get_viewdef`` qualifies every relation outside pg_catalog;
@@ -407,6 +662,10 @@ async def load_schema(conn: Any) -> Schema:
         fn_rows = await conn.fetch(_FUNCTIONS_SQL)
         op_rows = await conn.fetch(_OPERATORS_SQL)
         cast_rows = await conn.fetch(_CASTS_SQL)
+        implicit_rows = await conn.fetch(_IMPLICIT_SQL)
+        code_rows = await conn.fetch(_RELATION_CODE_SQL)
+        rule_rows = await conn.fetch(_RULES_SQL)
+        reach_rows = await conn.fetch(_WRITE_REACH_SQL)
         database = await conn.fetchval("SELECT pg_catalog.current_database()")
         await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old_path)
     relations = []
@@ -425,8 +684,52 @@ async def load_schema(conn: Any) -> Schema:
     operators: dict[str, list[str]] = {}
     for r in op_rows:
         operators.setdefault(r["symbol"], []).append(r["function"])
+    on_write, on_read, rules = _relation_code(code_rows, rule_rows, reach_rows)
     return Schema(relations, functions, database=database, operators=operators,
-                  casts=[r["function"] for r in cast_rows])
+                  casts=[r["function"] for r in cast_rows],
+                  implicit={r["function"]: r["why"] for r in implicit_rows},
+                  on_write=on_write, on_read=on_read, rules=rules)
+
+
+def _relation_code(code_rows: Iterable[Mapping[str, Any]], rule_rows: Iterable[Mapping[str, Any]],
+                   reach_rows: Iterable[Mapping[str, Any]]
+                   ) -> tuple[dict[tuple[str, str], dict[str, str]], dict[tuple[str, str], dict[str, str]],
+                              dict[tuple[str, str], list[str]]]:
+    """``Schema.on_write``, ``on_read`` and ``rules`` from the rows of ``_RELATION_CODE_SQL``, ``_RULES_SQL``
+    and ``_WRITE_REACH_SQL``: a write to a relation counts what runs on every relation it reaches.
+
+    >>> code = [{"schema": "s", "name": "child", "how": "trigger", "function": "s.f"}]
+    >>> reach = [{"from_schema": "s", "from_name": "parent", "to_schema": "s", "to_name": "child"}]
+    >>> w, r, rules = _relation_code(code, [{"schema": "s", "name": "child"}], reach)
+    >>> w[("s", "parent")], rules[("s", "parent")]
+    ({'s.f': 'runs in a trigger on s.child'}, ['s.child'])
+    """
+    own_write: dict[tuple[str, str], dict[str, str]] = {}
+    on_read: dict[tuple[str, str], dict[str, str]] = {}
+    for r in sorted(code_rows, key=lambda r: (r["schema"], r["name"], r["how"], r["function"])):
+        key = (r["schema"], r["name"])
+        why = _RELATION_CODE_WHY[r["how"]].format(rel=f"{r['schema']}.{r['name']}")
+        (on_read if r["how"] == "policy" else own_write).setdefault(key, {}).setdefault(r["function"], why)
+    ruled = {(r["schema"], r["name"]) for r in rule_rows}
+    reach: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for r in reach_rows:
+        reach.setdefault((r["from_schema"], r["from_name"]), set()).add((r["to_schema"], r["to_name"]))
+    on_write: dict[tuple[str, str], dict[str, str]] = {}
+    rules: dict[tuple[str, str], list[str]] = {}
+    for start in set(own_write) | ruled | set(reach):
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in reach.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        for rel in [start, *sorted(seen - {start})]:
+            for fn, why in own_write.get(rel, {}).items():
+                on_write.setdefault(start, {}).setdefault(fn, why)
+        hit = sorted(f"{s}.{n}" for s, n in seen & ruled)
+        if hit:
+            rules[start] = hit
+    return on_write, on_read, rules
 
 
 def quote_ident(name: str) -> str:

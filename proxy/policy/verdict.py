@@ -375,7 +375,11 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
         for col, use in st.columns.items():
             touched.setdefault(col, _Touch()).use |= use
     casts = {f.lower() for st in statements for f in st.cast_functions}
-    functions = sorted({f.lower() for st in statements for f in st.functions} | casts)
+    implicit: dict[str, str] = {}
+    for st in statements:
+        for f, why in st.implicit_functions.items():
+            implicit.setdefault(f.lower(), why)
+    functions = sorted({f.lower() for st in statements for f in st.functions} | casts | implicit.keys())
     expl = replace(expl, functions=tuple(functions))
     for name in functions:
         entry = policy.catalog.functions.get(name)
@@ -394,6 +398,13 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
                           f"it reads", "function",
                     hint="Declare the function under 'functions:' in catalog.yaml with the columns it reads "
                          "(reads: [] if none), or drop the cast.")
+            if name in implicit:
+                return touched, expl, _block(
+                    expl, f"function {name} {implicit[name]}, which PostgreSQL runs without the statement naming "
+                          f"it, and it is not declared in the policy catalog, so the proxy cannot tell which "
+                          f"personal data it reads", "function",
+                    hint="Declare the function under 'functions:' in catalog.yaml with the columns it reads "
+                         "(reads: [] if none), or drop the object that runs it.")
             return touched, expl, _block(
                 expl, f"function {name} is not declared in the policy catalog, so the proxy cannot tell which "
                       f"personal data it reads", "function",

@@ -1107,3 +1107,105 @@ def test_a_user_defined_cast_function_counts_as_called_in_every_statement(pg, en
                 assert "crm.label_of is behind a cast" in str(err.value), sql
     finally:
         pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _scratch_database(pg, prefix: str, setup: list[str]) -> str:
+    """A new database owned by app holding the enforcement schema and ``setup`` (run as app)."""
+    from tests.support.enforce import SCHEMA_SQL
+
+    name = prefix + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+    with psycopg.connect(pg.dsn("app", dbname=name), autocommit=True) as conn:
+        conn.execute(SCHEMA_SQL.read_text())
+        for sql in setup:
+            conn.execute(sql)
+    return name
+
+
+_CARDS_FN = ("CREATE FUNCTION public.cards() RETURNS text LANGUAGE sql STABLE AS "
+             "$$ SELECT string_agg(card_number, ',') FROM billing.cards $$")
+
+
+@pytest.fixture(scope="module")
+def implicit_db(pg):
+    """A database with a trigger, a column default, a row-level security policy and a rule that hand
+    out card numbers, each on a table of its own in public (which the test catalog does not hold)."""
+    name = _scratch_database(pg, "pp_implicit_", [
+        _CARDS_FN,
+        "CREATE FUNCTION public.fill_v() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN NEW.v := public.cards(); RETURN NEW; END $$",
+        "CREATE TABLE public.trig_t (id int, v text)",
+        "CREATE TRIGGER fill BEFORE INSERT ON public.trig_t FOR EACH ROW EXECUTE FUNCTION public.fill_v()",
+        "CREATE TABLE public.def_t (id int, v text DEFAULT public.cards())",
+        "CREATE FUNCTION public.shout(x int) RETURNS boolean LANGUAGE plpgsql STABLE AS "
+        "$$ BEGIN RAISE EXCEPTION 'seen: %', public.cards(); END $$",
+        "CREATE TABLE public.rls_t (id int)",
+        "INSERT INTO public.rls_t VALUES (1)",
+        "ALTER TABLE public.rls_t ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE public.rls_t FORCE ROW LEVEL SECURITY",
+        "CREATE POLICY peek ON public.rls_t USING (public.shout(id))",
+        "CREATE TABLE public.rule_t (id int)",
+        "CREATE RULE steal AS ON INSERT TO public.rule_t DO INSTEAD SELECT card_number FROM billing.cards",
+    ])
+    yield name
+    pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("INSERT INTO public.trig_t (id) VALUES (1) RETURNING v",
+     "function public.fill_v runs in a trigger on public.trig_t"),
+    ("INSERT INTO public.def_t (id) VALUES (1) RETURNING v",
+     "function public.cards is behind a column default of public.def_t"),
+    ("SELECT count(*) FROM public.rls_t",
+     "function public.shout is behind a row-level security policy of public.rls_t"),
+    ("INSERT INTO public.rule_t VALUES (1)", "public.rule_t has rules (CREATE RULE)"),
+], ids=["trigger", "default", "rls-policy", "rule"])
+def test_code_a_write_or_read_runs_without_naming_it_counts_as_called(pg, enforce_proxy, implicit_db, sql, message):
+    # Found by a hunt: PostgreSQL runs triggers, column defaults, row-level security policies and
+    # rules that the statement never names; through the proxy they handed out card numbers under a
+    # purpose denied them. The schema load now reads them, and a statement writing (or reading) the
+    # relation counts their functions as called; a write to a relation with rules is refused.
+    with psycopg.connect(pg.dsn("app", dbname=implicit_db)) as conn:  # what it would hand out
+        try:
+            seen = str(conn.execute(sql).fetchall())
+        except psycopg.Error as exc:
+            seen = str(exc)
+        conn.rollback()
+        assert "CANARY-CARD" in seen
+    dsn = pg.dsn("app", dbname=implicit_db, host=enforce_proxy.host, port=enforce_proxy.port,
+                 **purpose_options("marketing"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            conn.execute(sql).fetchall()
+        assert message in str(err.value)
+        # Only the statements that touch those relations: the rest of the database is as before.
+        assert conn.execute("SELECT count(*) FROM public.notes").fetchone()[0] == 4
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO public.notes (note_id, body) VALUES (99, 'x')")
+        conn.execute("ROLLBACK")
+
+
+def test_a_user_defined_operator_applied_implicitly_counts_as_called_in_every_statement(pg, enforce_proxy):
+    # Found by a hunt: x IN (1.0) ran public.=(bigint, numeric), which no statement text shows (nor
+    # BETWEEN its >=, nor LIKE its ~~): the functions behind such operators count as called.
+    name = _scratch_database(pg, "pp_implicit_op_", [
+        _CARDS_FN,
+        "CREATE FUNCTION public.num_eq(a bigint, b numeric) RETURNS boolean LANGUAGE plpgsql STABLE AS "
+        "$$ BEGIN RAISE EXCEPTION 'seen: %', public.cards(); END $$",
+        "CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = numeric, FUNCTION = public.num_eq)",
+    ])
+    sql = "SELECT member_id FROM crm.members WHERE member_id::bigint IN (1.0)"
+    try:
+        with psycopg.connect(pg.dsn("app", dbname=name), autocommit=True) as conn:
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute(sql).fetchall()
+            assert "CANARY-CARD" in str(err.value)  # what the operator would hand out
+        dsn = pg.dsn("app", dbname=name, host=enforce_proxy.host, port=enforce_proxy.port,
+                     **purpose_options("marketing"))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for stmt in (sql, "SELECT 1"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                    conn.execute(stmt).fetchall()
+                assert "function public.num_eq is behind the operator public.=" in str(err.value), stmt
+    finally:
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

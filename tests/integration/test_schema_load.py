@@ -125,6 +125,80 @@ def test_load_schema_returns_tables_views_and_functions(loaded):
     assert lower is not None and lower.builtin
     assert "aggregate" in s.function("pg_catalog", "count").kinds
     assert s.knows_builtin_functions
+    # Serial and now() defaults call pg_catalog functions only: no code runs unnamed here.
+    assert (s.implicit, s.on_write, s.on_read, s.rules) == ({}, {}, {}, {})
+
+
+IMPLICIT_DDL = """
+CREATE FUNCTION crm.f(x int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT x';
+CREATE FUNCTION crm.g(x text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+CREATE FUNCTION crm.trg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE FUNCTION crm.cmp(a bigint, b bigint) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 0';
+CREATE FUNCTION crm.eq(a bigint, b numeric) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+CREATE FUNCTION crm.near(a int, b int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+CREATE OPERATOR crm.= (LEFTARG = bigint, RIGHTARG = numeric, FUNCTION = crm.eq);
+CREATE OPERATOR crm.### (LEFTARG = int, RIGHTARG = int, FUNCTION = crm.near);
+CREATE DOMAIN crm.small AS int CHECK (crm.f(VALUE) < 10) DEFAULT crm.f(1);
+CREATE TABLE crm.w (id int DEFAULT crm.f(0), g int GENERATED ALWAYS AS (crm.f(id)) STORED,
+                    t text CHECK (crm.g(t)));
+CREATE TRIGGER w_trg BEFORE INSERT ON crm.w FOR EACH ROW EXECUTE FUNCTION crm.trg();
+CREATE INDEX ON crm.w (crm.f(id)) WHERE crm.g(t);
+CREATE TABLE crm.p (id int PRIMARY KEY, t text);
+CREATE TABLE crm.c (id int REFERENCES crm.p ON DELETE CASCADE);
+CREATE TRIGGER c_trg BEFORE DELETE ON crm.c FOR EACH ROW EXECUTE FUNCTION crm.trg();
+ALTER TABLE crm.p ENABLE ROW LEVEL SECURITY;
+CREATE POLICY p_pol ON crm.p USING (crm.g(t));
+CREATE POLICY w_pol ON crm.w USING (crm.g(t));
+CREATE TABLE crm.r (id int);
+CREATE RULE r_rule AS ON INSERT TO crm.r DO ALSO NOTIFY r;
+CREATE VIEW crm.wv AS SELECT id, t FROM crm.w;
+CREATE VIEW crm.rv AS SELECT id FROM crm.r;
+"""
+
+
+def test_load_schema_reads_the_code_statements_run_without_naming_it(pg):
+    name = "pp_implicit_" + uuid.uuid4().hex[:8]
+    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(pg.url("app", dbname=name))
+        try:
+            await conn.execute(DDL + IMPLICIT_DDL)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(setup())
+        # What only a superuser may create: an operator family with a support function, an event trigger.
+        pg.psql_admin("CREATE FUNCTION crm.evt() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;"
+                      "CREATE EVENT TRIGGER pp_evt ON ddl_command_start EXECUTE FUNCTION crm.evt();"
+                      "CREATE OPERATOR CLASS crm.big_ops FOR TYPE bigint USING btree AS "
+                      "OPERATOR 1 <, OPERATOR 3 =, FUNCTION 1 crm.cmp(bigint, bigint);", dbname=name)
+        s = asyncio.run(_load(pg.url("app", dbname=name)))
+        assert s.implicit == {
+            "crm.cmp": "is a support function of the operator family crm.big_ops",
+            "crm.eq": "is behind the operator crm.= (which IN, BETWEEN, LIKE, CASE, DISTINCT, ORDER BY or an index "
+                      "may apply)",
+            "crm.evt": "runs in the event trigger pp_evt (on DDL)",
+            "crm.f": "is behind a CHECK constraint of the domain crm.small",
+        }
+        assert s.operators["###"] == ("crm.near",)  # found by its symbol in the text, not in every statement
+        w_code = {"crm.f": "is behind a column default of crm.w", "crm.g": "is behind a CHECK constraint of crm.w",
+                  "crm.trg": "runs in a trigger on crm.w"}  # one reason a function runs is enough to name
+        assert s.on_write == {
+            ("crm", "w"): w_code,
+            ("crm", "wv"): w_code,  # a write through the view writes crm.w
+            ("crm", "c"): {"crm.trg": "runs in a trigger on crm.c"},
+            ("crm", "p"): {"crm.trg": "runs in a trigger on crm.c"},  # ON DELETE CASCADE reaches crm.c
+        }
+        assert s.on_read == {("crm", "p"): {"crm.g": "is behind a row-level security policy of crm.p"}}  # not w
+        assert s.rules == {("crm", "r"): ("crm.r",), ("crm", "rv"): ("crm.r",)}
+        again = type(s).from_dict(s.to_dict())
+        assert (again.implicit, again.on_write, again.on_read, again.rules, again.version) == \
+            (s.implicit, s.on_write, s.on_read, s.rules, s.version)
+    finally:
+        pg.psql_admin("DROP EVENT TRIGGER IF EXISTS pp_evt", dbname=name)
+        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
@@ -164,6 +238,18 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
     ("REVOKE USAGE ON SCHEMA crm FROM PUBLIC", True),  # which schemas a role may search
     ("GRANT USAGE ON SCHEMA crm TO PUBLIC", True),
     ("CREATE CAST (int AS crm.code) WITH INOUT", True),  # a cast may run a function (hunt 15)
+    # Code a statement runs without naming it (built-in functions here: the stamp moves all the same).
+    ("CREATE TRIGGER stamp_trg BEFORE UPDATE ON crm.notes FOR EACH ROW "
+     "EXECUTE FUNCTION suppress_redundant_updates_trigger()", True),
+    ("ALTER TABLE crm.notes ALTER COLUMN body SET DEFAULT lower('x')", True),
+    ("ALTER TABLE crm.notes ADD CHECK (length(body) < 100)", True),
+    ("CREATE INDEX ON crm.notes (lower(body))", True),
+    ("ALTER TABLE crm.notes ENABLE ROW LEVEL SECURITY", True),
+    ("CREATE POLICY stamp_pol ON crm.notes USING (true)", True),
+    ("ALTER DOMAIN crm.code ADD CHECK (length(VALUE) < 9)", True),
+    ("ALTER DOMAIN crm.code SET DEFAULT 'x'", True),
+    ("CREATE RULE stamp_rule AS ON INSERT TO crm.notes DO INSTEAD NOTHING", True),
+    ("CREATE TEMP TABLE scratch_tmp2 (x int DEFAULT lower('x')::int CHECK (x > 0)) ", False),
 ])
 def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     """The catalog watch reloads when the stamp moves: on DDL that changes what ``load_schema`` and the
