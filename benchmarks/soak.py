@@ -714,6 +714,13 @@ class Soak:
         result: dict[str, Any] = {}
         self.expected = await self.read_expected()
         self.rec = Recorder(float("inf"))
+        # The baseline is taken as the state after the clients leave is (below): once the proxy holds no
+        # session (read_expected's connection is gone) and a second has passed (a connection the proxy
+        # ended may linger that long), else a socket still closing counts as the baseline's.
+        deadline = time.perf_counter() + 30
+        while (await self.metrics())["sessions_open"] and time.perf_counter() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
         baseline_fds, baseline_rss = open_fds(self.proxy_pid), procfs.status_kb(self.proxy_pid, "VmRSS")
         print(f"connecting {opts.clients} clients ({opts.active} active) ...", flush=True)
         clients = [Client(i, KINDS[i % len(KINDS)], i < opts.active) for i in range(opts.clients)]
