@@ -391,20 +391,16 @@ def _touched(statements: list[StatementAccess], policy: Policy, expl: Explanatio
                 return touched, expl, _block(
                     expl, f"function {name} runs SQL or reads data the proxy cannot see", "function",
                     hint="Query the tables directly, or declare what the function reads in catalog.yaml.")
-            if name in casts:
+            if name in casts or name in implicit:  # code the statement does not name
+                where, what = (("is behind a cast, which PostgreSQL may apply in any statement", "the cast")
+                               if name in casts else
+                               (f"{implicit[name]}, which PostgreSQL runs without the statement naming it",
+                                "the object that runs it"))
                 return touched, expl, _block(
-                    expl, f"function {name} is behind a cast, which PostgreSQL may apply in any statement, and it "
-                          f"is not declared in the policy catalog, so the proxy cannot tell which personal data "
-                          f"it reads", "function",
+                    expl, f"function {name} {where}, and it is not declared in the policy catalog, so the proxy "
+                          f"cannot tell which personal data it reads", "function",
                     hint="Declare the function under 'functions:' in catalog.yaml with the columns it reads "
-                         "(reads: [] if none), or drop the cast.")
-            if name in implicit:
-                return touched, expl, _block(
-                    expl, f"function {name} {implicit[name]}, which PostgreSQL runs without the statement naming "
-                          f"it, and it is not declared in the policy catalog, so the proxy cannot tell which "
-                          f"personal data it reads", "function",
-                    hint="Declare the function under 'functions:' in catalog.yaml with the columns it reads "
-                         "(reads: [] if none), or drop the object that runs it.")
+                         f"(reads: [] if none), or drop {what}.")
             return touched, expl, _block(
                 expl, f"function {name} is not declared in the policy catalog, so the proxy cannot tell which "
                       f"personal data it reads", "function",
