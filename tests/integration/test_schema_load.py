@@ -14,6 +14,7 @@ PostgreSQL too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import uuid
@@ -61,25 +62,32 @@ CREATE AGGREGATE shadow.sum(numeric) (sfunc = numeric_add, stype = numeric);
 """
 
 
-@pytest.fixture(scope="module")
-def db(pg):
-    """A fresh database owned by ``app`` holding the fixture schema; yields its URL."""
-    name = "pp_analysis_" + uuid.uuid4().hex[:8]
+@contextlib.contextmanager
+def scratch_database(pg, prefix: str, ddl: str | None = None):
+    """A fresh database owned by ``app``, with ``ddl`` run in it as ``app``, dropped afterwards; yields its name."""
+    name = prefix + uuid.uuid4().hex[:8]
     pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
-    url = pg.url("app", dbname=name)
 
     async def setup() -> None:
-        conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(pg.url("app", dbname=name))
         try:
-            await conn.execute(DDL)
+            await conn.execute(ddl)
         finally:
             await conn.close()
 
-    asyncio.run(setup())
     try:
-        yield url
+        if ddl:
+            asyncio.run(setup())
+        yield name
     finally:
         pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def db(pg):
+    """A fresh database owned by ``app`` holding the fixture schema; yields its URL."""
+    with scratch_database(pg, "pp_analysis_", DDL) as name:
+        yield pg.url("app", dbname=name)
 
 
 async def _load(url: str):
@@ -157,48 +165,42 @@ CREATE VIEW crm.rv AS SELECT id FROM crm.r;
 
 
 def test_load_schema_reads_the_code_statements_run_without_naming_it(pg):
-    name = "pp_implicit_" + uuid.uuid4().hex[:8]
-    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
-
-    async def setup() -> None:
-        conn = await asyncpg.connect(pg.url("app", dbname=name))
+    with scratch_database(pg, "pp_implicit_", DDL + IMPLICIT_DDL) as name:
         try:
-            await conn.execute(DDL + IMPLICIT_DDL)
+            _check_implicit_code(pg, name)
         finally:
-            await conn.close()
+            pg.psql_admin("DROP EVENT TRIGGER IF EXISTS pp_evt", dbname=name)
 
-    try:
-        asyncio.run(setup())
-        # What only a superuser may create: an operator family with a support function, an event trigger.
-        pg.psql_admin("CREATE FUNCTION crm.evt() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;"
-                      "CREATE EVENT TRIGGER pp_evt ON ddl_command_start EXECUTE FUNCTION crm.evt();"
-                      "CREATE OPERATOR CLASS crm.big_ops FOR TYPE bigint USING btree AS "
-                      "OPERATOR 1 <, OPERATOR 3 =, FUNCTION 1 crm.cmp(bigint, bigint);", dbname=name)
-        s = asyncio.run(_load(pg.url("app", dbname=name)))
-        assert s.implicit == {
-            "crm.cmp": "is a support function of the operator family crm.big_ops",
-            "crm.eq": "is behind the operator crm.= (which IN, BETWEEN, LIKE, CASE, DISTINCT, ORDER BY or an index "
-                      "may apply)",
-            "crm.evt": "runs in the event trigger pp_evt (on DDL)",
-            "crm.f": "is behind a CHECK constraint of the domain crm.small",
-        }
-        assert s.operators["###"] == ("crm.near",)  # found by its symbol in the text, not in every statement
-        w_code = {"crm.f": "is behind a column default of crm.w", "crm.g": "is behind a CHECK constraint of crm.w",
-                  "crm.trg": "runs in a trigger on crm.w"}  # one reason a function runs is enough to name
-        assert s.on_write == {
-            ("crm", "w"): w_code,
-            ("crm", "wv"): w_code,  # a write through the view writes crm.w
-            ("crm", "c"): {"crm.trg": "runs in a trigger on crm.c"},
-            ("crm", "p"): {"crm.trg": "runs in a trigger on crm.c"},  # ON DELETE CASCADE reaches crm.c
-        }
-        assert s.on_read == {("crm", "p"): {"crm.g": "is behind a row-level security policy of crm.p"}}  # not w
-        assert s.rules == {("crm", "r"): ("crm.r",), ("crm", "rv"): ("crm.r",)}
-        again = type(s).from_dict(s.to_dict())
-        assert (again.implicit, again.on_write, again.on_read, again.rules, again.version) == \
-            (s.implicit, s.on_write, s.on_read, s.rules, s.version)
-    finally:
-        pg.psql_admin("DROP EVENT TRIGGER IF EXISTS pp_evt", dbname=name)
-        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+def _check_implicit_code(pg, name: str) -> None:
+    """What ``load_schema`` reads of the implicit code in database ``name``."""
+    # What only a superuser may create: an operator family with a support function, an event trigger.
+    pg.psql_admin("CREATE FUNCTION crm.evt() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;"
+                  "CREATE EVENT TRIGGER pp_evt ON ddl_command_start EXECUTE FUNCTION crm.evt();"
+                  "CREATE OPERATOR CLASS crm.big_ops FOR TYPE bigint USING btree AS "
+                  "OPERATOR 1 <, OPERATOR 3 =, FUNCTION 1 crm.cmp(bigint, bigint);", dbname=name)
+    s = asyncio.run(_load(pg.url("app", dbname=name)))
+    assert s.implicit == {
+        "crm.cmp": "is a support function of the operator family crm.big_ops",
+        "crm.eq": "is behind the operator crm.= (which IN, BETWEEN, LIKE, CASE, DISTINCT, ORDER BY or an index "
+                  "may apply)",
+        "crm.evt": "runs in the event trigger pp_evt (on DDL)",
+        "crm.f": "is behind a CHECK constraint of the domain crm.small",
+    }
+    assert s.operators["###"] == ("crm.near",)  # found by its symbol in the text, not in every statement
+    w_code = {"crm.f": "is behind a column default of crm.w", "crm.g": "is behind a CHECK constraint of crm.w",
+              "crm.trg": "runs in a trigger on crm.w"}  # one reason a function runs is enough to name
+    assert s.on_write == {
+        ("crm", "w"): w_code,
+        ("crm", "wv"): w_code,  # a write through the view writes crm.w
+        ("crm", "c"): {"crm.trg": "runs in a trigger on crm.c"},
+        ("crm", "p"): {"crm.trg": "runs in a trigger on crm.c"},  # ON DELETE CASCADE reaches crm.c
+    }
+    assert s.on_read == {("crm", "p"): {"crm.g": "is behind a row-level security policy of crm.p"}}  # not w
+    assert s.rules == {("crm", "r"): ("crm.r",), ("crm", "rv"): ("crm.r",)}
+    again = type(s).from_dict(s.to_dict())
+    assert (again.implicit, again.on_write, again.on_read, again.rules, again.version) == \
+        (s.implicit, s.on_write, s.on_read, s.rules, s.version)
 
 
 def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
@@ -254,10 +256,8 @@ def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
 def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     """The catalog watch reloads when the stamp moves: on DDL that changes what ``load_schema`` and the
     search_path defaults read, and not on what sessions do all the time."""
-    name = "pp_stamp_" + uuid.uuid4().hex[:8]
-    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
 
-    async def run() -> tuple:
+    async def run(name: str) -> tuple:
         conn = await asyncpg.connect(pg.url("app", dbname=name))
         other = await asyncpg.connect(pg.url("app", dbname=name))
         try:
@@ -271,21 +271,17 @@ def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
             await conn.close()
             await other.close()
 
-    try:
-        before, after = asyncio.run(run())
-        assert (after != before) is counts
-    finally:
-        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg, "pp_stamp_") as name:
+        before, after = asyncio.run(run(name))
+    assert (after != before) is counts
 
 
 def test_catalog_stamp_is_the_same_from_an_old_connection_and_a_new_one(pg):
     # Found by a hunt: the stamp held the server's search_path as the session read it at start; after
     # ALTER DATABASE ... SET search_path the watch's kept connection and every load's new one differed
     # for ever, and the proxy loaded the schema every 2 s.
-    name = "pp_stamp_" + uuid.uuid4().hex[:8]
-    pg.psql_admin(f'CREATE DATABASE "{name}" OWNER app')
 
-    async def run() -> tuple:
+    async def run(name: str) -> tuple:
         old = await asyncpg.connect(pg.url("app", dbname=name))
         try:
             await old.execute(f'ALTER DATABASE "{name}" SET search_path = public, pg_catalog')
@@ -298,11 +294,9 @@ def test_catalog_stamp_is_the_same_from_an_old_connection_and_a_new_one(pg):
         finally:
             await old.close()
 
-    try:
-        first, again, fresh = asyncio.run(run())
-        assert first == again == fresh
-    finally:
-        pg.psql_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg, "pp_stamp_") as name:
+        first, again, fresh = asyncio.run(run(name))
+    assert first == again == fresh
 
 
 def test_loaded_view_definition_analyses_to_base_columns(loaded):
