@@ -422,6 +422,18 @@ def test_opt_in_purpose_and_its_subtree(mproxy, masking_db):
     assert prows(mproxy, "marketing", "SELECT count(*) FROM billing.invoices") == [(4,)]
 
 
+def test_explain_analyze_of_a_filtered_lookup_is_refused(mproxy, masking_db):
+    # Hunt 17: the row counts of EXPLAIN ANALYZE come from inside the rewrite; rows=1 before the consent
+    # filter's anti join told a member who withdrew (member 3 withdrew support) from one who does not exist.
+    lookup = "SELECT name FROM crm.members WHERE member_id = 3"
+    with pconnect(mproxy, "support") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + lookup, prepare=False)
+        assert "EXPLAIN ANALYZE" in str(info.value)
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + lookup, prepare=False))
+    assert "consents __pp_" in plan and "actual rows" not in plan  # plain EXPLAIN: the rewritten plan
+
+
 def test_consent_filters_updates_and_deletes(mproxy, masking_db):
     with pconnect(mproxy, "support") as conn:
         assert conn.execute("UPDATE crm.members SET phone = 'RAW-new' WHERE member_id IN (2, 3)",

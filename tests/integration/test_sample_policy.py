@@ -89,6 +89,14 @@ def test_row_keys_beside_hashed_member_ids_are_hashed_too(isp):
         profiles = {str(r[0]) for r in conn.execute("SELECT profile_id, segment_id FROM ads.interest_profiles")}
     assert shown and not shown & raw_recordings
     assert profiles and not profiles & raw_profiles
+    # Hunt 17: a subscription's key equals its member's id; read raw next to the hashed member_id, one join
+    # re-identified the pseudonymised page views.
+    raw_subscriptions = {r[0] for r in direct(isp, "SELECT subscription_id::text FROM telecom.subscriptions")}
+    with connect(isp, "app_marketing", "marketing.ads") as conn:
+        keys = {str(r[0]) for r in conn.execute(
+            "SELECT s.subscription_id, v.url FROM browsing.page_views v "
+            "JOIN telecom.subscriptions s ON s.member_id = v.member_id")}
+    assert raw_subscriptions and keys and not keys & raw_subscriptions
 
 
 def test_a_user_aggregate_named_count_is_not_a_statistic(isp):
