@@ -406,6 +406,26 @@ def test_every_run_of_a_prepared_statement_is_audited(pg, obs_db, start_proxy):
     assert audit.verify([proxy.audit_path]).ok
 
 
+def test_runs_are_audited_as_the_statement_postgresql_kept(pg, obs_db, start_proxy):
+    """Hunt 16: a Parse of a name that failed in PostgreSQL, then one that succeeded: later runs of the name were
+    audited as the failed text, "no personal data", while they returned the e-mail addresses."""
+    from psycopg import pq
+
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        pgc = conn.pgconn
+        assert pgc.prepare(b"s", b"SELECT 'a'::text + 1 AS email").status == pq.ExecStatus.FATAL_ERROR
+        assert pgc.prepare(b"s", b"SELECT email FROM crm.members").status == pq.ExecStatus.COMMAND_OK
+        for _ in range(2):
+            assert pgc.exec_prepared(b"s", []).status == pq.ExecStatus.TUPLES_OK
+    assert proxy.stop() == 0
+    runs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement" and r["via"] == "execute"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["fingerprint"].startswith("select email from crm.members"), run["fingerprint"]
+        assert "contact.email" in run["categories"]
+
+
 def test_a_run_of_a_sql_prepared_statement_through_bind_and_execute_is_audited(pg, obs_db, start_proxy):
     """PREPARE in SQL, then run by name with Bind/Execute (libpq's PQexecPrepared does this): each run is a
     record of the PREPARE's decision, with the categories it reads and the run's own rows."""
