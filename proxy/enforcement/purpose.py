@@ -30,7 +30,7 @@ from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
 from proxy.enforcement.startup import BadOptions, startup_settings
 from proxy.policy.decision import Block, Decision
-from proxy.policy.verdict import Explanation, decide_statement, flatten
+from proxy.policy.verdict import Explanation, decide_statement, flatten, with_runs
 
 if TYPE_CHECKING:
     from proxy.enforcement.runtime import DatabaseState, PolicyRuntime
@@ -169,6 +169,9 @@ class PurposeSession:
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
         self._unreadable: Block | None = None  # the refusal of every statement under an unreadable encoding
         self.last: Explanation | None = None  # the explanation of the latest decision
+        # (EXECUTE's explanation, its runs' explanations) -> the two combined (``_explain_runs``): the
+        # same object for the same inputs, so the recorder's memo of record pieces keeps working
+        self._run_explanations: dict[tuple, tuple] = {}
         self._check_startup_purpose()
 
     # --- wiring -------------------------------------------------------------------------
@@ -232,7 +235,29 @@ class PurposeSession:
         decision, analysis = self._judge(sql, via)
         if analysis is not None:
             self._apply(analysis, decision, via)
+            if self.last is not None and self.prepared:
+                self._explain_runs(analysis)
         return decision
+
+    def _explain_runs(self, analysis: Analysis) -> None:
+        """An EXECUTE reads what its prepared statement reads: the explanation (and so the audit
+        record and the category metrics) of a Query that runs one names those columns too, as the
+        run of a prepared statement through Bind and Execute does (``prepared_run``)."""
+        runs = []
+        for st in analysis.statements:
+            if st.kind is Kind.EXECUTE and st.prepared_name:
+                entries = self.prepared.get(st.prepared_name)
+                if entries and entries[0][3] is not None:  # the first is the one PostgreSQL kept
+                    runs.append(entries[0][3])
+        if not runs:
+            return
+        key = (id(self.last), *map(id, runs))
+        hit = self._run_explanations.get(key)
+        if hit is None or hit[0] is not self.last or any(a is not b for a, b in zip(hit[1], runs)):
+            if len(self._run_explanations) >= 64:
+                self._run_explanations.clear()
+            hit = self._run_explanations[key] = (self.last, runs, with_runs(self.last, runs))
+        self.last = hit[2]
 
     def _judge(self, sql: str, via: str) -> tuple[Decision, Analysis | None]:
         """The decision on ``sql``, and its analysis when the session state must follow it."""

@@ -326,6 +326,31 @@ class Explanation:
         return "\n".join(lines)
 
 
+def with_runs(expl: Explanation, runs: Iterable[Explanation]) -> Explanation:
+    """``expl`` (of an EXECUTE) with what the prepared statements it runs read: their columns,
+    relations, functions and requirements, each once. The EXECUTE's own verdict, kinds and
+    checks stay: the runs were decided (and rewritten) at their PREPARE.
+
+    >>> col = ColumnExplanation("billing.cards.number", ("read",), ("payment_card",), (), "mask", "redact")
+    >>> run = Explanation("app", "billing", "declared", "v1", ("select",), (col,), verdict="mask")
+    >>> execute = Explanation("app", "billing", "declared", "v1", ("execute",), verdict="allow")
+    >>> both = with_runs(execute, [run, run])
+    >>> both.statements, both.verdict, [c.column for c in both.columns]
+    (('execute',), 'allow', ['billing.cards.number'])
+    """
+    columns = dict.fromkeys(expl.columns)
+    relations = dict.fromkeys(expl.relations)
+    functions = dict.fromkeys(expl.functions)
+    requirements = dict.fromkeys(expl.requirements)
+    for run in runs:
+        columns.update(dict.fromkeys(run.columns))
+        relations.update(dict.fromkeys(run.relations))
+        functions.update(dict.fromkeys(run.functions))
+        requirements.update(dict.fromkeys(run.requirements))
+    return replace(expl, columns=tuple(columns), relations=tuple(relations), functions=tuple(functions),
+                   requirements=tuple(requirements))
+
+
 # -- the verdict --------------------------------------------------------------------------------
 
 Outcome = tuple[Decision, Explanation]

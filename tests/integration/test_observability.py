@@ -445,6 +445,31 @@ def test_a_run_of_a_sql_prepared_statement_through_bind_and_execute_is_audited(p
     assert audit.verify([proxy.audit_path]).ok
 
 
+def test_an_execute_in_sql_is_audited_with_what_its_prepared_statement_reads(pg, obs_db, start_proxy):
+    """EXECUTE in a Query reads what the PREPARE behind its name reads: its record names those columns and
+    categories (it had none, so "who read contact.email under billing" missed every run of this kind)."""
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        conn.execute("PREPARE emails (int) AS SELECT email FROM crm.members WHERE member_id <= $1")
+        conn.execute("PREPARE names AS SELECT name FROM crm.members")
+        for limit in (1, 2):
+            assert len(conn.execute(f"EXECUTE emails({limit})").fetchall()) == limit
+        conn.execute("EXECUTE names; EXECUTE emails(2)")
+        assert conn.execute("SELECT 1").fetchall() == [(1,)]
+    assert proxy.stop() == 0
+    runs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement"
+            and r["fingerprint"].startswith("execute")]
+    assert [(r["via"], r["rows"], r["verdict"]) for r in runs] == [("query", 1, "allow"), ("query", 2, "allow"),
+                                                                  ("query", 4, "allow")]  # 2 names + 2 e-mails
+    for run in runs:
+        assert run["statement_kinds"][0] == "execute" and run["tables"] == ["crm.members"], run
+        assert "contact.email" in run["categories"], run
+        assert [c["column"] for c in run["columns"] if "contact.email" in c["categories"]] == ["crm.members.email"]
+    assert sorted(c["column"] for c in runs[2]["columns"]) == [  # both runs' columns, each once
+        "crm.members.email", "crm.members.member_id", "crm.members.name"]
+    assert audit.verify([proxy.audit_path]).ok
+
+
 def test_a_prepared_run_refused_at_its_bind_is_audited(pg, obs_db, start_proxy):
     """Prepared under one purpose, run under another that may not read it: refused at Bind, and recorded."""
     proxy = start_proxy(*purpose_args(pg))
