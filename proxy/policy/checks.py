@@ -2,8 +2,9 @@
 
 ``check_policy`` reports purposes nobody may declare, default purposes a role may
 not declare, rules that never decide anything (shadowed by a deny or covered by
-another rule) or can never take effect, names that are not database roles, and
-catalog entries that do not match the database schema.
+another rule) or can never take effect, names that are not database roles,
+catalog entries that do not match the database schema, and code the database runs
+implicitly (triggers, casts, operators...) that the catalog does not declare.
 """
 
 from __future__ import annotations
@@ -82,6 +83,54 @@ def _schema_problems(policy: Policy, schema: Any) -> list[Problem]:
                 if name is not None and name not in cols:
                     out.append(Problem(cat.file, consent.line, f"consent: {key} column {consent.table}.{name} is not "
                                                                f"in the database schema"))
+    return out
+
+
+def _implicit_code_problems(policy: Policy, schema: Any) -> list[Problem]:
+    """Code PostgreSQL runs without a statement naming it (the loaded ``Schema``'s casts, operators,
+    triggers, defaults, policies...) that the catalog does not declare: the proxy refuses every
+    statement that may run it, which a reviewer should learn here rather than from refusals.
+
+    >>> from proxy.analysis.schema import Schema
+    >>> from proxy.devtools.sample import policies_dir
+    >>> s = Schema(on_write={("crm", "members"): {"crm.audit_row": "runs in a trigger on crm.members"}})
+    >>> [p.message for p in _implicit_code_problems(Policy.load(policies_dir()), s)]  # doctest: +NORMALIZE_WHITESPACE
+    ['function crm.audit_row runs in a trigger on crm.members, and it is not declared in the catalog,
+      so the proxy refuses statements that write crm.members']
+    """
+    declared = policy.catalog.functions
+    everywhere = "every statement on this database"
+    found: dict[tuple[str, str], dict[str, set[str]]] = {}  # (function, why) -> refused statements -> relations
+
+    def note(fn: str, why: str, refused: str, relation: str = "") -> None:
+        if fn.lower() not in declared:
+            found.setdefault((fn, why), {}).setdefault(refused, set()).add(relation)
+
+    for fn, why in getattr(schema, "implicit", {}).items():
+        note(fn, why, everywhere)
+    for fn in getattr(schema, "casts", ()):
+        note(fn, "is behind a cast", everywhere)
+    for symbol, fns in getattr(schema, "operators", {}).items():
+        for fn in fns:
+            note(fn, f"is behind the operator {symbol}", f"statements using {symbol}")
+    for scope, refused in ((getattr(schema, "on_write", {}), "statements that write"),
+                           (getattr(schema, "on_read", {}), "statements that read or write")):
+        for (sname, rname), fns in scope.items():
+            for fn, why in fns.items():
+                note(fn, why, refused, f"{sname}.{rname}")
+    out = []
+    anywhere = {fn for (fn, _), refused in found.items() if everywhere in refused}
+    for (fn, why), refused in sorted(found.items()):
+        if fn in anywhere and everywhere not in refused:
+            continue  # said once, in the widest terms
+        what = everywhere if everywhere in refused else "; ".join(
+            f"{kind} {', '.join(sorted(rels))}".strip() for kind, rels in sorted(refused.items()))
+        out.append(Problem(policy.catalog.file, None, f"function {fn} {why}, and it is not declared in the catalog, "
+                                                      f"so the proxy refuses {what}", WARNING))
+    for (sname, rname), with_rules in getattr(schema, "rules", {}).items():
+        out.append(Problem(policy.catalog.file, None, f"{sname}.{rname}: a write reaches relations with rules "
+                                                      f"({', '.join(with_rules)}), so the proxy refuses writes to it",
+                           WARNING))
     return out
 
 
@@ -206,7 +255,7 @@ def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None
     if roles is not None:
         problems += _role_problems(policy, set(roles))
     if schema is not None:
-        problems += _schema_problems(policy, schema)
+        problems += _schema_problems(policy, schema) + _implicit_code_problems(policy, schema)
     return sorted(problems, key=lambda p: (p.severity != ERROR, p.file, p.line or 0, p.message))
 
 

@@ -25,6 +25,9 @@ import pytest
 from proxy.analysis.access import analyze
 from proxy.analysis.model import Column, Kind
 from proxy.analysis.schema import MATERIALIZED_VIEW, TABLE, VIEW, catalog_stamp, load_schema
+from proxy.devtools.sample import policies_dir
+from proxy.policy.checks import check_policy
+from proxy.policy.engine import Policy
 from tests.unit.test_analysis import CASES, DEFAULT_PATH, SCHEMA as YAML_SCHEMA
 
 pytestmark = pytest.mark.integration
@@ -201,6 +204,19 @@ def _check_implicit_code(pg, name: str) -> None:
     again = type(s).from_dict(s.to_dict())
     assert (again.implicit, again.on_write, again.on_read, again.rules, again.version) == \
         (s.implicit, s.on_write, s.on_read, s.rules, s.version)
+    # `purpose-proxy check --dsn` tells the policy's reviewers what will be refused for want of declarations.
+    found = {p.message for p in check_policy(Policy.load(policies_dir()), schema=s) if "crm." in p.message}
+    undeclared = "and it is not declared in the catalog, so the proxy refuses"
+    assert {
+        f"function crm.cmp is a support function of the operator family crm.big_ops, {undeclared} every statement "
+        "on this database",
+        f"function crm.trg runs in a trigger on crm.c, {undeclared} statements that write crm.c, crm.p",
+        f"function crm.trg runs in a trigger on crm.w, {undeclared} statements that write crm.w, crm.wv",
+        f"function crm.g is behind a row-level security policy of crm.p, {undeclared} statements that read or write "
+        "crm.p",
+        f"function crm.near is behind the operator ###, {undeclared} statements using ###",
+        "crm.rv: a write reaches relations with rules (crm.r), so the proxy refuses writes to it",
+    } <= found, "\n".join(sorted(found))
 
 
 def test_schema_version_is_stable_and_changes_with_ddl(db, loaded):
