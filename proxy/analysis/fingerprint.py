@@ -64,26 +64,46 @@ def fingerprint(sql: str) -> str:
 
 
 def _masked_from(tokens) -> int:
-    """Where the value of a ``SET [SESSION|LOCAL] name = / TO value`` begins (a bare word there is a value,
-    not a name: ``SET application_name TO ann``); 0 for a statement that begins with no command word; past
-    the end for any other statement.
+    """Where a setting's value begins (a bare word there is a value, not a name: ``SET application_name
+    TO ann``): after ``SET [SESSION|LOCAL] name = / TO``, ``SET TIME ZONE``, ``SET NAMES``, and the ``SET
+    name = / TO`` of ALTER ROLE/DATABASE/SYSTEM/FUNCTION and CREATE FUNCTION (which masks the rest of the
+    statement); 0 for a statement that begins with no command word; past the end for any other statement.
 
     >>> from proxy.analysis.lexer import scan
     >>> [_masked_from(scan(q)) for q in ("SET application_name TO ann", "SET a.b = x, y", "SET TIME ZONE utc",
-    ...                                       "SELECT 1", "ann smith")]
-    [3, 5, 3, 2, 0]
+    ...                                       "SELECT 1", "ann smith", "SET NAMES ann", "- ann", "(SELECT 1)",
+    ...                                       "ALTER ROLE r SET application_name = ann", "ALTER TABLE t SET SCHEMA s")]
+    [3, 5, 3, 2, 0, 2, 0, 4, 6, 6]
     """
     if not tokens:
         return 0
-    if tokens[0].kind is T.IDENT and tokens[0].value not in COMMAND_WORDS:
+    first = next((t for t in tokens if t.kind is not T.LPAREN), tokens[0])  # (SELECT ...) is a statement
+    if first.kind is not T.IDENT or first.value not in COMMAND_WORDS:
         return 0  # no command: its words may be anything the client typed, values included
+    if first.is_word("alter") or first.is_word("create"):
+        return _setting_value(tokens, next((i for i, t in enumerate(tokens) if t.is_word("set")), len(tokens)))
     if not tokens[0].is_word("set"):
         return len(tokens)
     if len(tokens) > 3 and tokens[1].is_word("time") and tokens[2].is_word("zone"):
         return 3
+    if len(tokens) > 2 and tokens[1].is_word("names"):
+        return 2
     for i, t in enumerate(tokens[1:], 1):
         if t.is_word("to") or (t.kind is T.OP and t.text == "="):
             return i + 1
+    return len(tokens)
+
+
+def _setting_value(tokens, at: int) -> int:
+    """After the ``SET`` at ``at``: where the value of ``SET name = / TO value`` begins (the name may be
+    qualified); past the end when what follows is no such setting (``SET SCHEMA s``, ``SET DEFAULT 1``)."""
+    i = at + 1
+    while i < len(tokens) and tokens[i].kind in (T.IDENT, T.QIDENT, T.DOT):
+        if tokens[i].is_word("to"):
+            break
+        i += 1
+    if at + 1 < i < len(tokens) and (tokens[i].is_word("to") or (tokens[i].kind is T.OP and tokens[i].text == "=")):
+        return i + 1
     return len(tokens)
 
 

@@ -456,12 +456,30 @@ def _unescape_e(raw: str) -> str:
             h = raw[i + 2 : i + 2 + width]
             if len(h) != width or any(x not in "0123456789abcdefABCDEF" for x in h):
                 raise LexError("invalid Unicode escape")
-            out.append(chr(int(h, 16)))
+            out.append(_code_point(int(h, 16)))
             i += 2 + width
         else:
             out.append(d)
             i += 2
     return "".join(out)
+
+
+def _code_point(value: int) -> str:
+    """The character of a Unicode escape; beyond U+10FFFF PostgreSQL fails with "invalid Unicode
+    escape value" (22P05), and so does the lexer (Python's ``chr`` would raise something else,
+    which once sent fingerprints to a fallback that kept a statement's values).
+
+    >>> _code_point(0x41)
+    'A'
+    >>> try:
+    ...     _code_point(0x110000)
+    ... except LexError as exc:
+    ...     print(exc)
+    invalid Unicode escape value
+    """
+    if value > 0x10FFFF:
+        raise LexError("invalid Unicode escape value")
+    return chr(value)
 
 
 def _unescape_unicode(raw: str, esc: str) -> str:
@@ -478,12 +496,12 @@ def _unescape_unicode(raw: str, esc: str) -> str:
             out.append(esc)
             i += 2
         elif i + 4 < n + 0 and all(x in hexd for x in raw[i + 1 : i + 5]) and len(raw[i + 1 : i + 5]) == 4:
-            out.append(chr(int(raw[i + 1 : i + 5], 16)))
+            out.append(_code_point(int(raw[i + 1 : i + 5], 16)))
             i += 5
         elif i + 1 < n and raw[i + 1] == "+" and len(raw[i + 2 : i + 8]) == 6 and all(
             x in hexd for x in raw[i + 2 : i + 8]
         ):
-            out.append(chr(int(raw[i + 2 : i + 8], 16)))
+            out.append(_code_point(int(raw[i + 2 : i + 8], 16)))
             i += 8
         else:
             raise LexError("invalid Unicode escape")

@@ -20,6 +20,8 @@ try:  # the analysis layer's fingerprint (lexer-based, normalised) and statement
 except ImportError:  # pragma: no cover - only while the analysis layer lacks it
     _analysis_fingerprint = _shape = None
 
+UNREADABLE = "<unreadable sql>"  # as the analysis layer's fingerprint says it
+
 _TOKENS = re.compile(
     r"--[^\n]*|/\*.*?\*/"  # comments
     r"|(?:[EeBbXxNn]|[Uu]&)?'(?:[^']|'')*'?"  # string constants (an unterminated one runs to the end)
@@ -86,8 +88,10 @@ class Fingerprints:
                 return hit
         try:
             text = self._fingerprint(sql)
-        except Exception:  # a fingerprint must never take a statement's telemetry down
-            text = fallback_fingerprint(sql)
+        except Exception:  # a fingerprint must never take a statement's telemetry down, nor guess:
+            # the regular expressions cannot tell where a statement the lexer failed on keeps its
+            # values (a hunt's nested comment and non-ASCII dollar tag came out whole)
+            text = UNREADABLE
         out = (text, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16])
         if len(key) <= 16384:
             self._cache[key] = out

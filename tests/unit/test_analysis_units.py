@@ -15,6 +15,7 @@ from proxy.analysis.functions import FunctionClass, classify_function, effective
 from proxy.analysis.lexer import LexError, T, scan, split_statements
 from proxy.analysis.model import Column, Kind, Use
 from proxy.analysis.schema import FunctionInfo, RelationInfo, Schema, parse_search_path, quote_ident
+from proxy.observability.fingerprint import Fingerprints
 from tests.unit.test_analysis import FIXTURES, SCHEMA
 
 # --- Schema --------------------------------------------------------------------------------------------
@@ -278,6 +279,30 @@ def test_fingerprint_is_normalized():
     assert fingerprint("select  EMAIL\nfrom CRM.members where  id=1") == fingerprint("SELECT email FROM crm.members WHERE id = 99")
     assert fingerprint('SELECT "Email" FROM t') == 'select "Email" from t'
     assert fingerprint("/* app=web */ SELECT 1") == "select ?"
+
+
+@pytest.mark.parametrize("sql, expected", [
+    # hunt 19: code points beyond U+10FFFF are errors (Python's chr raised, and the fallback kept values)
+    ("SELECT $é$ann@example.invalid$é$, U&'!+110000' UESCAPE '!'", UNREADABLE),
+    ("SELECT /* /* */ secret */ E'\\UFFFFFFFF'", UNREADABLE),
+    # bare words that are values: settings inside ALTER/CREATE, SET NAMES, no command word first
+    ("ALTER ROLE admin SET application_name = secret", "alter role admin set application_name = ?"),
+    ("ALTER SYSTEM SET cluster_name TO secret", "alter system set cluster_name to ?"),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = secret AS $$ SELECT 1 $$",
+     "create function f () returns int language sql set search_path = ?"),
+    ("SET NAMES secret", "set names ?"),
+    ("(secret smith)", "?"),
+    ("- secret", "?"),
+    ("4111 secret smith", "?"),
+    # and what stays
+    ("(SELECT email FROM t)", "(select email from t)"),
+    ("ALTER TABLE t SET SCHEMA s", "alter table t set schema s"),
+    ("ALTER TABLE t ADD FOREIGN KEY (a) REFERENCES u ON DELETE SET NULL",
+     "alter table t add foreign key (a) references u on delete set null"),
+])
+def test_fingerprint_of_values_the_lexer_or_a_first_reading_missed(sql, expected):
+    assert fingerprint(sql) == expected
+    assert Fingerprints()(sql)[0] == expected  # telemetry's cached fingerprints, and no fallback that guesses
 
 
 def test_fixture_files_exist():
