@@ -88,6 +88,10 @@ class Shaped:
         return Mask("".join(out), d.methods, d.reason)
 
 
+# Refusals whose message is made from the statement's own text (what the analysis could not read).
+_OWN_WORDS = frozenset({"unsupported", "analysis-error"})
+
+
 def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation | None,
                 edits: list[tuple[int, int, str]]) -> Shaped | None:
     """The shape entry for a freshly decided statement, or None if its decision may depend on more
@@ -115,6 +119,8 @@ def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation
         if template is None or shapes.fill(template, shapes.shape(analysis.sql).constants) != decision.sql:
             return None
         return Shaped(decision, explanation, template)
+    if type(decision) is Block and decision.reason in _OWN_WORDS:
+        return None  # its message quotes the statement (scrubbed of literals): no other statement's to give
     unknown = type(decision) is Block and any(
         r.startswith("unknown relation") for st in analysis.statements for r in st.unsupported)
     return Shaped(decision, explanation, None, unknown)

@@ -63,8 +63,25 @@ def unsafe_client_encoding(name: str | None) -> bool:
     return name is not None and re.sub(r"[^0-9a-z]", "", name.lower()) not in _UTF8_READ
 
 
+# PostgreSQL's encoding names and aliases (src/common/encnames.c), as ``unsafe_client_encoding`` compares them.
+_ENCODINGS = frozenset(
+    "abc alt big5 euccn eucjis2004 eucjp euckr euctw gb18030 gbk johab koi8 koi8r koi8u mskanji muleinternal "
+    "shiftjis shiftjis2004 sjis sqlascii tcvn tcvn5712 uhc unicode utf8 vscii win win866 win874 win932 win936 "
+    "win949 win950 windows866 windows874 windows932 windows936 windows949 windows950".split()
+    + [f"iso8859{n}" for n in range(1, 17)] + [f"latin{n}" for n in range(1, 11)]
+    + [f"win{n}" for n in range(1250, 1259)] + [f"windows{n}" for n in range(1250, 1259)])
+
+
 def _encoding_refusal(name: str, severity: str = "ERROR") -> Block:
-    return Block(f"client_encoding {name} is not supported by purpose-proxy", sqlstate="0A000",
+    """The refusal of a client encoding; a name PostgreSQL does not know is not repeated (the message
+    goes to the audit log, which keeps no values: a hunt set client_encoding to an e-mail address).
+
+    >>> _encoding_refusal("LATIN1").message, _encoding_refusal("bob@example.com").message
+    ('client_encoding LATIN1 is not supported by purpose-proxy', 'the client_encoding requested is not supported by purpose-proxy')
+    """
+    known = re.sub(r"[^0-9a-z]", "", name.lower()) in _ENCODINGS and len(name) <= 32
+    return Block(f"client_encoding {name} is not supported by purpose-proxy" if known else
+                 "the client_encoding requested is not supported by purpose-proxy", sqlstate="0A000",
                  severity=severity, reason="client-encoding",
                  detail="The proxy reads SQL as UTF-8; in this encoding PostgreSQL could read a statement's "
                         "strings or names differently.",

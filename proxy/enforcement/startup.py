@@ -73,7 +73,7 @@ def option_settings(options: str) -> list[tuple[str, str]]:
     >>> option_settings("-Ec search_path=crm")
     Traceback (most recent call last):
     ...
-    proxy.enforcement.startup.BadOptions: startup options: purpose-proxy reads only -c name=value and --name=value, not '-Ec'
+    proxy.enforcement.startup.BadOptions: startup options: word 1 is neither -c name=value nor --name=value, the only forms purpose-proxy reads
     """
     odd = next((ch for ch in options
                 if ch not in _C_SPACE and (ch.isspace() or ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0xA0)), None)
@@ -91,10 +91,12 @@ def option_settings(options: str) -> list[tuple[str, str]]:
             item = arg[2:]
             i += 1
         else:
-            raise BadOptions(f"startup options: purpose-proxy reads only -c name=value and --name=value, not {arg!r}")
+            # (The client's text is not repeated: the message goes to the audit log, which keeps no values.)
+            raise BadOptions(f"startup options: word {i + 1} is neither -c name=value nor --name=value, "
+                             "the only forms purpose-proxy reads")
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise BadOptions(f"startup options: {item!r} is not name=value")
+            raise BadOptions(f"startup options: setting {len(out) + 1} is not name=value")
         out.append((name.replace("-", "_").lower(), value))
     return out
 

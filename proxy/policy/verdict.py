@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 from weakref import WeakKeyDictionary
 
-from proxy.analysis.lexer import T, scan
+from proxy.analysis.lexer import T, scan, truncate_identifier
 from proxy.analysis.model import Analysis, Column, Kind, StatementAccess, Table, Use
 from proxy.policy import vocabulary as v
 from proxy.policy.decision import Allow, Block, Decision, Mask
@@ -138,6 +138,8 @@ def literals_of(sql: str) -> list[str]:
     ['4111111111111111', "O''Brien", "O'Brien", 'a@b.jp', 'x y']
     >>> literals_of(r"SELECT E'k\x40m.example', U&'40\0030' FROM t")
     ['k\\x40m.example', 'k@m.example', '40\\0030', '400']
+    >>> literals_of("SELECT 1 FROM U&'!0041B' UESCAPE '!', $é$x y$é$, 'C'\n'D'")
+    ['!0041B', 'x y', 'AB', 'CD']
     """
     found: set[str] = set()
     for m in _LITERAL.finditer(sql):
@@ -146,12 +148,15 @@ def literals_of(sql: str) -> list[str]:
                 found.add(value)
                 if "''" in value:
                     found.add(value.replace("''", "'"))
-    if "\\" in sql:
-        for scs in (True, False):
-            try:
-                found.update(t.value for t in scan(sql, scs) if t.kind in _VALUE_KINDS)
-            except Exception:  # unreadable to the lexer: the forms as written are all there is
-                pass
+    # And as the lexer reads them: decoded escapes (E'', U&'' with UESCAPE), dollar tags of any
+    # letters, constants continued across lines ('a'<newline>'b' is 'ab'); and cut to 63 bytes, as
+    # a value read as a name is (a hunt found each of these in a refusal's message).
+    for scs in (True, False) if "\\" in sql else (True,):
+        try:
+            found.update(t.value for t in scan(sql, scs) if t.kind in _VALUE_KINDS)
+        except Exception:  # unreadable to the lexer: the forms as written are all there is
+            pass
+    found.update([truncate_identifier(x) for x in found if len(x) >= 16])
     return sorted((x for x in found if len(x) >= 2), key=lambda x: (-len(x), x))
 
 

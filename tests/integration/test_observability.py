@@ -8,6 +8,7 @@ in a span, a log line or an audit record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -43,7 +44,10 @@ pytestmark = pytest.mark.integration
 MARKER = ("--decider", "tests.support.deciders:refuse_marker")
 CANARIES = ("canary-allow-9931", "canary-refused-4417", "canary-error-8812", "canary-dollar-7123",
             "canary-unparsed-5521", "987654321987", "canary-param-3309", "canarypurpose", "canary-dq-6604",
-            "canary_setbare_2208", "canaryword", "canary-option-7719", "canary-escape-3391", "canary-uni-4410")
+            "canary_setbare_2208", "canaryword", "canary-option-7719", "canary-escape-3391", "canary-uni-4410",
+            "canary-nonascii-1101", "canary-nested-1102", "canary-fromdollar-1103", "anary-fromuni-1104",
+            "canary-long-1105", "canaryjoin1106", "canary-enc-1107", "canaryopt1108", "canaryencstart1109",
+            "canary_alterrole_1110", "canarynames1111", "canaryparen1112", "canaryminus1113")
 
 
 @pytest.fixture(scope="module")
@@ -293,10 +297,32 @@ def test_console_exporter_and_logs_carry_no_values(pg, obs_db, start_proxy):
         # not the text between the quotes.
         assert refused(conn, r"INSERT INTO crm.members VALUES (1) ON CONFLICT E'canary\x2descape\x2d3391'") == "42501"
         assert refused(conn, r"INSERT INTO crm.members VALUES (1) ON CONFLICT U&'canary\002duni\002d4410'") == "42501"
+        # Found by hunt 19. A Unicode escape beyond U+10FFFF crashed the lexer, and the fingerprint's
+        # fallback kept a non-ASCII dollar tag's body and a nested comment.
+        assert refused(conn, "SELECT name FROM crm.members WHERE email = $é$canary-nonascii-1101$é$ "
+                             "AND U&'!+110000' UESCAPE '!' = ''") == "42501"
+        assert refused(conn, "SELECT U&'!+FFFFFF' UESCAPE '!', /* /* */ canary-nested-1102 */ 1") == "42501"
+        # A value read as a relation's name, in forms the refusal's scrubbing missed: a non-ASCII dollar
+        # tag, U&'' with UESCAPE, cut to 63 bytes, one-character constants continued across lines. The
+        # second statement of the long one's shape got the first one's message from the decision cache.
+        assert refused(conn, "SELECT * FROM $é$canary-fromdollar-1103$é$") == "42501"
+        assert refused(conn, "SELECT * FROM U&'!0063anary-fromuni-1104' UESCAPE '!'") == "42501"
+        for n in (1, 2):
+            assert refused(conn, f"SELECT {n} FROM 'canary-long-1105 carol@example.invalid 4111111111111111 "
+                                 f"{'x' * 30}'") == "42501"
+        assert refused(conn, "SELECT 1 FROM " + "\n".join(f"'{c}'" for c in "canaryjoin1106")) == "42501"
+        assert refused(conn, "SET client_encoding = 'canary-enc-1107'") == "0A000"
+        for sql in ("ALTER ROLE app SET application_name = canary_alterrole_1110", "SET NAMES canarynames1111",
+                    "(canaryparen1112 smith)", "- canaryminus1113"):
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql)
     with connect(pg, proxy, obs_db, "marketing") as conn:
         assert refused(conn, "SELECT email FROM crm.members WHERE name = 'canary-refused-4417'") == "42501"
     with pytest.raises(psycopg.OperationalError):
         connect(pg, proxy, obs_db, "canarypurpose")
+    for options in ("-c canaryopt1108", "-c client_encoding=canaryencstart1109"):
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(pg.dsn("app", host=proxy.host, port=proxy.port, dbname=obs_db), options=options)
     assert proxy.stop() == 0
     log = proxy.log()
     assert '"db.system.name": "postgresql"' in log and '"name": "SELECT crm.members"' in log  # spans came out
