@@ -12,6 +12,7 @@ from typing import Callable
 from proxy.config import Config, is_unix_dir, parse_hostport
 from proxy.enforcement.hook import DeciderFactory, SessionInfo, StartupRefused, load_factory
 from proxy.enforcement.limits import too_many_connections_for_role
+from proxy.observability.logs import mask_values
 from proxy.policy.decision import Block
 from proxy.session import Session, _Side, _StartupError
 from proxy.wire import codec
@@ -202,7 +203,9 @@ class ProxyServer:
         except StartupRefused:
             raise
         except Exception as exc:
-            log.error("session %s: cannot prepare decisions: %s", info.session_id, exc)
+            # (masked: the driver's message quotes what the client sent, such as the database name)
+            log.error("session %s: cannot prepare decisions: %s: %s", info.session_id, exc.__class__.__name__,
+                      mask_values(str(exc)))
             raise _StartupError("08006", f"purpose-proxy could not read the schema of database \"{info.database}\": "
                                          f"{exc.__class__.__name__}",
                                 hint="Check schema_dsn and that PostgreSQL is reachable.") from None
