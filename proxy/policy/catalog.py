@@ -242,7 +242,11 @@ def _parse_tables(node: YamlMap, categories: Mapping[str, Category], c: Collecto
             if isinstance(cats, str):
                 cats = [cats]
             if cats is None:
-                cats = []
+                # "account_number:" with nothing after it reads as null: a deletion left half done
+                # looks the same as a column meant to hold nothing personal, so only [] says that.
+                c.error(cline, f"table {key}: column {col} has no value: list its categories, or write [] for a "
+                               f"column that holds nothing personal")
+                continue
             if not isinstance(cats, list):
                 c.error(cline, f"table {key}: column {col}: expected a list of categories")
                 continue
