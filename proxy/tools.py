@@ -69,8 +69,16 @@ def check(args) -> int:
     except Exception as exc:
         print(f"FAIL: {exc}")
         return 1
-    schema = load_schema_source(args.dsn, args.schema, policies)
-    problems = check_policy(policy, schema=schema)
+    roles = None
+    if args.dsn:  # the live database: its schema, and its roles for the rules' subjects
+        from proxy.enforcement.runtime import load_database_state
+
+        state = asyncio.run(load_database_state(args.dsn, None, 10.0))
+        schema = state.schema
+        roles = set(state.no_usage) if state.no_usage is not None else None
+    else:
+        schema = load_schema_source(None, args.schema, policies)
+    problems = check_policy(policy, schema=schema, roles=roles)
     failed = False
     for problem in problems:
         print(problem)

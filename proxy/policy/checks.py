@@ -139,8 +139,11 @@ def _role_problems(policy: Policy, roles: set[str]) -> list[Problem]:
     rs = policy.ruleset
     for rule in rs.rules:
         if rule.sub not in roles and rule.sub not in policy.groups:
+            # A deny, mask or aggregate rule that never matches leaves whatever else applies in force:
+            # a misspelled role ('analysts') kept a deny from ever applying (hunt 20). An error.
             out.append(Problem(rs.file, rule.line, f"rule for {rule.sub!r}, which is neither a database role nor a "
-                                                   f"group: it can never match", WARNING))
+                                                   f"group: it can never match",
+                               WARNING if rule.effect == v.ALLOW else ERROR))
     for g in rs.groupings:
         if g.role not in roles and g.role not in policy.groups:
             out.append(Problem(rs.file, g.line, f"{g.role!r} is neither a database role nor a group", WARNING))

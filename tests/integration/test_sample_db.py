@@ -13,6 +13,7 @@ import pytest
 
 from proxy.analysis.schema import Schema, load_schema
 from proxy.devtools.sample import data
+from proxy.policy.engine import Policy
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,11 @@ def sample_db(pg):
     pg.psql_admin(f"DROP DATABASE IF EXISTS {DATABASE}")
     pg.psql_admin(f"CREATE DATABASE {DATABASE}")
     dsn = pg.url("postgres", dbname=DATABASE)
+    # The policy's roles, so that `check --dsn` can tell its rules' subjects from misspellings.
+    policy = Policy.load(REPO / "policies")
+    roles = [r for r in sorted(policy.subjects) if r not in policy.groups and r not in _existing_roles(pg)]
+    for role in roles:
+        pg.psql_admin(f'CREATE ROLE "{role}" NOLOGIN')
 
     async def setup():
         conn = await asyncpg.connect(dsn)
@@ -44,6 +50,19 @@ def sample_db(pg):
     counts, live, schema = asyncio.run(setup())
     yield dsn, counts, live, schema
     pg.psql_admin(f"DROP DATABASE IF EXISTS {DATABASE}")
+    for role in roles:
+        pg.psql_admin(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def _existing_roles(pg) -> set[str]:
+    async def fetch():
+        conn = await asyncpg.connect(pg.url("postgres", dbname="postgres"))
+        try:
+            return {r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_catalog.pg_roles")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 def shape(schema: Schema) -> dict:
@@ -74,6 +93,21 @@ def test_purpose_proxy_check_against_the_live_database(sample_db):
     last = result.stdout.strip().splitlines()[-1]
     assert " 0 problem(s)" in last and last.endswith(": ok"), result.stdout
     assert "0 failed" in result.stdout
+
+
+def test_check_against_the_live_database_finds_a_deny_rule_for_a_role_it_does_not_have(sample_db, tmp_path):
+    """Hunt 20: 'analysts' for 'analyst' kept a deny from ever applying, and check --dsn said nothing."""
+    import shutil
+
+    dsn = sample_db[0]
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    with open(policies / "policy.csv", "a") as f:
+        f.write("p, analysts, research, payment.invoice, read, deny\n")
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
+                            capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "rule for 'analysts', which is neither a database role nor a group: it can never match" in result.stdout
 
 
 def test_the_consent_filter_hides_event_participants_who_are_members_that_withdrew(sample_db):
