@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from proxy.analysis.model import Column, Table
+from proxy.analysis.schema import VIEW
 from proxy.policy import vocabulary as v
 from proxy.policy.engine import Policy
 from proxy.policy.problems import ERROR, WARNING, PolicyError, Problem
@@ -237,8 +238,7 @@ def _consent_problems(policy: Policy) -> list[Problem]:
         categories = {c for cats in entry.columns.values() for c in cats}
         if entry.personal_by_default:
             categories.add(entry.personal_by_default)
-        withdrawable = sorted({p for role in policy.subjects for c in categories
-                               for p in policy.purposes_allowing(role, c, v.READ) if policy.consent_mode(p)})
+        withdrawable = _withdrawable(policy, categories)
         if withdrawable:
             out.append(Problem(policy.catalog.file, entry.line, (
                 f"table {table}: its subject column {entry.subject!r} is not classified like the consent table's "
@@ -248,13 +248,58 @@ def _consent_problems(policy: Policy) -> list[Problem]:
     return out
 
 
+def _withdrawable(policy: Policy, categories: set[str]) -> list[str]:
+    """The purposes with a consent filter under which some role may read one of ``categories``."""
+    return sorted({p for role in policy.subjects for c in categories
+                   for p in policy.purposes_allowing(role, c, v.READ) if policy.consent_mode(p)})
+
+
+def _unfiltered_problems(policy: Policy, schema: Any = None) -> list[Problem]:
+    """Tables holding personal data a purpose with a consent filter may read, with no subject column for the
+    filter to match: their rows would all be shown, those of people who withdrew included. Catalogued tables
+    without ``subject:``, and with a loaded schema the tables a schema's ``personal_by_default`` covers.
+
+    >>> from proxy.devtools.sample import policies_dir
+    >>> from proxy.analysis.schema import Schema
+    >>> s = Schema.from_dict({"schemas": {"browsing": {"tables": {"clicks_copy": ["member_id", "url"]}}}})
+    >>> [p.message.split(":")[0] for p in _unfiltered_problems(Policy.load(policies_dir()), s)]
+    ['table browsing.clicks_copy']
+    """
+    cat = policy.catalog
+    consent = cat.consent
+    if consent is None:
+        return []
+    found: list[tuple[str, int | None, set[str]]] = []
+    for table, entry in sorted(cat.tables.items(), key=lambda kv: str(kv[0])):
+        if entry.subject or table == consent.table:
+            continue
+        categories = {c for cats in entry.columns.values() for c in cats}
+        if entry.personal_by_default:
+            categories.add(entry.personal_by_default)
+        found.append((str(table), entry.line, categories))
+    for rel in getattr(schema, "relations", ()):
+        default = cat.schema_defaults.get(rel.schema)
+        if default and rel.kind != VIEW and Table(rel.schema, rel.name) not in cat.tables:
+            found.append((f"{rel.schema}.{rel.name}", cat.schema_lines.get(rel.schema), {default}))
+    out = []
+    for name, line, categories in found:
+        purposes = _withdrawable(policy, categories)
+        if purposes:
+            out.append(Problem(cat.file, line, (
+                f"table {name}: purposes with a consent filter ({', '.join(purposes)}) may read its personal data, "
+                f"but the catalog names no subject column for the filter to match, so the rows of people who "
+                f"withdrew would be shown: give the table 'subject:'"), ERROR))
+    return out
+
+
 def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None = None) -> list[Problem]:
     """Static findings about ``policy``, errors first, then by file and line.
 
     ``schema`` (optional) is the database schema to compare the catalog with (see
     ``table_columns``); ``roles`` (optional) the database role names.
     """
-    problems = _purpose_problems(policy) + _rule_problems(policy) + _consent_problems(policy)
+    problems = (_purpose_problems(policy) + _rule_problems(policy) + _consent_problems(policy)
+                + _unfiltered_problems(policy, schema))
     if roles is not None:
         problems += _role_problems(policy, set(roles))
     if schema is not None:

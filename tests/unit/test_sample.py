@@ -105,6 +105,24 @@ def test_catalog_classifies_every_table_and_column_of_the_sample_schema(policy, 
     assert check_policy(policy, schema=from_yaml) == []
 
 
+def test_check_finds_tables_the_consent_filter_cannot_filter(from_yaml, tmp_path):
+    """Hunt 20: without 'subject: member_id' on browsing.page_views, marketing.personalized showed the page
+    views of members who withdrew, and check said nothing. A table a schema default covers counts too."""
+    import shutil
+
+    shutil.copytree(POLICIES, tmp_path / "p")
+    catalog = tmp_path / "p" / "catalog.yaml"
+    text = catalog.read_text()
+    at = text.index("  browsing.page_views:")
+    end = text.index("subject: member_id", at)
+    catalog.write_text(text[:end] + "# (subject removed)" + text[end + len("subject: member_id"):])
+    extra = Schema([*from_yaml.relations, RelationInfo("browsing", "clicks_copy", TABLE, ("member_id", "url"))],
+                   from_yaml.functions)
+    found = [p.message.split(":")[0] for p in check_policy(Policy.load(tmp_path / "p"), schema=extra)
+             if "no subject column" in p.message and p.severity == "error"]
+    assert found == ["table browsing.clicks_copy", "table browsing.page_views"], found
+
+
 def test_catalog_names_the_data_subject_of_every_personal_table(policy):
     for table, entry in policy.catalog.tables.items():
         personal = any(cats for cats in entry.columns.values())
