@@ -53,6 +53,7 @@ BROKEN_LINES = (
     "p, staff, no_such_purpose, payment, read, allow",  # no such purpose
 )
 KINDS = [*personal.STATEMENTS, PROBE]
+REFUSED = ("invalid", "held")  # flips whose reload must fail, leaving the policy in force
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -429,7 +430,7 @@ class Flip:
     """One change of policy.csv: which text, when written, when the proxy was seen to have reloaded."""
 
     n: int
-    variant: str  # "A", "B" or "invalid-<k>"
+    variant: str  # "A", "B", "invalid-<k>" or "held-A" (the watcher's refusal of A, before SIGHUP)
     t_write: float
     expect_version: str  # the version that must be in force after it
     t_confirmed: float | None = None
@@ -472,6 +473,15 @@ class Reloader:
             flip.t_write = time.perf_counter()
             if opts.reload_trigger == "sighup":
                 os.kill(ctx.proxy_pid, signal.SIGHUP)
+            elif variant == "A":
+                # A drops B's deny: the watcher leaves a change that protects less to a deliberate reload
+                # (counted as a failed reload, B staying in force), and SIGHUP puts it in force.
+                held = Flip(n, "held-A", flip.t_write, self.variants.version_B)
+                held.t_write = flip.t_write
+                self.flips.append(held)
+                await self.confirm(held, before, timeout=max(10.0, 4 * opts.watch_interval))
+                before = await ctx.metrics()
+                os.kill(ctx.proxy_pid, signal.SIGHUP)
             self.flips.append(flip)
             await self.confirm(flip, before, timeout=max(10.0, 4 * opts.watch_interval))
             if flip.seen_version == expect and not variant.startswith("invalid"):
@@ -502,15 +512,16 @@ class Reloader:
             flip.seen_version = seen = now["policy_version"]
             if sum(moved.values()) > 1:
                 self.problems.append(f"flip {flip.n} ({flip.variant}): {sum(moved.values())} reloads counted, not 1")
+            refused = flip.variant.startswith(REFUSED)
             if flip.seen_version != flip.expect_version:
-                if flip.variant.startswith("invalid") or flip.result == "failure":
+                if refused or flip.result == "failure":
                     self.problems.append(f"flip {flip.n} ({flip.variant}): version {flip.seen_version} in force, "
                                          f"expected {flip.expect_version}")
                     flip.t_confirmed = time.perf_counter()
                     return
                 continue  # counted, but the version not swapped yet as seen by the endpoint: look again
             flip.t_confirmed = time.perf_counter()
-            want = "failure" if flip.variant.startswith("invalid") else "success"
+            want = "failure" if refused else "success"
             if flip.result != want:
                 self.problems.append(f"flip {flip.n} ({flip.variant}): reload counted as {flip.result}, not {want}")
             return
@@ -831,8 +842,8 @@ def summarise(opts: argparse.Namespace, soak: Soak, run: dict, log: str, audit: 
     if soak.reloader is not None:
         r, v = soak.reloader, soak.variants
         flips = r.flips
-        valid = [f for f in flips if not f.variant.startswith("invalid")]
-        invalid = [f for f in flips if f.variant.startswith("invalid")]
+        valid = [f for f in flips if not f.variant.startswith(REFUSED)]
+        invalid = [f for f in flips if f.variant.startswith(REFUSED)]
         m0, m1 = run["metrics_before"], run["metrics_end"]
         moved = {k: m1[f"reloads_{k}"] - m0[f"reloads_{k}"] for k in ("success", "failure")}
         lines = reload_log(log)
@@ -843,7 +854,7 @@ def summarise(opts: argparse.Namespace, soak: Soak, run: dict, log: str, audit: 
         expected_lines = []
         version = v.version_A
         for f in flips:
-            if f.variant.startswith("invalid"):
+            if f.variant.startswith(REFUSED):
                 expected_lines.append(("failed", version, ""))
             else:
                 expected_lines.append(("ok", version, f.expect_version))

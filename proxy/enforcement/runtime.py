@@ -23,7 +23,8 @@ from proxy.analysis.schema import Schema, catalog_stamp, load_schema, parse_sear
 from proxy.config import Config
 from proxy.enforcement.cache import DecisionCache
 from proxy.policy.engine import Policy
-from proxy.policy.problems import PolicyError
+from proxy.policy.narrowing import dropped_protections
+from proxy.policy.problems import PolicyError, Problem
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +196,24 @@ class PolicyRuntime:
         """Load the policy again; keep the old one if the new one is invalid. True if swapped."""
         return self.install_policy(self._read_policy(), why)
 
-    async def reload_policy_async(self, why: str = "request") -> bool:
+    async def reload_policy_async(self, why: str = "request", *, watched: bool = False) -> bool:
         """``reload_policy`` with the loading (0.2-0.4 s of CPU for the seed policy) in a thread, so
         sessions keep being served meanwhile; the new policy is swapped in on the event loop, whole.
-        Reloads run one at a time, in the order they were asked for."""
+        Reloads run one at a time, in the order they were asked for.
+
+        ``watched`` (a change the file watcher saw): a policy that would protect less than the one in
+        force is not put in force, but left to a deliberate reload (SIGHUP). A file caught half written
+        often reads as such a policy: a catalog cut before ``schemas:`` catalogues nothing (hunt 20)."""
         async with self._reload_lock:
             loaded = await asyncio.to_thread(self._read_policy)
+            if watched and not isinstance(loaded, Exception):
+                dropped = dropped_protections(self.policy, loaded)
+                if dropped:
+                    loaded = PolicyError([Problem(
+                        str(self.directory), None,
+                        "the changed files would protect less than the policy in force, which a file caught half "
+                        "written can look like, so the watcher leaves them to a deliberate reload (SIGHUP): "
+                        "they drop " + "; ".join(dropped))])
             return self.install_policy(loaded, why)
 
     def request_reload(self, why: str) -> None:
@@ -221,7 +234,8 @@ class PolicyRuntime:
                 self._mtimes = before  # what the watcher compares with from now on
                 return loaded
             time.sleep(SETTLE_SECONDS)
-        return PolicyError(f"the policy files kept changing while they were read ({READ_ATTEMPTS} attempts)")
+        return PolicyError([Problem(str(self.directory), None,
+                                    f"the policy files kept changing while they were read ({READ_ATTEMPTS} attempts)")])
 
     def install_policy(self, loaded: "Policy | Exception", why: str) -> bool:
         """Put a freshly read policy in force (on the event loop); an error leaves the old one. True if swapped."""
@@ -260,7 +274,7 @@ class PolicyRuntime:
                     now, seen = seen, self._stat()
                     if now == seen:
                         break
-                await self.reload_policy_async("file change")
+                await self.reload_policy_async("file change", watched=True)
 
     # --- schemas ------------------------------------------------------------------------
 

@@ -579,6 +579,35 @@ def test_broken_policy_reload_keeps_the_previous_policy(pg, enforce_db, policy_c
         proxy.stop()
 
 
+def test_a_half_written_catalog_is_not_put_in_force_by_the_watcher(pg, enforce_db, policy_copy):
+    """Hunt 20: catalog.yaml written up to ``schemas:``, then a pause of a second: valid YAML that catalogues
+    nothing, put in force by the watcher, and phone numbers came back under marketing. Now the watcher leaves a
+    change that protects less to SIGHUP."""
+    proxy = enforcing_proxy(pg, policy_copy, watch_interval=0.2)
+    try:
+        with psycopg.connect(dsn(pg, proxy, "marketing"), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
+            catalog = policy_copy / "catalog.yaml"
+            full = catalog.read_text()
+            catalog.write_text(full[:full.index("\nschemas:") + 1])
+            wait_for(lambda: "leaves them to a deliberate reload" in proxy.log(), 10, "the watcher to hold the change")
+            assert "crm.members: no longer catalogued" in proxy.log()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
+            proxy.signal(signal.SIGHUP)  # deliberately: now it is the policy (and phone is not personal)
+
+            def read():
+                try:
+                    return conn.execute("SELECT phone FROM crm.members WHERE member_id = 1").fetchone()
+                except psycopg.errors.InsufficientPrivilege:
+                    return None
+
+            assert wait_for(read, 10, "SIGHUP to put the change in force")
+    finally:
+        proxy.stop()
+
+
 # --- client encodings the proxy cannot read ------------------------------------------------------------
 # In PostgreSQL's client-only encodings (SJIS, BIG5, GBK, ...) the second byte of a character
 # can be a backslash: "E'\x95\\'" is one string for a reader of UTF-8 and an unterminated one

@@ -95,3 +95,77 @@ def test_the_watcher_waits_until_the_files_stand_still(tmp_path, monkeypatch):
 
     asyncio.run(scenario())
     assert len(loads) == 1  # the watcher read the files once, after the writes stopped
+
+
+def _watched(tmp_path: Path, monkeypatch) -> tuple[Path, PolicyRuntime, str]:
+    """A copy of the shipped policies, a runtime on it (short settle time) and the version in force."""
+    directory = _policies(tmp_path)
+    rt = _runtime(directory)
+    monkeypatch.setattr(runtime_module, "SETTLE_SECONDS", 0.02)
+    return directory, rt, rt.policy.version
+
+
+async def _watch_until(rt: PolicyRuntime, done, timeout: float = 10.0) -> None:
+    """Run the watcher until ``done()`` holds (bounded)."""
+    watcher = asyncio.create_task(rt.watch(0.01), name="policy-watch-test")
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done():
+            assert asyncio.get_running_loop().time() < deadline, "the watcher never got there"
+            await asyncio.sleep(0.01)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+def test_the_watcher_leaves_a_half_written_catalog_to_a_deliberate_reload(tmp_path, monkeypatch):
+    """Hunt 20: catalog.yaml written up to ``schemas:``, then a pause: valid YAML that catalogues nothing, put in
+    force by the watcher, and e-mail addresses and card numbers came back to a session without a purpose."""
+    directory, rt, before = _watched(tmp_path, monkeypatch)
+    catalog = directory / "catalog.yaml"
+    full = catalog.read_text()
+    catalog.write_text(full[:full.index("\nschemas:") + 1])
+    assert Policy.load(directory).catalog.tables == {}  # the half is a valid policy: that is the danger
+    asyncio.run(_watch_until(rt, lambda: rt.reloads_failed == 1))
+    assert rt.policy.version == before
+    # The rest of the file arrives: the watcher puts the whole in force (here: the same policy).
+    catalog.write_text(full)
+    asyncio.run(_watch_until(rt, lambda: rt.reloads_ok == 1))
+    assert rt.policy.version == before
+    # A deliberate reload (SIGHUP) of a change that protects less puts it in force.
+    catalog.write_text(full[:full.index("\nschemas:") + 1])
+    assert asyncio.run(rt.reload_policy_async("SIGHUP")) is True
+    assert rt.policy.catalog.tables == {}
+
+
+def test_the_watcher_holds_a_policy_csv_without_its_last_restriction_but_puts_a_new_one_in_force(tmp_path,
+                                                                                                 monkeypatch):
+    directory, rt, before = _watched(tmp_path, monkeypatch)
+    rules = directory / "policy.csv"
+    full = rules.read_text()
+    last = full.rstrip("\n").rsplit("\n", 1)[1]
+    assert ", mask, " in last or ", deny" in last, last  # the shipped file ends with a restriction
+    rules.write_text(full.rstrip("\n").rsplit("\n", 1)[0] + "\n")
+    asyncio.run(_watch_until(rt, lambda: rt.reloads_failed == 1))
+    assert rt.policy.version == before
+    rules.write_text(full + "p, analyst, research, payment.invoice, read, deny\n")  # tighter: applies at once
+    asyncio.run(_watch_until(rt, lambda: rt.policy.version != before))
+    assert any(r.effect == "deny" and r.sub == "analyst" and r.category == "payment.invoice"
+               for r in rt.policy.ruleset.rules)
+
+
+def test_dropped_protections_names_what_a_change_would_stop_protecting(tmp_path):
+    from proxy.policy.narrowing import dropped_protections
+
+    directory = _policies(tmp_path)
+    old = Policy.load(directory)
+    catalog = directory / "catalog.yaml"
+    text = catalog.read_text()
+    at = text.index("  browsing.page_views:")
+    end = text.index("subject: member_id", at)
+    catalog.write_text(text[:end] + text[end + len("subject: member_id"):])
+    purposes = directory / "purposes.yaml"
+    purposes.write_text(purposes.read_text().replace("\n  marketing:\n", "\n  marketing:\n    withdrawable: false\n", 1))
+    dropped = dropped_protections(old, Policy.load(directory), limit=100)
+    assert "browsing.page_views: subject member_id dropped" in dropped, dropped
+    assert "purpose marketing: withdrawable dropped" in dropped, dropped  # its consent filter would go
