@@ -61,6 +61,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="how often catalogs are checked for DDL run directly in PostgreSQL (default 2; 0 disables)")
     p.add_argument("--decision-cache-size", type=int, metavar="N",
                    help="decisions kept by statement text or shape (default 10000; 0: no cache)")
+    p.add_argument("--decision-cache-bytes", type=int, metavar="BYTES",
+                   help="memory the decision cache may hold, estimated (default 64 MiB)")
     p.add_argument("--policy-watch-interval", type=float, metavar="SECONDS",
                    help="how often policy files are checked for changes (default 2; 0 disables)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")

@@ -78,6 +78,9 @@ class Config:
     # Decisions kept (by statement text, and by shape for statements that differ only in
     # their constants); 0 turns the decision cache off.
     decision_cache_size: int = 10000
+    # and at most this many bytes of statement texts, rewrites and analyses (an estimate): long
+    # statements differing in their spaces filled 10000 entries with gigabytes (hunt 21)
+    decision_cache_bytes: int = 64 * 1024 * 1024
     policy_watch_interval: float = 2.0
     log_level: str = "info"
     log_format: str = "text"  # text | json | logfmt
@@ -122,6 +125,8 @@ class Config:
             raise ConfigError("purpose_setting must be a custom setting name with a dot, like pii.purpose")
         if self.decision_cache_size < 0:
             raise ConfigError("decision_cache_size must be 0 (off) or positive")
+        if self.decision_cache_bytes < 1024 * 1024:
+            raise ConfigError("decision_cache_bytes must be at least 1 MiB")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         self._validate_limits()

@@ -128,11 +128,22 @@ def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation
 
 class DecisionCache:
     """A bounded LRU of ``Verdict`` (keyed ``(text, context)``) and ``Shaped`` (keyed ``(shape key, context)``)
-    entries, with hit and miss counts read at scrape time."""
+    entries, with hit and miss counts read at scrape time. Bounded twice: ``size`` entries, and ``max_bytes``
+    of what they hold (``entry_cost``).
 
-    def __init__(self, size: int) -> None:
+    >>> cache = DecisionCache(100, max_bytes=16000)
+    >>> from proxy.policy.decision import ALLOW
+    >>> for n in range(20):  # 919 or 920 bytes each
+    ...     cache.put(("SELECT " + " " * 400 + str(n), ()), Shaped(ALLOW, None))
+    >>> len(cache), cache.bytes, cache.get(("SELECT " + " " * 400 + "0", ())) is None
+    (17, 15650, True)
+    """
+
+    def __init__(self, size: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple, Verdict | Shaped] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, tuple[Verdict | Shaped, int]] = OrderedDict()
         self.text_hits = 0
         self.shape_hits = 0
         self.misses = 0
@@ -141,15 +152,44 @@ class DecisionCache:
         return len(self._entries)
 
     def get(self, key: tuple) -> Verdict | Shaped | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        self._entries.move_to_end(key)
+        return found[0]
 
     def put(self, key: tuple, entry: Verdict | Shaped) -> None:
-        self._entries[key] = entry
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        cost = entry_cost(key, entry)
+        if cost > self.max_bytes // 16:
+            return  # one entry may not take a sixteenth of the cache
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._entries[key] = (entry, cost)
+        self.bytes += cost
+        while len(self._entries) > self.size or self.bytes > self.max_bytes:
+            self.bytes -= self._entries.popitem(last=False)[1][1]
 
     def clear(self) -> None:
         self._entries.clear()
+        self.bytes = 0
+
+
+def entry_cost(key: tuple, entry: Verdict | Shaped) -> int:
+    """About how many bytes an entry keeps alive: its key's text, the rewritten SQL, the template and its
+    pieces, and for an exact-text entry the analysis (tokens, references: a few times the text).
+
+    >>> from proxy.policy.decision import ALLOW
+    >>> entry_cost(("SELECT 1", ()), Shaped(ALLOW, None))
+    520
+    """
+    text = key[0] if key and isinstance(key[0], str) else ""
+    cost = 512 + len(text)
+    sql = getattr(entry.decision, "sql", None)
+    if sql:
+        cost += len(sql)
+    if type(entry) is Verdict:
+        cost += 4 * len(entry.analysis.sql)
+    elif entry.template is not None:
+        cost += 2 * len(entry.template)
+    return cost

@@ -178,7 +178,8 @@ class PolicyRuntime:
         self.changes = 0  # counts those changes (a new policy, a new schema version, DDL committed)
         # Decisions by statement text or shape, shared by every session (keys hold the
         # role, purpose, search_path and the policy and schema versions).
-        self.cache = DecisionCache(config.decision_cache_size) if config.decision_cache_size > 0 else None
+        self.cache = (DecisionCache(config.decision_cache_size, config.decision_cache_bytes)
+                      if config.decision_cache_size > 0 else None)
 
     # --- policy -------------------------------------------------------------------------
 

@@ -287,6 +287,9 @@ class StateCollector:
         cache_misses = CounterMetricFamily("purpose_proxy_decision_cache_misses",
                                            "Statements analysed because the decision cache had no answer.")
         cache_entries = GaugeMetricFamily("purpose_proxy_decision_cache_entries", "Decisions in the decision cache.")
+        cache_bytes = GaugeMetricFamily("purpose_proxy_decision_cache_bytes",
+                                        "Memory the decision cache's entries hold (an estimate; bounded by "
+                                        "decision_cache_bytes).")
         if server is not None:
             sessions = list(server.sessions)
             open_.add_metric([], sum(1 for s in sessions if s.relaying))
@@ -307,6 +310,7 @@ class StateCollector:
                     cache_hits.add_metric(["shape"], cache.shape_hits)
                     cache_misses.add_metric([], cache.misses)
                     cache_entries.add_metric([], len(cache))
+                    cache_bytes.add_metric([], cache.bytes)
             build.add_metric([__version__], {})
             audit = self.audit
             if audit is not None:
@@ -316,4 +320,4 @@ class StateCollector:
                 audit_refused.add_metric([], audit.refused)
                 audit_errors.add_metric([], audit.write_errors)
         yield from (open_, bytes_, failures, info, reloads, last, build, audit_written, audit_queue, audit_full,
-                    audit_refused, audit_errors, cache_hits, cache_misses, cache_entries)
+                    audit_refused, audit_errors, cache_hits, cache_misses, cache_entries, cache_bytes)

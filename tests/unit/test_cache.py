@@ -194,7 +194,7 @@ def test_transaction_control_is_kept_as_a_final_decision(sql):
     cache = s.runtime.cache
     cache.clear()
     first = s.decide(sql, "query")
-    assert [type(e) for e in cache._entries.values()] == [Shaped]
+    assert [type(e) for e, _ in cache._entries.values()] == [Shaped]
     hits = cache.shape_hits + cache.text_hits
     _same(s.decide(sql, "query"), first)
     assert cache.shape_hits + cache.text_hits == hits + 1
@@ -210,7 +210,7 @@ def test_transaction_control_that_may_commit_ddl_aside_goes_through_the_session_
     cache = s.runtime.cache
     cache.clear()
     s.decide(sql, "query")
-    assert [type(e) for e in cache._entries.values()] == [Verdict]
+    assert [type(e) for e, _ in cache._entries.values()] == [Verdict]
     _, analysis = s._judge(sql, "query")
     assert analysis is not None  # so ``decide`` applies it to the session
 
@@ -326,3 +326,21 @@ def test_remembered_shapes_are_bounded_and_long_texts_are_not_kept(monkeypatch):
     long = "SELECT 1 FROM t WHERE a IN (" + ", ".join(map(str, range(2000))) + ")"
     assert len(long) > shapes._RECENT_TEXT and shapes.shape(long) is not None
     assert long not in shapes._recent
+
+
+def test_long_statements_differing_in_their_spaces_fill_the_cache_only_to_its_byte_bound():
+    """Hunt 21: an allowed 250 kB statement with a different run of spaces each time took an entry of its own
+    (by shape: spaces are kept), 10000 of them about 2.5 GB. Now the cache stays within decision_cache_bytes."""
+    case = dict(CASES[0], purpose="support")
+    s = _session(case, 1000)
+    cache = s.runtime.cache
+    cache.clear()
+    before, cache.max_bytes = cache.max_bytes, 16 * 1024 * 1024  # (masked: some 400 kB an entry)
+    try:
+        for n in range(60):
+            s.decide("SELECT member_id FROM crm.members" + " " * (100_000 + n) + "WHERE member_id = 1", "query")
+            assert cache.bytes <= cache.max_bytes
+        assert 0 < len(cache) < 60
+    finally:
+        cache.max_bytes = before
+        cache.clear()
