@@ -168,6 +168,47 @@ def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
         acc.unsupported.append("the statement is nested too deeply")
     except Exception as exc:  # noqa: BLE001 - a bug in the analysis must fail closed, not crash the session
         acc.unsupported.append(f"internal error in the analysis ({type(exc).__name__}: {exc})")
+    return with_ancestors(acc, ctx.schema)
+
+
+def with_ancestors(acc: StatementAccess, schema: Schema) -> StatementAccess:
+    """``acc`` with every use of a column of a partition or inheritance child recorded on the column of the
+    same name of each of its ancestors too (``Schema.inherited``), and likewise its rows, the values it
+    copies and the aggregates over it.
+
+    A partition's or child's rows are rows of its ancestors (reading the parent returns them), so
+    reading them directly must be decided as reading the ancestors' columns: the catalog's entries
+    for the ancestors apply to the child wherever it stands, besides its own (the policy then takes
+    the strictest). This is the one place where that happens; the policy decides on plain columns.
+
+    >>> s = Schema.from_dict({"schemas": {"member": {"tables": {"contacts": {"columns": ["id", "email"],
+    ...     "partitioned": True}}}, "reporting": {"tables": {"p0": {"columns": ["id", "email"],
+    ...     "inherits": ["member.contacts"]}}}}})
+    >>> st = analyze("SELECT email FROM reporting.p0 WHERE id = 1", s).statements[0]
+    >>> sorted((str(c), u.name) for c, u in st.columns.items())  # doctest: +NORMALIZE_WHITESPACE
+    [('member.contacts.email', 'PROJECT'), ('member.contacts.id', 'FILTER'),
+     ('reporting.p0.email', 'PROJECT'), ('reporting.p0.id', 'FILTER')]
+    """
+    if not schema.has_ancestry:
+        return acc
+    for c, u in list(acc.columns.items()):
+        for a in schema.inherited(c):
+            acc.use(a, u)
+    for t, u in list(acc.tables.items()):
+        for a in schema.ancestors(t.schema, t.name):
+            acc.tables[a] = acc.tables.get(a, Use.NONE) | u
+    for sources in acc.copies.values():
+        sources.update([a for c in list(sources) for a in schema.inherited(c)])
+    calls = list(acc.aggregates)
+    refs = list(acc.references)
+    while refs:  # views' definitions hold aggregates of their own
+        ref = refs.pop()
+        calls.extend(ref.aggregates)
+        refs.extend(ref.inner)
+    for call in calls:
+        extra = [a for c in call.columns for a in schema.inherited(c)]
+        if extra:
+            call.columns = call.columns | frozenset(extra)
     return acc
 
 

@@ -6,8 +6,9 @@ materialized views, their definition; functions by qualified name with their
 language, volatility and kind; the user-defined functions PostgreSQL runs without a
 statement naming them (behind casts, operators, operator families, domains, event
 triggers; a relation's triggers, defaults, constraints, indexes, row-level security
-policies) and the relations with rules; a ``version`` string that changes whenever any of
-that changes (for the decision cache). ``Schema.from_dict`` reads the form used by
+policies) and the relations with rules; each table's parents (partitions and inheritance
+children, ``pg_inherits``), whose catalog entries it shares; a ``version`` string that changes
+whenever any of that changes (for the decision cache). ``Schema.from_dict`` reads the form used by
 tests and by ``purpose-proxy explain --schema FILE``; ``load_schema`` reads the
 catalogs of a live server through asyncpg. This module is the only one of
 ``proxy.analysis`` that does I/O.
@@ -19,6 +20,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from proxy.analysis.model import Column, Table
 
 BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
@@ -45,6 +48,8 @@ class RelationInfo:
 
     ``types`` are the columns' types as ``format_type`` prints them (``integer``,
     ``character varying(20)``, ``date``), in the same order; empty when unknown.
+    ``parents`` are the tables it is a partition or an inheritance child of (its
+    ``pg_inherits`` rows, in ``inhseqno`` order); ``Schema.ancestors`` follows them up.
     """
 
     schema: str
@@ -53,6 +58,7 @@ class RelationInfo:
     columns: tuple[str, ...] = ()
     definition: str | None = None
     types: tuple[str, ...] = ()
+    parents: tuple[Table, ...] = ()
 
     def type_of(self, column: str) -> str | None:
         """The type of ``column``, or None when unknown.
@@ -105,7 +111,7 @@ class Schema:
     """Relations and functions by (schema, name); treat as immutable once built."""
 
     __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators", "casts",
-                 "implicit", "on_write", "on_read", "rules")
+                 "implicit", "on_write", "on_read", "rules", "_ancestors")
 
     def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
                  version: str | None = None, database: str | None = None,
@@ -142,6 +148,10 @@ class Schema:
         self.rules: dict[tuple[str, str], tuple[str, ...]] = {
             k: tuple(sorted(set(v))) for k, v in sorted((rules or {}).items()) if v}
         self._relations: dict[tuple[str, str], RelationInfo] = {(r.schema, r.name): r for r in relations}
+        # A partition's or inheritance child's rows are its ancestors' rows: reading it reads them
+        # (see ``ancestors``). Only relations with parents are keys.
+        self._ancestors: dict[tuple[str, str], tuple[Table, ...]] = ancestry(
+            {key: r.parents for key, r in self._relations.items() if r.parents})
         merged: dict[tuple[str, str], FunctionInfo] = {}
         for f in functions:
             key = (f.schema, f.name)
@@ -167,6 +177,42 @@ class Schema:
 
     def functions_named(self, name: str) -> list[FunctionInfo]:
         return [f for (s, n), f in self._functions.items() if n == name]
+
+    def ancestors(self, schema: str, name: str) -> tuple[Table, ...]:
+        """The tables ``schema.name`` is a partition or inheritance child of, directly or through others
+        (nearest first); () for any other relation.
+
+        >>> s = Schema.from_dict({"schemas": {"member": {"tables": {"contacts": {"columns": ["id"],
+        ...     "partitioned": True}}}, "reporting": {"tables": {"p0": {"columns": ["id"], "partitioned": True,
+        ...     "inherits": ["member.contacts"]}, "p0a": {"columns": ["id"], "inherits": [["reporting", "p0"]]}}}}})
+        >>> [str(t) for t in s.ancestors("reporting", "p0a")], s.ancestors("member", "contacts")
+        (['reporting.p0', 'member.contacts'], ())
+        """
+        return self._ancestors.get((schema, name), ())
+
+    @property
+    def has_ancestry(self) -> bool:
+        """Whether any relation is a partition or inheritance child (the analysis skips ``inherited`` otherwise)."""
+        return bool(self._ancestors)
+
+    def inherited(self, column: Column) -> tuple[Column, ...]:
+        """The columns of the same name of the ancestors of ``column``'s relation (nearest first).
+
+        PostgreSQL matches an inheritance child's and a partition's columns to its parents' by
+        name (https://www.postgresql.org/docs/current/ddl-inherit.html, "ddl-partitioning"), so a
+        value read from the child's column is a value of the parent's column of that name. A
+        column the child has of its own gets the name too: the catalog then gives it the
+        parent's defaults (``personal_by_default``), failing closed.
+
+        >>> s = Schema.from_dict({"schemas": {"reporting": {"tables": {"kid": {"columns": ["id", "email"],
+        ...     "inherits": ["member.members"]}}}}})
+        >>> [str(c) for c in s.inherited(Column("reporting", "kid", "email"))]
+        ['member.members.email']
+        >>> s.inherited(Column("member", "members", "email"))
+        ()
+        """
+        return tuple(Column(a.schema, a.name, column.name) for a in self._ancestors.get((column.schema, column.table),
+                                                                                       ()))
 
     @property
     def relations(self) -> list[RelationInfo]:
@@ -214,6 +260,8 @@ class Schema:
         for r in sorted(self._relations.values(), key=lambda r: (r.schema, r.name)):
             sec = schemas.setdefault(r.schema, {}).setdefault(section[r.kind], {})
             types = {"types": dict(zip(r.columns, r.types))} if r.types else {}
+            if r.parents:
+                types["inherits"] = [[p.schema, p.name] for p in r.parents]
             if r.kind in (VIEW, MATERIALIZED_VIEW):
                 entry: dict[str, Any] = {"columns": list(r.columns), **types}
                 if r.definition is not None:
@@ -276,6 +324,10 @@ class Schema:
         loader runs it. A table or view in the mapping form may give its columns' types
         (``types: {birth_date: date}``); the masking rewrite needs them for some methods.
 
+        A table (or foreign table) in the mapping form may give ``inherits``: the tables it is a
+        partition or inheritance child of, each ``[schema, name]`` or ``"schema.name"`` (split at the
+        first dot); a file without it describes no inheritance.
+
         ``implicit`` holds the code PostgreSQL runs without the statement naming it (see
         ``Schema.__init__``): ``functions: {fn: why}``, ``on_write`` and ``on_read``:
         ``{schema: {relation: {fn: why}}}``, ``rules: {schema: {relation: [schema.relation, ...]}}``.
@@ -289,7 +341,8 @@ class Schema:
                     if isinstance(cols, Mapping):
                         k = PARTITIONED_TABLE if cols.get("partitioned") else kind
                         names = tuple(cols.get("columns") or ())
-                        relations.append(RelationInfo(sname, tname, k, names, None, _types(names, cols.get("types"))))
+                        relations.append(RelationInfo(sname, tname, k, names, None, _types(names, cols.get("types")),
+                                                      _parents(cols.get("inherits"))))
                     else:
                         relations.append(RelationInfo(sname, tname, kind, tuple(cols or ())))
             for key, kind in (("views", VIEW), ("materialized_views", MATERIALIZED_VIEW)):
@@ -327,6 +380,48 @@ class Schema:
             return cls.from_dict(yaml.safe_load(f) or {})
 
 
+def _parents(value: Any) -> tuple[Table, ...]:
+    """The ``inherits`` of a table in the ``from_dict`` form: ``[schema, name]`` pairs or ``"schema.name"``.
+
+    >>> _parents([["member", "contacts"], "member.members"]), _parents(None)
+    ((Table(schema='member', name='contacts'), Table(schema='member', name='members')), ())
+    """
+    out: list[Table] = []
+    for item in value or ():
+        if isinstance(item, str):
+            schema, dot, name = item.partition(".")
+            if not dot:
+                raise ValueError(f"inherits: {item!r} must be written schema.name")
+            out.append(Table(schema, name))
+        else:
+            schema, name = item
+            out.append(Table(str(schema), str(name)))
+    return tuple(out)
+
+
+def ancestry(parents: Mapping[tuple[str, str], Iterable[Table]]) -> dict[tuple[str, str], tuple[Table, ...]]:
+    """Each relation's ancestors from its direct parents: parents first, then theirs, each once (a cycle,
+    which PostgreSQL does not allow, ends where it closes).
+
+    >>> a = ancestry({("r", "p0a"): [Table("r", "p0")], ("r", "p0"): [Table("m", "c")], ("m", "c"): []})
+    >>> [str(t) for t in a[("r", "p0a")]], ("m", "c") in a
+    (['r.p0', 'm.c'], False)
+    """
+    out: dict[tuple[str, str], tuple[Table, ...]] = {}
+    for key, direct in parents.items():
+        seen: list[Table] = []
+        todo = list(direct)
+        while todo:
+            t = todo.pop(0)
+            if t in seen or (t.schema, t.name) == key:
+                continue
+            seen.append(t)
+            todo.extend(parents.get((t.schema, t.name), ()))
+        if seen:
+            out[key] = tuple(seen)
+    return out
+
+
 def _types(columns: tuple[str, ...], types: Any) -> tuple[str, ...]:
     """Column types in column order from a ``{column: type}`` mapping (() unless every column has one)."""
     if not isinstance(types, Mapping) or any(c not in types for c in columns):
@@ -349,6 +444,20 @@ SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
    AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+# Each table's parents: a partition's partitioned table (CREATE TABLE ... PARTITION OF, ATTACH
+# PARTITION) and an inheritance child's parents (INHERITS, ALTER TABLE ... INHERIT), in inhseqno
+# order. pg_inherits also links partitioned indexes to their partitions: only tables count. A
+# partition being detached concurrently (inhdetachpending) still counts until it is gone.
+_INHERITS_SQL = """
+SELECT cn.nspname AS schema, cc.relname AS name, pn.nspname AS parent_schema, pc.relname AS parent_name
+  FROM pg_catalog.pg_inherits h
+  JOIN pg_catalog.pg_class cc ON cc.oid = h.inhrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace
+  JOIN pg_catalog.pg_class pc ON pc.oid = h.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+ WHERE cc.relkind IN ('r', 'p', 'f') AND pc.relkind IN ('r', 'p', 'f')
+   AND cn.nspname NOT LIKE 'pg\\_temp\\_%' AND cn.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+ ORDER BY cn.nspname, cc.relname, h.inhseqno
 """
 
 # A user-defined operator symbol -> the functions behind its overloads, and the user-defined
@@ -570,7 +679,9 @@ SELECT n.nspname AS schema, p.proname AS name, l.lanname AS language, p.provolat
 # (so TRUNCATE, VACUUM FULL and ANALYZE, which rewrite pg_class rows, do not count);
 # view rules, functions, operators, casts, the code a statement runs without naming it (triggers,
 # column defaults, constraints, policies, indexes, partitions, operator families, domains, event
-# triggers: see ``_IMPLICIT_SQL`` and ``_RELATION_CODE_SQL``) and per-role settings by the xmin of their rows
+# triggers: see ``_IMPLICIT_SQL`` and ``_RELATION_CODE_SQL``; pg_inherits, which also gives each table its
+# parents, ``_INHERITS_SQL``: ATTACH and DETACH PARTITION, INHERIT and NO INHERIT insert or delete its rows,
+# DETACH ... CONCURRENTLY updates one first) and per-role settings by the xmin of their rows
 # (CREATE OR REPLACE writes a new row version); schemas with their privileges, and roles with
 # their memberships (which schemas a role may use). Temporary relations are left out, as
 # the load leaves them out: sessions create them all the time. The server's own search_path
@@ -659,6 +770,7 @@ async def load_schema(conn: Any) -> Schema:
         old_path = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
         await conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
         rel_rows = await conn.fetch(_RELATIONS_SQL)
+        inherit_rows = await conn.fetch(_INHERITS_SQL)
         fn_rows = await conn.fetch(_FUNCTIONS_SQL)
         op_rows = await conn.fetch(_OPERATORS_SQL)
         cast_rows = await conn.fetch(_CASTS_SQL)
@@ -668,13 +780,17 @@ async def load_schema(conn: Any) -> Schema:
         reach_rows = await conn.fetch(_WRITE_REACH_SQL)
         database = await conn.fetchval("SELECT pg_catalog.current_database()")
         await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old_path)
+    parents: dict[tuple[str, str], list[Table]] = {}
+    for r in inherit_rows:
+        parents.setdefault((r["schema"], r["name"]), []).append(Table(r["parent_schema"], r["parent_name"]))
     relations = []
     for r in rel_rows:
         definition = r["definition"]
         if definition is not None:
             definition = definition.strip().rstrip(";").strip()
         relations.append(RelationInfo(r["schema"], r["name"], _RELKIND[r["relkind"]], tuple(r["columns"] or ()),
-                                      definition, tuple(r["types"] or ())))
+                                      definition, tuple(r["types"] or ()),
+                                      tuple(parents.get((r["schema"], r["name"]), ()))))
     functions = [
         FunctionInfo(r["schema"], r["name"], frozenset({r["language"]}),
                      _VOLATILITY.get(r["volatility"], "volatile"), frozenset({_PROKIND.get(r["kind"], FUNCTION)}),

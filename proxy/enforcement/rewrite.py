@@ -221,8 +221,9 @@ def touched_tables(st: StatementAccess) -> set[Table]:
 
 # -- 1. the plan ----------------------------------------------------------------------------------
 
-def plan_of(analysis: Analysis, expl: Explanation, policy: Policy) -> Plan:
-    """What must change: masked columns and consent per table, aggregate-only columns with their k."""
+def plan_of(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schema | None = None) -> Plan:
+    """What must change: masked columns and consent per table, aggregate-only columns with their k (with
+    ``schema``, a partition or inheritance child read directly also gets its ancestors': ``inherit_plans``)."""
     purpose = expl.purpose or ""
     plan = Plan(purpose, consent=policy.catalog.consent)
     statements = list(flatten(analysis.statements))
@@ -247,7 +248,37 @@ def plan_of(analysis: Analysis, expl: Explanation, policy: Policy) -> Plan:
         for table in tables:
             if policy.catalog.subject_of(table) is not None:
                 plan.tables.setdefault(table, TablePlan(table)).consent = mode
+    if schema is not None and schema.has_ancestry:
+        inherit_plans(plan, (r for st in statements for r in all_refs(statement_refs(st))), schema)
     return plan
+
+
+def inherit_plans(plan: Plan, refs: Iterable[RelationRef], schema: Schema) -> None:
+    """Give each referenced partition or inheritance child what its ancestors' table plans ask: their masks
+    (of two methods for a column, the one revealing less) and their consent filtering, besides its own.
+
+    The analysis reports a child's columns as its ancestors' columns too
+    (``proxy.analysis.access.with_ancestors``), so the policy's masks and consent filtering for
+    them are planned on the ancestors; the child's rows are rewritten where the child stands.
+
+    >>> s = Schema.from_dict({"schemas": {"r": {"tables": {"p0": {"columns": ["id", "email"],
+    ...     "inherits": ["m.contacts"]}}}}})
+    >>> plan = Plan("marketing", {Table("m", "contacts"): TablePlan(Table("m", "contacts"), {"email": "redact"},
+    ...     "opt_out"), Table("r", "p0"): TablePlan(Table("r", "p0"), {"email": "hash"})})
+    >>> inherit_plans(plan, [RelationRef(Table("r", "p0"), "table", None)], s)
+    >>> plan.tables[Table("r", "p0")]
+    TablePlan(table=Table(schema='r', name='p0'), masks={'email': 'redact'}, consent='opt_out')
+    """
+    for ref in refs:
+        inherited = [plan.tables[a] for a in schema.ancestors(ref.table.schema, ref.table.name) if a in plan.tables]
+        if not inherited:
+            continue
+        tp = plan.tables.setdefault(ref.table, TablePlan(ref.table))
+        for other in inherited:
+            for col, method in other.masks.items():
+                mine = tp.masks.get(col)
+                tp.masks[col] = method if mine is None else min(mine, method, key=lambda m: v.precedence(v.MASK, m))
+            tp.consent = tp.consent or other.consent
 
 
 def _label(effect: str, method: str | None, k: int | None) -> str:
@@ -322,7 +353,8 @@ def check_statement(st: StatementAccess, ctx: Context) -> None:
                               hint=f"Do not read {c} in the {ref.statement.upper()}; select the rows by unmasked "
                                    "columns.")
     for table in tables:
-        if not any(r.table == table for r in refs):
+        # (a table read through a partition or inheritance child of it is rewritten where the child stands)
+        if not any(r.table == table or table in ctx.schema.ancestors(r.table.schema, r.table.name) for r in refs):
             raise Refused(f"{table} must be read through the rewrite under purpose \"{plan.purpose}\" "
                           f"({_why_table(plan.tables[table])}), but the statement reads it in a way the rewrite "
                           f"cannot substitute", hint="Use SELECT ... FROM the table instead.")
@@ -419,14 +451,26 @@ def purposes_below(ctx: Context) -> tuple[str, ...]:
     return tuple(p for p in ctx.policy.purposes.descendants(purpose) if p != purpose)
 
 
+def lineage_subject(table: Table, ctx: Context) -> str | None:
+    """The name of ``table``'s data-subject column: the catalog's ``subject`` of the table or, for a partition
+    or inheritance child, of its ancestors (their rows are its rows, the column of the same name its column).
+    Entries that name different columns are refused: the rewrite would not know whose consent counts."""
+    names = ctx.policy.catalog.subjects_of((table, *ctx.schema.ancestors(table.schema, table.name)))
+    if len(names) > 1:
+        raise Refused(f"the catalog names different subject columns ({', '.join(names)}) for {table} and the "
+                      f"tables it is a partition or inheritance child of",
+                      hint=f"Give {table} the subject column of its parent in catalog.yaml, or none.")
+    return names[0] if names else None
+
+
 def subject_column(table: Table, ctx: Context) -> str:
-    """The name of ``table``'s data-subject column (the catalog's ``subject``), checked against the schema."""
-    col = ctx.policy.catalog.subject_of(table)
+    """The name of ``table``'s data-subject column (``lineage_subject``), checked against the schema."""
+    name = lineage_subject(table, ctx)
     rel = ctx.schema.relation(table.schema, table.name)
-    if col is None or rel is None or col.name not in rel.columns:
+    if name is None or rel is None or name not in rel.columns:
         raise Refused(f"rows of {table} must be filtered by consent, but its subject column "
-                      f"{col.name if col else '(none)'} is not in the table")
-    return col.name
+                      f"{name or '(none)'} is not in the table")
+    return name
 
 
 def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context, row_id: bool = False) -> str:
@@ -561,7 +605,8 @@ def having_edits(text: str, calls: list[AggregateCall], ctx: Context) -> list[Ed
             raise Refused(f"{rule}: here {call.why or 'it cannot'}",
                           hint=f"Write e.g. SELECT ..., avg(t.{col.name}) FROM {col.schema}.{col.table} t ... "
                                "GROUP BY ... (no FILTER, CASE or expressions around the column).")
-        if call.ref.table != Table(col.schema, col.table):
+        read = call.ref.table
+        if Table(col.schema, col.table) not in (read, *ctx.schema.ancestors(read.schema, read.name)):
             raise Refused(f"{rule}: here the aggregate reads it through another relation")
         count = _group_size(call, ctx, rule)
         entry = blocks.setdefault(id(call.block), (call.block, {}, set()))
@@ -603,11 +648,11 @@ def _row_identity(ref: RelationRef, ctx: Context) -> str:
 
 def _group_size(call: AggregateCall, ctx: Context, rule: str) -> str:
     ref = call.ref
-    subject = ctx.policy.catalog.subject_of(ref.table)
+    subject = lineage_subject(ref.table, ctx)
     rel = ctx.schema.relation(ref.table.schema, ref.table.name)
-    if subject is not None and rel is not None and subject.name in rel.columns:
-        i = rel.columns.index(subject.name)
-        name = ref.alias_columns[i] if i < len(ref.alias_columns) else subject.name
+    if subject is not None and rel is not None and subject in rel.columns:
+        i = rel.columns.index(subject)
+        name = ref.alias_columns[i] if i < len(ref.alias_columns) else subject
         return f"pg_catalog.count(DISTINCT {quote_ident(ref.name)}.{quote_ident(name)})"
     if call.sole:
         return "pg_catalog.count(*)"
@@ -662,7 +707,7 @@ def rewrite_with_edits(analysis: Analysis, expl: Explanation, policy: Policy, sc
     """``rewrite_statement``'s decision and, for a ``Mask``, the text edits that made its SQL
     (the decision cache replays them on statements of the same shape)."""
     try:
-        plan = plan_of(analysis, expl, policy)
+        plan = plan_of(analysis, expl, policy, schema)
         if plan.empty:
             return Allow("consent: nothing to filter")
         ctx = Context(policy, schema, effective_search_path(tuple(search_path), role), plan)

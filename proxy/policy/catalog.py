@@ -8,7 +8,7 @@ not personal.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from proxy.analysis.model import Column, Table
 from proxy.policy import vocabulary as v
@@ -113,6 +113,23 @@ class Catalog:
         """
         entry = self.tables.get(table)
         return Column(table.schema, table.name, entry.subject) if entry and entry.subject else None
+
+    def subjects_of(self, tables: Iterable[Table]) -> tuple[str, ...]:
+        """The data-subject column names the catalog gives ``tables``, each once, in their order.
+
+        Given a table and its ancestors (a partition's or inheritance child's rows are its
+        parents' rows, named by the same columns), the subject columns its rows answer to: its
+        own and those its ancestors' entries name.
+
+        >>> parse_catalog(EXAMPLE).subjects_of([Table("reporting", "members_p0"), Table("crm", "members")])
+        ('member_id',)
+        """
+        out: list[str] = []
+        for table in tables:
+            entry = self.tables.get(table)
+            if entry is not None and entry.subject and entry.subject not in out:
+                out.append(entry.subject)
+        return tuple(out)
 
     def children(self, category: str) -> tuple[str, ...]:
         """The category and all its descendants, sorted.

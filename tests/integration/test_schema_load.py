@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import uuid
@@ -290,6 +291,61 @@ def test_catalog_stamp_moves_with_what_a_load_reads_only(pg, change, counts):
     with scratch_database(pg, "pp_stamp_") as name:
         before, after = asyncio.run(run(name))
     assert (after != before) is counts
+
+
+INHERITANCE_DDL = """
+CREATE SCHEMA member;
+CREATE SCHEMA reporting;
+CREATE TABLE member.contacts (member_id int, email text) PARTITION BY RANGE (member_id);
+CREATE TABLE reporting.contacts_p0 PARTITION OF member.contacts FOR VALUES FROM (0) TO (1000)
+  PARTITION BY RANGE (member_id);
+CREATE TABLE reporting.contacts_p0a PARTITION OF reporting.contacts_p0 FOR VALUES FROM (0) TO (500);
+CREATE INDEX ON member.contacts (email);  -- partitioned indexes have pg_inherits rows too
+CREATE TABLE member.members (member_id int, email text);
+CREATE TABLE member.notes (body text);
+CREATE TABLE reporting.members_child (note text) INHERITS (member.members, member.notes);
+CREATE TABLE reporting.loose (member_id int, email text);
+"""
+
+
+def test_load_schema_reads_partitions_and_inheritance_children(pg):
+    """Each table's parents, transitively; ATTACH/DETACH PARTITION and INHERIT/NO INHERIT move both the
+    catalog stamp (so the watch reloads) and the loaded schema's version (so cached decisions go)."""
+
+    async def run(name: str) -> list:
+        conn = await asyncpg.connect(pg.url("app", dbname=name))
+        other = await asyncpg.connect(pg.url("app", dbname=name))
+        try:
+            seen = [(await catalog_stamp(conn), await load_schema(conn))]
+            for change in ("ALTER TABLE member.contacts ATTACH PARTITION reporting.loose FOR VALUES FROM (1000) "
+                           "TO (2000)",
+                           "ALTER TABLE member.contacts DETACH PARTITION reporting.loose",
+                           "ALTER TABLE reporting.loose INHERIT member.members",
+                           "ALTER TABLE reporting.loose NO INHERIT member.members"):
+                await other.execute(change)
+                seen.append((await catalog_stamp(conn), await load_schema(conn)))
+            return seen
+        finally:
+            await conn.close()
+            await other.close()
+
+    with scratch_database(pg, "pp_inherit_", INHERITANCE_DDL) as name:
+        seen = asyncio.run(run(name))
+    s = seen[0][1]
+    ancestors = {f"{r.schema}.{r.name}": [str(t) for t in s.ancestors(r.schema, r.name)]
+                 for r in s.relations if r.schema in ("member", "reporting")}
+    assert ancestors == {
+        "member.contacts": [], "member.members": [], "member.notes": [], "reporting.loose": [],
+        "reporting.contacts_p0": ["member.contacts"],
+        "reporting.contacts_p0a": ["reporting.contacts_p0", "member.contacts"],
+        "reporting.members_child": ["member.members", "member.notes"],  # in the order INHERITS lists them
+    }
+    assert type(s).from_dict(s.to_dict()).version == s.version
+    loose = [[str(t) for t in schema.ancestors("reporting", "loose")] for _, schema in seen]
+    assert loose == [[], ["member.contacts"], [], ["member.members"], []]
+    stamps, versions = [x for x, _ in seen], [schema.version for _, schema in seen]
+    assert all(a != b for a, b in itertools.pairwise(stamps)), stamps
+    assert all(a != b for a, b in itertools.pairwise(versions)), versions
 
 
 def test_catalog_stamp_is_the_same_from_an_old_connection_and_a_new_one(pg):

@@ -50,6 +50,75 @@ def test_schema_merges_function_overloads():
     assert f.languages == {"sql", "plpgsql"} and f.volatility == "volatile" and f.result_columns is None
 
 
+# A partitioned table in a catalogued schema, a partition of it in another schema, a partition of that
+# partition, and an inheritance child with a column of its own (the security tester's setup, hunt 21).
+INHERITING = {"schemas": {
+    "member": {"tables": {"contacts": {"columns": ["member_id", "email"], "partitioned": True},
+                          "members": ["member_id", "email", "birth_date"]}},
+    "reporting": {"tables": {
+        "contacts_p0": {"columns": ["member_id", "email"], "partitioned": True, "inherits": ["member.contacts"]},
+        "contacts_p0a": {"columns": ["member_id", "email"], "inherits": [["reporting", "contacts_p0"]]},
+        "members_child": {"columns": ["member_id", "email", "birth_date", "note"], "inherits": ["member.members"]},
+        "plain": ["x"]}}}}
+
+
+def test_schema_records_parents_and_follows_them_up():
+    s = Schema.from_dict(INHERITING)
+    assert s.relation("reporting", "contacts_p0a").parents == (("reporting", "contacts_p0"),)
+    assert [str(t) for t in s.ancestors("reporting", "contacts_p0a")] == ["reporting.contacts_p0", "member.contacts"]
+    assert [str(t) for t in s.ancestors("reporting", "members_child")] == ["member.members"]
+    assert s.ancestors("member", "contacts") == s.ancestors("reporting", "plain") == ()
+    assert s.has_ancestry and not SCHEMA.has_ancestry
+    assert [str(c) for c in s.inherited(Column("reporting", "members_child", "note"))] == ["member.members.note"]
+
+
+def test_schema_parents_round_trip_and_move_the_version():
+    s = Schema.from_dict(INHERITING)
+    again = Schema.from_dict(s.to_dict())
+    assert again.to_dict() == s.to_dict() and again.version == s.version
+    assert again.ancestors("reporting", "contacts_p0a") == s.ancestors("reporting", "contacts_p0a")
+    data = s.to_dict(include_version=False)
+    data["schemas"]["reporting"]["tables"]["contacts_p0a"].pop("inherits")  # DETACH PARTITION
+    assert Schema.from_dict(data).version != Schema.from_dict(s.to_dict(include_version=False)).version
+    assert Schema.from_dict(data).ancestors("reporting", "contacts_p0a") == ()
+
+
+def _reads(sql: str) -> dict[str, str]:
+    st = analyze(sql, Schema.from_dict(INHERITING), ["public"]).statements[0]
+    assert not st.unsupported, st.unsupported
+    return {str(c): u for c, u in st.columns.items()}
+
+
+def test_reading_a_partition_reads_its_ancestors_columns():
+    # Found by a security tester: a partition in a schema the catalog does not list was not personal,
+    # though its rows are the catalogued parent's rows.
+    cols = _reads("SELECT email FROM reporting.contacts_p0a WHERE member_id = 1")
+    for table in ("reporting.contacts_p0a", "reporting.contacts_p0", "member.contacts"):
+        assert cols[f"{table}.email"] == Use.PROJECT and cols[f"{table}.member_id"] == Use.FILTER
+    # A column the child has of its own counts as the parent's column of that name (its defaults apply).
+    assert _reads("SELECT note FROM reporting.members_child")["member.members.note"] == Use.PROJECT
+    st = analyze("SELECT count(*) FROM reporting.members_child", Schema.from_dict(INHERITING)).statements[0]
+    assert {str(t) for t in st.tables} == {"reporting.members_child", "member.members"}
+
+
+def test_writing_copying_and_aggregating_a_child_counts_for_its_ancestors():
+    s = Schema.from_dict(INHERITING)
+    writes = ["UPDATE {t} SET email = 'x'", "INSERT INTO {t} (email) VALUES ('x')", "DELETE FROM {t}", "TRUNCATE {t}"]
+    for sql in (w.format(t="reporting.members_child") for w in writes):
+        st = analyze(sql, s).statements[0]
+        assert st.columns[Column("member", "members", "email")].writes, sql
+    st = analyze("INSERT INTO public.t2 SELECT email FROM reporting.contacts_p0",
+                 Schema.from_dict({**INHERITING, "schemas": {**INHERITING["schemas"],
+                                                             "public": {"tables": {"t2": ["x"]}}}})).statements[0]
+    assert st.copies[Column("public", "t2", "x")] == {Column("reporting", "contacts_p0", "email"),
+                                                      Column("member", "contacts", "email")}
+    st = analyze("SELECT count(DISTINCT member_id) FROM reporting.contacts_p0a", s).statements[0]
+    assert Column("member", "contacts", "member_id") in st.aggregates[0].columns
+    view = analyze("SELECT e FROM v", Schema.from_dict({**INHERITING, "schemas": {**INHERITING["schemas"], "public": {
+        "views": {"v": {"columns": ["e"], "sql": "SELECT email AS e FROM reporting.contacts_p0"}}}}})).statements[0]
+    assert view.columns[Column("member", "contacts", "email")] == Use.PROJECT
+
+
 @pytest.mark.parametrize("value, expected", [
     ("crm, public", ["crm", "public"]),
     ('"$user", public', ["$user", "public"]),

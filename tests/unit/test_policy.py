@@ -1211,3 +1211,93 @@ def test_under_the_shipped_policy_only_the_stop_of_use_procedure_touches_consent
     readers = {p for role in sample.subjects for p in sample.purposes_allowing(role, "consent.decision", v.READ)}
     assert writers == {"disclosure_requests"}
     assert readers <= {"disclosure_requests", "operations"}  # operations reads everything redacted
+
+
+# -- partitions and inheritance children (a security tester's finding) ----------------------------------------------
+# A partition or inheritance child of a catalogued table, placed in a schema the catalog does not list, was
+# not personal: its rows are the parent's rows, so reading it directly is decided as reading the parent.
+
+def _inheriting_schema():
+    import yaml
+
+    from proxy.analysis.schema import Schema
+
+    data = yaml.safe_load((SAMPLE / "schema.yaml").read_text())
+    members = list(data["schemas"]["member"]["tables"]["members"])
+    data["schemas"]["member"]["tables"]["contacts"] = {"columns": ["member_id", "email"], "partitioned": True}
+    data["schemas"]["reporting"] = {"tables": {
+        "contacts_p0": {"columns": ["member_id", "email"], "partitioned": True, "inherits": ["member.contacts"]},
+        "contacts_p0a": {"columns": ["member_id", "email"], "inherits": ["reporting.contacts_p0"]},
+        "members_child": {"columns": members + ["note"], "inherits": ["member.members"]}}}
+    return Schema.from_dict(data)
+
+
+def _decide(policy: Policy, schema, sql: str, role: str, purpose: str | None):
+    from proxy.analysis.access import analyze
+    from proxy.enforcement.rewrite import make_rewrite
+
+    return decide_statement(analyze(sql, schema, ["public"], role), role=role, purpose=purpose, policy=policy,
+                            rewrite=make_rewrite(policy, schema, ["public"], role))
+
+
+@pytest.mark.parametrize("role, purpose", [("analyst", "statistics"), ("app_portal", None),
+                                           ("app_marketing", "marketing.announcements")])
+def test_a_partition_elsewhere_is_decided_as_its_parent(sample, role, purpose):
+    schema = _inheriting_schema()
+    parent, parent_expl = _decide(sample, schema, "SELECT member_id, email FROM member.contacts", role, purpose)
+    assert isinstance(parent, Block)
+    for table in ("reporting.contacts_p0", "reporting.contacts_p0a"):  # a partition, and a partition of it
+        decision, expl = _decide(sample, schema, f"SELECT member_id, email FROM {table}", role, purpose)
+        assert isinstance(decision, Block), (table, expl.to_text())
+        assert (expl.reason, decision.message) == (parent_expl.reason, parent.message)
+
+
+def test_an_inheritance_child_is_masked_aggregated_and_consent_filtered_as_its_parent(sample):
+    schema = _inheriting_schema()
+    for sql, role, purpose, needle in [
+            ("SELECT birth_date, prefecture FROM {t}", "analyst", "statistics", "date_trunc('year'"),
+            ("SELECT prefecture, count(DISTINCT member_id) FROM {t} GROUP BY prefecture", "analyst", "statistics",
+             "HAVING pg_catalog.count(DISTINCT {n}.member_id) OPERATOR(pg_catalog.>=) 10"),
+            ("SELECT member_id, email FROM {t}", "app_marketing", "marketing.announcements",
+             "FROM {t} AS __pp_row WHERE (NOT EXISTS (SELECT 1 FROM privacy.consents"),
+            ("SELECT count(*) FROM {t}", "app_marketing", "marketing.announcements", "privacy.consents")]:
+        for table in ("member.members", "reporting.members_child"):
+            decision, expl = _decide(sample, schema, sql.format(t=table), role, purpose)
+            assert isinstance(decision, Mask), (sql, table, expl.to_text())
+            assert needle.format(t=table, n=table.split(".")[1]) in decision.sql, decision.sql
+    decision, _ = _decide(sample, schema, "UPDATE reporting.members_child SET email = 'x'", "app_marketing",
+                          "marketing.announcements")
+    assert isinstance(decision, Block) and "contact.email" in decision.message
+
+
+def test_a_child_column_gets_its_own_entry_and_its_ancestors_entries(basic):
+    # ext.kid INHERITS (crm.members); its own entry puts payment.card on email (crm.members: contact.email).
+    from proxy.analysis.schema import Schema
+
+    catalog = texts()["catalog"].replace("tables:\n", "tables:\n  ext.kid:\n    columns:\n      email: [payment.card]\n"
+                                                      "      member_id: []\n", 1)
+    policy = build(catalog=catalog)
+    schema = Schema.from_dict({"schemas": {
+        "crm": {"tables": {"members": ["member_id", "name", "email", "phone", "note"]}},
+        "ext": {"tables": {"kid": {"columns": ["member_id", "name", "email", "phone", "note", "extra"],
+                                   "inherits": ["crm.members"]}}}}})
+    # support: contact allowed, payment.card masked last4: the child's email is masked though the parent's is not.
+    assert isinstance(_decide(policy, schema, "SELECT email FROM crm.members", "app", "support")[0], Allow)
+    decision, expl = _decide(policy, schema, "SELECT email FROM ext.kid", "app", "support")
+    assert isinstance(decision, Mask) and "ext.kid AS __pp_row" in decision.sql, expl.to_text()
+    # statistics: contact.email would be masked, payment.card has no rule: denied.
+    decision, _ = _decide(policy, schema, "SELECT email FROM ext.kid", "analyst", "statistics")
+    assert isinstance(decision, Block) and "payment.card" in decision.message
+    # A column of the child's own falls under the parent's personal_by_default (identity): support may not read it.
+    decision, expl = _decide(policy, schema, "SELECT extra FROM ext.kid", "app", "support")
+    assert isinstance(decision, Block) and "crm.members.extra" in expl.to_text()
+
+
+def test_a_child_naming_another_subject_than_its_parent_is_refused(sample):
+    schema = _inheriting_schema()
+    t = texts(SAMPLE)
+    policy = build(**{**t, "catalog": t["catalog"].replace(
+        "\ntables:\n", "\ntables:\n  reporting.members_child:\n    subject: member_number\n", 1)})
+    decision, _ = _decide(policy, schema, "SELECT email FROM reporting.members_child", "app_marketing",
+                          "marketing.announcements")
+    assert isinstance(decision, Block) and "different subject columns (member_number, member_id)" in decision.message
