@@ -37,6 +37,23 @@ def statement_too_long(sql: str, limit: int) -> Block | None:
     )
 
 
+def too_many_parses(limit: int) -> Block:
+    """The refusal (54000) of a Parse sent while ``limit`` others wait for their answers (no Sync between):
+    the relay tracks each until PostgreSQL answers it, and that record must stay bounded.
+
+    >>> too_many_parses(4096).message
+    'more than 4096 Parse messages sent without a Sync'
+    """
+    return Block(
+        f"more than {limit} Parse messages sent without a Sync",
+        sqlstate="54000",
+        detail="purpose-proxy keeps track of each Parse until PostgreSQL answers it; the statement was not "
+               "prepared.",
+        hint="Send a Sync at least every few thousand Parse messages.",
+        reason="too-many-parses",
+    )
+
+
 def too_many_connections_for_role(role: str, limit: int) -> Block:
     """The FATAL refusal of a session over the per-role limit, in PostgreSQL's words (53300).
 

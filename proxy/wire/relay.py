@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from proxy.enforcement.apply import MARKER_PREFIX, Refusal, apply, refusal_error, withhold_row_values
-from proxy.enforcement.limits import statement_too_long
+from proxy.enforcement.limits import statement_too_long, too_many_parses
 from proxy.policy.decision import Allow, Block, Decision
 from proxy.wire import codec
 from proxy.wire.state import Phase
@@ -249,9 +249,10 @@ class Relay:
         # Every Parse sent upstream and not yet answered, in order, as (the sync point that ends
         # its batch, name, its record in _statements or None): ParseComplete confirms the first
         # (55.2.3: answers come in order); one still unconfirmed when its batch's ReadyForQuery
-        # comes failed in PostgreSQL (or was skipped after an error), and its record goes. None
-        # once a client sent more than _MAX_PARSES without a Sync: records then only accumulate.
-        self._parses: deque | None = deque()
+        # comes failed in PostgreSQL (or was skipped after an error), and its record goes. At most
+        # _MAX_PARSES: a Parse beyond is refused (once this gave up tracking, and the records of
+        # Parses that failed in PostgreSQL then grew without bound, hunt 21).
+        self._parses: deque = deque()
         self._answered = 0  # ReadyForQuery messages seen
         self._unexecuted: dict[str, StatementEvent] = {}
         # (sql, decision, account) of a statement prepared with SQL PREPARE, if the decider keeps them.
@@ -424,12 +425,8 @@ class Relay:
                         self._statements.pop("", None)
                 elif allowed:  # a refused named Parse leaves any earlier statement of that name
                     self._statements.setdefault(parse.name, []).append(record)
-                parses = self._parses
-                if parses is not None and decision is not None:
-                    if len(parses) < _MAX_PARSES:
-                        parses.append((self._answered + self._outstanding, parse.name, record))
-                    else:
-                        self._parses = None
+                if decision is not None and len(self._parses) < _MAX_PARSES:
+                    self._parses.append((self._answered + self._outstanding, parse.name, record))
             elif t == codec.F_BIND:
                 self._unsynced = True
                 if self.observed:
@@ -689,6 +686,8 @@ class Relay:
         # proportion to the text, on the event loop every session shares).
         limit = self.max_statement_length
         too_long = statement_too_long(sql, limit) if limit and len(frame.raw) - 5 > limit else None
+        if parse is not None and len(self._parses) >= _MAX_PARSES:
+            too_long = too_many_parses(_MAX_PARSES)  # (refused before analysis, like an overlong text)
         if not self.observed:
             decision = too_long or self._decide(sql, via)
             if type(decision) is Block and decision.severity == "FATAL":

@@ -324,3 +324,26 @@ def test_messages_sent_after_the_last_sync_keep_the_session_busy():
     relay.server_data(PARSE_COMPLETE + BIND_COMPLETE + command_complete("BEGIN") + command_complete("SET")
                       + ready(b"T"))
     assert relay.phase is Phase.IDLE and relay.tx_status == b"T"  # a Query's answer ends what came before it
+
+
+def test_a_parse_beyond_the_tracked_many_without_a_sync_is_refused():
+    """Hunt 21: past 4096 Parses without a Sync the relay stopped tracking them, and from then on the records of
+    Parses that failed in PostgreSQL (42P05) grew without bound. Now such a Parse is refused (54000), the rest of
+    its batch is discarded until the Sync, and tracking goes on."""
+    from proxy.wire.relay import _MAX_PARSES
+
+    relay = authenticated_relay()
+    relay.client_data(b"".join(codec.encode_parse("", "SELECT 1") for _ in range(_MAX_PARSES)))
+    assert b"54000" not in sent(relay.to_client)
+    relay.client_data(codec.encode_parse("s", "SELECT 2") + bind("", "s") + execute() + sync())
+    assert "s" not in relay._statements
+    # (the refused Parse went upstream as a stand-in that fails at once: its error is the refusal's place)
+    relay.server_data(PARSE_COMPLETE * _MAX_PARSES + pg_syntax_error(marker_of(relay).decode()) + ready(b"I"))
+    answer = sent(relay.to_client)
+    assert answer.count(PARSE_COMPLETE) == _MAX_PARSES and b"54000" in answer and answer.endswith(ready(b"I"))
+    assert len(relay._parses) == 0 and relay.phase is Phase.IDLE
+    for n in range(3):  # a named Parse PostgreSQL refuses leaves no record behind, batch after batch
+        relay.client_data(codec.encode_parse("t", f"SELECT {n}") + sync())
+        relay.server_data((PARSE_COMPLETE if n == 0 else pg_error("42P05", 'prepared statement "t" already exists'))
+                          + ready(b"I"))
+    assert [p.sql for p, *_ in relay._statements["t"]] == ["SELECT 0"]
