@@ -96,6 +96,11 @@ def _database_encoding_refusal(name: str) -> Block:
                  hint="Put the proxy in front of UTF8 databases.")
 
 
+# SQL PREPAREs a session's records may hold: per name (a PREPARE that failed, 42P05, leaves one more
+# candidate behind the name), and in all.
+MAX_CANDIDATES = 16
+MAX_PREPARED = 10000
+
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
 # What may run while the schema the proxy decides on is changing (DDL not yet committed in this
@@ -412,6 +417,15 @@ class PurposeSession:
                 stale = self._stale_prepared(st.prepared_name)
                 if stale is not None:
                     return stale
+            if st.kind is Kind.PREPARE and st.prepared_name:
+                # The records of PREPAREs that may have failed stay (see ``prepared``): bounded, else a
+                # client repeating a failing PREPARE grew them without end (hunt 21).
+                if (len(self.prepared.get(st.prepared_name, ())) >= MAX_CANDIDATES
+                        or sum(map(len, self.prepared.values())) >= MAX_PREPARED):
+                    return _refuse(f"too many statements may be prepared under \"{st.prepared_name}\" or in this "
+                                   "session for purpose-proxy to keep track of", sqlstate="54000",
+                                   reason="too-many-prepared",
+                                   hint=f"DEALLOCATE {st.prepared_name} (or DEALLOCATE ALL) first.")
             if "pg_catalog.set_config" in st.functions:
                 names = {name for name, _, _ in st.settings}
                 if not names or names & (_GUARDED | {self.setting}):

@@ -344,3 +344,20 @@ def test_long_statements_differing_in_their_spaces_fill_the_cache_only_to_its_by
     finally:
         cache.max_bytes = before
         cache.clear()
+
+
+def test_the_records_of_prepares_that_may_have_failed_are_bounded():
+    """Hunt 21: 'PREPARE a AS SELECT <100 kB>; PREPARE a AS SELECT 2' again and again (each failing with 42P05)
+    left one more candidate behind the name every time, 100 kB each. Past MAX_CANDIDATES the PREPARE is refused
+    (54000) until the name is deallocated."""
+    from proxy.enforcement.purpose import MAX_CANDIDATES
+
+    case = dict(CASES[0], purpose="support")
+    s = _session(case, 0)
+    for n in range(MAX_CANDIDATES):
+        assert not isinstance(s.decide(f"PREPARE a AS SELECT {n}; SELECT 1", "query"), Block)
+    refused = s.decide("PREPARE a AS SELECT 99; SELECT 1", "query")
+    assert isinstance(refused, Block) and refused.sqlstate == "54000" and "DEALLOCATE a" in refused.hint
+    assert not isinstance(s.decide("PREPARE b AS SELECT 1", "query"), Block)  # other names are not affected
+    s.decide("DEALLOCATE a", "query")
+    assert not isinstance(s.decide("PREPARE a AS SELECT 1", "query"), Block)
