@@ -7,6 +7,7 @@ import inspect
 import logging
 import secrets
 import ssl
+import time
 from typing import Callable
 
 from proxy.config import Config, is_unix_dir, parse_hostport
@@ -94,6 +95,7 @@ class ProxyServer:
         self.client_cert_der = leaf_certificate_der(config.tls_cert)
         self.upstream_tls = upstream_tls_context(config)
         self.sessions: set[Session] = set()
+        self._full_logged = -1e9  # when ``accept`` last logged that connections are refused
         self.admitted = 0
         self.role_sessions: dict[str, int] = {}  # authenticated sessions per role (max_connections_per_role)
         # CancelRequests the proxy sends on its own (a statement past upstream_response_timeout,
@@ -223,6 +225,20 @@ class ProxyServer:
 
     # --- sessions ----------------------------------------------------------------------------
 
+    def accept(self) -> bool:
+        """Whether a new connection may wait for its startup packet: connections count from the start (an
+        unauthenticated client held 20000 sockets silent, every descriptor the proxy had, hunt 21), up to
+        ``max_client_connections`` and a tenth more (cancel requests and clients still starting up)."""
+        limit = self.config.max_client_connections
+        if len(self.sessions) <= limit + max(10, limit // 10):
+            return True
+        now = time.monotonic()
+        if now - self._full_logged >= 10:  # (not once per connection: a flood would flood the log too)
+            self._full_logged = now
+            log.warning("refusing connections: %d are open or starting up (max_client_connections %d)",
+                        len(self.sessions), limit)
+        return False
+
     def admit(self, session: Session) -> bool:
         if self.shutting_down:
             raise _StartupError("57P03", "purpose-proxy is shutting down")
@@ -334,7 +350,8 @@ class ProxyServer:
         return True
 
     def cancel_orphaned(self, session: Session) -> None:
-        """The session's upstream connection was lost: cancel a statement its backend may still be running."""
+        """The session lost its upstream connection or its client: cancel a statement its backend may still be
+        running (it would run on unseen)."""
         relay = session.relay
         if relay is not None and relay.phase not in _NOT_RUNNING:
             self.cancel_statement(session)

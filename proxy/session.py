@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from proxy.listener import ProxyServer
 
 log = logging.getLogger(__name__)
+REFUSED_WAIT = 2.0  # seconds a connection over the limit has to send its startup packet
 
 _ids = itertools.count(1)
 
@@ -325,6 +326,10 @@ class Session:
             self.close()
         else:
             if self.relaying and self.upstream is not None and not self.upstream.closed:
+                # A statement still running would run on: a backend notices a closed client socket only
+                # when it next reads or writes (client_connection_check_interval is 0 by default), and a
+                # hunt found planning statements of killed clients still running after 20 minutes.
+                self.server.cancel_orphaned(self)
                 if self.relay.phase is not Phase.CLOSED and self.relay._client.at_boundary:
                     self.upstream.transport.write(codec.terminate())
             self.close()
@@ -436,12 +441,17 @@ class Session:
     async def _negotiate(self) -> None:
         client = self.client
         loop = asyncio.get_running_loop()
+        # Over the connection limit: like PostgreSQL, read the startup packet (answering an SSLRequest "N")
+        # and then refuse it, 53300 (a cancel request still goes through); but within REFUSED_WAIT, so that
+        # connections over the limit cannot be held open (they count, see ProxyServer.accept).
+        full = not self.server.accept()
+        wait = REFUSED_WAIT if full else None
         while True:  # bounded by auth_timeout
-            await client.read_until(8, None)
+            await client.read_until(8, wait)
             size = int.from_bytes(client.buf[:4], "big")
             if size < 8 or size > 10000:
                 raise codec.ProtocolViolation(f"invalid length of startup packet: {size}")
-            await client.read_until(size, None)
+            await client.read_until(size, wait)
             raw = bytes(client.buf[:size])
             packet = codec.split_startup_packet(client.buf)
             if packet.code == codec.SSL_REQUEST_CODE:
@@ -450,7 +460,7 @@ class Session:
                     # by a man in the middle (CVE-2021-23214).
                     raise codec.ProtocolViolation("received unencrypted data after SSL request")
                 ctx = self.server.client_tls
-                if ctx is None or self.info.tls:
+                if ctx is None or self.info.tls or full:
                     client.transport.write(b"N")
                     continue
                 client.transport.write(b"S")
@@ -469,6 +479,8 @@ class Session:
             if packet.code >> 16 != 3:
                 raise _StartupError("0A000", f"unsupported frontend protocol {packet.code >> 16}.{packet.code & 0xFFFF}: "
                                              "server supports 3.0 to 3.0")
+            if full:
+                raise _StartupError("53300", "sorry, too many clients already")
             break
         self.info.params = codec.parse_startup_params(packet.payload)
         self.connecting = True

@@ -102,6 +102,21 @@ def test_cancel_with_wrong_key_is_ignored(pg, proxy):
         assert exc is None and result == ("",)  # pg_sleep returns void: the statement completed
 
 
+def test_a_statement_of_a_client_that_vanished_is_cancelled(pg, proxy):
+    """Hunt 21: a client killed mid-statement left its statement running in PostgreSQL (a backend notices a closed
+    socket only when it next reads or writes); found still running 20 minutes later. Now the proxy cancels it."""
+    from tests.support.faults import backends, wait_active as wait_running
+
+    app = f"vanished-{uuid.uuid4().hex[:8]}"
+    conn = RawConnection(proxy.host, proxy.port, application_name=app)
+    conn.sock.sendall(query_message("SELECT pg_sleep(120)"))
+    wait_running(pg, app)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.sock.close()  # a reset, as when the client process is killed
+    wait_for(lambda: not any(state == "active" for _, state, _ in backends(pg, app)), 30,
+             "the orphaned statement to be cancelled")
+
+
 # --- a slow reader of a huge result -----------------------------------------------------------
 
 

@@ -21,7 +21,8 @@ import pytest
 from psycopg import errors
 
 from tests.support.faults import (Bystander, admin_dsn, app_name, closed_without_a_word, read_message,
-                                  read_until_eof, wait_connections, wait_no_backends, wait_sessions)
+                                  read_until_eof, tcp_connections, wait_connections, wait_no_backends,
+                                  wait_sessions)
 from tests.support.observability import Scrape
 from tests.support.rawpg import RawConnection, ServerError, error_fields, query_message, startup_message
 from tests.support.waiting import wait_for
@@ -189,6 +190,35 @@ def limited_role(pg):
         wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
                                       (name,)).fetchone() == (0,), 15, f"the sessions of {name} to end")
         conn.execute(f"DROP ROLE {name}")
+
+
+def test_connections_count_before_their_startup_packet(pg, start_proxy):
+    """Hunt 21: silent connections counted towards nothing until their startup packet; one client held 20000 of
+    them, every descriptor the proxy had, and other clients could not connect. Now every connection counts, up to
+    max_client_connections and a tenth more (at least 10) for cancel requests and clients starting up."""
+    p = start_proxy("--max-client-connections", "2", "--auth-timeout", "120")
+    silent = [socket.create_connection((p.host, p.port), timeout=30) for _ in range(12)]
+    try:
+        wait_for(lambda: tcp_connections(p.proc.pid) >= 12, 30, "the proxy to accept the silent connections")
+        with socket.create_connection((p.host, p.port), timeout=30) as extra:
+            extra.sendall(startup_message("app", "app"))  # refused after its startup packet, as PostgreSQL does
+            kind, _, body = read_message(extra)
+            assert kind == b"E" and (error_fields(body)["S"], error_fields(body)["C"]) == ("FATAL", "53300")
+        # One more, silent: not held until auth_timeout (120 s here; the socket would time out first).
+        with socket.create_connection((p.host, p.port), timeout=30) as extra:
+            kind, _, body = read_message(extra)
+            assert kind == b"E" and error_fields(body)["C"] == "08006"
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(pg.dsn("app", host=p.host, port=p.port), connect_timeout=15)
+        assert "sorry, too many clients already" in str(info.value)
+        assert "refusing connections" in p.log()
+    finally:
+        for s in silent:
+            s.close()
+    # The slots are free again once the silent connections are gone.
+    wait_for(lambda: tcp_connections(p.proc.pid) == 0, 30, "the silent connections to be closed")
+    with psycopg.connect(pg.dsn("app", host=p.host, port=p.port), autocommit=True, connect_timeout=15) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_max_connections_per_role_answers_like_postgresql(pg, start_proxy, limited_role):
