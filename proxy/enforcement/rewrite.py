@@ -245,9 +245,19 @@ def plan_of(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schem
         for name in expl.functions:  # tables declared functions read count too (check_functions refuses them)
             entry = policy.catalog.functions.get(name)
             tables |= {Table(c.schema, c.table) for c in (entry.reads if entry else ())}
+        personal = {c.column.rpartition(".")[0] for c in expl.columns if c.categories}
         for table in tables:
             if policy.catalog.subject_of(table) is not None:
                 plan.tables.setdefault(table, TablePlan(table)).consent = mode
+            elif str(table) in personal and not any(
+                    policy.catalog.subject_of(a) for a in (schema.ancestors(table.schema, table.name)
+                                                           if schema is not None else ())):
+                # Nothing to match consent decisions with: every row would be shown, those of people who
+                # withdrew included (a table a schema's personal_by_default covers, or a subject: removed).
+                raise Refused(f"rows of {table} must be filtered by consent under purpose \"{purpose}\", but the "
+                              f"catalog names no subject column for it",
+                              hint="Give the table 'subject:' in catalog.yaml, or use a purpose that does not "
+                                   "depend on consent.")
     if schema is not None and schema.has_ancestry:
         inherit_plans(plan, (r for st in statements for r in all_refs(statement_refs(st))), schema)
     return plan

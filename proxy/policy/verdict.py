@@ -666,13 +666,17 @@ def _copy_block(statements: list[StatementAccess], purpose: str, policy: Policy,
 
 def _consent_tables(statements: list[StatementAccess], touched: Iterable[Column], policy: Policy,
                     purpose: str | None) -> list[str]:
-    """The tables with a data-subject column the statement touches (also through declared functions), when
-    consent filters rows under ``purpose``."""
+    """The tables the rewrite must filter by consent (also those touched through declared functions), when
+    consent filters rows under ``purpose``: those with a data-subject column, and those with personal columns
+    but none (the rewrite refuses them unless an ancestor names one, ``plan_of``)."""
     if policy.consent_mode(purpose) is None:
         return []
+    touched = list(touched)
     tables = {(c.schema, c.table) for c in touched}
     tables |= {(t.schema, t.name) for st in statements for t in st.tables}
-    return sorted(f"{s}.{t}" for s, t in tables if policy.catalog.subject_of(Table(s, t)) is not None)
+    personal = {(c.schema, c.table) for c in touched if policy.categories_of(c)}
+    return sorted(f"{s}.{t}" for s, t in tables
+                  if policy.catalog.subject_of(Table(s, t)) is not None or (s, t) in personal)
 
 
 def _rewrite(analysis: Analysis, expl: Explanation, purpose: str, rewrite: Rewrite | None,

@@ -123,6 +123,33 @@ def test_check_finds_tables_the_consent_filter_cannot_filter(from_yaml, tmp_path
     assert found == ["table browsing.clicks_copy", "table browsing.page_views"], found
 
 
+def test_a_table_without_subject_is_refused_under_a_purpose_with_a_consent_filter(from_yaml, tmp_path):
+    """The decision behind the check above: with no subject column to match consent decisions with, a purpose
+    with a consent filter is refused the table's personal data, rather than shown every row."""
+    import shutil
+
+    from proxy.enforcement.rewrite import make_rewrite
+    from proxy.policy.decision import Block, Mask
+    from proxy.policy.verdict import decide_statement
+
+    shutil.copytree(POLICIES, tmp_path / "p")
+    catalog = tmp_path / "p" / "catalog.yaml"
+    text = catalog.read_text()
+    at = text.index("  browsing.page_views:")
+    end = text.index("subject: member_id", at)
+    sql = "SELECT url, viewed_at FROM browsing.page_views"
+    for edited, expected in ((False, Mask), (True, Block)):
+        if edited:
+            catalog.write_text(text[:end] + "# (subject removed)" + text[end + len("subject: member_id"):])
+        policy = Policy.load(tmp_path / "p")
+        analysis = analyze(sql, from_yaml, ["public"], "app_marketing")
+        decision, _ = decide_statement(analysis, role="app_marketing", purpose="marketing.personalized",
+                                       policy=policy, rewrite=make_rewrite(policy, from_yaml, ["public"],
+                                                                           "app_marketing"))
+        assert isinstance(decision, expected), decision
+    assert "names no subject column for it" in decision.message, decision.message
+
+
 def test_catalog_names_the_data_subject_of_every_personal_table(policy):
     for table, entry in policy.catalog.tables.items():
         personal = any(cats for cats in entry.columns.values())
