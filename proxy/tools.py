@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 from proxy.analysis.access import analyze
+from proxy.analysis.model import Analysis
 from proxy.analysis.schema import Schema, parse_search_path
+from proxy.enforcement.masks import NEEDS_TYPE
 from proxy.enforcement.rewrite import make_rewrite
 from proxy.policy.cases import load_policy_cases, run_policy_tests, summary
 from proxy.policy.checks import check_policy
 from proxy.policy.decision import Block, Mask
 from proxy.policy.engine import Policy
-from proxy.policy.verdict import decide_statement
+from proxy.policy.verdict import Explanation, decide_statement, flatten
+from proxy.policy.vocabulary import split_method
 
 SCHEMA_FILE = "schema.yaml"  # the schema a policy directory's test cases are written against
 
@@ -33,6 +36,28 @@ def load_schema_source(dsn: str | None, schema_file: str | None, policies: Path)
     return None
 
 
+def untyped_note(analysis: Analysis, expl: Explanation, schema: Schema) -> str | None:
+    """Why explain refused a mask the proxy would apply: the schema lacks the type the method needs.
+
+    The proxy reads column types from the database; a schema file may have none
+    (policies/schema.yaml), and ``generalize`` cannot be written without the type.
+    """
+    if expl.reason != "rewrite-refused":
+        return None
+    columns = {str(c): c for st in flatten(analysis.statements) for c in st.columns}
+    untyped = []
+    for req in expl.masks:
+        col = columns.get(req.column)
+        rel = schema.relation(col.schema, col.table) if col is not None else None
+        if split_method(req.method or "")[0] in NEEDS_TYPE and (rel is None or rel.type_of(col.name) is None):
+            untyped.append(f"{req.column} ({req.method})")
+    if not untyped:
+        return None
+    return (f"the schema gives no type for {', '.join(untyped)}, which the mask needs: explain refuses where the "
+            "proxy, which reads the types from the database, masks text, numbers and dates (and refuses other "
+            "types). Give --dsn, or types: in the schema file, to see the rewrite.")
+
+
 def explain(args) -> int:
     policies = Path(args.policies)
     policy = Policy.load(policies)
@@ -46,6 +71,7 @@ def explain(args) -> int:
     decision, expl = decide_statement(analysis, role=args.role, purpose=args.purpose or None, policy=policy,
                                       rewrite=make_rewrite(policy, schema, search_path, args.role))
     rewritten = decision.sql if isinstance(decision, Mask) else None
+    note = untyped_note(analysis, expl, schema)
     if args.json:
         out = expl.to_dict()
         out["decision"] = type(decision).__name__.lower()
@@ -54,11 +80,15 @@ def explain(args) -> int:
                             "detail": decision.detail, "hint": decision.hint}
         if rewritten is not None:
             out["rewritten_sql"] = rewritten
+        if note:
+            out["note"] = note
         print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         print(expl.to_text())
         if rewritten is not None:
             print(f"\nrewritten SQL:\n  {rewritten}")
+        if note:
+            print(f"\nnote: {note}")
     return 0
 
 

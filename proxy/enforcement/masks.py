@@ -2,8 +2,10 @@
 
 A method is one function ``(column_sql, option, column_type) -> expression`` in the
 registry ``METHODS``; adding a method is adding one decorated function (and its
-name to ``proxy.policy.vocabulary.MASK_METHODS``, which orders methods from the one
-revealing least). ``option`` is what the policy wrote after a colon
+name to ``proxy.policy.vocabulary.MASK_METHODS``, and its rank, given its option, to
+``vocabulary.mask_reading``, which orders masks from the one revealing least). No
+method shows a whole value: those keeping a part hide short values whole.
+``option`` is what the policy wrote after a colon
 (``partial:2``), None without one; ``column_type`` is the column's type as
 ``format_type`` prints it, None when unknown. Every function and type the
 expressions use is schema-qualified (``pg_catalog.left``), and operators are
@@ -19,6 +21,8 @@ from typing import Callable
 MaskMethod = Callable[[str, "str | None", "str | None"], str]
 METHODS: dict[str, MaskMethod] = {}
 
+# Methods that cannot mask a column whose type is unknown (a schema file without ``types:``).
+NEEDS_TYPE = frozenset({"generalize"})
 PSEUDONYM_FUNCTION = "purpose_proxy.pseudonym"  # installed by ``purpose-proxy install``
 STARS = "'****'"  # stands for what a method hides (fixed length: it reveals no length)
 
@@ -224,11 +228,15 @@ def generalize(col: str, option: str | None = None, column_type: str | None = No
     timestamps to the start of a unit (option year, quarter, month, decade or century; default year).
     Needs the column's type.
 
+    On text, values of N characters or fewer become ``***``: a prefix must never be the
+    whole value (``generalize:20`` on a 16-digit card number would otherwise show all of it).
+
     >>> generalize("m.age", "5", "integer")  # doctest: +ELLIPSIS
     "(CASE WHEN (m.age) IS NULL THEN NULL ELSE pg_catalog.concat((...)::pg_catalog.int8, '-', ...) END)"
     >>> generalize("m.postal_code", None, "text")  # doctest: +NORMALIZE_WHITESPACE
-    "(CASE WHEN (m.postal_code) IS NULL THEN NULL ELSE
-      pg_catalog.concat(pg_catalog.left((m.postal_code)::pg_catalog.text, 3), '***') END)"
+    "(CASE WHEN (m.postal_code) IS NULL THEN NULL ELSE (CASE WHEN
+      pg_catalog.length((m.postal_code)::pg_catalog.text) <= 3 THEN '***' ELSE
+      pg_catalog.concat(pg_catalog.left((m.postal_code)::pg_catalog.text, 3), '***') END) END)"
     >>> generalize("m.x", None, None)
     Traceback (most recent call last):
     ...
@@ -237,8 +245,8 @@ def generalize(col: str, option: str | None = None, column_type: str | None = No
     family = type_family(column_type)
     if family in ("integer", "numeric"):
         width = count_option(option, 10, "generalize", upper=10 ** 12)
-        if width < 1:
-            raise MaskError("generalize: the width must be at least 1")
+        if width < (2 if family == "integer" else 1):  # a range of one whole number is the number
+            raise MaskError(f"generalize: the width must be at least {2 if family == 'integer' else 1}")
         n = f"'{width}'::pg_catalog.numeric"
         low = (f"pg_catalog.numeric_mul(pg_catalog.floor(pg_catalog.numeric_div(({col})::pg_catalog.numeric, {n})), "
                f"{n})")
@@ -249,7 +257,9 @@ def generalize(col: str, option: str | None = None, column_type: str | None = No
         return unless_null(col, f"pg_catalog.concat('[', {low}, ',', {high}, ')')")
     if family == "text":
         keep = count_option(option, 3, "generalize")
-        return unless_null(col, f"pg_catalog.concat(pg_catalog.left({as_text(col)}, {keep}), '***')")
+        text = as_text(col)
+        return unless_null(col, f"(CASE WHEN pg_catalog.length({text}) <= {keep} THEN '***' "
+                                f"ELSE pg_catalog.concat(pg_catalog.left({text}, {keep}), '***') END)")
     if family in ("date", "timestamp", "timestamptz"):
         unit = option or "year"
         if unit not in _UNITS:

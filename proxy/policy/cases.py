@@ -1,8 +1,9 @@
 """Policy test cases (policies/tests/*.yaml): parsing them and running them against a policy.
 
 A case says: this role, under this purpose, running this SQL, gets this verdict
-(allow, mask or block), optionally because of this column or category. The runner
-takes the SQL analyser as an argument, so it stays a pure function.
+(allow, mask or block), optionally because of this column or category, and for a
+mask with this method. The runner takes the SQL analyser as an argument, so it stays
+a pure function.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from proxy.policy.sources import YamlList, YamlMap, load_yaml
 from proxy.policy.verdict import Explanation, decide_statement
 
 VERDICTS = ("allow", "mask", "block")
-CASE_KEYS = ("name", "role", "purpose", "sql", "expect", "column", "category", "reason", "search_path")
+CASE_KEYS = ("name", "role", "purpose", "sql", "expect", "column", "category", "reason", "method", "search_path")
 DEFAULT_SEARCH_PATH = ("$user", "public")
 
 Analyze = Callable[..., Analysis]  # analyze(sql, schema, search_path=..., role=...) -> Analysis
@@ -28,7 +29,8 @@ Analyze = Callable[..., Analysis]  # analyze(sql, schema, search_path=..., role=
 
 @dataclass(frozen=True, slots=True)
 class PolicyCase:
-    """One expectation about the policy. ``purpose`` None means no purpose declared."""
+    """One expectation about the policy. ``purpose`` None means no purpose declared; ``method`` is the mask
+    method (with its option) of ``column``, or of every masked column without one."""
 
     name: str
     role: str
@@ -41,6 +43,7 @@ class PolicyCase:
     search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
     file: str = ""
     line: int | None = None
+    method: str | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}: " if self.file else ""
@@ -72,9 +75,10 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
     ...     sql: SELECT card_number FROM billing.cards
     ...     expect: mask
     ...     column: billing.cards.card_number
+    ...     method: last4
     ... ''')
-    >>> cases[0].expect, cases[0].column, cases[0].line
-    ('mask', 'billing.cards.card_number', 3)
+    >>> cases[0].expect, cases[0].column, cases[0].method, cases[0].line
+    ('mask', 'billing.cards.card_number', 'last4', 3)
     """
     c = Collector(file)
     doc = load_yaml(text, file)
@@ -100,7 +104,7 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
             if not isinstance(value, str) or not value.strip():
                 c.error(line, f"case needs {key} (text)")
             values[key] = value if isinstance(value, str) else ""
-        for key in ("purpose", "column", "category", "reason"):
+        for key in ("purpose", "column", "category", "reason", "method"):
             value = item.get(key)
             if value is not None and not isinstance(value, str):
                 c.error(item.line_of(key), f"{key} must be text")
@@ -108,6 +112,12 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
             values[key] = value or None
         if values["expect"] and values["expect"] not in VERDICTS:
             c.error(item.line_of("expect"), f"expect must be one of {', '.join(VERDICTS)}, got {values['expect']!r}")
+        if values["method"] is not None:
+            if values["expect"] != "mask":
+                c.error(item.line_of("method"), "method needs expect: mask")
+            elif v.mask_reading(values["method"]) is None:
+                c.error(item.line_of("method"), f"method {values['method']!r} is not a masking method with a valid "
+                                                f"option (one of: {', '.join(v.MASK_METHODS)})")
         path = item.get("search_path", list(DEFAULT_SEARCH_PATH))
         if isinstance(path, str):
             path = [p.strip() for p in path.split(",")]
@@ -115,7 +125,8 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
             c.error(item.line_of("search_path"), "search_path must be a list of schema names")
             path = list(DEFAULT_SEARCH_PATH)
         out.append(PolicyCase(values["name"], values["role"], values["purpose"], values["sql"], values["expect"],
-                              values["column"], values["category"], values["reason"], tuple(path), file, line))
+                              values["column"], values["category"], values["reason"], tuple(path), file, line,
+                              values["method"]))
     c.raise_if_any()
     return out
 
@@ -159,6 +170,27 @@ def _implicated(expl: Explanation, verdict: str) -> tuple[set[str], set[str]]:
     return {c.column for c in expl.columns}, {cat for c in expl.columns for cat in c.categories}
 
 
+def method_failures(expl: Explanation, method: str, column: str | None) -> list[str]:
+    """Why the masks of ``expl`` are not ``method`` (on ``column``, or on every masked column); [] when they are.
+
+    Options that mean the same match (``partial`` is ``partial:1``).
+
+    >>> from proxy.policy.verdict import Requirement
+    >>> expl = Explanation("app", "support", "declared", "v1", ("select",), requirements=(
+    ...     Requirement("b.c.card", "payment.card", "mask", "generalize:20", None, ()),))
+    >>> method_failures(expl, "last4", "b.c.card")
+    ['method of b.c.card is generalize:20, expected last4']
+    >>> method_failures(expl, "generalize:20", None), method_failures(expl, "hash", "b.c.other")
+    ([], ['no mask on b.c.other'])
+    """
+    masked = [r for r in expl.masks if column is None or r.column == column]
+    if not masked:
+        return [f"no mask on {column}" if column else "no column is masked"]
+    want = v.mask_reading(method)
+    return [f"method of {r.column} is {r.method}, expected {method}" for r in masked
+            if (v.mask_reading(r.method or "") or r.method) != (want or method)]
+
+
 def run_policy_tests(policy: Policy, cases: Iterable[PolicyCase], analyze: Analyze, schema: Any
                      ) -> list[CaseResult]:
     """Run ``cases`` against ``policy``, analysing SQL with ``analyze(sql, schema, search_path=, role=)``.
@@ -188,6 +220,8 @@ def run_policy_tests(policy: Policy, cases: Iterable[PolicyCase], analyze: Analy
                                 f"(got: {', '.join(sorted(cats)) or '-'})")
             if case.reason and case.reason != expl.reason:
                 failures.append(f"reason {expl.reason!r}, expected {case.reason!r}")
+            if case.method:
+                failures += method_failures(expl, case.method, case.column)
         results.append(CaseResult(case, not failures, actual, tuple(failures), expl))
     return results
 

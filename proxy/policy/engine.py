@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -40,7 +41,8 @@ class RuleDecision:
 
     ``effect`` is allow, deny, mask or aggregate; ``method`` is the mask method,
     ``k`` the aggregate threshold; ``rules`` the policy lines that decided it
-    (empty for the default deny); ``note`` says why when no rule was consulted.
+    (empty for the default deny); ``note`` says why when no rule was consulted,
+    or why the rules gave this decision (conflicting masks).
 
     >>> RuleDecision("mask", method="last4", rules=("policy.csv:3: p, app, support, payment.card, read, mask, last4",)).label
     'mask(last4)'
@@ -72,9 +74,9 @@ class RuleDecision:
 
     @property
     def why(self) -> str:
-        """The rule line(s), or the reason no rule was consulted."""
+        """The rule line(s) (with the note, if any), or the reason no rule was consulted."""
         if self.rules:
-            return "; ".join(self.rules)
+            return "; ".join(self.rules) + (f" ({self.note})" if self.note else "")
         return self.note or "no rule allows it (default deny)"
 
     def to_dict(self) -> dict:
@@ -91,14 +93,28 @@ class RuleDecision:
 DEFAULT_DENY = RuleDecision(v.DENY)
 
 
-def decision_of(rule: Rule | None) -> RuleDecision:
-    """The decision a decisive rule gives (None: default deny).
+def decision_of(rule: Rule | None, rivals: Iterable[Rule] = ()) -> RuleDecision:
+    """The decision a decisive rule gives (None: default deny); with ``rivals``, applicable mask rules
+    that conflict with it (``vocabulary.mask_conflict``), a deny naming them all.
+
+    Which of such masks reveals less depends on the column's type, which the rules
+    cannot know, so neither may decide: the request fails closed, and the refusal
+    names the lines to reconcile.
 
     >>> decision_of(Rule("app", "statistics", "payment", "read", "aggregate", "k=5", line=9)).label
     'aggregate(k=5)'
+    >>> d = decision_of(Rule("app", "support", "payment", "read", "mask", "last4", line=3),
+    ...                 [Rule("ops", "support", "payment", "read", "mask", "generalize:20", line=4)])
+    >>> d.label, len(d.rules), d.note
+    ('deny', 2, "conflicting masks: which of last4, generalize:20 reveals less depends on the column's type")
     """
     if rule is None:
         return DEFAULT_DENY
+    rivals = tuple(rivals)
+    if rivals:
+        methods = ", ".join(dict.fromkeys(r.option for r in (rule, *rivals)))
+        return RuleDecision(v.DENY, rules=tuple(str(r) for r in (rule, *rivals)),
+                            note=f"conflicting masks: which of {methods} reveals less depends on the column's type")
     return RuleDecision(rule.effect, rule.method, rule.k, (str(rule),))
 
 
@@ -137,6 +153,7 @@ class Policy:
         }
         self.enforcer = new_enforcer(model_text, [r.fields for r in self.ordered_rules], self.links)
         self._memo: OrderedDict[tuple[str, str, str, str], RuleDecision] = OrderedDict()
+        self._single: dict[tuple[str, ...], object] = {}
         self._table = self._build_table()
 
     # -- loading -------------------------------------------------------------------------
@@ -205,6 +222,8 @@ class Policy:
         # precedence order, answers with the first: the table takes it without the
         # call. A matcher with further conditions is asked through Casbin per cell.
         # tests/unit/test_policy.py checks the table against the full enforcer.
+        # A decisive mask rule is then checked against the other applicable masks
+        # (which follow it in that order): a conflicting one turns the cell into a deny.
         present = conjuncts(self.enforcer.model["m"]["m"].value)
         canonical = present == {*REQUIRED_CONJUNCTS, PURPOSE_CONJUNCT, CATEGORY_CONJUNCT}
         rm = {key: self.enforcer.get_named_role_manager(key) for key in ("g", "g2", "g3")}
@@ -223,21 +242,46 @@ class Policy:
                                               for act, rules in by_act.items() if rules}
             for cell in self.cells([sub]):
                 _, purpose, category, act = cell
-                first = next((r for r in by_act[act]
+                applicable = (r for r in by_act[act]
                               if (up_purpose is None or r.purpose in up_purpose[purpose])
-                              and (up_category is None or r.category in up_category[category])), None)
+                              and (up_category is None or r.category in up_category[category]))
+                first = next(applicable, None)
                 if first is None:
                     table[cell] = DEFAULT_DENY
                     continue
                 if canonical:
-                    key = tuple(first.fields)
+                    rule: Rule | None = first
+                    rivals = tuple(r for r in takewhile(lambda r: r.effect == v.MASK, applicable)
+                                   if v.mask_conflict(first.option, r.option)) if first.effect == v.MASK else ()
                 else:
-                    ok, rule = enforcers[act].enforce_ex(*cell)
-                    key = tuple(rule) if ok else None
+                    ok, fields = enforcers[act].enforce_ex(*cell)
+                    rule = self._by_fields[tuple(fields)] if ok else None
+                    rivals = self._rivals(rule, cell, by_act[act])
+                key = (rule.fields if rule else None, tuple(r.fields for r in rivals))
                 if key not in interned:
-                    interned[key] = decision_of(self._by_fields[key])
+                    interned[key] = decision_of(rule, rivals)
                 table[cell] = interned[key]
         return table
+
+    def _rivals(self, rule: Rule | None, cell: tuple[str, str, str, str], candidates: Iterable[Rule]
+                ) -> tuple[Rule, ...]:
+        """The mask rules among ``candidates`` that apply at ``cell`` and conflict with the decisive ``rule``
+        (each asked of Casbin alone, as ``applies_at`` does), in precedence order."""
+        if rule is None or rule.effect != v.MASK:
+            return ()
+        rivals = [r for r in candidates if r.effect == v.MASK and v.mask_conflict(rule.option, r.option)]
+        if not rivals:
+            return ()
+        role_manager = self.enforcer.get_role_manager()
+        return tuple(r for r in rivals if role_manager.has_link(cell[0], r.sub) and r.act == cell[3]
+                     and self._alone(r).enforce(*cell))
+
+    def _alone(self, rule: Rule):
+        """A Casbin enforcer with ``rule`` as its only rule (made once per rule)."""
+        found = self._single.get(rule.fields)
+        if found is None:
+            found = self._single[rule.fields] = new_enforcer(self.model_text, [rule.fields], self.links)
+        return found
 
     @property
     def table(self) -> Mapping[tuple[str, str, str, str], RuleDecision]:
@@ -245,8 +289,9 @@ class Policy:
 
     def enforce(self, role: str, purpose: str, category: str, action: str) -> RuleDecision:
         """Ask Casbin directly (``enforce_ex`` over all rules), bypassing the table."""
-        ok, rule = self.enforcer.enforce_ex(role, purpose, category, action)
-        return decision_of(self._by_fields[tuple(rule)] if ok else None)
+        ok, fields = self.enforcer.enforce_ex(role, purpose, category, action)
+        rule = self._by_fields[tuple(fields)] if ok else None
+        return decision_of(rule, self._rivals(rule, (role, purpose, category, action), self.ordered_rules))
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -324,7 +369,7 @@ class Policy:
 
     def applies_at(self, rule: Rule) -> list[tuple[str, str, str, str]]:
         """Every table cell where Casbin finds ``rule`` applicable (asked with that rule alone)."""
-        enforcer = new_enforcer(self.model_text, [rule.fields], self.links)
+        enforcer = self._alone(rule)
         role_manager = self.enforcer.get_role_manager()
         subjects = [s for s in self.subjects if role_manager.has_link(s, rule.sub)]
         return [cell for cell in self.cells(subjects) if cell[3] == rule.act and enforcer.enforce(*cell)]

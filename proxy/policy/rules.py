@@ -56,7 +56,7 @@ class Rule:
         return ", ".join(("p",) + self.fields[:5] + ((self.option,) if self.option else ()))
 
     @property
-    def precedence(self) -> tuple[int, int]:
+    def precedence(self) -> tuple:
         return v.precedence(self.effect, self.method, self.k)
 
     def __str__(self) -> str:
@@ -86,11 +86,18 @@ class RuleSet:
     def in_precedence_order(self) -> tuple[Rule, ...]:
         """Rules sorted so that the first applicable one is the decisive one.
 
+        The key holds a mask's option in canonical form, so rules with equal keys give
+        the same decision whatever the file order; the line only picks which is cited.
+
         >>> rs = RuleSet((Rule("a", "p", "c", "read", "allow", line=1),
         ...               Rule("a", "p", "c", "read", "mask", "hash", line=2),
         ...               Rule("g", "p", "c", "read", "deny", line=3)), ())
         >>> [r.line for r in rs.in_precedence_order()]
         [3, 2, 1]
+        >>> rs = RuleSet((Rule("g", "p", "c", "read", "mask", "partial:8", line=1),
+        ...               Rule("a", "p", "c", "read", "mask", "partial", line=2)), ())
+        >>> [r.option for r in rs.in_precedence_order()]
+        ['partial', 'partial:8']
         """
         return tuple(sorted(self.rules, key=lambda r: (r.precedence, r.line)))
 

@@ -430,6 +430,119 @@ def test_most_restrictive_wins_regardless_of_file_order():
         assert policy.decide("app", "billing", "contact", "read").allowed
 
 
+def with_rules(*rules: str, **overrides: str) -> list[Policy]:
+    """The basic policy with ``rules`` added above and below its own, in every order."""
+    from itertools import permutations
+
+    base = texts()["policy"].rstrip("\n") + "\n"
+    return [build(policy=text, **overrides) for order in permutations(rules)
+            for text in ("\n".join(order) + "\n" + base, base + "\n".join(order) + "\n")]
+
+
+@pytest.mark.parametrize("rules,label", [
+    # The tester's cases: an option that shows more must not win because its line comes first.
+    (("partial:8", "partial"), "mask(partial)"),
+    (("generalize:month", "year"), "mask(year)"),
+    (("generalize:month", "generalize:year"), "mask(generalize:year)"),
+    (("generalize:decade", "generalize:month", "year"), "mask(generalize:decade)"),
+    (("partial:2,2", "partial:2"), "mask(partial:2)"),
+    (("partial:3", "partial:0,2"), "mask(partial:0,2)"),
+    # Across methods showing characters, the count decides: partial shows 1, last4 4.
+    (("last4", "partial"), "mask(partial)"),
+    (("last4", "partial:0,2"), "mask(partial:0,2)"),
+    (("last4", "partial:8"), "mask(last4)"),
+    (("partial:4", "last4"), "mask(partial:4)"),  # equal count: fewer from the end
+    (("redact:hidden", "redact"), "mask(redact)"),
+    (("hash", "email_domain", "partial:8"), "mask(hash)"),
+    (("year", "hash"), "mask(year)"),
+])
+def test_mask_options_are_ranked_by_what_they_reveal_whatever_the_file_order(rules, label):
+    subjects = ("app", "staff", "intern")  # rules on the role, its group and a member alike
+    written = [f"p, {subjects[i % 3]}, billing, contact.email, read, mask, " + (f'"{rule}"' if "," in rule else rule)
+               for i, rule in enumerate(rules)]
+    for policy in with_rules(*written):
+        d = policy.decide("intern", "billing", "contact.email", "read")
+        assert d.label == label, (d.label, d.rules)
+        assert policy.rule_named(d.rules[0]).option == label[5:-1]
+        assert policy.table[("intern", "billing", "contact.email", "read")] == policy.enforce(
+            "intern", "billing", "contact.email", "read")
+
+
+@pytest.mark.parametrize("rules", [
+    ("last4", "generalize:20"),  # the tester's card: a prefix of 20 on text, a range of 20 on a number
+    ("generalize:10", "generalize:20"),  # larger reveals more on text, less on numbers
+    ("generalize", "generalize:3"),  # the same on text, not on numbers (width 10)
+    ("generalize:5", "partial:8"),
+    ("generalize:month", "generalize"),
+    ("email_domain", "generalize:2"),
+])
+def test_masks_whose_order_depends_on_the_column_type_conflict_and_deny(rules):
+    written = [f"p, {sub}, billing, contact.email, read, mask, {rule}" for sub, rule in zip(("app", "staff"), rules)]
+    for policy in with_rules(*written):
+        d = policy.decide("app", "billing", "contact.email", "read")
+        assert d.denied and d.effect == "deny", d
+        assert sorted(policy.rule_named(r).option for r in d.rules) == sorted(rules)
+        assert "conflicting masks" in d.note and "depends on the column's type" in d.why
+        assert policy.table[("app", "billing", "contact.email", "read")] == policy.enforce(
+            "app", "billing", "contact.email", "read")
+        assert policy.decide("app", "billing", "contact.phone", "read").allowed  # other cells untouched
+
+
+@pytest.mark.parametrize("rules,label", [
+    (("generalize:20", "hash"), "mask(hash)"),  # hash and redact show no part of any value: no conflict
+    (("generalize", "redact"), "mask(redact)"),
+    (("generalize:10", "generalize:10"), "mask(generalize:10)"),  # the same mask from two rules
+    (("generalize:20", "last4", "hash"), "mask(hash)"),  # a conflict a hash shows less than decides nothing
+])
+def test_generalize_next_to_redact_hash_or_itself_is_no_conflict(rules, label):
+    written = [f"p, {('app', 'staff', 'intern')[i]}, billing, contact.email, read, mask, {rule}"
+               for i, rule in enumerate(rules)]
+    for policy in with_rules(*written):
+        assert policy.decide("intern", "billing", "contact.email", "read").label == label  # in app, in staff
+
+
+def test_conflicts_with_an_extended_matcher_equal_casbin():
+    # Cells are then asked of Casbin one by one; the rivals of a mask too.
+    model = swap(MODEL, "&& r.act == p.act", '&& r.act == p.act && p.option != "last4"')
+    for policy in with_rules("p, staff, billing, contact.email, read, mask, generalize:20",
+                             "p, app, billing, contact, read, mask, partial", model=model):
+        for cell in policy.cells():
+            assert policy.table[cell] == policy.enforce(*cell), cell
+        assert policy.decide("app", "billing", "contact.email", "read").denied
+        assert policy.decide("app", "billing", "contact.phone", "read").label == "mask(partial)"
+        assert policy.decide("app", "support", "payment.card", "read").denied  # last4 excluded by the matcher
+
+
+SAMPLE_RULES = {
+    "card": ("p, staff, support, payment.card, read, mask, last4",
+             "p, customer_care, support, payment, read, mask, generalize:20"),
+    "phone": ("p, staff, support_quality, contact.phone, read, mask, partial",
+              "p, customer_care, support_quality, contact.phone, read, mask, partial:8"),
+    "birth": ("p, staff, support, identity.birth_date, read, mask, year",
+              "p, customer_care, support, identity.birth_date, read, mask, generalize:month"),
+}
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_the_reported_sample_policy_changes(above):
+    """A rule added to the shipped policy above or below its own rule: the file order no longer decides."""
+    base = texts(SAMPLE)
+
+    def policy_with(which: str) -> Policy:
+        own, added = SAMPLE_RULES[which]
+        assert own + "\n" in base["policy"]
+        text = base["policy"].replace(own + "\n", (f"{added}\n{own}\n" if above else f"{own}\n{added}\n"))
+        return Policy.from_texts(**{**base, "policy": text})
+
+    card = policy_with("card").decide("app_support", "support", "payment.card", "read")
+    assert card.denied and "generalize:20" in card.why and "last4" in card.why
+    assert policy_with("phone").decide("trainer", "support_quality", "contact.phone", "read").label == "mask(partial)"
+    assert policy_with("birth").decide("app_support", "support", "identity.birth_date", "read").label == "mask(year)"
+    decision, _ = decide_statement(select(billing__payment_methods__card_number=Use.PROJECT), role="app_support",
+                                   purpose="support", policy=policy_with("card"), rewrite=policy_probe)
+    assert isinstance(decision, Block) and "conflicting masks" in decision.detail
+
+
 def test_default_deny(basic):
     assert basic.decide("app", "billing", "payment.card", "write") == DEFAULT_DENY
     assert basic.decide("app", "statistics", "contact.email", "read") == DEFAULT_DENY
@@ -505,6 +618,10 @@ PROPERTY_CATALOG = ("categories:\n" + "".join(f"  {n}: {{description: {n}}}\n" f
 PROPERTY_PURPOSES = ("purposes:\n" + "".join(f"  {n}: {{description: {n}, source: test}}\n" for n in PURPOSES))
 
 
+MASK_OPTIONS = ("partial:8", "partial:0,4", "redact:x", "generalize:20", "generalize:3", "generalize:month",
+                "generalize:century")
+
+
 @st.composite
 def random_rules(draw):
     groupings = draw(st.lists(st.sampled_from([("a", "grp"), ("b", "grp"), ("grp", "top"), ("b", "top")]),
@@ -520,7 +637,7 @@ def random_rules(draw):
             effect = draw(st.sampled_from(effects))
         option = ""
         if effect == v.MASK:
-            option = draw(st.sampled_from(v.MASK_METHODS))
+            option = draw(st.sampled_from(v.MASK_METHODS + MASK_OPTIONS))
         elif effect == v.AGGREGATE:
             option = f"k={draw(st.integers(2, 9))}"
         rule = (draw(st.sampled_from(SUBS)), draw(st.sampled_from(PURPOSES + ("*",))), category, act, effect, option)
@@ -554,6 +671,8 @@ def oracle(groupings, rules, cell) -> tuple:
         return (v.DENY, None, None)
     best = min(applicable, key=lambda r: v.precedence(r[4], r[5] if r[4] == v.MASK else None,
                                                       v.parse_k(r[5]) if r[4] == v.AGGREGATE else None))
+    if best[4] == v.MASK and any(r[4] == v.MASK and v.mask_conflict(best[5], r[5]) for r in applicable):
+        return (v.DENY, None, None)  # masks whose order depends on the column type
     return (best[4], best[5] if best[4] == v.MASK else None, v.parse_k(best[5]) if best[4] == v.AGGREGATE else None)
 
 
@@ -562,7 +681,7 @@ def oracle(groupings, rules, cell) -> tuple:
 def test_property_table_equals_casbin_and_the_documented_semantics(drawn, rnd):
     groupings, rules = drawn
     lines = [f"g, {r}, {g}" for r, g in groupings] + [
-        "p, " + ", ".join(r[:5]) + (f", {r[5]}" if r[5] else "") for r in rules]
+        "p, " + ", ".join(r[:5]) + ((f', "{r[5]}"' if "," in r[5] else f", {r[5]}") if r[5] else "") for r in rules]
     rnd.shuffle(lines)
     policy = Policy.from_texts(catalog=PROPERTY_CATALOG, purposes=PROPERTY_PURPOSES, model=MODEL,
                                policy="\n".join(lines) + "\n")
@@ -570,9 +689,11 @@ def test_property_table_equals_casbin_and_the_documented_semantics(drawn, rnd):
         got = policy.decide(*cell)
         assert got == policy.enforce(*cell), cell
         assert (got.effect, got.method, got.k) == oracle(groupings, rules, cell), cell
-        if got.rules:
+        if got.rules and not got.note:
             rule = policy.rule_named(got.rules[0])
             assert rule is not None and (rule.effect, rule.method, rule.k) == (got.effect, got.method, got.k)
+        elif got.rules:  # conflicting masks: every line named is a mask rule
+            assert all(policy.rule_named(r).effect == v.MASK for r in got.rules)
 
 
 # -- decide_statement -------------------------------------------------------------------------------
@@ -952,6 +1073,83 @@ def test_run_policy_tests(basic):
     assert "t.yaml:" in str(outcome["wrong column"])
 
 
+METHOD_CASES_YAML = """
+cases:
+  - name: support masks cards with last4
+    role: app
+    purpose: support
+    sql: Q2
+    expect: mask
+    column: billing.cards.card_number
+    method: last4
+  - name: any masked column
+    role: app
+    purpose: support
+    sql: Q2
+    expect: mask
+    method: last4
+  - name: another method
+    role: app
+    purpose: support
+    sql: Q2
+    expect: mask
+    column: billing.cards.card_number
+    method: partial:4
+  - name: a column not masked
+    role: app
+    purpose: support
+    sql: Q2
+    expect: mask
+    column: crm.members.email
+    method: last4
+"""
+
+
+def test_policy_cases_assert_the_mask_method(basic):
+    cases = parse_policy_cases(METHOD_CASES_YAML, "t.yaml")
+    assert [case.method for case in cases] == ["last4", "last4", "partial:4", "last4"]
+    outcome = {r.case.name: r for r in run_policy_tests(basic, cases, fake_analyze, {"crm.members": ["email"]})}
+    assert outcome["support masks cards with last4"].passed and outcome["any masked column"].passed
+    assert not outcome["another method"].passed and outcome["another method"].actual == "mask"
+    assert outcome["another method"].failures == ("method of billing.cards.card_number is last4, expected partial:4",)
+    assert not outcome["a column not masked"].passed
+    # options that mean the same match
+    partial = build(policy=swap(texts()["policy"], "card, read, mask, last4", "card, read, mask, partial"))
+    same = parse_policy_cases(METHOD_CASES_YAML.replace("method: last4", "method: partial:1,0"), "t.yaml")[:1]
+    assert run_policy_tests(partial, same, fake_analyze, {"crm.members": ["email"]})[0].passed
+
+
+def test_policy_case_method_errors():
+    with pytest.raises(PolicyError) as info:
+        parse_policy_cases("cases:\n  - {name: n, role: r, sql: s, expect: allow, method: last4}\n"
+                           "  - {name: n, role: r, sql: s, expect: mask, method: blur}\n"
+                           "  - {name: n, role: r, sql: s, expect: mask, method: 'partial:x'}\n", "t.yaml")
+    messages = [str(p) for p in info.value.problems]
+    assert "t.yaml:2: method needs expect: mask" in messages
+    assert any(m.startswith("t.yaml:3: method 'blur' is not a masking method") for m in messages)
+    assert any(m.startswith("t.yaml:4: method 'partial:x'") for m in messages)
+
+
+def test_shipped_cases_catch_the_reported_policy_changes():
+    """`purpose-proxy check` fails for each change the tester made (the cases assert the method)."""
+    base = texts(SAMPLE)
+    cases = [case for case in load_policy_cases(SAMPLE / "tests") if case.sql in SAMPLE_ANALYSES]
+
+    def analyze(sql, schema, search_path=("$user", "public"), role=""):
+        return Analysis(sql, SAMPLE_ANALYSES[sql])
+
+    for own, changed in ((SAMPLE_RULES["card"][0], SAMPLE_RULES["card"][1] + "\n" + SAMPLE_RULES["card"][0]),
+                         (SAMPLE_RULES["phone"][0], SAMPLE_RULES["phone"][0].replace("partial", "partial:8")),
+                         (SAMPLE_RULES["birth"][0], SAMPLE_RULES["birth"][0].replace("year", "generalize:month")),
+                         ("p, staff, marketing, identity.birth_date, read, mask, year",
+                          "p, staff, marketing, identity.birth_date, read, mask, generalize:month"),
+                         ("p, staff, operator_training, contact.phone, read, mask, redact",
+                          "p, staff, operator_training, contact.phone, read, mask, last4")):
+        policy = Policy.from_texts(**{**base, "policy": swap(base["policy"], own + "\n", changed + "\n")})
+        failed = [r for r in run_policy_tests(policy, cases, analyze, schema=None) if not r.passed]
+        assert failed, changed
+
+
 def test_policy_case_file_errors():
     with pytest.raises(PolicyError) as info:
         parse_policy_cases("cases:\n  - name: x\n    role: app\n    sql: S\n    expect: maybe\n    colour: red\n",
@@ -1103,6 +1301,9 @@ SAMPLE_ANALYSES = {
                             "member.members.email": P, "member.members.prefecture": F, "member.members.status": F})],
     "SELECT given_name, birth_date FROM member.members":
         [stmt(Kind.SELECT, {"member.members.given_name": P, "member.members.birth_date": P})],
+    "SELECT family_name, birth_date FROM member.members WHERE member_id = 42":
+        [stmt(Kind.SELECT, {"member.members.family_name": P, "member.members.birth_date": P,
+                            "member.members.member_id": F})],
     "SELECT email FROM member.members": [stmt(Kind.SELECT, {"member.members.email": P})],
     "SELECT name, monthly_fee FROM service.plans WHERE kind = 'ftth'":
         [stmt(Kind.SELECT, {"service.plans.name": P, "service.plans.monthly_fee": P, "service.plans.kind": F})],

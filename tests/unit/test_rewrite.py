@@ -219,6 +219,59 @@ def test_mask_options_are_validated():
     assert "'decade'" in masks.mask_sql("c", "generalize:decade", "date")
 
 
+def test_generalize_on_text_never_shows_a_whole_value():
+    # generalize:20 on a 16-digit card number kept all 16 digits; values no longer than the prefix
+    # are now hidden whole, like partial's
+    sql = masks.mask_sql("c.card_number", "generalize:20", "text")
+    assert "pg_catalog.length((c.card_number)::pg_catalog.text) <= 20 THEN '***'" in sql
+    assert "pg_catalog.left((c.card_number)::pg_catalog.text, 20)" in sql
+    assert "<= 3 THEN '***'" in masks.mask_sql("m.postal_code", "generalize", "character varying(8)")
+    with pytest.raises(masks.MaskError, match="at least 2"):  # a range of one whole number is the number
+        masks.mask_sql("m.age", "generalize:1", "integer")
+    assert "'1'::pg_catalog.numeric" in masks.mask_sql("m.amount", "generalize:1", "numeric")
+
+
+@pytest.mark.parametrize("option", ["redact", "redact:x", "partial", "partial:8", "partial:2,1", "partial:0,4",
+                                    "partial:x", "partial:1,2,3", "last4", "last4:2", "email_domain", "hash",
+                                    "hash:1", "year", "year:2", "generalize", "generalize:20", "generalize:month",
+                                    "generalize:weekly", "generalize:-1"])
+def test_an_option_the_order_cannot_read_is_refused_by_every_mask(option):
+    # vocabulary.mask_key ranks an option it cannot read first: that is fail-closed only if the
+    # rewrite then refuses it, whatever the column's type
+    outcomes = []
+    for column_type in ("text", "integer", "numeric", "date", "timestamp with time zone"):
+        try:
+            masks.mask_sql("t.c", option, column_type)
+            outcomes.append(True)
+        except masks.MaskError:
+            outcomes.append(False)
+    assert any(outcomes) == (v.mask_reading(option) is not None), outcomes
+
+
+def test_explain_without_column_types_says_why_it_refuses_generalize(capsys):
+    from proxy import tools
+
+    args = SimpleNamespace(policies=str(REPO / "policies"), schema=None, dsn=None, search_path=None,
+                           role="analyst", purpose="research", json=False,
+                           sql="SELECT postal_code FROM member.members")
+    assert tools.explain(args) == 0
+    out = capsys.readouterr().out
+    assert "verdict: block" in out and "generalize needs the type" in out
+    assert "note: the schema gives no type for member.members.postal_code (generalize)" in out
+    assert "--dsn" in out
+    args.json = True
+    assert tools.explain(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["reason"] == "rewrite-refused" and "member.members.postal_code" in doc["note"]
+    # with the types (as the proxy has them) there is no note: the column is masked
+    args = SimpleNamespace(policies=str(MASKING / "policies"), schema=str(MASKING / "schema.yaml"), dsn=None,
+                           search_path=None, role="app", purpose="support", json=True,
+                           sql="SELECT postal_code FROM crm.members")
+    assert tools.explain(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["decision"] == "mask" and "note" not in doc
+
+
 def _policy(catalog_extra: str = "", purposes_extra: str = "", rules: str = "") -> Policy:
     catalog = ("categories:\n  contact: {description: c}\n"
                "tables:\n  crm.members: {subject: member_id, columns: {member_id: [], email: [contact]}}\n"
