@@ -99,7 +99,7 @@ def sample() -> Policy:
 
 # -- doctests of the policy modules ----------------------------------------------------------------
 
-@pytest.mark.parametrize("module", ["problems", "vocabulary", "sources", "catalog", "purposes", "rules",
+@pytest.mark.parametrize("module", ["problems", "vocabulary", "sources", "catalog", "purposes", "rules", "narrowing",
                                     "casbin_model", "engine", "verdict", "checks", "cases"])
 def test_docstring_examples(module):
     mod = importlib.import_module(f"proxy.policy.{module}")
