@@ -597,6 +597,10 @@ def _deny_block(expl: Explanation, purpose: str, role: str, policy: Policy) -> O
     detail = "\n".join(f"{col} ({d.category}, {d.action}): {'denied by ' if d.decision.rules else ''}"
                        f"{d.decision.why}" for col, d in denied)
     columns = _quote_list(sorted({col for col, _ in denied}))
+    if first.decision.note.startswith("conflicting masks"):  # a deny the rules did not say: name its cause
+        return _block(expl, f"{message}: {first.decision.note}", "denied", detail=detail,
+                      hint="Keep one of the conflicting mask rules in policy.csv (policies/README.md, "
+                           f"'Masking methods'), or remove {columns} from the statement.")
     others = policy.purposes_allowing(role, first.category, first.action)
     if others:
         hint = (f"Declare a purpose that covers {first.category} (role {role} may use: {_quote_list(others)}), "

@@ -541,6 +541,7 @@ def test_the_reported_sample_policy_changes(above):
     decision, _ = decide_statement(select(billing__payment_methods__card_number=Use.PROJECT), role="app_support",
                                    purpose="support", policy=policy_with("card"), rewrite=policy_probe)
     assert isinstance(decision, Block) and "conflicting masks" in decision.detail
+    assert "conflicting masks: which of" in decision.message and "mask rules" in decision.hint  # not a plain deny
 
 
 def test_default_deny(basic):
