@@ -139,6 +139,9 @@ def _check_rule(fields: list[str], line: int, purposes: Container[str], categori
         elif not v.is_mask_method(option):
             bad(f"unknown masking method {option!r} (expected one of: {', '.join(v.MASK_METHODS)}, "
                 f"optionally with an option after a colon, e.g. partial:2)")
+        elif v.mask_reading(option) is None:  # else refused only when a statement needs it
+            bad(f"masking method {option!r}: {v.split_method(option)[0]} does not take that option "
+                f"(policies/README.md, 'Masking methods')")
     elif effect == v.AGGREGATE:
         k = v.parse_k(option)
         if k is None or k < 2:
