@@ -292,6 +292,25 @@ def _unfiltered_problems(policy: Policy, schema: Any = None) -> list[Problem]:
     return out
 
 
+def _conflict_problems(policy: Policy) -> list[Problem]:
+    """Mask rules that conflict where they meet (``vocabulary.mask_conflict``): the cells they decide are
+    denied, which the rules' author did not write; one error per set of rules, at the first one's line."""
+    found: dict[tuple[str, ...], list[tuple[str, str, str]]] = {}
+    for (role, purpose, category, _), d in policy.table.items():
+        if d.note.startswith("conflicting masks"):
+            found.setdefault(d.rules, []).append((role, purpose, category))
+    out = []
+    for rules, cells in sorted(found.items()):
+        lines = sorted(r.line for r in (policy.rule_named(x) for x in rules) if r is not None)
+        role, purpose, category = sorted(cells)[0]
+        more = f" (and {len(cells) - 1} more role, purpose and category combinations)" if len(cells) > 1 else ""
+        out.append(Problem(policy.ruleset.file, lines[0] if lines else None, (
+            f"mask rules on lines {', '.join(map(str, lines))} conflict for role {role}, purpose {purpose}, "
+            f"category {category}{more}: which reveals less depends on the column's type, so the proxy denies "
+            f"it; keep one of them"), ERROR))
+    return out
+
+
 def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None = None) -> list[Problem]:
     """Static findings about ``policy``, errors first, then by file and line.
 
@@ -299,7 +318,7 @@ def check_policy(policy: Policy, schema: Any = None, roles: Iterable[str] | None
     ``table_columns``); ``roles`` (optional) the database role names.
     """
     problems = (_purpose_problems(policy) + _rule_problems(policy) + _consent_problems(policy)
-                + _unfiltered_problems(policy, schema))
+                + _unfiltered_problems(policy, schema) + _conflict_problems(policy))
     if roles is not None:
         problems += _role_problems(policy, set(roles))
     if schema is not None:

@@ -1507,3 +1507,18 @@ def test_a_child_naming_another_subject_than_its_parent_is_refused(sample):
     decision, _ = _decide(policy, schema, "SELECT email FROM reporting.members_child", "app_marketing",
                           "marketing.announcements")
     assert isinstance(decision, Block) and "different subject columns (member_number, member_id)" in decision.message
+
+
+def test_check_reports_mask_rules_that_conflict(tmp_path):
+    """Conflicting masks deny the cells they meet in, which nobody wrote: check says so, at the rules' lines."""
+    import shutil
+
+    shutil.copytree(SAMPLE, tmp_path / "p")
+    rules = tmp_path / "p" / "policy.csv"
+    rules.write_text(rules.read_text() + "p, customer_care, support, payment, read, mask, generalize:20\n")
+    policy = Policy.load(tmp_path / "p")
+    found = [p for p in check_policy(policy) if "conflict for role" in p.message]
+    last = len(rules.read_text().splitlines())
+    assert found and all(p.severity == "error" and f", {last} conflict" in p.message for p in found), found
+    assert any("category payment.card" in p.message for p in found)
+    assert not [p for p in check_policy(Policy.load(SAMPLE)) if "conflict for role" in p.message]
