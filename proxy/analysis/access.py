@@ -172,9 +172,9 @@ def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
 
 
 def with_ancestors(acc: StatementAccess, schema: Schema) -> StatementAccess:
-    """``acc`` with every use of a column of a partition or inheritance child recorded on the column of the
-    same name of each of its ancestors too (``Schema.inherited``), and likewise its rows, the values it
-    copies and the aggregates over it.
+    """``acc`` with every use of a column recorded on the column of the same name of each of its relation's
+    ancestors and descendants too (``Schema.related``), and likewise its rows, the values it copies and the
+    aggregates over it.
 
     A partition's or child's rows are rows of its ancestors (reading the parent returns them), so
     reading them directly must be decided as reading the ancestors' columns: the catalog's entries
@@ -191,14 +191,17 @@ def with_ancestors(acc: StatementAccess, schema: Schema) -> StatementAccess:
     """
     if not schema.has_ancestry:
         return acc
+    # And the other way (hunt 22): reading a parent returns its descendants' rows, so it is decided as
+    # reading theirs too (a catalogued table made a partition of an uncatalogued parent gave its card
+    # numbers to a session without a purpose). Also with ONLY, which leaves them out: stricter, never looser.
     for c, u in list(acc.columns.items()):
-        for a in schema.inherited(c):
+        for a in schema.related(c):
             acc.use(a, u)
     for t, u in list(acc.tables.items()):
-        for a in schema.ancestors(t.schema, t.name):
+        for a in (*schema.ancestors(t.schema, t.name), *schema.descendants(t.schema, t.name)):
             acc.tables[a] = acc.tables.get(a, Use.NONE) | u
     for sources in acc.copies.values():
-        sources.update([a for c in list(sources) for a in schema.inherited(c)])
+        sources.update([a for c in list(sources) for a in schema.related(c)])
     calls = list(acc.aggregates)
     refs = list(acc.references)
     while refs:  # views' definitions hold aggregates of their own
@@ -206,7 +209,7 @@ def with_ancestors(acc: StatementAccess, schema: Schema) -> StatementAccess:
         calls.extend(ref.aggregates)
         refs.extend(ref.inner)
     for call in calls:
-        extra = [a for c in call.columns for a in schema.inherited(c)]
+        extra = [a for c in call.columns for a in schema.related(c)]
         if extra:
             call.columns = call.columns | frozenset(extra)
     return acc

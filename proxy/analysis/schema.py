@@ -111,7 +111,7 @@ class Schema:
     """Relations and functions by (schema, name); treat as immutable once built."""
 
     __slots__ = ("_relations", "_functions", "_schemas", "_version", "database", "_parsed", "operators", "casts",
-                 "implicit", "on_write", "on_read", "rules", "_ancestors")
+                 "implicit", "on_write", "on_read", "rules", "_ancestors", "_descendants")
 
     def __init__(self, relations: Iterable[RelationInfo] = (), functions: Iterable[FunctionInfo] = (),
                  version: str | None = None, database: str | None = None,
@@ -152,6 +152,12 @@ class Schema:
         # (see ``ancestors``). Only relations with parents are keys.
         self._ancestors: dict[tuple[str, str], tuple[Table, ...]] = ancestry(
             {key: r.parents for key, r in self._relations.items() if r.parents})
+        # And the other way: reading a parent (without ONLY) reads its descendants' rows (``descendants``).
+        below: dict[tuple[str, str], list[Table]] = {}
+        for (sname, rname), ancestors in sorted(self._ancestors.items()):
+            for a in ancestors:
+                below.setdefault((a.schema, a.name), []).append(Table(sname, rname))
+        self._descendants: dict[tuple[str, str], tuple[Table, ...]] = {k: tuple(v) for k, v in below.items()}
         merged: dict[tuple[str, str], FunctionInfo] = {}
         for f in functions:
             key = (f.schema, f.name)
@@ -189,6 +195,31 @@ class Schema:
         (['reporting.p0', 'member.contacts'], ())
         """
         return self._ancestors.get((schema, name), ())
+
+    def descendants(self, schema: str, name: str) -> tuple[Table, ...]:
+        """The partitions and inheritance children of ``schema.name``, at any depth: reading it without ONLY
+        returns their rows (https://www.postgresql.org/docs/current/ddl-inherit.html).
+
+        >>> s = Schema.from_dict({"schemas": {"archive": {"tables": {"people": ["id", "email"]}},
+        ...     "member": {"tables": {"members": {"columns": ["id", "email"], "inherits": ["archive.people"]}}}}})
+        >>> [str(t) for t in s.descendants("archive", "people")], s.descendants("member", "members")
+        (['member.members'], ())
+        """
+        return self._descendants.get((schema, name), ())
+
+    def related(self, column: Column) -> tuple[Column, ...]:
+        """The columns of the same name of the relation's ancestors and descendants: a value read from one
+        may be a value of any of them (a child's rows are its parents' rows, and a parent's read returns its
+        children's rows).
+
+        >>> s = Schema.from_dict({"schemas": {"archive": {"tables": {"people": ["id", "email"]}},
+        ...     "member": {"tables": {"members": {"columns": ["id", "email"], "inherits": ["archive.people"]}}}}})
+        >>> [str(c) for c in s.related(Column("archive", "people", "email"))]
+        ['member.members.email']
+        """
+        key = (column.schema, column.table)
+        return tuple(Column(t.schema, t.name, column.name)
+                     for t in (*self._ancestors.get(key, ()), *self._descendants.get(key, ())))
 
     @property
     def has_ancestry(self) -> bool:

@@ -162,6 +162,40 @@ def test_a_partition_elsewhere_is_refused_as_its_parent(isp, inheriting):
     assert direct(isp, "SELECT pg_catalog.count(*) FROM reporting.contacts_p0 WHERE email IS NOT NULL")[0][0] > 0
 
 
+def test_a_parent_the_catalog_does_not_list_is_refused_as_its_catalogued_partition(isp):
+    """Hunt 22, the other way round: an uncatalogued parent whose partition sits in a catalogued schema returned
+    that partition's full card numbers to a session without a purpose (reading a parent returns its children's
+    rows); reading the partition itself was refused."""
+    cluster, _ = isp
+    with psycopg.connect(host=cluster.host, port=cluster.port, user="postgres", dbname=DATABASE) as conn:
+        conn.execute("CREATE SCHEMA archive; GRANT USAGE ON SCHEMA archive TO PUBLIC;"
+                     "CREATE TABLE archive.cards (member_id bigint, kind text, card_number text) PARTITION BY LIST (kind);"
+                     "CREATE TABLE billing.cards_p PARTITION OF archive.cards DEFAULT;"
+                     "INSERT INTO archive.cards SELECT member_id, kind, card_number FROM billing.payment_methods;"
+                     "GRANT SELECT ON archive.cards, billing.cards_p TO PUBLIC")
+    try:
+        assert direct(isp, "SELECT pg_catalog.count(card_number) FROM archive.cards")[0][0] > 0
+        _, proxy = isp
+        with psycopg.connect(host=proxy.host, port=proxy.port, user="app_portal", password=PASSWORD,
+                             dbname=DATABASE, autocommit=True) as portal, \
+                connect(isp, "app_marketing", "marketing.announcements") as marketing:
+            for _ in range(150):  # the proxy's catalog watch reloads the schema within seconds
+                try:
+                    portal.execute("SELECT 1 FROM archive.cards LIMIT 0").fetchall()
+                    break
+                except psycopg.Error as exc:
+                    if "unknown relation" not in str(exc):
+                        break  # known, and refused: what the test checks below
+                    time.sleep(0.2)
+            for conn in (portal, marketing):
+                for table in ("billing.cards_p", "archive.cards"):
+                    assert "unknown relation" not in refusal(conn, f"SELECT member_id, card_number FROM {table}")
+    finally:
+        with psycopg.connect(host=cluster.host, port=cluster.port, user="postgres", dbname=DATABASE,
+                             autocommit=True) as conn:
+            conn.execute("DROP SCHEMA archive CASCADE")
+
+
 def test_an_inheritance_child_is_masked_aggregated_and_consent_filtered_as_its_parent(isp, inheriting):
     raw = direct(isp, "SELECT birth_date FROM reporting.members_child")
     assert any((d.month, d.day) != (1, 1) for d, in raw)
