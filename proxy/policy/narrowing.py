@@ -32,6 +32,8 @@ def dropped_protections(old: Policy, new: Policy, limit: int = 8) -> list[str]:
     found += _consent_losses(old, new)
     found += _rule_losses(old, new)
     found += _purpose_losses(old, new)
+    if old.model_text != new.model_text:  # what the rules mean: no comparison short of every decision
+        found.append("model.conf changed")
     if len(found) > limit:
         found = found[:limit] + [f"and {len(found) - limit} more"]
     return found
@@ -71,6 +73,8 @@ def _catalog_losses(old: Policy, new: Policy) -> list[str]:
         now_fn = nc.functions.get(name)
         if now_fn is not None and not set(fn.reads) <= set(now_fn.reads):
             out.append(f"function {name}: reads dropped")
+        if now_fn is not None and not set(fn.writes) <= set(now_fn.writes):
+            out.append(f"function {name}: writes dropped")
     return out
 
 
@@ -100,9 +104,13 @@ def _rule_losses(old: Policy, new: Policy) -> list[str]:
 
 
 def _purpose_losses(old: Policy, new: Policy) -> list[str]:
-    """Consent filters that go: a purpose no longer opt-in, or no longer withdrawable. (A purpose that goes
-    is refused to the sessions using it, which protects.)"""
+    """Default purposes that change, and consent filters that go: a purpose no longer opt-in, or no longer
+    withdrawable. (A purpose or a default that goes is refused to the sessions using it, which protects.)"""
     out = []
+    for role, default in sorted(old.purposes.defaults.items()):
+        now = new.purposes.defaults.get(role)
+        if now is not None and now != default:  # (a cut line can name a purpose above it: hunt 22)
+            out.append(f"default purpose of {role} changed to {now}")
     for name in sorted(old.purposes.purposes):
         if name not in new.purposes.purposes:
             continue

@@ -165,7 +165,11 @@ def test_dropped_protections_names_what_a_change_would_stop_protecting(tmp_path)
     end = text.index("subject: member_id", at)
     catalog.write_text(text[:end] + text[end + len("subject: member_id"):])
     purposes = directory / "purposes.yaml"
-    purposes.write_text(purposes.read_text().replace("\n  marketing:\n", "\n  marketing:\n    withdrawable: false\n", 1))
+    text = purposes.read_text().replace("\n  marketing:\n", "\n  marketing:\n    withdrawable: false\n", 1)
+    # (hunt 22: a default cut short can name the purpose above it: "app_exchange: nonpayer" for a longer name)
+    purposes.write_text(text.replace("  analyst: statistics\n", "  analyst: research\n", 1))
+    (directory / "model.conf").write_text((directory / "model.conf").read_text() + "\n# edited\n")
     dropped = dropped_protections(old, Policy.load(directory), limit=100)
     assert "browsing.page_views: subject member_id dropped" in dropped, dropped
     assert "purpose marketing: withdrawable dropped" in dropped, dropped  # its consent filter would go
+    assert "default purpose of analyst changed to research" in dropped and "model.conf changed" in dropped
