@@ -246,6 +246,7 @@ def plan_of(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schem
             entry = policy.catalog.functions.get(name)
             tables |= {Table(c.schema, c.table) for c in (entry.reads if entry else ())}
         personal = {c.column.rpartition(".")[0] for c in expl.columns if c.categories}
+        personal |= {str(t) for t in tables if policy.catalog.holds_personal(t)}  # count(*) counts people too
         for table in tables:
             if policy.catalog.subject_of(table) is not None:
                 plan.tables.setdefault(table, TablePlan(table)).consent = mode

@@ -105,6 +105,18 @@ class Catalog:
         default = self.schema_defaults.get(column.schema)
         return (default,) if default else ()
 
+    def holds_personal(self, table: Table) -> bool:
+        """Whether the catalog makes any column of ``table`` personal (its entry, or its schema's default).
+
+        >>> cat = parse_catalog(EXAMPLE)
+        >>> cat.holds_personal(Table("crm", "members")), cat.holds_personal(Table("public", "t"))
+        (True, False)
+        """
+        entry = self.tables.get(table)
+        if entry is not None and (entry.personal_by_default or any(entry.columns.values())):
+            return True
+        return bool(self.schema_defaults.get(table.schema))
+
     def subject_of(self, table: Table) -> Column | None:
         """The data-subject id column of a table, if the catalog names one.
 

@@ -679,6 +679,8 @@ def _consent_tables(statements: list[StatementAccess], touched: Iterable[Column]
     tables = {(c.schema, c.table) for c in touched}
     tables |= {(t.schema, t.name) for st in statements for t in st.tables}
     personal = {(c.schema, c.table) for c in touched if policy.categories_of(c)}
+    # (and tables used for their rows only: count(*) counts the people who withdrew too, hunt 22)
+    personal |= {(s, t) for s, t in tables if policy.catalog.holds_personal(Table(s, t))}
     return sorted(f"{s}.{t}" for s, t in tables
                   if policy.catalog.subject_of(Table(s, t)) is not None or (s, t) in personal)
 
