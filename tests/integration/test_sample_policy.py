@@ -126,6 +126,20 @@ GRANT SELECT ON member.contacts, reporting.contacts_p0, reporting.contacts_p0a, 
 """
 
 
+def wait_known(conn: psycopg.Connection, table: str) -> None:
+    """Wait until the proxy knows ``table`` (its catalog watch reloads the schema within seconds): a statement
+    on it is then allowed or refused for what it reads, not as naming an unknown relation."""
+    for _ in range(150):
+        try:
+            conn.execute(f"SELECT 1 FROM {table} LIMIT 0").fetchall()
+            return
+        except psycopg.Error as exc:
+            if "unknown relation" not in str(exc):
+                return
+            time.sleep(0.2)
+    pytest.fail(f"the proxy did not load {table}")
+
+
 @pytest.fixture
 def inheriting(isp):
     """The tester's partitions and inheritance child, known to the proxy; dropped afterwards."""
@@ -134,16 +148,8 @@ def inheriting(isp):
         conn.execute(INHERITING_DDL)
     try:
         with connect(isp, "analyst", "statistics") as conn:
-            for _ in range(150):  # the proxy's catalog watch reloads the schema within seconds
-                try:
-                    conn.execute("SELECT 1 FROM reporting.members_child LIMIT 0").fetchall()
-                    break
-                except psycopg.Error as exc:
-                    if "unknown relation" not in str(exc):
-                        raise
-                    time.sleep(0.2)
-            else:
-                pytest.fail("the proxy did not load the new relations")
+            wait_known(conn, "reporting.members_child")
+            conn.execute("SELECT 1 FROM reporting.members_child LIMIT 0").fetchall()
         yield
     finally:
         with psycopg.connect(host=cluster.host, port=cluster.port, user="postgres", dbname=DATABASE,
@@ -179,14 +185,7 @@ def test_a_parent_the_catalog_does_not_list_is_refused_as_its_catalogued_partiti
         with psycopg.connect(host=proxy.host, port=proxy.port, user="app_portal", password=PASSWORD,
                              dbname=DATABASE, autocommit=True) as portal, \
                 connect(isp, "app_marketing", "marketing.announcements") as marketing:
-            for _ in range(150):  # the proxy's catalog watch reloads the schema within seconds
-                try:
-                    portal.execute("SELECT 1 FROM archive.cards LIMIT 0").fetchall()
-                    break
-                except psycopg.Error as exc:
-                    if "unknown relation" not in str(exc):
-                        break  # known, and refused: what the test checks below
-                    time.sleep(0.2)
+            wait_known(portal, "archive.cards")
             for conn in (portal, marketing):
                 for table in ("billing.cards_p", "archive.cards"):
                     assert "unknown relation" not in refusal(conn, f"SELECT member_id, card_number FROM {table}")
