@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -31,7 +32,22 @@ def client_tls_context(config: Config) -> ssl.SSLContext | None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    key = config.tls_key or config.tls_cert
+    if os.stat(key).st_mode & 0o077:  # PostgreSQL refuses to start with such a key (be-secure-openssl.c)
+        log.warning("the TLS private key %s can be read by its group or others: it should be mode 0600", key)
     return ctx
+
+
+def warn_about_transport(config: Config) -> None:
+    """Say so at startup when clients' TLS ends at the proxy and the upstream leg is plain TCP to another host:
+    passwords and results then cross it in clear, though the clients asked for encryption."""
+    upstream = config.upstream
+    if not config.tls_cert or config.upstream_tls != "disable" or is_unix_dir(upstream):
+        return
+    host = parse_hostport(upstream, "upstream")[0]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("client connections use TLS but upstream_tls is disable: passwords and results cross the "
+                    "connection to %s unencrypted (set upstream_tls = verify-full)", upstream)
 
 
 def leaf_certificate_der(path: str | None) -> bytes | None:
@@ -57,6 +73,12 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     if mode == "verify-full":
         ctx.load_verify_locations(config.upstream_tls_ca)
         ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif config.upstream_tls_ca:
+        # prefer / require with a CA: verify the chain, not the name, as libpq's require does when
+        # given a root certificate (it behaves as verify-ca); the CA was silently ignored (hunt 23).
+        ctx.load_verify_locations(config.upstream_tls_ca)
+        ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:  # prefer / require: encrypt, do not verify (libpq's sslmode=require)
         ctx.check_hostname = False
@@ -92,10 +114,13 @@ class ProxyServer:
             decider_factory = purpose_factory(self.runtime)
         self.decider_factory = decider_factory or load_factory(config.decider)
         self.client_tls = client_tls_context(config)
+        warn_about_transport(config)
         self.client_cert_der = leaf_certificate_der(config.tls_cert)
         self.upstream_tls = upstream_tls_context(config)
         self.sessions: set[Session] = set()
         self._full_logged = -1e9  # when ``accept`` last logged that connections are refused
+        self.upstream_plaintext = 0  # upstream connections left unencrypted by upstream_tls = prefer
+        self._plaintext_logged = -1e9
         self.admitted = 0
         self.role_sessions: dict[str, int] = {}  # authenticated sessions per role (max_connections_per_role)
         # CancelRequests the proxy sends on its own (a statement past upstream_response_timeout,
@@ -327,12 +352,25 @@ class ProxyServer:
             answer = bytes(side.buf[:1])
             del side.buf[:1]
             if answer == b"S":
+                if side.buf:
+                    # 55.2.10: bytes after the server's "S" and before the handshake were not encrypted:
+                    # anyone on the path could have put them there, a login and results included
+                    # (libpq's CVE-2021-23222; hunt 23 made the proxy relay a forged AuthenticationOk).
+                    transport.close()
+                    raise _StartupError("08P01", "received unencrypted data after the upstream server's SSL response")
                 transport = await loop.start_tls(transport, side, ctx, server_hostname=host)
                 side.transport = transport
             elif self.config.upstream_tls != "prefer":
                 transport.close()
                 raise _StartupError("08006", "the upstream PostgreSQL server does not support TLS, "
                                              f"but upstream_tls is {self.config.upstream_tls}")
+            else:
+                self.upstream_plaintext += 1
+                now = time.monotonic()
+                if now - self._plaintext_logged >= 60:  # (once a minute: every session would say it)
+                    self._plaintext_logged = now
+                    log.warning("the upstream PostgreSQL server refused TLS; with upstream_tls = prefer this "
+                                "session's upstream connection, its password exchange included, is not encrypted")
             return transport, side
 
     # --- cancel requests ----------------------------------------------------------------------

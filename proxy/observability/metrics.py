@@ -266,6 +266,9 @@ class StateCollector:
                                      labels=["direction"])
         failures = CounterMetricFamily("purpose_proxy_upstream_connect_failures",
                                        "Failed connection attempts to the upstream PostgreSQL server.")
+        plaintext = CounterMetricFamily("purpose_proxy_upstream_unencrypted_connections",
+                                        "Upstream connections left unencrypted because the server refused TLS "
+                                        "(upstream_tls = prefer).")
         info = InfoMetricFamily("purpose_proxy_policy", "The policy in force (version is a content hash).",
                                 labels=["version"])
         reloads = CounterMetricFamily("purpose_proxy_policy_reloads", "Policy reload attempts, by result.",
@@ -298,6 +301,7 @@ class StateCollector:
             bytes_.add_metric(["from_server"], self.retired_from_server
                               + sum(getattr(s, "bytes_from_server", 0) for s in sessions))
             failures.add_metric([], server.upstream_failures)
+            plaintext.add_metric([], getattr(server, "upstream_plaintext", 0))
             runtime = server.runtime
             if runtime is not None:
                 info.add_metric([runtime.policy.version], {})
@@ -319,5 +323,5 @@ class StateCollector:
                 audit_full.add_metric([], audit.full_events)
                 audit_refused.add_metric([], audit.refused)
                 audit_errors.add_metric([], audit.write_errors)
-        yield from (open_, bytes_, failures, info, reloads, last, build, audit_written, audit_queue, audit_full,
+        yield from (open_, bytes_, failures, plaintext, info, reloads, last, build, audit_written, audit_queue, audit_full,
                     audit_refused, audit_errors, cache_hits, cache_misses, cache_entries, cache_bytes)

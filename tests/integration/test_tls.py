@@ -5,8 +5,10 @@ psycopg and asyncpg, and on the server side through pg_stat_ssl."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
+import threading
 
 import asyncpg
 import psycopg
@@ -249,10 +251,46 @@ def test_upstream_tls_require_against_plain_server_fails(pg, start_proxy):
     assert "does not support TLS" in str(exc.value)
 
 
+def test_upstream_tls_require_with_a_ca_verifies_the_chain(pg_tls, start_proxy, other_cert):
+    """Hunt 23: --upstream-tls-ca was ignored unless the mode was verify-full; libpq's require verifies the chain
+    when given a root certificate, and so does the proxy now."""
+    p = start_proxy("--upstream-tls", "require", "--upstream-tls-ca", str(other_cert[0]), upstream=pg_tls.address)
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(pg_tls.dsn("app", host=p.host, port=p.port), connect_timeout=10)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(exc.value) or "certificate verify failed" in str(exc.value)
+
+
+def test_unencrypted_bytes_after_the_upstream_ssl_answer_end_the_connection(start_proxy):
+    """Hunt 23: a man in the middle answered the proxy's SSLRequest with "S" and, before the handshake, a plain
+    AuthenticationOk and a result; the proxy relayed them to its client as the server's (CVE-2021-23222)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def fake_server() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(8)  # SSLRequest
+            conn.sendall(b"S" + b"R\x00\x00\x00\x08\x00\x00\x00\x00" + b"Z\x00\x00\x00\x05I")
+            conn.recv(1)
+
+    server = threading.Thread(target=fake_server, name="fake-upstream", daemon=True)
+    server.start()
+    try:
+        p = start_proxy("--upstream-tls", "require", upstream=f"127.0.0.1:{port}")
+        with pytest.raises(psycopg.OperationalError) as exc:
+            psycopg.connect(f"host={p.host} port={p.port} user=app dbname=app password=x sslmode=disable",
+                            connect_timeout=10)
+        assert "received unencrypted data after the upstream server's SSL response" in str(exc.value)
+    finally:
+        server.join(10)
+        listener.close()
+
+
 def test_upstream_tls_prefer(pg, pg_tls, start_proxy):
     plain = start_proxy("--upstream-tls", "prefer")
     with psycopg.connect(pg.dsn("app", host=plain.host, port=plain.port)) as conn:
         assert server_ssl_row(conn) == (False, False, False)
+    assert "refused TLS" in plain.log()  # (a server that refuses TLS may be a man in the middle: said, and counted)
     tls = start_proxy("--upstream-tls", "prefer", upstream=pg_tls.address)
     with psycopg.connect(pg_tls.dsn("app", host=tls.host, port=tls.port, sslmode="disable")) as conn:
         assert server_ssl_row(conn) == (True, True, True)
