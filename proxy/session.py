@@ -23,9 +23,12 @@ import logging
 import math
 import socket
 import ssl
+from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
-from proxy.enforcement.hook import SessionInfo, StartupRefused
+from proxy.enforcement.hook import SessionInfo, StartupRefused, refuse_all
+from proxy.policy.decision import Block
 from proxy.wire import codec
 from proxy.wire.relay import Relay
 from proxy.wire.state import Phase
@@ -488,12 +491,23 @@ class Session:
             raise _StartupError("28000", "purpose-proxy requires TLS (connect with sslmode=require)")
         if not self.server.admit(self):
             raise _StartupError("53300", "sorry, too many clients already")
-        decider = await self.server.new_decider(self.info)
-        self.decider = decider  # observability: the recorder reads the session's purpose from it
         config = self.config
+        admit = self._admit_role if config.max_connections_per_role else None
+        try:
+            decider = await self.server.new_decider(self.info)
+        except (StartupRefused, _StartupError) as exc:
+            # Told right after AuthenticationOk, where PostgreSQL reports what it checks after
+            # authenticating (a database that does not exist, a role's connection limit): before it,
+            # an unauthenticated client learned which purposes exist, what each role may declare and
+            # which databases do (hunt 23). Meanwhile nothing is decided: the session ends there.
+            block = (exc.block if isinstance(exc, StartupRefused) else
+                     Block(exc.message, sqlstate=exc.sqlstate, hint=exc.hint, reason="startup"))
+            block = replace(block, severity="FATAL")
+            decider, admit = refuse_all(block), partial(self._refused_after_authentication, block)
+        self.decider = decider  # observability: the recorder reads the session's purpose from it
         relay = Relay(decider, key_mapper=self._map_key, max_message_size=config.max_message_size,
                       observed=bool(self.server.observers), max_statement_length=config.max_statement_length,
-                      admit=self._admit_role if config.max_connections_per_role else None)
+                      admit=admit)
         if hasattr(decider, "attach"):
             decider.attach(relay)
         self.relay = relay
@@ -549,6 +563,11 @@ class Session:
 
     def _admit_role(self):
         return self.server.admit_role(self)
+
+    def _refused_after_authentication(self, block: Block) -> Block:
+        """The startup refusal, told now that the client has authenticated (see ``_negotiate``)."""
+        self.server.startup_refused(self, block)  # observability: metrics and audit of the refusal
+        return block
 
     def _same_certificate(self) -> bool:
         """True when client and upstream TLS both end in the same certificate (see Relay)."""

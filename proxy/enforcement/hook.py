@@ -63,6 +63,20 @@ def allow_all(session: SessionInfo) -> Decide:
     return decide
 
 
+def refuse_all(block: Block) -> Decide:
+    """The decider of a session refused at startup, until its refusal is told (after authentication):
+    every statement gets the refusal.
+
+    >>> refuse_all(Block("no", sqlstate="42501"))("SELECT 1", "query").message
+    'no'
+    """
+
+    def decide(sql: str, via: str) -> Decision:
+        return block
+
+    return decide
+
+
 def load_factory(spec: str) -> DeciderFactory:
     """Import ``module:attribute`` and return it as a decider factory."""
     module_name, _, attr = spec.partition(":")

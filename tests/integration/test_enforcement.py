@@ -128,6 +128,24 @@ def test_unknown_purpose_at_connect_is_fatal(pg, enforce_proxy):
     assert r.returncode != 0 and "FATAL:  unknown purpose declared at connect time" in r.stderr
 
 
+def test_a_startup_refusal_is_told_only_after_authentication(pg, enforce_proxy):
+    """Hunt 23: a client that never authenticated learned which purposes exist and what each role may declare
+    (and which databases exist). Like PostgreSQL with what it checks after authentication, the refusal now
+    comes after AuthenticationOk; before it, the client gets PostgreSQL's request for a password."""
+    from tests.support.faults import read_message
+    from tests.support.rawpg import startup_message
+
+    for params in ({"database": "app", "options": "-c pii.purpose=astrology"},
+                   {"database": "no_such_database_here", "options": "-c pii.purpose=billing"}):
+        with socket.create_connection((enforce_proxy.host, enforce_proxy.port), timeout=30) as s:
+            s.sendall(startup_message("app", params["database"], options=params["options"]))
+            kind, code, _ = read_message(s)
+            assert kind == b"R" and code != 0, (params, kind, code)  # a password request, nothing else
+    with pytest.raises(psycopg.OperationalError) as info:  # authenticated: told, as before
+        psycopg.connect(dsn(pg, enforce_proxy, "astrology"))
+    assert "unknown purpose declared at connect time" in str(info.value)
+
+
 def test_unknown_purpose_via_set_is_an_error(pg, enforce_proxy):
     seen = error_of(pg, enforce_proxy, "billing", "SET pii.purpose = 'astrology'")
     assert seen.sqlstate == "42501" and seen.from_proxy()

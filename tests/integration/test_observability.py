@@ -156,7 +156,9 @@ def test_purpose_decisions_by_purpose_category_and_reason(pg, obs_db, start_prox
     assert d(cat, decision="allow", purpose="marketing", category="identity.name") == 1
     assert d("purpose_proxy_refusals_total", reason="denied") == 1
     assert d("purpose_proxy_startup_refusals_total", reason="unknown-purpose") == 1
-    assert d("purpose_proxy_client_sessions_total") == 3  # the refused connection never started relaying
+    # The refused connection counts too: it is refused right after it authenticated, as PostgreSQL refuses what
+    # it checks after authentication (before, an unauthenticated client learned which purposes exist).
+    assert d("purpose_proxy_client_sessions_total") == 4
     # Client text never becomes a label value.
     assert "canarypurpose" not in after.text
     # Every metric the dashboard queries is in a live scrape.
