@@ -29,6 +29,7 @@ from proxy.policy.problems import PolicyError, Problem
 log = logging.getLogger(__name__)
 
 POLICY_FILES = ("catalog.yaml", "purposes.yaml", "model.conf", "policy.csv")
+FAILED_LOAD_SECONDS = 5.0  # how long a database whose first load failed is answered with that failure
 SETTLE_SECONDS = 0.2  # how long policy files must stand still before a change is read
 # The loader's own limits: a session holding a lock on a view (pg_get_viewdef waits for it)
 # must not hold a reload off for long; a failed load after DDL is tried again, 1 s, 2 s, ... 10 s later.
@@ -166,6 +167,8 @@ class PolicyRuntime:
         # whose schema has not been loaded since: decisions that depend on it are refused meanwhile.
         self.stale: set[str] = set()
         self._again: set[str] = set()  # changed while a load was running: load again when it ends
+        # database -> (when, the error) of its last failed first load (see ``database_state``)
+        self._failed: dict[str, tuple[float, Exception]] = {}
         # Told of DDL committed through this process (the workers' peering); each may return a future
         # that is done once the news has been taken (see ``schema_changed``).
         self.schema_observers: list[Callable[[str], "asyncio.Future | None"]] = []
@@ -292,17 +295,26 @@ class PolicyRuntime:
             state = self._databases.get(name)
             if state is not None and self._fresh(name):
                 return state
+            failed = self._failed.get(name)
+            if state is None and failed is not None and time.monotonic() - failed[0] < FAILED_LOAD_SECONDS:
+                # A database that could not be loaded a moment ago is not tried again for every session:
+                # clients that had not authenticated made the proxy log in once per made-up name (hunt 23).
+                raise failed[1].with_traceback(None)
             task = self._loading.get(name)
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._load(name), name=f"schema-load-{name}")
                 self._loading[name] = task
             try:
                 await asyncio.shield(task)
-            except Exception:
+            except Exception as exc:
                 if state is None:
+                    if len(self._failed) >= 1000:
+                        self._failed.clear()  # bounded: made-up names are many
+                    self._failed[name] = (time.monotonic(), exc)
                     raise
                 log.warning("schema reload of database %s failed; using the previous schema", name)
                 return state
+            self._failed.pop(name, None)
         return self._databases[name]
 
     async def _load(self, name: str) -> DatabaseState:

@@ -173,3 +173,28 @@ def test_dropped_protections_names_what_a_change_would_stop_protecting(tmp_path)
     assert "browsing.page_views: subject member_id dropped" in dropped, dropped
     assert "purpose marketing: withdrawable dropped" in dropped, dropped  # its consent filter would go
     assert "default purpose of analyst changed to research" in dropped and "model.conf changed" in dropped
+
+
+def test_a_database_that_could_not_be_loaded_is_not_tried_again_at_once(tmp_path):
+    """Hunt 23: clients that had not authenticated made the proxy log in to load a schema once per made-up
+    database name. A failed first load is remembered for a few seconds."""
+    calls = []
+
+    async def failing_loader(dsn, name, timeout):
+        calls.append(name)
+        raise OSError(f"database {name} does not exist")
+
+    rt = PolicyRuntime(Config(policies=str(_policies(tmp_path)), schema_dsn="unused", policy_watch_interval=0,
+                              schema_refresh_interval=0), loader=failing_loader)
+
+    async def scenario():
+        for _ in range(3):
+            try:
+                await rt.database_state("nope")
+            except OSError as exc:
+                assert "does not exist" in str(exc)
+            else:
+                raise AssertionError("loaded")
+
+    asyncio.run(scenario())
+    assert calls == ["nope"]
