@@ -246,7 +246,8 @@ def plan_of(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schem
             entry = policy.catalog.functions.get(name)
             tables |= {Table(c.schema, c.table) for c in (entry.reads if entry else ())}
         personal = {c.column.rpartition(".")[0] for c in expl.columns if c.categories}
-        personal |= {str(t) for t in tables if policy.catalog.holds_personal(t)}  # count(*) counts people too
+        # (count(*) counts the people too; a view is not: the rewrite inlines it, its tables are filtered)
+        personal |= {str(t) for t in tables if policy.catalog.holds_personal(t) and not _is_view(schema, t)}
         for table in tables:
             if policy.catalog.subject_of(table) is not None:
                 plan.tables.setdefault(table, TablePlan(table)).consent = mode
@@ -262,6 +263,11 @@ def plan_of(analysis: Analysis, expl: Explanation, policy: Policy, schema: Schem
     if schema is not None and schema.has_ancestry:
         inherit_plans(plan, (r for st in statements for r in all_refs(statement_refs(st))), schema)
     return plan
+
+
+def _is_view(schema: Schema | None, table: Table) -> bool:
+    rel = schema.relation(table.schema, table.name) if schema is not None else None
+    return rel is not None and rel.kind == VIEW
 
 
 def inherit_plans(plan: Plan, refs: Iterable[RelationRef], schema: Schema) -> None:

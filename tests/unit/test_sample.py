@@ -151,6 +151,22 @@ def test_a_table_without_subject_is_refused_under_a_purpose_with_a_consent_filte
         assert "names no subject column for it" in decision.message, decision.message  # (count(*): hunt 22)
 
 
+def test_a_view_over_tables_with_subjects_is_consent_filtered_not_refused(policy, from_yaml):
+    """The refusal above is for tables: a view has no subject of its own, and the rewrite inlines it, filtering
+    its tables (the demo's first marketing statement was refused when views counted as tables)."""
+    from proxy.enforcement.rewrite import make_rewrite
+    from proxy.policy.decision import Mask
+    from proxy.policy.verdict import decide_statement
+
+    for sql in ("SELECT family_name, email, url FROM browsing.member_page_views",
+                "SELECT pg_catalog.count(*) FROM browsing.member_page_views"):
+        analysis = analyze(sql, from_yaml, ["public"], "app_marketing")
+        decision, _ = decide_statement(analysis, role="app_marketing", purpose="marketing.personalized",
+                                       policy=policy, rewrite=make_rewrite(policy, from_yaml, ["public"],
+                                                                           "app_marketing"))
+        assert isinstance(decision, Mask) and "consent" in decision.methods, (sql, decision)
+
+
 def test_catalog_names_the_data_subject_of_every_personal_table(policy):
     for table, entry in policy.catalog.tables.items():
         personal = any(cats for cats in entry.columns.values())
