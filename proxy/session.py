@@ -18,6 +18,7 @@ protocol state, never the content of rows.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import math
@@ -513,6 +514,7 @@ class Session:
         self.relay = relay
         await self._connect_upstream()
         relay.channel_binding = self._same_certificate()
+        relay.plain_upstream_for_tls_client = self.info.tls and self._plain_network_upstream()
         relay.start(codec.with_startup_params(raw, getattr(decider, "startup_parameters", None) or {}))
         self.flush()  # the StartupMessage goes upstream
         await self._upstream_answer()
@@ -568,6 +570,19 @@ class Session:
         """The startup refusal, told now that the client has authenticated (see ``_negotiate``)."""
         self.server.startup_refused(self, block)  # observability: metrics and audit of the refusal
         return block
+
+    def _plain_network_upstream(self) -> bool:
+        """True when the upstream connection is unencrypted TCP to another host (not a Unix socket or loopback)."""
+        transport = self.upstream.transport
+        if transport.get_extra_info("ssl_object") is not None:
+            return False
+        peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple):  # a Unix socket
+            return False
+        try:
+            return not ipaddress.ip_address(peer[0]).is_loopback
+        except ValueError:
+            return True
 
     def _same_certificate(self) -> bool:
         """True when client and upstream TLS both end in the same certificate (see Relay)."""

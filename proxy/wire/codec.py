@@ -58,6 +58,7 @@ B_PARSE_COMPLETE = ord("1")
 B_NEGOTIATE_VERSION = ord("v")
 
 AUTH_OK = 0
+AUTH_CLEARTEXT_PASSWORD = 3
 AUTH_SASL = 10
 
 _I32 = struct.Struct("!i")

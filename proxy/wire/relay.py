@@ -195,6 +195,9 @@ class Relay:
         # itself presents (set by the session after the upstream connect): then
         # SCRAM-SHA-256-PLUS binds end to end and is passed through.
         self.channel_binding = False
+        # The client's connection is encrypted and the upstream one is not (and crosses a network): a
+        # request for the password in clear is refused rather than relayed (see ``_auth``).
+        self.plain_upstream_for_tls_client = False
         self.phase = _STARTUP
         self.tx_status = b"I"
         self.to_server: list[bytes] = []
@@ -839,6 +842,18 @@ class Relay:
                     self._params_hook(self.server_params)
                 out.append(item.raw)
             elif t == codec.B_AUTH:
+                if self.plain_upstream_for_tls_client and codec.auth_code(item.body) == codec.AUTH_CLEARTEXT_PASSWORD:
+                    # The client encrypted its connection; relaying this request would send its password
+                    # unencrypted over the upstream leg (a server that refused TLS under upstream_tls =
+                    # prefer, or a man in the middle pretending to be one, asked just that: hunt 23).
+                    out.append(codec.error_response(
+                        "28000", "purpose-proxy does not relay a request for a cleartext password over an "
+                                 "unencrypted upstream connection to a client that connected with TLS",
+                        severity="FATAL", hint="Set upstream_tls to require or verify-full, or use scram-sha-256."))
+                    self.to_server.append(codec.terminate())
+                    self.phase = _FAILED
+                    self.close_after_flush = True
+                    return
                 out.append(self._auth(item))
                 verbatim = False
                 if self.admit is not None and codec.auth_code(item.body) == codec.AUTH_OK:

@@ -347,3 +347,24 @@ def test_a_parse_beyond_the_tracked_many_without_a_sync_is_refused():
         relay.server_data((PARSE_COMPLETE if n == 0 else pg_error("42P05", 'prepared statement "t" already exists'))
                           + ready(b"I"))
     assert [p.sql for p, *_ in relay._statements["t"]] == ["SELECT 0"]
+
+
+def test_a_cleartext_password_request_is_not_relayed_from_a_plain_upstream_to_a_tls_client():
+    """Hunt 23: a client with sslmode=verify-full to a proxy with client TLS required; a man in the middle answered
+    the proxy's SSLRequest with N (upstream_tls = prefer) and asked for the password in clear: the proxy relayed
+    the request and the client's password crossed the upstream leg unencrypted."""
+    from proxy.wire.relay import Relay
+    from tests.unit.test_codec import STARTUP
+
+    cleartext = msg(b"R", codec.AUTH_CLEARTEXT_PASSWORD.to_bytes(4, "big"))
+    for guarded in (False, True):
+        relay = Relay(Decider())
+        relay.plain_upstream_for_tls_client = guarded
+        relay.start(STARTUP)
+        relay.server_data(cleartext)
+        answer = sent(relay.to_client)
+        if guarded:
+            assert answer.startswith(b"E") and b"28000" in answer and b"FATAL" in answer
+            assert relay.phase is Phase.FAILED and sent(relay.to_server).endswith(codec.terminate())
+        else:
+            assert answer == cleartext  # the client asked for nothing, or its leg is not encrypted: as before
