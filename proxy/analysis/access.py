@@ -168,10 +168,10 @@ def analyze_statement(st: Statement, ctx: Context) -> StatementAccess:
         acc.unsupported.append("the statement is nested too deeply")
     except Exception as exc:  # noqa: BLE001 - a bug in the analysis must fail closed, not crash the session
         acc.unsupported.append(f"internal error in the analysis ({type(exc).__name__}: {exc})")
-    return with_ancestors(acc, ctx.schema)
+    return with_lineage(acc, ctx.schema)
 
 
-def with_ancestors(acc: StatementAccess, schema: Schema) -> StatementAccess:
+def with_lineage(acc: StatementAccess, schema: Schema) -> StatementAccess:
     """``acc`` with every use of a column recorded on the column of the same name of each of its relation's
     ancestors and descendants too (``Schema.related``), and likewise its rows, the values it copies and the
     aggregates over it.

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from proxy.analysis.model import Column, Table
 
@@ -439,17 +440,26 @@ def ancestry(parents: Mapping[tuple[str, str], Iterable[Table]]) -> dict[tuple[s
     (['r.p0', 'm.c'], False)
     """
     out: dict[tuple[str, str], tuple[Table, ...]] = {}
-    for key, direct in parents.items():
-        seen: list[Table] = []
-        todo = list(direct)
-        while todo:
-            t = todo.pop(0)
-            if t in seen or (t.schema, t.name) == key:
-                continue
-            seen.append(t)
-            todo.extend(parents.get((t.schema, t.name), ()))
-        if seen:
-            out[key] = tuple(seen)
+    for key in parents:
+        found = reachable(key, lambda k: [(t.schema, t.name) for t in parents.get(k, ())])
+        if found:
+            out[key] = tuple(Table(*k) for k in found)
+    return out
+
+
+def reachable(start, step: Callable[[Any], Iterable[Any]]) -> list:
+    """What ``step`` leads to from ``start``, breadth first (nearest first), each once, ``start`` left out.
+
+    >>> reachable(1, {1: [2, 3], 2: [4, 1], 3: [4]}.get)
+    [2, 3, 4]
+    """
+    seen, out, todo = {start}, [], deque(step(start) or ())
+    while todo:
+        node = todo.popleft()
+        if node not in seen:
+            seen.add(node)
+            out.append(node)
+            todo.extend(step(node) or ())
     return out
 
 
@@ -864,12 +874,7 @@ def _relation_code(code_rows: Iterable[Mapping[str, Any]], rule_rows: Iterable[M
     on_write: dict[tuple[str, str], dict[str, str]] = {}
     rules: dict[tuple[str, str], list[str]] = {}
     for start in set(own_write) | ruled | set(reach):
-        seen, todo = {start}, [start]
-        while todo:
-            for nxt in reach.get(todo.pop(), ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
+        seen = {start, *reachable(start, reach.get)}
         for rel in [start, *sorted(seen - {start})]:
             for fn, why in own_write.get(rel, {}).items():
                 on_write.setdefault(start, {}).setdefault(fn, why)

@@ -275,7 +275,7 @@ def inherit_plans(plan: Plan, refs: Iterable[RelationRef], schema: Schema) -> No
     (of two methods for a column, the one revealing less) and their consent filtering, besides its own.
 
     The analysis reports a child's columns as its ancestors' columns too
-    (``proxy.analysis.access.with_ancestors``), so the policy's masks and consent filtering for
+    (``proxy.analysis.access.with_lineage``), so the policy's masks and consent filtering for
     them are planned on the ancestors; the child's rows are rewritten where the child stands.
 
     >>> s = Schema.from_dict({"schemas": {"r": {"tables": {"p0": {"columns": ["id", "email"],
