@@ -218,9 +218,8 @@ class Schema:
         >>> [str(c) for c in s.related(Column("archive", "people", "email"))]
         ['member.members.email']
         """
-        key = (column.schema, column.table)
-        return tuple(Column(t.schema, t.name, column.name)
-                     for t in (*self._ancestors.get(key, ()), *self._descendants.get(key, ())))
+        below = self._descendants.get((column.schema, column.table), ())
+        return (*self.inherited(column), *(Column(t.schema, t.name, column.name) for t in below))
 
     @property
     def has_ancestry(self) -> bool:
