@@ -241,7 +241,7 @@ async def _serve(config: Config, worker=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_policy)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     if worker is not None:
         worker.started(stop.set)  # tells the supervisor; stops (drains) if the supervisor goes away
     else:

@@ -120,6 +120,7 @@ class ProxyServer:
         self.sessions: set[Session] = set()
         self._full_logged = -1e9  # when ``accept`` last logged that connections are refused
         self.upstream_plaintext = 0  # upstream connections left unencrypted by upstream_tls = prefer
+        self.tls_reloads = {"success": 0, "failure": 0}  # SIGHUP's rereading of the TLS files (``reload_tls``)
         self._plaintext_logged = -1e9
         self.admitted = 0
         self.role_sessions: dict[str, int] = {}  # authenticated sessions per role (max_connections_per_role)
@@ -237,10 +238,35 @@ class ProxyServer:
                                          f"{exc.__class__.__name__}",
                                 hint="Check schema_dsn and that PostgreSQL is reachable.") from None
 
+    def reload(self, why: str = "SIGHUP") -> None:
+        """What SIGHUP reloads: the TLS files, then the policy."""
+        self.reload_tls()
+        self.reload_policy(why)
+
     def reload_policy(self, why: str = "SIGHUP") -> None:
-        """Reload the policy in the background (the SIGHUP handler)."""
+        """Reload the policy in the background."""
         if self.runtime is not None:
             self.runtime.request_reload(why)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate, key and CA files again, for connections from now on (a rotated
+        certificate); sessions keep the one they began with. If any file cannot be used (a certificate
+        copied before its key, a missing file), everything stays as it was, as PostgreSQL keeps its
+        SSL context when a reload cannot load the new files (be_tls_init with isServerStart false)."""
+        config = self.config
+        if not config.tls_cert and config.upstream_tls == "disable":
+            return True
+        try:
+            client, der, upstream = (client_tls_context(config), leaf_certificate_der(config.tls_cert),
+                                     upstream_tls_context(config))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self.tls_reloads["failure"] += 1
+            log.error("TLS files not reloaded, the certificates in force stay: %s: %s", exc.__class__.__name__, exc)
+            return False
+        self.client_tls, self.client_cert_der, self.upstream_tls = client, der, upstream
+        self.tls_reloads["success"] += 1
+        log.info("TLS files reloaded")
+        return True
 
     def _decisions_changed(self) -> None:
         # Statements prepared before must be decided again before they next run.

@@ -183,6 +183,7 @@ class Session:
         self.role_counted = False  # holds one of its role's slots (max_connections_per_role)
         self.connecting = False  # past the StartupMessage: deciding, connecting upstream
         self.client_secret: bytes | None = None
+        self.client_cert_der: bytes | None = None  # the certificate (DER) the client's TLS handshake presented
         self.loop = asyncio.get_running_loop()
         self.auth_timer: asyncio.TimerHandle | None = None
         self.watch_timer: asyncio.TimerHandle | None = None
@@ -468,6 +469,7 @@ class Session:
                     client.transport.write(b"N")
                     continue
                 client.transport.write(b"S")
+                self.client_cert_der = self.server.client_cert_der  # what this client is shown (reloads change it)
                 client.transport = await loop.start_tls(client.transport, client, ctx, server_side=True)
                 self.info.tls = True
                 continue
@@ -586,7 +588,7 @@ class Session:
 
     def _same_certificate(self) -> bool:
         """True when client and upstream TLS both end in the same certificate (see Relay)."""
-        own = self.server.client_cert_der
+        own = self.client_cert_der
         if not self.info.tls or own is None:
             return False
         ssl_object = self.upstream.transport.get_extra_info("ssl_object")

@@ -269,6 +269,9 @@ class StateCollector:
         plaintext = CounterMetricFamily("purpose_proxy_upstream_unencrypted_connections",
                                         "Upstream connections left unencrypted because the server refused TLS "
                                         "(upstream_tls = prefer).")
+        tls_reloads = CounterMetricFamily("purpose_proxy_tls_reloads", "Rereadings of the TLS certificate, key and "
+                                          "CA files on SIGHUP, by result (a failure keeps those in force).",
+                                          labels=["result"])
         info = InfoMetricFamily("purpose_proxy_policy", "The policy in force (version is a content hash).",
                                 labels=["version"])
         reloads = CounterMetricFamily("purpose_proxy_policy_reloads", "Policy reload attempts, by result.",
@@ -302,6 +305,8 @@ class StateCollector:
                               + sum(getattr(s, "bytes_from_server", 0) for s in sessions))
             failures.add_metric([], server.upstream_failures)
             plaintext.add_metric([], getattr(server, "upstream_plaintext", 0))
+            for result, count in getattr(server, "tls_reloads", {}).items():
+                tls_reloads.add_metric([result], count)
             runtime = server.runtime
             if runtime is not None:
                 info.add_metric([runtime.policy.version], {})
@@ -323,5 +328,5 @@ class StateCollector:
                 audit_full.add_metric([], audit.full_events)
                 audit_refused.add_metric([], audit.refused)
                 audit_errors.add_metric([], audit.write_errors)
-        yield from (open_, bytes_, failures, plaintext, info, reloads, last, build, audit_written, audit_queue, audit_full,
+        yield from (open_, bytes_, failures, plaintext, tls_reloads, info, reloads, last, build, audit_written, audit_queue, audit_full,
                     audit_refused, audit_errors, cache_hits, cache_misses, cache_entries, cache_bytes)

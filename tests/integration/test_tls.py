@@ -5,10 +5,14 @@ psycopg and asyncpg, and on the server side through pg_stat_ssl."""
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import threading
+import urllib.request
 
 import asyncpg
 import psycopg
@@ -16,6 +20,7 @@ import pytest
 
 from proxy.devtools.cluster import make_self_signed_cert
 from proxy.devtools.process import RELAY_ONLY, ProxyProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +332,42 @@ def test_tls_on_both_legs(pg_tls, cert, start_proxy):
         with conn.cursor().copy("COPY t TO STDOUT") as copy:
             n = sum(1 for _ in copy.rows())
         assert n == 5000
+
+
+def test_sighup_rereads_rotated_certificates(pg, start_proxy, tmp_path):
+    """A certificate is rotated in place (new files, same paths) and SIGHUP puts it in force for new
+    connections; a pair caught half copied (new certificate, old key) is refused and the old pair stays;
+    sessions already open keep theirs. Counted in purpose_proxy_tls_reloads_total."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first, second = make_self_signed_cert(tmp_path / "first"), make_self_signed_cert(tmp_path / "second")
+    crt, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+    shutil.copy(first[0], crt)
+    shutil.copy(first[1], key)
+    p = start_proxy("--tls-cert", str(crt), "--tls-key", str(key))
+
+    def connect(ca):
+        return psycopg.connect(pg.dsn("app", host="localhost", port=p.port, sslmode="verify-full",
+                                      sslrootcert=str(ca)), connect_timeout=10)
+
+    def reloads(result):
+        text = urllib.request.urlopen(p.metrics_url + "/metrics", timeout=10).read().decode()
+        return float(re.search(rf'^purpose_proxy_tls_reloads_total{{result="{result}"}} (\S+)$', text, re.M).group(1))
+
+    with connect(first[0]) as held:
+        shutil.copy(second[0], crt)  # the key not yet: the pair does not match
+        p.signal(signal.SIGHUP)
+        wait_for(lambda: "TLS files not reloaded" in p.log(), 10, "the half-copied pair to be refused")
+        assert "KEY_VALUES_MISMATCH" in p.log() or "key values mismatch" in p.log(), p.log()
+        with connect(first[0]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        shutil.copy(second[1], key)
+        p.signal(signal.SIGHUP)
+        wait_for(lambda: "TLS files reloaded" in p.log(), 10, "the rotated pair to be read")
+        with connect(second[0]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError) as exc:
+            connect(first[0])
+        assert "certificate verify failed" in str(exc.value)
+        assert held.execute("SELECT 2").fetchone() == (2,)  # the open session is undisturbed
+    assert (reloads("failure"), reloads("success")) == (1, 1)
