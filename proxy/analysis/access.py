@@ -233,6 +233,8 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
     elif kind is Kind.UTILITY:
         if first == "deallocate":
             acc.prepared_name = utility.parse_deallocate(toks)
+        elif first == "fetch":
+            acc.cursor = utility.parse_fetch(toks)
         elif first == "discard" and len(toks) == 2 and toks[1].is_word("all"):
             acc.settings.append(("all", None, False))
     elif kind is Kind.EXPLAIN:
@@ -257,7 +259,7 @@ def _dispatch(st: Statement, ctx: Context, acc: StatementAccess) -> None:
         acc.unsupported.extend(inner.unsupported)
         _copy(inner, acc, settings=False)
     elif kind is Kind.DECLARE:
-        _, i, acc.holdable = utility.parse_declare(toks)
+        acc.cursor, i, acc.holdable = utility.parse_declare(toks)
         inner = analyze_statement(_sub(st, i), ctx)
         acc.inner = inner
         if inner.kind is not Kind.SELECT and not inner.unsupported:

@@ -227,6 +227,8 @@ class StatementAccess:
     reads_constants: bool = False
     # DECLARE ... WITH HOLD: the cursor outlives its transaction (read from the tokens).
     holdable: bool = False
+    # DECLARE name / FETCH ... name: the cursor declared or read.
+    cursor: str | None = None
     # Code PostgreSQL runs now or later that the analysis cannot read (a DO block, a
     # procedure, a function or trigger body, a DEFAULT or CHECK expression...): what it is.
     opaque_code: str | None = None

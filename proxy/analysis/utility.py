@@ -750,6 +750,20 @@ def parse_declare(tokens: tuple[Token, ...] | list[Token]) -> tuple[str, int, bo
     return name, r.i, held == "with"
 
 
+def parse_fetch(tokens: tuple[Token, ...] | list[Token]) -> str | None:
+    """The cursor a FETCH reads (``FETCH [direction] [FROM | IN] name``: the last token), None if unreadable.
+
+    It only attributes the FETCH's rows to its cursor's query (audit); the FETCH is allowed either way.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> parse_fetch(scan('FETCH FORWARD 5 FROM "Rows"')), parse_fetch(scan("FETCH c")), parse_fetch(scan("FETCH"))
+    ('Rows', 'c', None)
+    """
+    if len(tokens) < 2 or tokens[-1].kind not in (T.IDENT, T.QIDENT):
+        return None
+    return truncate_identifier(tokens[-1].value)
+
+
 def parse_deallocate(tokens: tuple[Token, ...] | list[Token]) -> str | None:
     """The prepared statement DEALLOCATE drops, or None for DEALLOCATE ALL."""
     r = _Reader(tokens, "DEALLOCATE")

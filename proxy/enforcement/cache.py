@@ -110,7 +110,7 @@ def shape_entry(analysis: Analysis, decision: Decision, explanation: Explanation
         return None
     for st in analysis.statements:
         if (st.kind not in SHAPE_KINDS or st.reads_constants or st.settings or st.prepared_name is not None
-                or st.inner is not None):
+                or st.inner is not None or st.cursor is not None):
             return None
         if st.kind is Kind.TRANSACTION and ends_a_transaction_aside(analysis.sql):
             return None  # the session must see each one (``PurposeSession._apply``): kept by text only

@@ -100,6 +100,7 @@ def _database_encoding_refusal(name: str) -> Block:
 # candidate behind the name), and in all.
 MAX_CANDIDATES = 16
 MAX_PREPARED = 10000
+MAX_CURSORS = 256  # cursors a session remembers the query of, for the audit of FETCH (the oldest go first)
 
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
@@ -187,6 +188,8 @@ class PurposeSession:
         self._news_ahead = 0
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
         self._holdable_declared = 0  # DECLARE ... WITH HOLD let through so far (see ``_cursors_closed``)
+        # cursor name -> the explanation of the DECLARE that opened it, for the FETCHes from it (``_declared``)
+        self.cursors: dict[str, Explanation] = {}
         self.relay = None
         self._scs = True  # standard_conforming_strings, as the server reports it (parameter_status)
         self._unreadable: Block | None = None  # the refusal of every statement under an unreadable encoding
@@ -257,20 +260,25 @@ class PurposeSession:
         decision, analysis = self._judge(sql, via)
         if analysis is not None:
             self._apply(analysis, decision, via)
-            if self.last is not None and self.prepared:
+            if self.last is not None and (self.prepared or self.cursors):
                 self._explain_runs(analysis)
         return decision
 
     def _explain_runs(self, analysis: Analysis) -> None:
-        """An EXECUTE reads what its prepared statement reads: the explanation (and so the audit
-        record and the category metrics) of a Query that runs one names those columns too, as the
-        run of a prepared statement through Bind and Execute does (``prepared_run``)."""
+        """An EXECUTE reads what its prepared statement reads, a FETCH what its cursor's query reads:
+        the explanation (and so the audit record and the category metrics) of a Query that runs one
+        names those columns too, as the run of a prepared statement through Bind and Execute does
+        (``prepared_run``)."""
         runs = []
         for st in analysis.statements:
             if st.kind is Kind.EXECUTE and st.prepared_name:
                 entries = self.prepared.get(st.prepared_name)
                 if entries and entries[0][3] is not None:  # the first is the one PostgreSQL kept
                     runs.append(entries[0][3])
+            elif st.kind is Kind.UTILITY and st.cursor:
+                declared = self.cursors.get(st.cursor)
+                if declared is not None:
+                    runs.append(declared)
         if not runs:
             return
         key = (id(self.last), *map(id, runs))
@@ -548,9 +556,12 @@ class PurposeSession:
                 self._deallocated(st.prepared_name, via)
             elif st.kind is Kind.UTILITY and _DEALLOCATE_ALL.match(sql):
                 self._deallocated(None, via)
-            elif st.kind is Kind.DECLARE and st.holdable:
-                self.holdable_cursors = True
-                self._holdable_declared += 1
+            elif st.kind is Kind.DECLARE:
+                if st.holdable:
+                    self.holdable_cursors = True
+                    self._holdable_declared += 1
+                if st.cursor and self.last is not None:
+                    self._declared(st.cursor, self.last, via)
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self._cursors_closed(via)
             elif st.kind is Kind.TRANSACTION and self.relay is not None:
@@ -606,6 +617,23 @@ class PurposeSession:
                     self.prepared.pop(name, None)
 
         self._once_done(done, via)
+
+    def _declared(self, name: str, explanation: Explanation, via: str) -> None:
+        """Cursor ``name`` reads what ``explanation`` names, once its DECLARE has run without an error (one
+        that finds a cursor of that name open fails, and FETCH then reads the open one). Through Parse it
+        runs only if a Bind and an Execute follow: kept at once (an audit record names more, never less)."""
+
+        def done(errored: bool) -> None:
+            if not errored:
+                self.cursors.pop(name, None)
+                if len(self.cursors) >= MAX_CURSORS:
+                    del self.cursors[next(iter(self.cursors))]
+                self.cursors[name] = explanation
+
+        if via == "query":
+            self._once_done(done, via)
+        else:
+            done(False)
 
     def _cursors_closed(self, via: str) -> None:
         """CLOSE ALL (or DISCARD ALL) was sent: the WITH HOLD cursors are gone once it has run without

@@ -498,6 +498,28 @@ def test_an_execute_in_sql_is_audited_with_what_its_prepared_statement_reads(pg,
     assert audit.verify([proxy.audit_path]).ok
 
 
+def test_a_fetch_is_audited_with_what_its_cursor_reads(pg, obs_db, start_proxy):
+    """FETCH reads what its cursor's query reads: its record names those columns and categories (it had
+    none). A DECLARE that fails because a cursor of that name is open leaves the open one's columns."""
+    proxy = start_proxy(*purpose_args(pg))
+    with connect(pg, proxy, obs_db, "billing") as conn:
+        conn.execute("DECLARE held CURSOR WITH HOLD FOR SELECT email FROM crm.members ORDER BY member_id")
+        with pytest.raises(psycopg.errors.DuplicateCursor):
+            conn.execute("DECLARE held CURSOR WITH HOLD FOR SELECT name FROM crm.members")
+        assert len(conn.execute("FETCH 1 FROM held").fetchall()) == 1
+        conn.execute('FETCH NEXT IN "held"')
+        conn.execute("CLOSE held")
+    assert proxy.stop() == 0
+    runs = [r for r in audit_records(proxy.audit_path) if r["type"] == "statement"
+            and r["fingerprint"].startswith("fetch")]
+    assert [(r["rows"], r["verdict"]) for r in runs] == [(1, "allow"), (1, "allow")]
+    for run in runs:
+        assert run["statement_kinds"] == ["utility"] and run["tables"] == ["crm.members"], run
+        assert sorted(c["column"] for c in run["columns"]) == ["crm.members.email", "crm.members.member_id"], run
+        assert "contact.email" in run["categories"], run
+    assert audit.verify([proxy.audit_path]).ok
+
+
 def test_a_prepared_run_refused_at_its_bind_is_audited(pg, obs_db, start_proxy):
     """Prepared under one purpose, run under another that may not read it: refused at Bind, and recorded."""
     proxy = start_proxy(*purpose_args(pg))
