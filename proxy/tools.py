@@ -13,7 +13,7 @@ from proxy.analysis.schema import Schema, parse_search_path
 from proxy.enforcement.masks import NEEDS_TYPE
 from proxy.enforcement.rewrite import make_rewrite
 from proxy.policy.cases import load_policy_cases, run_policy_tests, summary
-from proxy.policy.checks import check_policy
+from proxy.policy.checks import check_policy, consent_value_problems
 from proxy.policy.decision import Block, Mask
 from proxy.policy.engine import Policy
 from proxy.policy.verdict import Explanation, decide_statement, flatten
@@ -92,6 +92,25 @@ def explain(args) -> int:
     return 0
 
 
+async def _consent_values(dsn: str, consent) -> tuple[dict, dict]:
+    """The consent table's status and purpose values (as text) with their row counts (at most 1000 of each)."""
+    import asyncpg
+
+    from proxy.analysis.schema import quote_ident
+
+    table = f"{quote_ident(consent.table.schema)}.{quote_ident(consent.table.name)}"
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        counted = []
+        for column in (consent.status, consent.purpose):
+            rows = await conn.fetch(f"SELECT {quote_ident(column)}::text, count(*) FROM {table} GROUP BY 1 "
+                                    "ORDER BY 2 DESC LIMIT 1000", timeout=60)
+            counted.append({r[0]: r[1] for r in rows})
+        return counted[0], counted[1]
+    finally:
+        await conn.close(timeout=5)
+
+
 def check(args) -> int:
     policies = Path(args.directory)
     try:
@@ -109,6 +128,11 @@ def check(args) -> int:
     else:
         schema = load_schema_source(None, args.schema, policies)
     problems = check_policy(policy, schema=schema, roles=roles)
+    if args.dsn and policy.catalog.consent is not None:
+        try:
+            problems += consent_value_problems(policy, *asyncio.run(_consent_values(args.dsn, policy.catalog.consent)))
+        except Exception as exc:  # the table's absence is reported above; a role that may not read it, here
+            print(f"warning: the consent table's values could not be read: {exc.__class__.__name__}: {exc}")
     failed = False
     for problem in problems:
         print(problem)

@@ -248,6 +248,69 @@ def _consent_problems(policy: Policy) -> list[Problem]:
     return out
 
 
+def _spelled(value) -> str:
+    """A status value as PostgreSQL's text output shows it (``true``, ``7``, ``withdrawn``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def consent_value_problems(policy: Policy, statuses: Mapping[str | None, int],
+                           purposes: Mapping[str | None, int]) -> list[Problem]:
+    """What the consent table holds that the filter will not read as the catalog means it: the rows' status
+    and purpose values (as text, NULL as None, with their row counts; read by ``check --dsn``). The filter
+    compares them exactly, so a value that differs from a catalogued one only in case or surrounding blanks
+    (``Withdrawn``, ``Marketing``) silently counts as no decision: an error. Other values that are neither
+    withdrawn nor granted, or name no purpose, are warnings: such rows decide nothing.
+
+    >>> from proxy.devtools.sample import policies_dir
+    >>> pol = Policy.load(policies_dir())
+    >>> for p in consent_value_problems(pol, {"withdrawn": 9, "Withdrawn": 2, "pending": 1},
+    ...                                 {"marketing": 8, "Marketing.Announcements": 3}):
+    ...     print(p.severity, p.message)  # doctest: +ELLIPSIS
+    error consent table privacy.consents: 2 rows have status 'Withdrawn', which the filter does not read as ...
+    warning consent table privacy.consents: 1 row has status 'pending', neither withdrawn (withdrawn) nor ...
+    error consent table privacy.consents: 3 rows have purpose 'Marketing.Announcements', which names no ...
+    """
+    consent = policy.catalog.consent
+    if consent is None:
+        return []
+    where = f"consent table {consent.table}"
+    known = {_spelled(x) for x in consent.withdrawn + consent.granted}
+    folded = {k.strip().lower(): k for k in known}
+    names = set(policy.purposes.purposes)
+    folded_names = {n.lower(): n for n in names}
+    out: list[Problem] = []
+    for value, count in sorted(statuses.items(), key=lambda kv: str(kv[0])):
+        if value in known:
+            continue
+        rows = f"{count} rows have" if count != 1 else "1 row has"
+        near = folded.get(value.strip().lower()) if value is not None else None
+        if near is not None:
+            out.append(Problem(policy.catalog.file, consent.line, (
+                f"{where}: {rows} status {value!r}, which the filter does not read as {near!r} (it "
+                f"compares exactly): list it under withdrawn or granted, or correct the rows"), ERROR))
+        else:
+            shown = "NULL" if value is None else repr(value)
+            out.append(Problem(policy.catalog.file, consent.line, (
+                f"{where}: {rows} status {shown}, neither withdrawn ({', '.join(map(_spelled, consent.withdrawn))})"
+                f" nor granted ({', '.join(map(_spelled, consent.granted)) or 'none'}): they decide nothing"),
+                WARNING))
+    for value, count in sorted(purposes.items(), key=lambda kv: str(kv[0])):
+        if value in names:
+            continue
+        rows = f"{count} rows have" if count != 1 else "1 row has"
+        near = folded_names.get(value.strip().lower()) if value is not None else None
+        shown = "NULL" if value is None else repr(value)
+        if near is not None:
+            out.append(Problem(policy.catalog.file, consent.line, (
+                f"{where}: {rows} purpose {shown}, which names no purpose: the filter compares names "
+                f"exactly, so these decisions do not count for {near!r}; correct the rows"), ERROR))
+        else:
+            out.append(Problem(policy.catalog.file, consent.line, (
+                f"{where}: {rows} purpose {shown}, not a purpose of purposes.yaml: they decide nothing"),
+                WARNING))
+    return out
+
+
 def _withdrawable(policy: Policy, categories: set[str]) -> list[str]:
     """The purposes with a consent filter under which some role may read one of ``categories``."""
     return sorted({p for role in policy.subjects for c in categories

@@ -110,6 +110,39 @@ def test_check_against_the_live_database_finds_a_deny_rule_for_a_role_it_does_no
     assert "rule for 'analysts', which is neither a database role nor a group: it can never match" in result.stdout
 
 
+def test_check_against_the_live_database_finds_consent_values_the_filter_does_not_read(sample_db, tmp_path):
+    """Hunt 20: consent values that differ from the catalog's only in case (a purpose 'Marketing', or the
+    catalog's 'Withdrawn' for the database's 'withdrawn') switch the filter off for those rows without a word;
+    check --dsn now reads the values the consent table holds."""
+    import shutil
+
+    dsn = sample_db[0]
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    catalog = policies / "catalog.yaml"
+    catalog.write_text(catalog.read_text().replace("  withdrawn: [withdrawn]\n", "  withdrawn: [Withdrawn]\n"))
+
+    async def run(sql):
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    withdrawn = asyncio.run(run("SELECT count(*) FROM privacy.consents WHERE status = 'withdrawn'"))
+    asyncio.run(run("INSERT INTO privacy.consents (member_id, purpose, status, recorded_at) "
+                    "VALUES (2, 'Marketing', 'granted', '2000-01-01')"))
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
+                                capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    finally:
+        asyncio.run(run("DELETE FROM privacy.consents WHERE recorded_at = '2000-01-01'"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert f"{withdrawn} rows have status 'withdrawn', which the filter does not read as 'Withdrawn'" in out, out
+    assert "1 row has purpose 'Marketing', which names no purpose" in out, out
+
+
 def test_the_consent_filter_hides_event_participants_who_are_members_that_withdrew(sample_db):
     # events.participants once named participant_id as its subject: the filter then looked
     # participant ids up among the consent table's member ids, showing members who withdrew.
