@@ -30,7 +30,7 @@ from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, R
                                   Use)
 from proxy.analysis.resolve import (F, P, W, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
                                     check_conflicts, column_of, consumed, ident, lookup_qualified, lookup_refname,
-                                    lookup_unqualified, merge_into, resolve_relation, sorted_by, union, whole_row)
+                                    lookup_unqualified, merge_into, resolve_relation, of_groups, union, whole_row)
 from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
 
 # Unquoted names that PostgreSQL reads as keywords, never as columns.
@@ -190,12 +190,12 @@ class Analyzer:
 
     # --- recording ---------------------------------------------------------------------------------------
 
-    def consume(self, flow: Flow, ctx: Use, sort: bool = False) -> None:
-        """Record the uses of values that flow with ``flow`` and are consumed in ``ctx`` (``sort``: as the
-        keys of a query's ORDER BY, see ``sorted_by``)."""
+    def consume(self, flow: Flow, ctx: Use, groups: bool = False) -> None:
+        """Record the uses of values that flow with ``flow`` and are consumed in ``ctx`` (``groups``: by a
+        query's ORDER BY or HAVING, see ``of_groups``)."""
         acc = self.acc
         for k, u in flow.items():
-            use = sorted_by(u) if sort else consumed(u, ctx)
+            use = of_groups(u) if groups else consumed(u, ctx)
             if isinstance(k, Column):
                 acc.columns[k] = acc.columns.get(k, Use.NONE) | use
             else:
@@ -278,7 +278,7 @@ class Analyzer:
             having = node.args.get("having")
             if having is not None:
                 frame.aggregated = True
-                self.consume(self.expr(having.this, inner), F)
+                self.consume(self.expr(having.this, inner), F, groups=True)
             distinct = node.args.get("distinct")
             if distinct is not None:
                 on = distinct.args.get("on")
@@ -293,7 +293,7 @@ class Analyzer:
             order = node.args.get("order")
             if order is not None:
                 for o in order.expressions:
-                    self.order_key(o.this, inner, names, flows, sort=True)
+                    self.order_key(o.this, inner, names, flows, groups=True)
             self.limits(node, inner)
         finally:
             self.frames.pop()
@@ -318,9 +318,9 @@ class Analyzer:
                     self.consume(self.expr(v, env), F)
 
     def order_key(self, e: exp.Expr, env: Env | None, names: list[str | None], flows: list[Flow],
-                  sort: bool = False) -> None:
+                  groups: bool = False) -> None:
         """An ORDER BY / DISTINCT ON item: an ordinal, an output column name, or an input expression
-        (``sort``: an ORDER BY, where statistics count as shown, see ``sorted_by``; DISTINCT ON filters).
+        (``groups``: an ORDER BY, where statistics count as shown, see ``of_groups``; DISTINCT ON filters).
 
         >>> from proxy.analysis.access import analyze; from proxy.analysis.schema import Schema
         >>> s = Schema.from_dict({"schemas": {"bi": {"tables": {"t": ["region", "amount"]}}}})
@@ -330,17 +330,17 @@ class Analyzer:
         """
         if isinstance(e, exp.Literal) and not e.is_string:
             self.acc.reads_constants = True
-            self.consume(_ordinal(e, flows), F, sort)
+            self.consume(_ordinal(e, flows), F, groups)
             return
         if isinstance(e, exp.Column) and not e.args.get("table") and not isinstance(e.this, exp.Star):
             n = ident(e.this)
             hits = [fl for nm, fl in zip(names, flows) if nm == n]
             if hits:
-                self.consume(union(*hits), F, sort)
+                self.consume(union(*hits), F, groups)
                 return
         if env is None:
             raise Unsupported("ORDER BY on a set operation must name an output column")
-        self.consume(self.expr(e, env), F, sort)
+        self.consume(self.expr(e, env), F, groups)
 
     def group_items(self, items: list[exp.Expr], env: Env, level: Level, names: list[str | None],
                     flows: list[Flow]) -> None:
@@ -555,7 +555,7 @@ class Analyzer:
         order = node.args.get("order")
         if order is not None:
             for o in order.expressions:
-                self.order_key(o.this, None, r.names, r.flows, sort=True)
+                self.order_key(o.this, None, r.names, r.flows, groups=True)
         self.limits(node, env)
 
     def values(self, node: exp.Values, env: Env) -> Result:

@@ -81,16 +81,18 @@ def consumed(u: Use, ctx: Use) -> Use:
     return ctx | (u & (A | W))
 
 
-def sorted_by(u: Use) -> Use:
-    """The use recorded when a query sorts its output by a value that flows with ``u`` (its ORDER BY).
+def of_groups(u: Use) -> Use:
+    """The use recorded when a query's ORDER BY or HAVING consumes a value that flows with ``u``.
 
     A statistic of the query's own aggregates (AGGREGATE alone) counts as shown, not as a filter:
-    PostgreSQL computes the sort keys of the groups its HAVING kept (the Agg node tests its qual
-    before it projects, 'src/backend/executor/nodeAgg.c'), so a group the rewrite suppresses is
-    never compared, and the order of the groups shown tells no more than their statistics do.
-    Anything else sorts rows by their values: a filter.
+    the groups a HAVING condition or a sort compares are at most those the statistic would be
+    shown for. PostgreSQL computes sort keys only for the groups its HAVING kept (the Agg node
+    tests its qual before it projects, src/backend/executor/nodeAgg.c), and the rewrite puts a
+    HAVING condition behind the small-group suppression (``CASE WHEN <suppression> THEN (<it>)
+    ELSE false END``: AND-ed, PostgreSQL could test it first, and an error it raised would tell
+    a small group's value). Anything else compares rows by their values: a filter.
 
-    >>> sorted_by(Use.AGGREGATE), sorted_by(Use.PROJECT), sorted_by(Use.AGGREGATE | Use.PROJECT)
+    >>> of_groups(Use.AGGREGATE), of_groups(Use.PROJECT), of_groups(Use.AGGREGATE | Use.PROJECT)
     (<Use.AGGREGATE: 32>, <Use.FILTER: 2>, <Use.FILTER|AGGREGATE: 34>)
     """
     if u & A and not u & (P | F | W):

@@ -605,8 +605,11 @@ def target_edits(text: str, ref: RelationRef, tp: TablePlan, ctx: Context) -> li
 
 def having_edits(text: str, calls: list[AggregateCall], ctx: Context) -> list[Edit]:
     """``HAVING count(DISTINCT subject) >= k`` (``count(*)`` for a relation without a subject column that is
-    its block's only FROM item) on each block aggregating an aggregate-only column; AND-ed with a HAVING
-    already there."""
+    its block's only FROM item) on each block aggregating an aggregate-only column. A HAVING already there
+    goes behind it, ``CASE WHEN <suppression> THEN (<its condition>) ELSE false END``: AND-ed, PostgreSQL may
+    test the client's condition on a small group first, and an error it raises (``1 / (sum(x) - 777) > 0``)
+    would tell that group's statistic (CASE evaluates in order, 9.18.1; the aggregates themselves take
+    plain columns only, and cannot fail on a value)."""
     plan = ctx.plan
     blocks: dict[int, tuple] = {}
     for call in calls:
@@ -635,8 +638,8 @@ def having_edits(text: str, calls: list[AggregateCall], ctx: Context) -> list[Ed
         cond = " AND ".join([f"{count} OPERATOR(pg_catalog.>=) {k}" for count, k in sorted(counts.items())] + [
             f"pg_catalog.count(*) OPERATOR(pg_catalog.=) pg_catalog.count(DISTINCT {row})" for row in sorted(rows)])
         if block.having is not None:
-            edits += [(block.having.start, block.having.start, "("), (block.having.end, block.having.end,
-                                                                      f") AND {cond}")]
+            edits += [(block.having.start, block.having.start, f"CASE WHEN {cond} THEN ("),
+                      (block.having.end, block.having.end, ") ELSE false END")]
         else:
             edits.append((block.having_at, block.having_at, clause_at(text, block.having_at, f"HAVING {cond}")))
     return edits
