@@ -28,9 +28,10 @@ from proxy.analysis import positions as pos
 from proxy.analysis.lexer import Statement, T, Token
 from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
                                   Use)
-from proxy.analysis.resolve import (F, P, W, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
+from proxy.analysis.resolve import (A, F, P, W, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
                                     check_conflicts, column_of, consumed, ident, lookup_qualified, lookup_refname,
-                                    lookup_unqualified, merge_into, resolve_relation, of_groups, union, whole_row)
+                                    lookup_unqualified, merge_into, of_groups, resolve_relation, union, valued_columns,
+                                    whole_row)
 from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
 
 # Unquoted names that PostgreSQL reads as keywords, never as columns.
@@ -187,6 +188,9 @@ class Analyzer:
         self._filtered: exp.Expr | None = None  # the aggregate call under a FILTER clause being read
         self.top: exp.Expr | None = None  # the statement's own query, whose outputs are all consumed anyway
         self.ctes: list[_Cte] = []  # every WITH query of the statement (views' included)
+        # Columns a statistical aggregate other than a count reads (sum, avg, ...): over one row
+        # that is the row's value, so storing it counts as copying them (``copy``).
+        self.valued: set[Column] = set()
 
     # --- recording ---------------------------------------------------------------------------------------
 
@@ -1249,11 +1253,13 @@ class Analyzer:
     def copy(self, target: Column | str, value: Flow) -> None:
         """Record that the values of the columns in ``value`` are stored into ``target``.
 
-        Only values count: a column that reaches ``value`` through a statistical aggregate
-        alone (``sum(amount)``) is not copied; one through any other expression is
-        (``lower(email)``, ``min(email)``, ``CASE WHEN card LIKE '4%' ...``).
+        Only values count: a column that reaches ``value`` through a count alone
+        (``count(email)``) is not copied; one through any other expression is
+        (``lower(email)``, ``min(email)``, ``CASE WHEN card LIKE '4%' ...``), and so is one
+        through another statistic (``sum(amount)`` of one invoice is its amount, hunt 25).
         """
-        sources = [k for k, u in value.items() if isinstance(k, Column) and u & (P | W)]
+        sources = [k for k, u in value.items() if isinstance(k, Column)
+                   and (u & (P | W) or (u & A and k in self.valued))]
         if sources:
             self.acc.copies.setdefault(target, set()).update(sources)
 
@@ -1680,6 +1686,8 @@ class Analyzer:
             merge_into(out, self._agg_arg(child, env))
         if stat and not windowed:
             self.record_aggregate(node, list(children), env, out)
+            if name not in fn.COUNTING_AGGREGATES:
+                self.valued.update(valued_columns(out))
             return aggregated(out)
         return out
 

@@ -111,6 +111,10 @@ VALUE_AGGREGATES = frozenset("""
     json_objectagg xmlagg mode percentile_disc range_agg range_intersect_agg any_value
 """.split())
 AGGREGATE_NAMES = STATISTICAL_AGGREGATES | VALUE_AGGREGATES
+# Statistics that never equal an input's value: how many inputs there are (not NULL). Every other
+# statistical aggregate over one row is that row's value (sum, avg) or pins it down beside one
+# known row (stddev, corr, regr_*), so only these carry nothing of a value out of the catalog.
+COUNTING_AGGREGATES = frozenset({"count", "regr_count"})
 # Ordered-set / hypothetical-set aggregates: their WITHIN GROUP (ORDER BY x) is the aggregated input.
 WINDOW_FUNCTIONS = frozenset("""
     row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value

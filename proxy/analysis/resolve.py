@@ -62,6 +62,16 @@ def aggregated(flow: Flow) -> Flow:
     return {k: (u & ~P) | A if u & P else u for k, u in flow.items()}
 
 
+def valued_columns(flow: Flow) -> set[Column]:
+    """The base columns whose values (not only statistics of them) reach ``flow``.
+
+    >>> sorted(valued_columns({Column("b", "i", "amount"): Use.PROJECT, Column("b", "i", "id"): Use.AGGREGATE,
+    ...                        Table("b", "i"): Use.PROJECT}))
+    [Column(schema='b', table='i', name='amount')]
+    """
+    return {k for k, u in flow.items() if isinstance(k, Column) and u & P}
+
+
 def whole_row(flow: Flow) -> Flow:
     return {k: u | W for k, u in flow.items()}
 

@@ -664,7 +664,7 @@ def _copy_block(statements: list[StatementAccess], purpose: str, policy: Policy,
                            f"{where}, out of the policy's reach")
                 return _block(expl, message, "copied-out-of-catalog",
                               hint="Store personal data only in columns the catalog classifies (policies/catalog.yaml), "
-                                   "or store a statistic of it (count, sum, avg).")
+                                   "or store only a count of it.")
     return None
 
 

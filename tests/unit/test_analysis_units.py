@@ -120,6 +120,37 @@ def test_writing_copying_and_aggregating_a_child_counts_for_its_ancestors():
     assert view.columns[Column("member", "contacts", "email")] == Use.PROJECT
 
 
+STATS_SCHEMA = {"schemas": {"b": {"tables": {"i": ["id", "amount"]}}, "public": {"tables": {"t": ["x"]}}}}
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO public.t SELECT sum(amount) FROM b.i WHERE id = 5",
+    "INSERT INTO public.t SELECT avg(amount) FROM b.i WHERE id = 5",
+    "INSERT INTO public.t SELECT stddev_pop(amount) FROM b.i WHERE id IN (5, 6)",
+    "INSERT INTO public.t SELECT sum(ascii(substr(amount::text, 3, 1))) FROM b.i WHERE id = 5",
+    "UPDATE public.t SET x = (SELECT sum(amount)::text FROM b.i WHERE id = 5)",
+    "SELECT pg_notify('c', (SELECT sum(amount)::text FROM b.i WHERE id = 5))",
+    "SELECT set_config('pp.carry', (SELECT avg(amount)::text FROM b.i WHERE id = 5), false)",
+])
+def test_storing_a_sum_or_avg_copies_the_column(sql):
+    # Hunt 25: over one row sum and avg are the row's value; stored where every purpose reads (a
+    # reference table, a notification, a setting) they carried an invoice amount or a card number
+    # read under billing to marketing.
+    st = analyze(sql, Schema.from_dict(STATS_SCHEMA)).statements[0]
+    assert Column("b", "i", "amount") in set().union(*st.copies.values()), st.copies
+
+
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO public.t SELECT count(amount) FROM b.i WHERE id = 5",
+    "INSERT INTO public.t SELECT count(DISTINCT amount) FROM b.i",
+    "SELECT pg_notify('c', (SELECT count(*)::text FROM b.i WHERE id = 5))",
+    "INSERT INTO public.t SELECT count(i.id) FROM b.i WHERE i.id IN (SELECT sum(amount) FROM b.i)",
+])
+def test_storing_a_count_copies_nothing(sql):
+    st = analyze(sql, Schema.from_dict(STATS_SCHEMA)).statements[0]
+    assert Column("b", "i", "amount") not in set().union(*st.copies.values()), st.copies
+
+
 @pytest.mark.parametrize("value, expected", [
     ("crm, public", ["crm", "public"]),
     ('"$user", public', ["$user", "public"]),
