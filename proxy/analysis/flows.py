@@ -718,7 +718,8 @@ class Analyzer:
                 level.add(current)
                 current = None
             lateral = env.inner(Level(level.items + ([current] if current is not None else [])))
-            right = self.from_item(node, env, lateral)
+            # ``first``'s own joins come next in the sequence; any other item's are a nested join group.
+            right = self.from_item(node, env, lateral, joins_read=node is first)
             if current is None:
                 current = right
             else:
@@ -765,9 +766,15 @@ class Analyzer:
             self.consume(self.expr(on, env.inner(Level([combined]))), F)
         return combined
 
-    def from_item(self, node: exp.Expr, env: Env, lateral: Env) -> Item:
+    def from_item(self, node: exp.Expr, env: Env, lateral: Env, joins_read: bool = False) -> Item:
+        """The FROM item ``node``; ``joins_read`` when the caller reads the joins sqlglot hangs on it."""
         if isinstance(node, exp.Table):
             _check_args(node, _TABLE_ARGS, "FROM item")
+            if own_joins(node) and not joins_read:
+                # ``a JOIN b JOIN c ON x ON y`` is ``a JOIN (b JOIN c ON x) ON y``: sqlglot hangs the
+                # inner join on ``b``, and reading ``b`` alone dropped ``c`` from the statement (hunt 24:
+                # ``SELECT *`` returned card numbers under any purpose).
+                return self.join_group(node, lateral)
             if node.args.get("rows_from"):
                 calls = [t.this if isinstance(t, exp.Table) else t for t in node.args["rows_from"]]
                 return Item.of(self.function_source(calls,
@@ -811,11 +818,7 @@ class Analyzer:
             if isinstance(inner, (exp.Table, exp.Subquery)) and _is_join_group(inner):
                 if node.args.get("joins"):
                     raise Unsupported("unexpected joins on a parenthesized join")
-                grp = Level()
-                self.add_from(grp, inner, [], lateral)
-                if len(grp.items) != 1:
-                    raise Unsupported("unexpected parenthesized FROM list")
-                item = grp.items[0]
+                item = self.join_group(inner, lateral)
                 if alias is None:
                     return item
                 if item.unknown:
@@ -827,6 +830,14 @@ class Analyzer:
             r = self.query(inner, env)
             return Item.of(_derived(r, alias, "subquery"))
         raise Unsupported(f"{type(node).__name__} in FROM is not supported by the analysis")
+
+    def join_group(self, node: exp.Expr, lateral: Env) -> Item:
+        """A join group read as one FROM item: ``node`` and the joins sqlglot hangs on it."""
+        grp = Level()
+        self.add_from(grp, node, [], lateral)
+        if len(grp.items) != 1:
+            raise Unsupported("unexpected parenthesized FROM list")
+        return grp.items[0]
 
     def table_source(self, node: exp.Table, env: Env) -> Source:
         sample = node.args.get("sample")
@@ -1921,11 +1932,26 @@ def _group_extras(group: exp.Group) -> list[exp.Expr]:
     return out
 
 
+def own_joins(node: exp.Expr) -> list[exp.Join]:
+    """The joins sqlglot hangs on a FROM item itself rather than on its query.
+
+    PostgreSQL reads ``a JOIN b JOIN c ON x ON y`` as ``a JOIN (b JOIN c ON x) ON y``; sqlglot keeps
+    the inner join on ``b``'s table node, so reading ``b`` as a plain table drops ``c``.
+
+    >>> import sqlglot
+    >>> j = sqlglot.parse_one("SELECT * FROM a JOIN b JOIN c ON x ON y", read="postgres").args["joins"][0]
+    >>> [j.this.name] + [k.this.name for k in own_joins(j.this)]
+    ['b', 'c']
+    >>> own_joins(sqlglot.parse_one("SELECT * FROM a JOIN b ON y", read="postgres").args["joins"][0].this)
+    []
+    """
+    return list(node.args.get("joins") or []) if isinstance(node, exp.Table) else []
+
+
 def _from_sequence(first: exp.Expr, joins: list[exp.Join]):
     yield first, None
-    if isinstance(first, exp.Table):
-        for j in first.args.get("joins") or []:
-            yield j.this, j
+    for j in own_joins(first):
+        yield j.this, j
     for j in joins:
         yield j.this, j
 
