@@ -39,7 +39,7 @@ def _deny(reason: str, names: str) -> None:
 
 
 _deny("executes SQL given as text", """
-    query_to_xml query_to_xmlschema query_to_xml_and_xmlschema cursor_to_xml cursor_to_xmlschema ts_stat
+    query_to_xml query_to_xmlschema query_to_xml_and_xmlschema cursor_to_xml cursor_to_xmlschema ts_stat ts_rewrite
     crosstab crosstab2 crosstab3 crosstab4 connectby dblink dblink_exec dblink_open dblink_fetch
     dblink_send_query dblink_get_result dblink_build_sql_insert dblink_build_sql_update dblink_build_sql_delete
 """)
