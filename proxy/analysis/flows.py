@@ -573,6 +573,13 @@ class Analyzer:
                 flows = [{} for _ in cells]
             for i, c in enumerate(cells):
                 merge_into(flows[i], self.expr(c, env))
+        if len(node.expressions) > 1 or any(self.evaluated_regardless(row) for row in node.expressions):
+            # A VALUES scan computes every cell of every row, used or not; only a single row without
+            # volatile or set-returning calls is pulled up into its query, where unused cells are
+            # never computed (prepjointree.c is_simple_values). So an unused cell's error would show
+            # a value: ``EXISTS (SELECT 1 FROM (VALUES (1 / (length(m.email) - 21)), (1)) v)`` (hunt 26).
+            for fl in flows:
+                self.consume(fl, P)
         return Result([f"column{i + 1}" for i in range(len(flows))], flows, {})
 
     # --- WITH --------------------------------------------------------------------------------------------------
@@ -798,6 +805,8 @@ class Analyzer:
             _check_args(node, frozenset({"expressions", "alias", "offset"}), "UNNEST")
             self.typed_function("unnest")
             flows = [self.expr(e, lateral) for e in node.expressions]
+            for fl in flows:  # computed for every row, deciding how many rows come out (``function_source``)
+                self.consume(fl, F)
             alias = node.args.get("alias")
             names: list[str | None] = ["unnest"] * len(flows)
             if len(flows) == 1 and alias is not None and alias.this is not None and not alias.columns:
@@ -1126,13 +1135,21 @@ class Analyzer:
 
     def function_source(self, calls: list[exp.Expr], alias: exp.TableAlias | None, ordinality: bool,
                         env: Env) -> Source:
-        """A function (or ROWS FROM list) in FROM: its outputs all carry the flows of its arguments."""
+        """A function (or ROWS FROM list) in FROM: its outputs all carry the flows of its arguments.
+
+        The arguments are also consumed as a filter: PostgreSQL computes them for every row of the
+        FROM items before (lateral to it), whatever the query uses, and they decide how many rows the
+        function returns (``generate_series(1, CASE WHEN amount > 9000 THEN 1 ELSE 0 END)`` drops the
+        others) and whether it raises an error (``unnest(ARRAY[1 / (amount - 9001)])``). Carried only
+        into the rows, an aggregated query turned them into AGGREGATE (hunt 26)."""
         generic: Flow = {}
         names: list[str | None] = []
         known = True
         fname = ""
         for call in calls:
-            merge_into(generic, self.expr(call, env))
+            args = self.expr(call, env)
+            self.consume(args, F)
+            merge_into(generic, args)
             qual, name, cols = self.function_columns(call)
             fname = fname or name
             if cols is None:
