@@ -116,6 +116,26 @@ def _check_args(node: exp.Expr, allowed: frozenset[str] | set[str], what: str) -
     for k, v in node.args.items():
         if k not in allowed and v not in _EMPTY:
             raise Unsupported(f"{what} with {k.rstrip('_').replace('_', ' ').upper()} is not supported by the analysis")
+    if node.args.get("locks") and "locks" in allowed:
+        _check_locks(node)
+
+
+def _check_locks(node: exp.Expr) -> None:
+    """FOR UPDATE OF a, b names FROM items of the query (PostgreSQL refuses anything else there); the analysis
+    reads no more of it, so anything else is refused.
+
+    >>> import sqlglot
+    >>> _check_locks(sqlglot.parse_one("SELECT 1 FROM t FOR UPDATE OF t NOWAIT", read="postgres"))
+    >>> _check_locks(sqlglot.parse_one("SELECT 1 FROM t FOR UPDATE OF FROM u", read="postgres"))
+    Traceback (most recent call last):
+    ...
+    proxy.analysis.resolve.Unsupported: FOR UPDATE OF something other than a name is not supported by the analysis
+    """
+    for lock in node.args.get("locks") or []:
+        for t in lock.expressions if isinstance(lock, exp.Lock) else [lock]:
+            if not isinstance(t, exp.Table) or not isinstance(t.this, exp.Identifier) or any(
+                    v not in _EMPTY for k, v in t.args.items() if k not in ("this", "db", "catalog")):
+                raise Unsupported("FOR UPDATE OF something other than a name is not supported by the analysis")
 
 
 _SELECT_ARGS = frozenset({"with_", "expressions", "distinct", "into", "from_", "joins", "where", "group",
@@ -369,6 +389,18 @@ class Analyzer:
                 self.consume(self.expr(g, env), F)
 
     def window_spec(self, w: exp.Expr, env: Env) -> None:
+        """A window's PARTITION BY, ORDER BY and frame (its filters); the window it names is a name only.
+
+        >>> import sqlglot; from proxy.analysis.model import StatementAccess
+        >>> w = sqlglot.parse_one("SELECT sum(a) OVER ($1 ORDER BY a) FROM t", read="postgres").expressions[0]
+        >>> Analyzer(Context(Schema(), []), StatementAccess(Kind.SELECT)).window_spec(w, Env())
+        Traceback (most recent call last):
+        ...
+        proxy.analysis.resolve.Unsupported: a window name that is not a name is not supported by the analysis
+        """
+        if any(w.args.get(k) is not None and not isinstance(w.args[k], exp.Identifier)
+               for k in ("alias",) + (("this",) if w.arg_key == "windows" else ())):
+            raise Unsupported("a window name that is not a name is not supported by the analysis")
         for key in ("partition_by",):
             for e in w.args.get(key) or []:
                 self.consume(self.expr(e, env), F)
@@ -612,6 +644,15 @@ class Analyzer:
         return Env(env.levels, ctes)
 
     def cte_result(self, d: _Cte) -> Result:
+        """The outputs of WITH query ``d``, analysed once; a recursive one's until its flows settle.
+
+        >>> from proxy.analysis.access import analyze; from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": ["a", "card"], "u": ["a"]}}}})
+        >>> sql = ("WITH RECURSIVE r(n) AS (WITH u AS (SELECT card AS a FROM t) SELECT a FROM u "
+        ...        "UNION SELECT n FROM r) TABLE r")
+        >>> sorted(str(c) for c in analyze(sql, s, ["app"]).statements[0].columns)
+        ['app.t.card']
+        """
         if d.result is not None:
             return d.result
         if d.busy:
@@ -625,9 +666,14 @@ class Analyzer:
                 self.modifying.append(kind)
                 r = self.dml(body, d.env)
                 d.result = self._rename(d, r)
-            elif d.recursive and isinstance(body, exp.Union) and not body.args.get("order") \
-                    and not body.args.get("limit"):
-                env = d.env
+            elif d.recursive and isinstance(body, exp.Union) and not any(
+                    body.args.get(k) not in _EMPTY for k in ("order", "limit", "offset", "locks")):
+                _check_args(body, _SETOP_ARGS, "set operation")
+                # The UNION's own WITH is in scope in both its arms: in ``WITH RECURSIVE r AS (WITH plans AS
+                # (SELECT card_number AS name FROM ...) SELECT name FROM plans UNION ALL ...)`` PostgreSQL reads
+                # ``plans`` as that WITH query; unread, it was taken for service.plans and the card
+                # numbers went out under any purpose (hunt 27).
+                env = self.with_(body, d.env)
                 left = self.query(body.this, env)
                 d.result = self._rename(d, left)
                 d.busy = False
@@ -783,12 +829,11 @@ class Analyzer:
                 # ``SELECT *`` returned card numbers under any purpose).
                 return self.join_group(node, lateral)
             if node.args.get("rows_from"):
-                calls = [t.this if isinstance(t, exp.Table) else t for t in node.args["rows_from"]]
-                return Item.of(self.function_source(calls,
+                return Item.of(self.function_source(list(node.args["rows_from"]),
                                                     node.args.get("alias"), bool(node.args.get("ordinality")),
                                                     lateral))
             if isinstance(node.this, (exp.Func, exp.Dot)):
-                return Item.of(self.function_source([node.this], node.args.get("alias"),
+                return Item.of(self.function_source([node], node.args.get("alias"),
                                                     bool(node.args.get("ordinality")), lateral))
             return Item.of(self.table_source(node, env))
         if isinstance(node, exp.Lateral):
@@ -797,6 +842,10 @@ class Analyzer:
                 raise Unsupported("LATERAL VIEW is not PostgreSQL")
             inner = node.this
             if isinstance(inner, exp.Subquery):
+                # (the query in the parentheses is read here, so nothing else may hang on them)
+                _check_args(inner, frozenset({"this", "alias"}), "LATERAL subquery")
+                if node.args.get("alias") is not None and inner.args.get("alias") is not None:
+                    raise Unsupported("a LATERAL subquery with two aliases is not supported by the analysis")
                 r = self.query(inner.this, lateral)
                 return Item.of(_derived(r, node.args.get("alias") or inner.args.get("alias"), "subquery"))
             return Item.of(self.function_source([inner], node.args.get("alias"), bool(node.args.get("ordinality")),
@@ -1141,16 +1190,18 @@ class Analyzer:
         FROM items before (lateral to it), whatever the query uses, and they decide how many rows the
         function returns (``generate_series(1, CASE WHEN amount > 9000 THEN 1 ELSE 0 END)`` drops the
         others) and whether it raises an error (``unnest(ARRAY[1 / (amount - 9001)])``). Carried only
-        into the rows, an aggregated query turned them into AGGREGATE (hunt 26)."""
+        into the rows, an aggregated query turned them into AGGREGATE (hunt 26). Each of ``calls`` is a
+        call, or the table node sqlglot makes of a call in FROM (``call_schema``)."""
         generic: Flow = {}
         names: list[str | None] = []
         known = True
         fname = ""
-        for call in calls:
-            args = self.expr(call, env)
+        for entry in calls:
+            call, sch = self.call_schema(entry) if isinstance(entry, exp.Table) else (entry, None)
+            args = self.qualified_call(call, sch, env)
             self.consume(args, F)
             merge_into(generic, args)
-            qual, name, cols = self.function_columns(call)
+            qual, name, cols = self.function_columns(call, sch)
             fname = fname or name
             if cols is None:
                 if len(calls) == 1 and alias is not None and alias.columns:
@@ -1180,8 +1231,36 @@ class Analyzer:
         return Source(aname or fname, names, [generic] * len(names), dict(generic), aliased=aname is not None,
                       known=known, generic=generic, label=label)
 
-    def function_columns(self, call: exp.Expr) -> tuple[str, str, list[str | None] | None]:
-        sch = None
+    def call_schema(self, node: exp.Table) -> tuple[exp.Expr, str | None]:
+        """The call of a function in FROM, and the schema it is qualified with (None if it is not).
+
+        sqlglot makes ``FROM s.f(x)`` (and each ``ROWS FROM`` entry) a table node whose ``this`` is the
+        call and whose ``db`` is ``s``. Read without it, ``FROM shadow.lower(1)`` was taken for
+        pg_catalog.lower, while PostgreSQL ran shadow.lower, which returned card numbers (hunt 27).
+
+        >>> import sqlglot; from proxy.analysis.model import StatementAccess
+        >>> t = sqlglot.parse_one("SELECT * FROM shadow.lower(1)", read="postgres").args["from_"].this
+        >>> call, sch = Analyzer(Context(Schema(), []), StatementAccess(Kind.SELECT)).call_schema(t)
+        >>> type(call).__name__, sch
+        ('Lower', 'shadow')
+        """
+        cat = node.args.get("catalog")
+        if cat is not None and ident(cat) != self.ctx.schema.database:
+            raise Unsupported(f"cross-database reference {node.sql('postgres')}")
+        db = node.args.get("db")
+        return node.this, ident(db) if db is not None else None
+
+    def qualified_call(self, call: exp.Expr, sch: str | None, env: Env) -> Flow:
+        """The flow of a call in FROM that ``sch`` qualifies (as ``dot`` reads ``sch.f(x)`` elsewhere)."""
+        if sch is None or sch == "pg_catalog" and not isinstance(call, exp.Anonymous):
+            return self.expr(call, env)  # (typed nodes are built-ins of pg_catalog)
+        if isinstance(call, exp.Anonymous):
+            return self.anonymous(call, env, sch)
+        # (sqlglot types some calls by name, shadow.lower(x) too: not a built-in, and not read as one)
+        raise Unsupported(f"the qualified call {sch}.{self.typed_name(call) or call.key}() in FROM is not supported "
+                          f"by the analysis")
+
+    def function_columns(self, call: exp.Expr, sch: str | None = None) -> tuple[str, str, list[str | None] | None]:
         if isinstance(call, exp.Dot):
             sch = ident(call.this)
             call = call.expression
@@ -1381,7 +1460,25 @@ class Analyzer:
             if len(stored) != len(targets):  # (a, b) = ROW(...) and the like: each may get any of it
                 stored = [union(*stored)] * len(targets)
             for t, fl in zip(targets, stored):
-                self.write(mapping, _set_target(t), relname, value=fl)
+                self.write(mapping, _set_target(t), relname, value=union(fl, self.subscripts(t, env)))
+
+    def subscripts(self, t: exp.Expr, env: Env) -> Flow:
+        """The flow of the subscripts of a SET or INSERT target column (``SET a[i] = ..``), consumed as values:
+        they are code, not the column's name (a jsonb subscript is even stored, as a key).
+
+        >>> from proxy.analysis.access import analyze; from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": ["doc"], "c": ["card"]}}}})
+        >>> st = analyze("UPDATE t SET doc[(SELECT card FROM c)] = '1'", s, ["app"]).statements[0]
+        >>> sorted((str(c), u.name) for c, u in st.columns.items())
+        [('app.c.card', 'PROJECT'), ('app.t.doc', 'WRITE')]
+        """
+        out: Flow = {}
+        while isinstance(t, exp.Bracket):
+            for e in t.expressions:
+                merge_into(out, self.expr(e, env))
+            t = t.this
+        self.consume(out, P)
+        return out
 
     def dml_position(self, src: Source, verb: str, top: bool) -> None:
         """For the target of a top-level UPDATE/DELETE: where its WHERE condition is (for the rewrite)."""
@@ -1466,11 +1563,14 @@ class Analyzer:
             elif isinstance(then, exp.Insert):
                 _check_args(then, frozenset({"this", "expression"}), "MERGE INSERT")
                 cols_node, vals = then.this, then.expression
+                subscripted: dict[str, Flow] = {}
                 if cols_node is None:
                     cols = [c for c in src.columns if c is not None]
                 else:
-                    cols = [_set_target(c) for c in (cols_node.expressions if isinstance(cols_node, exp.Tuple)
-                                                     else [cols_node])]
+                    targets = cols_node.expressions if isinstance(cols_node, exp.Tuple) else [cols_node]
+                    cols = [_set_target(c) for c in targets]
+                    for c, t in zip(cols, targets):
+                        merge_into(subscripted.setdefault(c, {}), self.subscripts(t, inner))
                 values = vals.expressions if isinstance(vals, exp.Tuple) else ([vals] if vals is not None else [])
                 if len(values) > len(cols):
                     raise Unsupported("INSERT has more expressions than target columns")
@@ -1482,7 +1582,7 @@ class Analyzer:
                     given[c] = fl = self.expr(v, inner)
                     self.consume(fl, P)
                 for c in cols[: len(values)] if cols_node is None else cols:
-                    self.write(mapping, c, relname, value=given.get(c))
+                    self.write(mapping, c, relname, value=union(given.get(c) or {}, subscripted.get(c) or {}))
                 use |= Use.WRITE
             elif isinstance(then, exp.Var) and then.name.upper() == "DELETE":
                 self.delete_rows(tables)
