@@ -1460,7 +1460,14 @@ class Analyzer:
             if len(stored) != len(targets):  # (a, b) = ROW(...) and the like: each may get any of it
                 stored = [union(*stored)] * len(targets)
             for t, fl in zip(targets, stored):
-                self.write(mapping, _set_target(t), relname, value=union(fl, self.subscripts(t, env)))
+                name = _set_target(t)
+                if isinstance(t, exp.Bracket):
+                    # SET a[i] = v stores the old value with one element replaced: the old value is read
+                    # (and an error the assignment raises, a slice out of range, tells of it).
+                    old = {c: P for c in mapping.get(name) or ()}
+                    self.consume(old, P)
+                    fl = union(fl, old)
+                self.write(mapping, name, relname, value=union(fl, self.subscripts(t, env)))
 
     def subscripts(self, t: exp.Expr, env: Env) -> Flow:
         """The flow of the subscripts of a SET or INSERT target column (``SET a[i] = ..``), consumed as values:
@@ -1470,7 +1477,7 @@ class Analyzer:
         >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": ["doc"], "c": ["card"]}}}})
         >>> st = analyze("UPDATE t SET doc[(SELECT card FROM c)] = '1'", s, ["app"]).statements[0]
         >>> sorted((str(c), u.name) for c, u in st.columns.items())
-        [('app.c.card', 'PROJECT'), ('app.t.doc', 'WRITE')]
+        [('app.c.card', 'PROJECT'), ('app.t.doc', 'PROJECT|WRITE')]
         """
         out: Flow = {}
         while isinstance(t, exp.Bracket):

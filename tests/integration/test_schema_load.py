@@ -39,6 +39,7 @@ CREATE SCHEMA billing;
 CREATE TABLE crm.members (member_id int PRIMARY KEY, name text, email text, phone text, birth_date date,
                           postal_code text);
 CREATE TABLE crm.notes (note_id serial PRIMARY KEY, member_id int, body text, created_at timestamptz DEFAULT now());
+CREATE TABLE crm.docs (doc_id int PRIMARY KEY, member_id int, tags text[], doc jsonb);
 CREATE TABLE crm."CustomerFile" ("FileId" int, "OwnerName" text, member_id int, name text);
 CREATE TABLE billing.cards (card_id int PRIMARY KEY, member_id int, card_number text, expiry date);
 CREATE TABLE billing.invoices (invoice_id serial PRIMARY KEY, member_id int, amount numeric, issued_at date);
