@@ -18,10 +18,12 @@ Anything it does not understand raises ``Unsupported`` (the caller fails closed)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
 
 from proxy.analysis import functions as fn
 from proxy.analysis import positions as pos
@@ -67,6 +69,39 @@ _TYPED_NAMES: dict[type, str | None] = {}  # typed sqlglot function class -> Pos
 # are no call of a function (Analyzer.evaluated_regardless): both decide by class alone.
 _PLAIN: set[type] = set()
 _NOT_CALL_CLASSES: set[type] = set()
+_CALLED_AS: dict[type, frozenset[str]] = {}  # typed sqlglot class -> every function name sqlglot reads as it
+# (typed class, id of the schema, search path) -> (the schema, the user-defined functions and the data-reading
+# built-ins outside pg_catalog that a node of the class may call there): ``Analyzer.shadowing``, once per class
+_SHADOWS: dict[tuple, tuple] = {}
+
+
+def called_as(cls: type) -> frozenset[str]:
+    """Every function name sqlglot reads as a node of class ``cls``: the name a typed node stands for is lost.
+
+    ``ceiling(x)`` and ``ceil(x)`` are both exp.Ceil, ``now()`` is exp.CurrentTimestamp, ``mod(a, b)`` exp.Mod (like
+    ``a % b``), ``variance(x)`` exp.Variance, printed var_samp. PostgreSQL resolves the name written along the
+    path: with a user-defined public.ceiling(integer), ``ceiling(1)`` ran it while the analysis took
+    pg_catalog.ceil, and card numbers went out under any purpose (hunt 28). Built once from the parser's
+    function table (each name called with 0 to 4 arguments).
+
+    >>> sorted(called_as(exp.Ceil)), sorted(called_as(exp.Mod)), "now" in called_as(exp.CurrentTimestamp)
+    (['ceil', 'ceiling'], ['mod'], True)
+    """
+    if not _CALLED_AS:
+        found: dict[type, set[str]] = {}
+        for name in set(Postgres.Parser.FUNCTIONS) | set(Postgres.Parser.FUNCTION_PARSERS):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                continue
+            for n in range(5):
+                try:
+                    node = sqlglot.parse_one(f"SELECT {name}({', '.join(['x'] * n)})", read="postgres").expressions[0]
+                except Exception:  # (a builder that wants other arguments)
+                    continue
+                if not isinstance(node, (exp.Anonymous, exp.Column, exp.Literal)):  # (exp.Mod is no exp.Func)
+                    found.setdefault(type(node), set()).add(name.lower())
+        _CALLED_AS.update((k, frozenset(v)) for k, v in found.items())
+        _CALLED_AS.setdefault(exp.Anonymous, frozenset())
+    return _CALLED_AS.get(cls, frozenset())
 
 
 # Expressions PostgreSQL names after their construct in a result column (FigureColname).
@@ -741,11 +776,13 @@ class Analyzer:
                     return True
             elif isinstance(node, exp.Unnest):
                 return True
+            elif called_as(node.__class__) and self.shadowing(node):
+                return True  # (it may call a user-defined function)
             elif isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS):
                 name = self.typed_name(node)
                 if name and fn.evaluated_regardless(name, self.ctx.schema):
                     return True
-            else:
+            elif not called_as(node.__class__):
                 inert.add(node.__class__)  # (the tests above are on the class alone)
         return False
 
@@ -1635,6 +1672,8 @@ class Analyzer:
         """
         if node.__class__ in _PLAIN:
             return None
+        if called_as(node.__class__):
+            self.shadowing(node)
         if isinstance(node, exp.Column):
             return self.column(node, env)
         if isinstance(node, exp.Parameter):
@@ -1710,7 +1749,8 @@ class Analyzer:
         if isinstance(node, (exp.Table, exp.From, exp.Join, exp.Lateral, exp.Insert, exp.Update, exp.Delete,
                              exp.Merge, exp.Command, exp.Alias)):
             raise Unsupported(f"unexpected {type(node).__name__} in an expression")
-        _PLAIN.add(node.__class__)
+        if not called_as(node.__class__):
+            _PLAIN.add(node.__class__)  # (a class a call may be read as is tested each time)
         return None
 
     def name_flow(self, node: exp.Var | exp.Identifier, env: Env) -> Flow:
@@ -1794,7 +1834,7 @@ class Analyzer:
             args = [self.expr(a, env) for a in func.expressions]
         elif isinstance(func, exp.AggFunc):
             name = self.typed_name(func) or type(func).__name__.lower()
-            res = self.typed_function(name)
+            res = self.typed_function(name, func)
             stat = isinstance(func, _STAT_AGG_TYPES) and res.builtin_only
             args = [self.expr(a, env) for a in func.iter_expressions()]
         else:
@@ -1810,7 +1850,7 @@ class Analyzer:
         """An aggregate call: its input flows become AGGREGATE if it only computes a statistic."""
         name = self.typed_name(node) if not isinstance(node, exp.Anonymous) else _func_name(node)
         if name and not isinstance(node, exp.Anonymous):
-            res = self.typed_function(name)
+            res = self.typed_function(name, node)
             if not res.builtin_only:
                 stat = False  # (a user-defined aggregate of the name may return its input values)
         if not windowed:
@@ -1854,10 +1894,43 @@ class Analyzer:
             _TYPED_NAMES[cls] = m.group(1).lower() if m else None
         return _TYPED_NAMES[cls]
 
-    def typed_function(self, name: str) -> fn.Resolved:
+    def shadowing(self, node: exp.Expr) -> tuple[str, ...]:
+        """Record the user-defined functions on the path that typed node ``node`` may be a call of, under any
+        name sqlglot reads as its class (``called_as``), and return their qualified names.
+
+        >>> import sqlglot; from proxy.analysis.model import StatementAccess
+        >>> s = Schema.from_dict({"schemas": {"public": {"functions": {"ceiling": {"language": "sql"}}}}})
+        >>> a = Analyzer(Context(s, ["public"]), StatementAccess(Kind.SELECT))
+        >>> a.shadowing(sqlglot.parse_one("SELECT ceil(1)", read="postgres").expressions[0]), sorted(a.acc.functions)
+        (('public.ceiling',), ['public.ceiling'])
+        """
+        schema = self.ctx.schema
+        key = (node.__class__, id(schema), tuple(self.path))
+        hit = _SHADOWS.get(key)
+        if hit is None or hit[0] is not schema:
+            found: list[str] = []
+            denied: list[fn.Resolved] = []
+            for name in sorted(called_as(node.__class__)):
+                res = fn.classify_function(name, None, schema, self.path)
+                if res.cls is fn.FunctionClass.USER_DEFINED:
+                    found += [res.qualified, *res.others]
+                elif res.cls is fn.FunctionClass.DATA_READING_BUILTIN and res.schema != "pg_catalog":
+                    denied.append(res)
+            if len(_SHADOWS) >= 4096:
+                _SHADOWS.clear()
+            hit = _SHADOWS[key] = (schema, tuple(found), tuple(denied))
+        for res in hit[2]:
+            self._deny(res)
+        self.acc.functions.update(hit[1])
+        return hit[1]
+
+    def typed_function(self, name: str, node: exp.Expr | None = None) -> fn.Resolved:
         """Record the call of a function sqlglot parsed into a typed node (``sum``, ``lower``, ``unnest``):
-        a built-in's name, which a user-defined function of the same name on the path may stand for."""
+        a built-in's name, which a user-defined function of the same name on the path may stand for, or of
+        any other name sqlglot reads as ``node``'s class (``shadowing``)."""
         res = fn.classify_function(name, None, self.ctx.schema, self.path)
+        if node is not None and (more := [q for q in self.shadowing(node) if q != res.qualified]):
+            res = replace(res, others=tuple(dict.fromkeys((*res.others, *more))))
         if res.cls is fn.FunctionClass.USER_DEFINED:
             self.acc.functions.add(res.qualified)
         elif res.cls is fn.FunctionClass.DATA_READING_BUILTIN:

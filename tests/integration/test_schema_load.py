@@ -64,6 +64,10 @@ CREATE DOMAIN crm.code AS text;
 CREATE SCHEMA shadow;
 CREATE FUNCTION shadow.lower(id int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT id::text $$;
 CREATE AGGREGATE shadow.sum(numeric) (sfunc = numeric_add, stype = numeric);
+CREATE FUNCTION shadow.ceiling(id int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT id::text $$;
+CREATE FUNCTION shadow.mod(a int, b int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT a::text $$;
+CREATE FUNCTION shadow.now() RETURNS text LANGUAGE sql STABLE AS $$ SELECT 'then' $$;
+CREATE AGGREGATE shadow.variance(numeric) (sfunc = numeric_add, stype = numeric);
 """
 
 
