@@ -122,20 +122,24 @@ async def load_database_state(dsn: str, database: str, connect_timeout: float) -
 
     conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout, server_settings=LOADER_SETTINGS)
     try:
-        # Read first: a change committed while the load runs makes the next look differ (a load too many).
-        stamp = await catalog_stamp(conn)
-        schema = await load_schema(conn)
-        server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
-        settings: dict[tuple[str, str], str] = {}
-        identity: set[tuple[str, str]] = set()
-        for row in await conn.fetch(_ROLE_SETTINGS_SQL):
-            for item in row["setconfig"] or ():
-                name, _, value = item.partition("=")
-                if name.lower() == "search_path":
-                    settings[(row["role"], row["database"])] = value
-                elif name.lower() in ("role", "session_authorization"):
-                    identity.add((row["role"], row["database"]))
-        no_usage = {row["role"]: frozenset(row["schemas"]) for row in await conn.fetch(_NO_USAGE_SQL)}
+        # One snapshot for the stamp and everything read with it. Read in turn, a change committed
+        # during the load and undone before the watcher's next look (ALTER ROLE ... SET role, then
+        # RESET: the row goes, and the stamp is what it was) left a state the stamp said was current:
+        # the login stayed refused for good (CI, test_a_role_setting_that_changes_the_role_refuses_the_login).
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            stamp = await catalog_stamp(conn)
+            schema = await load_schema(conn)
+            server_path = await conn.fetchval("SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'search_path'")
+            settings: dict[tuple[str, str], str] = {}
+            identity: set[tuple[str, str]] = set()
+            for row in await conn.fetch(_ROLE_SETTINGS_SQL):
+                for item in row["setconfig"] or ():
+                    name, _, value = item.partition("=")
+                    if name.lower() == "search_path":
+                        settings[(row["role"], row["database"])] = value
+                    elif name.lower() in ("role", "session_authorization"):
+                        identity.add((row["role"], row["database"]))
+            no_usage = {row["role"]: frozenset(row["schemas"]) for row in await conn.fetch(_NO_USAGE_SQL)}
     finally:
         await conn.close()
     return DatabaseState(schema, tuple(parse_search_path(server_path)), settings, time.monotonic(), stamp, no_usage,

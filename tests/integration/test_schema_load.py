@@ -582,3 +582,25 @@ def test_load_schema_leaves_the_connection_as_it_was(db):
 
     inside, after, in_tx = asyncio.run(run())
     assert inside == after == "crm, public" and not in_tx
+
+
+def test_what_a_load_reads_is_of_the_moment_of_its_stamp(pg, db, monkeypatch):
+    """A change committed while a load runs is read as of the stamp the load keeps, or not at all. Read in
+    turn, ALTER ROLE ... SET role committed after the stamp was read, and RESET before the watcher's next
+    look (which then found the stamp it knew: the row was gone again), left the login refused for good."""
+    from proxy.enforcement import runtime
+
+    name = db.rsplit("/", 1)[1].split("?", 1)[0]
+    read_stamp = runtime.catalog_stamp
+
+    async def stamp_then_change(conn):
+        stamp = await read_stamp(conn)
+        pg.psql_admin(f"ALTER ROLE app IN DATABASE {name} SET role = 'app'", dbname=name)  # committed meanwhile
+        return stamp
+
+    monkeypatch.setattr(runtime, "catalog_stamp", stamp_then_change)
+    try:
+        state = asyncio.run(runtime.load_database_state(db, name, 10.0))
+    finally:
+        pg.psql_admin(f"ALTER ROLE app IN DATABASE {name} RESET role", dbname=name)
+    assert not state.sets_identity("app", name), "the load read a change its stamp does not know of"
