@@ -229,6 +229,7 @@ class Analyzer:
         # of a UNION, and refuses it elsewhere): the statement creates a table.
         self.creates_table = False
         self.view_depth = 0
+        self.locked: set[int] = set()  # SELECTs that lock rows through a parenthesized query (see ``wrapper``)
         self.views: dict[tuple[str, str], Result] = {}
         self.views_busy: set[tuple[str, str]] = set()
         # Positions, for the rewrite: the text being read (the statement, or a view's
@@ -319,6 +320,8 @@ class Analyzer:
         level = Level()
         from_ = node.args.get("from_")
         self.add_from(level, from_.this if from_ is not None else None, node.args.get("joins") or [], env)
+        if node.args.get("locks") or id(node) in self.locked:
+            self.row_copies(level)
         inner = env.inner(level)
         frame = _Frame()
         self.frames.append(frame)
@@ -360,6 +363,21 @@ class Analyzer:
         if frame.aggregated:
             rows = aggregated(rows)
         return Result(names, flows, rows)
+
+    def row_copies(self, level: Level) -> None:
+        """Read every output of the FROM items of a level that locks rows (FOR UPDATE/SHARE) or is an UPDATE,
+        DELETE or MERGE, except stored tables and views: PostgreSQL keeps a whole-row copy of every other
+        item it does not flatten (planner.c preprocess_rowmarks, ROW_MARK_COPY, for EvalPlanQual), and that
+        whole-row reference keeps the planner from dropping its unused outputs (allpaths.c
+        remove_unused_subquery_outputs), so ``UPDATE t SET ... FROM (SELECT id, 1 / (...) AS z FROM u OFFSET 0)
+        s`` or ``... FOR UPDATE OF t`` computes z for every row, and its error can show a value (hunt 29).
+        A view's outputs are its definition's, not the statement's, and are left to their uses."""
+        for it in level.items:
+            for src in it.sources:
+                if src.base or src.relation is not None and src.relation.kind in (VIEW, MATERIALIZED_VIEW):
+                    continue
+                for fl in src.flows if src.known else [src.generic]:
+                    self.consume(fl, P)
 
     def limits(self, node: exp.Expr, env: Env) -> None:
         for key in ("limit", "offset"):
@@ -613,6 +631,13 @@ class Analyzer:
     def wrapper(self, node: exp.Subquery, env: Env) -> Result:
         _check_args(node, _WRAPPER_ARGS, "parenthesized query")
         env = self.with_(node, env)
+        if node.args.get("locks"):
+            # ``(SELECT ... FROM t, (...) s) FOR UPDATE OF t`` locks in the SELECT inside (gram.y
+            # insertSelectOptions): its FROM items are copied whole there (``row_copies``).
+            inner = node.this
+            while isinstance(inner, (exp.Subquery, exp.Paren)):
+                inner = inner.this
+            self.locked.add(id(inner))
         r = self.query(node.this, env)
         self.wrapper_clauses(node, r, env)
         return r
@@ -738,7 +763,7 @@ class Analyzer:
         """Read every output of the WITH queries PostgreSQL computes whole, used or not (at the statement's end,
         when all references are known): a data-modifying one runs (and computes its RETURNING) even
         unreferenced; a referenced one is computed whole when MATERIALIZED, recursive, referenced more than
-        once, or calling a volatile function: it is not inlined then (7.8.3 "Common Table Expression
+        once, locking rows, or calling a volatile function: it is not inlined then (7.8.3 "Common Table Expression
         Materialization"), and an error in any of its columns can show a value.
 
         >>> from proxy.analysis.access import analyze
@@ -752,7 +777,12 @@ class Analyzer:
             if d.result is None:
                 continue
             modifying = isinstance(d.node, (exp.Insert, exp.Update, exp.Delete, exp.Merge))
+            # A locking clause anywhere in it (FOR UPDATE/SHARE, in a subquery too) keeps it from being
+            # inlined as well: subselect.c contain_dml counts rowMarks as a side effect, so
+            # ``WITH c AS (SELECT 1 / (...card_number...) AS z FROM t FOR UPDATE) SELECT count(*) FROM c``
+            # computes z for every row (hunt 29).
             if modifying or d.refs and (d.materialized or d.recursive or d.refs > 1
+                                        or d.node.find(exp.Lock) is not None
                                         or self.evaluated_regardless(d.node)):
                 for fl in d.result.flows:
                     self.consume(fl, P)
@@ -1544,6 +1574,7 @@ class Analyzer:
         from_ = node.args.get("from_")
         if from_ is not None:
             self.add_from(level, from_.this, [], env)
+        self.row_copies(level)
         others = union(*(it.rows for it in level.items))
         level.add(Item.of(src))
         inner = env.inner(level)
@@ -1565,6 +1596,7 @@ class Analyzer:
         level = Level()
         for u in node.args.get("using") or []:
             self.add_from(level, u, [], env)
+        self.row_copies(level)
         others = union(*(it.rows for it in level.items))
         level.add(Item.of(src))
         inner = env.inner(level)
@@ -1585,6 +1617,7 @@ class Analyzer:
         relname = str(src.relation)
         level = Level()
         self.add_from(level, node.args["using"], [], env)
+        self.row_copies(level)
         others = union(*(it.rows for it in level.items))
         level.add(Item.of(src))
         inner = env.inner(level)
