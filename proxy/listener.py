@@ -86,6 +86,12 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, bytes | None, ssl.SSLContext | None]:
+    """The client-side TLS context, the certificate it presents (DER), and the upstream TLS context, read from
+    the configured files (at start, and again on SIGHUP)."""
+    return client_tls_context(config), leaf_certificate_der(config.tls_cert), upstream_tls_context(config)
+
+
 class ProxyServer:
     """The listening proxy: its sessions, their cancel keys, and its lifecycle."""
 
@@ -113,10 +119,8 @@ class ProxyServer:
                 self.runtime.reload_observers.append(recorder.policy_reloaded)
             decider_factory = purpose_factory(self.runtime)
         self.decider_factory = decider_factory or load_factory(config.decider)
-        self.client_tls = client_tls_context(config)
+        self.client_tls, self.client_cert_der, self.upstream_tls = tls_contexts(config)
         warn_about_transport(config)
-        self.client_cert_der = leaf_certificate_der(config.tls_cert)
-        self.upstream_tls = upstream_tls_context(config)
         self.sessions: set[Session] = set()
         self._full_logged = -1e9  # when ``accept`` last logged that connections are refused
         self.upstream_plaintext = 0  # upstream connections left unencrypted by upstream_tls = prefer
@@ -257,13 +261,12 @@ class ProxyServer:
         if not config.tls_cert and config.upstream_tls == "disable":
             return True
         try:
-            client, der, upstream = (client_tls_context(config), leaf_certificate_der(config.tls_cert),
-                                     upstream_tls_context(config))
+            contexts = tls_contexts(config)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self.tls_reloads["failure"] += 1
             log.error("TLS files not reloaded, the certificates in force stay: %s: %s", exc.__class__.__name__, exc)
             return False
-        self.client_tls, self.client_cert_der, self.upstream_tls = client, der, upstream
+        self.client_tls, self.client_cert_der, self.upstream_tls = contexts
         self.tls_reloads["success"] += 1
         log.info("TLS files reloaded")
         return True
