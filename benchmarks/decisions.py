@@ -29,6 +29,7 @@ from pathlib import Path
 from statistics import median
 
 from proxy.analysis.schema import Schema
+from proxy.cli import settle_heap
 from proxy.config import Config
 from proxy.enforcement.hook import SessionInfo
 from proxy.enforcement.purpose import PurposeSession
@@ -177,6 +178,7 @@ def measure(policies: Path, state: DatabaseState, database: str, runs: int,
             kinds: list[QueryKind] = KINDS) -> list[dict]:
     """Cold and warm decision latency per kind: one dict per kind (microseconds)."""
     cold_rt, warm_rt = runtime(policies, 0), runtime(policies, 10000)
+    settle_heap()  # as ``purpose-proxy serve`` does once it listens: full collections skip what lives on
     out = []
     for k in kinds:
         cold = session(cold_rt, state, database, k.role, k.purpose)
