@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import secrets
 import ssl
 import time
@@ -17,6 +16,7 @@ from proxy.enforcement.limits import too_many_connections_for_role
 from proxy.observability.logs import mask_values
 from proxy.policy.decision import Block
 from proxy.session import Session, _Side, _StartupError
+from proxy.tls import tls_contexts, warn_about_transport
 from proxy.wire import codec
 from proxy.wire.state import Phase
 
@@ -24,72 +24,6 @@ log = logging.getLogger(__name__)
 
 # Phases in which no statement is running upstream (see shutdown()).
 _NOT_RUNNING = frozenset({Phase.STARTUP, Phase.AUTH, Phase.IDLE, Phase.FAILED, Phase.CLOSED})
-
-
-def client_tls_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls_cert:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.tls_cert, config.tls_key)
-    key = config.tls_key or config.tls_cert
-    if os.stat(key).st_mode & 0o077:  # PostgreSQL refuses to start with such a key (be-secure-openssl.c)
-        log.warning("the TLS private key %s can be read by its group or others: it should be mode 0600", key)
-    return ctx
-
-
-def warn_about_transport(config: Config) -> None:
-    """Say so at startup when clients' TLS ends at the proxy and the upstream leg is plain TCP to another host:
-    passwords and results then cross it in clear, though the clients asked for encryption."""
-    upstream = config.upstream
-    if not config.tls_cert or config.upstream_tls != "disable" or is_unix_dir(upstream):
-        return
-    host = parse_hostport(upstream, "upstream")[0]
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("client connections use TLS but upstream_tls is disable: passwords and results cross the "
-                    "connection to %s unencrypted (set upstream_tls = verify-full)", upstream)
-
-
-def leaf_certificate_der(path: str | None) -> bytes | None:
-    """The first certificate of a PEM file, DER-encoded (what a TLS peer receives)."""
-    if not path:
-        return None
-    with open(path) as f:
-        pem = f.read()
-    begin = pem.find("-----BEGIN CERTIFICATE-----")
-    end_marker = "-----END CERTIFICATE-----"
-    end = pem.find(end_marker, begin)
-    if begin < 0 or end < 0:
-        return None
-    return ssl.PEM_cert_to_DER_cert(pem[begin : end + len(end_marker)])
-
-
-def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
-    mode = config.upstream_tls
-    if mode == "disable":
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if mode == "verify-full":
-        ctx.load_verify_locations(config.upstream_tls_ca)
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    elif config.upstream_tls_ca:
-        # prefer / require with a CA: verify the chain, not the name, as libpq's require does when
-        # given a root certificate (it behaves as verify-ca); the CA was silently ignored (hunt 23).
-        ctx.load_verify_locations(config.upstream_tls_ca)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:  # prefer / require: encrypt, do not verify (libpq's sslmode=require)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, bytes | None, ssl.SSLContext | None]:
-    """The client-side TLS context, the certificate it presents (DER), and the upstream TLS context, read from
-    the configured files (at start, and again on SIGHUP)."""
-    return client_tls_context(config), leaf_certificate_der(config.tls_cert), upstream_tls_context(config)
 
 
 class ProxyServer:

@@ -25,6 +25,7 @@ from proxy.enforcement.cache import DecisionCache
 from proxy.policy.engine import Policy
 from proxy.policy.narrowing import dropped_protections
 from proxy.policy.problems import PolicyError, Problem
+from proxy.tls import catalog_tls
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,13 @@ def _session_facts(state: DatabaseState) -> tuple:
     return (state.no_usage, state.search_path_settings, state.server_search_path, state.identity_settings)
 
 
-async def load_database_state(dsn: str, database: str, connect_timeout: float) -> DatabaseState:
+async def load_database_state(dsn: str, database: str, connect_timeout: float, *, tls=None) -> DatabaseState:
+    """The schema and session facts of ``database``, read in one snapshot; ``tls``: an SSLContext (else the DSN's
+    own sslmode, or asyncpg's default)."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout, server_settings=LOADER_SETTINGS)
+    conn = await asyncpg.connect(dsn, database=database, timeout=connect_timeout, ssl=tls,
+                                 server_settings={**LOADER_SETTINGS, "application_name": "purpose-proxy schema load"})
     try:
         # One snapshot for the stamp and everything read with it. Read in turn, a change committed
         # during the load and undone before the watcher's next look (ALTER ROLE ... SET role, then
@@ -158,7 +162,7 @@ class PolicyRuntime:
         if isinstance(loaded, Exception):
             raise loaded  # PolicyError (or OSError) on an invalid or unreadable policy
         self.policy: Policy = loaded
-        self._loader = loader or load_database_state
+        self._loader = loader or self._load_state
         self._databases: dict[str, DatabaseState] = {}
         self._loading: dict[str, asyncio.Task] = {}
         # DDL passed through the proxy may have changed a database (its relations, or the
@@ -321,6 +325,9 @@ class PolicyRuntime:
             self._failed.pop(name, None)
         return self._databases[name]
 
+    def _load_state(self, dsn: str, name: str, timeout: float):
+        return load_database_state(dsn, name, timeout, tls=catalog_tls(self.config, dsn))
+
     async def _load(self, name: str) -> DatabaseState:
         generation = self._generation.get(name, 0)
         try:
@@ -454,8 +461,9 @@ class PolicyRuntime:
         import asyncpg
 
         timeout = self.config.connect_timeout
+        dsn = self.config.schema_dsn
         return await asyncio.wait_for(asyncpg.connect(
-            self.config.schema_dsn, database=name, timeout=timeout,
+            dsn, database=name, timeout=timeout, ssl=catalog_tls(self.config, dsn),
             server_settings={**LOADER_SETTINGS, "application_name": "purpose-proxy catalog watch"}), timeout * 2)
 
     def _spawn(self, coro, name: str) -> asyncio.Task:

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.devtools.cluster import make_self_signed_cert
 from proxy.devtools.process import RELAY_ONLY, ProxyProcess
+from tests.support.enforce import POLICY_DIR
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -371,3 +372,30 @@ def test_sighup_rereads_rotated_certificates(pg, start_proxy, tmp_path):
         assert "certificate verify failed" in str(exc.value)
         assert held.execute("SELECT 2").fetchone() == (2,)  # the open session is undisturbed
     assert (reloads("failure"), reloads("success")) == (1, 1)
+
+
+# --- the proxy's own catalog connections (schema_dsn) ----------------------------------------------------------
+
+
+def test_catalog_connections_follow_upstream_tls(pg, pg_tls, start_proxy):
+    """The connections that read the schema decide what every statement is analysed against; they followed
+    asyncpg's default (prefer) whatever upstream_tls said, so a plain server (or a man in the middle who
+    declines TLS) fed them a schema under upstream_tls = verify-full. Here the schema DSN names the plain
+    cluster: under verify-full that load fails and statements are refused; the DSN's own sslmode wins."""
+    tls_args = ("--decider", "purpose", "--policies", str(POLICY_DIR), "--policy-watch-interval", "0",
+                "--upstream-tls", "verify-full", "--upstream-tls-ca", str(pg_tls.cert))
+    plain_catalog = pg.url("postgres", dbname="postgres")
+    dsn = pg_tls.dsn("app", dbname="postgres", sslmode="disable")
+
+    strict = start_proxy(*tls_args, "--schema-dsn", plain_catalog, upstream=pg_tls.address)
+    with pytest.raises(psycopg.OperationalError) as exc:
+        psycopg.connect(dsn, host=strict.host, port=strict.port, options="-c pii.purpose=billing")
+    assert 'could not read the schema of database "postgres"' in str(exc.value)
+    log = strict.log_path.read_text()
+    assert "SSL" in log, log[-2000:]
+
+    explicit = start_proxy(*tls_args, "--schema-dsn", plain_catalog + "?sslmode=disable", upstream=pg_tls.address)
+    with psycopg.connect(dsn, host=explicit.host, port=explicit.port, autocommit=True,
+                         options="-c pii.purpose=billing") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert server_ssl_row(conn) == (True, True, True)  # the client's own statements still go over TLS
