@@ -1757,6 +1757,8 @@ class Analyzer:
             return self.expr(inner, env)
         if isinstance(node, exp.Dot):
             return self.dot(node, env)
+        if isinstance(node, exp.Collate):
+            return self.collate(node, env)
         if isinstance(node, exp.Window):
             return self.window(node, env)
         if isinstance(node, exp.Filter):
@@ -1785,6 +1787,26 @@ class Analyzer:
         if not called_as(node.__class__):
             _PLAIN.add(node.__class__)  # (a class a call may be read as is tested each time)
         return None
+
+    def collate(self, node: exp.Collate, env: Env) -> Flow:
+        """``x COLLATE name`` reads ``x``; the name is a collation's (24.2 "Collation Support"), which sqlglot
+        makes a column when qualified (``COLLATE pg_catalog.default``, in every psql ``\\d`` pattern query).
+
+        >>> from proxy.analysis.access import analyze
+        >>> from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": {"columns": ["a", "b"]}}}}})
+        >>> sql = 'SELECT a FROM t WHERE b > $1 COLLATE pg_catalog.default ORDER BY a COLLATE "C"'
+        >>> st = analyze(sql, s, ["app"], "r").statements[0]
+        >>> sorted((c.name, u.name) for c, u in st.columns.items()), st.unsupported
+        ([('a', 'PROJECT|FILTER'), ('b', 'FILTER')], [])
+        """
+        _check_args(node, frozenset({"this", "expression"}), "COLLATE")
+        name = node.expression
+        if not (isinstance(name, exp.Identifier)
+                or isinstance(name, exp.Column) and not name.args.get("db") and not name.args.get("catalog")
+                and isinstance(name.this, exp.Identifier)):
+            raise Unsupported("a COLLATE clause the analysis does not read")
+        return self.expr(node.this, env)
 
     def name_flow(self, node: exp.Var | exp.Identifier, env: Env) -> Flow:
         """A bare name sqlglot did not make a column (EXTRACT's field, date_part's or date_trunc's first

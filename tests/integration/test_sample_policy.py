@@ -217,3 +217,20 @@ def test_an_inheritance_child_is_masked_aggregated_and_consent_filtered_as_its_p
 
 def child_dates(conn: psycopg.Connection) -> list[tuple]:
     return conn.execute("SELECT birth_date FROM reporting.members_child").fetchall()
+
+
+@pytest.mark.parametrize("command", [r"\dt member.*", r"\d member.members", r"\df billing.*", r"\d+ billing.invoices",
+                                     r"\dv browsing.*", r"\dn", r"\l", r"\du", r"\z billing.*"])
+def test_psql_describe_commands_work_under_a_purpose(isp, command):
+    """A security team or an SRE looks at the tables with psql through the proxy: its pattern queries end in
+    ``COLLATE pg_catalog.default``, which the analysis refused as a column of a missing table."""
+    import os
+    import subprocess
+
+    _, proxy = isp
+    dsn = (f"host={proxy.host} port={proxy.port} user=app_billing dbname={DATABASE} "
+           f"options='-c pii.purpose=billing'")
+    r = subprocess.run(["psql", dsn, "-X", "-c", command], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PGPASSWORD": PASSWORD})
+    assert r.returncode == 0 and "ERROR" not in r.stderr, r.stderr
+    assert r.stdout.strip()

@@ -265,6 +265,11 @@ def legitimate(node: exp.Expr, read: dict[int, exp.Expr]) -> str | None:
                                            or isinstance(up.parent, exp.Insert)
                                            and isinstance(up.parent.parent, exp.When)):
             return "DEFAULT"
+    # x COLLATE name: a collation's name, which sqlglot makes a column when qualified (``Analyzer.collate``)
+    if key == "expression" and isinstance(parent, exp.Collate) and (
+            isinstance(node, exp.Identifier)
+            or isinstance(node, exp.Column) and _only(node, "this", "table") and isinstance(node.this, exp.Identifier)):
+        return "collation name"
     # the name parts of the tables of the two rules below
     if isinstance(node, exp.Identifier) and isinstance(parent, exp.Table) and key in ("this", "db", "catalog") \
             and legitimate(parent, read) in ("FOR UPDATE OF name", "SELECT INTO target"):
