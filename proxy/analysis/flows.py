@@ -915,24 +915,14 @@ class Analyzer:
                     raise Unsupported("a LATERAL subquery with two aliases is not supported by the analysis")
                 r = self.query(inner.this, lateral)
                 return Item.of(_derived(r, node.args.get("alias") or inner.args.get("alias"), "subquery"))
+            if isinstance(inner, exp.Unnest) and not node.args.get("ordinality"):
+                if node.args.get("alias") is not None and inner.args.get("alias") is not None:
+                    raise Unsupported("a LATERAL unnest with two aliases is not supported by the analysis")
+                return Item.of(self.unnest_source(inner, node.args.get("alias") or inner.args.get("alias"), lateral))
             return Item.of(self.function_source([inner], node.args.get("alias"), bool(node.args.get("ordinality")),
                                                 lateral))
         if isinstance(node, exp.Unnest):
-            _check_args(node, frozenset({"expressions", "alias", "offset"}), "UNNEST")
-            self.typed_function("unnest")
-            flows = [self.expr(e, lateral) for e in node.expressions]
-            for fl in flows:  # computed for every row, deciding how many rows come out (``function_source``)
-                self.consume(fl, F)
-            alias = node.args.get("alias")
-            names: list[str | None] = ["unnest"] * len(flows)
-            if len(flows) == 1 and alias is not None and alias.this is not None and not alias.columns:
-                names = [ident(alias.this)]
-            offset = node.args.get("offset")
-            if offset:  # WITH ORDINALITY; sqlglot keeps the ordinality column's alias here
-                names.append(ident(offset) if isinstance(offset, exp.Identifier) else "ordinality")
-                flows.append({})
-            src = _derived(Result(names, flows, union(*flows)), alias, "unnest", default_name="unnest")
-            return Item.of(src)
+            return Item.of(self.unnest_source(node, node.args.get("alias"), lateral))
         if isinstance(node, exp.Values):
             r = self.values(node, env)
             return Item.of(_derived(r, node.args.get("alias"), "VALUES"))
@@ -955,6 +945,32 @@ class Analyzer:
             r = self.query(inner, env)
             return Item.of(_derived(r, alias, "subquery"))
         raise Unsupported(f"{type(node).__name__} in FROM is not supported by the analysis")
+
+    def unnest_source(self, node: exp.Unnest, alias: exp.TableAlias | None, lateral: Env) -> Source:
+        """``unnest(a, ...) [WITH ORDINALITY] [AS x(...)]`` in FROM, LATERAL or not: sqlglot keeps the
+        ordinality column's alias apart (``offset``), after the alias's other column names.
+
+        >>> from proxy.analysis.access import analyze
+        >>> from proxy.analysis.schema import Schema
+        >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": {"columns": ["a", "b"]}}}}})
+        >>> sql = "SELECT x.v, x.n FROM t CROSS JOIN LATERAL unnest(t.b) WITH ORDINALITY AS x(v, n)"
+        >>> st = analyze(sql, s, ["app"], "r").statements[0]
+        >>> sorted((c.name, u.name) for c, u in st.columns.items()), st.unsupported
+        ([('b', 'PROJECT|FILTER')], [])
+        """
+        _check_args(node, frozenset({"expressions", "alias", "offset"}), "UNNEST")
+        self.typed_function("unnest")
+        flows = [self.expr(e, lateral) for e in node.expressions]
+        for fl in flows:  # computed for every row, deciding how many rows come out (``function_source``)
+            self.consume(fl, F)
+        names: list[str | None] = ["unnest"] * len(flows)
+        if len(flows) == 1 and alias is not None and alias.this is not None and not alias.columns:
+            names = [ident(alias.this)]
+        offset = node.args.get("offset")
+        if offset:  # WITH ORDINALITY; sqlglot keeps the ordinality column's alias here
+            names.append(ident(offset) if isinstance(offset, exp.Identifier) else "ordinality")
+            flows.append({})
+        return _derived(Result(names, flows, union(*flows)), alias, "unnest", default_name="unnest")
 
     def join_group(self, node: exp.Expr, lateral: Env) -> Item:
         """A join group read as one FROM item: ``node`` and the joins sqlglot hangs on it."""

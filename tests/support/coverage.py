@@ -79,6 +79,7 @@ _ENTRY_POINTS: tuple[tuple[str, int, bool], ...] = (
     ("_agg_arg", 0, False),
     ("group_items", 0, True),
     ("function_source", 0, True),
+    ("unnest_source", 0, False),
     ("set_items", 0, True),
 )
 
