@@ -23,6 +23,9 @@ METHODS: dict[str, MaskMethod] = {}
 
 # Methods that cannot mask a column whose type is unknown (a schema file without ``types:``).
 NEEDS_TYPE = frozenset({"generalize"})
+# Methods whose result also depends on the purpose the statement runs under (``mask_sql``'s ``scope``):
+# a pseudonym is the purpose's own, so two purposes' pseudonymised data cannot be joined on it.
+SCOPED = frozenset({"hash"})
 PSEUDONYM_FUNCTION = "purpose_proxy.pseudonym"  # installed by ``purpose-proxy install``
 STARS = "'****'"  # stands for what a method hides (fixed length: it reveals no length)
 
@@ -184,16 +187,27 @@ def email_domain(col: str, option: str | None = None, column_type: str | None = 
 
 
 @method("hash")
-def hash_(col: str, option: str | None = None, column_type: str | None = None) -> str:
-    """A stable keyed pseudonym: the same value gives the same pseudonym under one key, and the key
-    stays in the database (``purpose-proxy install`` creates the function and the key).
+def hash_(col: str, option: str | None = None, column_type: str | None = None, scope: str | None = None) -> str:
+    """A stable keyed pseudonym: the same value gives the same pseudonym under one key and one ``scope``, and
+    the key stays in the database (``purpose-proxy install`` creates the function and the key). The rewrite
+    gives the statement's purpose as ``scope``: the key is then, in effect, the purpose's own, and the same
+    member id gets unrelated pseudonyms under ``marketing.ads`` and ``research`` (a purpose promised not to
+    identify the person would otherwise share its pseudonyms with every purpose that can map them back).
+    The scope ends in ``|``, which no purpose name holds, so (scope, value) pairs never give the same text;
+    ``textcat`` is strict, so NULL stays NULL.
 
     >>> hash_("m.email")
     'purpose_proxy.pseudonym((m.email)::pg_catalog.text)'
+    >>> hash_("m.email", scope="marketing.ads")
+    "purpose_proxy.pseudonym(pg_catalog.textcat('marketing.ads|', (m.email)::pg_catalog.text))"
     """
     if option:
         raise MaskError("hash takes no option")
-    return f"{PSEUDONYM_FUNCTION}({as_text(col)})"
+    if scope is None:
+        return f"{PSEUDONYM_FUNCTION}({as_text(col)})"
+    if "|" in scope:
+        raise MaskError(f"a pseudonym's scope may not hold '|': {scope!r}")
+    return f"{PSEUDONYM_FUNCTION}(pg_catalog.textcat({literal(scope + '|')}, {as_text(col)}))"
 
 
 _YEAR_OF = {
@@ -272,11 +286,14 @@ def generalize(col: str, option: str | None = None, column_type: str | None = No
     raise MaskError(f"generalize does not handle columns of type {column_type}")
 
 
-def mask_sql(col: str, method_option: str, column_type: str | None = None) -> str:
-    """The masked expression for a policy's method (``name`` or ``name:option``).
+def mask_sql(col: str, method_option: str, column_type: str | None = None, scope: str | None = None) -> str:
+    """The masked expression for a policy's method (``name`` or ``name:option``); ``scope`` (the statement's
+    purpose) is passed to the methods in ``SCOPED``.
 
     >>> mask_sql("t.c", "redact")
     '(CASE WHEN false THEN t.c END)'
+    >>> mask_sql("t.c", "hash", None, "research")
+    "purpose_proxy.pseudonym(pg_catalog.textcat('research|', (t.c)::pg_catalog.text))"
     >>> mask_sql("t.c", "blur")
     Traceback (most recent call last):
     ...
@@ -286,4 +303,6 @@ def mask_sql(col: str, method_option: str, column_type: str | None = None) -> st
     fn = METHODS.get(name)
     if fn is None:
         raise MaskError(f"unknown masking method {name!r}")
+    if name in SCOPED:
+        return fn(col, option or None, column_type, scope)
     return fn(col, option or None, column_type)

@@ -505,7 +505,7 @@ def derived_table(ref: RelationRef, tp: TablePlan, ctx: Context, row_id: bool = 
             items.append(src)
             continue
         try:
-            items.append(f"{mask_sql(src, method, rel.type_of(col))} AS {quote_ident(col)}")
+            items.append(f"{mask_sql(src, method, rel.type_of(col), ctx.plan.purpose)} AS {quote_ident(col)}")
         except MaskError as exc:
             raise Refused(f"column {ref.table}.{col} cannot be masked ({method}): {exc}") from None
     if row_id:

@@ -102,6 +102,11 @@ def pseudonym(pads: tuple[bytes, bytes], value: str) -> str:
     return hashlib.sha256(outer + hashlib.sha256(inner + value.encode()).digest()).hexdigest()[:32]
 
 
+def scoped(pads: tuple[bytes, bytes], purpose: str, value: str) -> str:
+    """The pseudonym the hash mask gives ``value`` under ``purpose``: each purpose's pseudonyms are its own."""
+    return pseudonym(pads, f"{purpose}|{value}")
+
+
 # --- clients ----------------------------------------------------------------------------------------
 
 def proxy_dsn(proxy, purpose: str | None) -> str:
@@ -210,7 +215,7 @@ def test_every_method_in_the_output_with_psql(mproxy, key_pads):
                       "SELECT amount IS NULL, issued_at IS NULL FROM billing.invoices WHERE invoice_id = 201;\n")
     assert not err, err
     assert lines == ["|".join(MEMBER_1.values()),
-                     f"{pseudonym(key_pads, CARD_101)}|{pseudonym(key_pads, '2031-01-31')}", "t|t"]
+                     f"{scoped(key_pads, 'support', CARD_101)}|{scoped(key_pads, 'support', '2031-01-31')}", "t|t"]
 
 
 def test_every_method_in_the_output_with_psycopg(mproxy, key_pads):
@@ -218,7 +223,7 @@ def test_every_method_in_the_output_with_psycopg(mproxy, key_pads):
         (row,) = prows(mproxy, "support", MEMBER_SQL, prepare=prepare)
         assert [text(v) for v in row] == list(MEMBER_1.values())
     (row,) = prows(mproxy, "support", "SELECT card_number FROM billing.cards WHERE card_id = $1", [101])
-    assert row == (pseudonym(key_pads, CARD_101),)
+    assert row == (scoped(key_pads, 'support', CARD_101),)
     (row,) = prows(mproxy, "support", "SELECT amount, issued_at FROM billing.invoices WHERE invoice_id = $1", [201])
     assert row == (None, None)
 
@@ -231,7 +236,7 @@ def test_every_method_in_the_output_with_asyncpg(mproxy, key_pads):
             assert {k: text(v) for k, v in row.items()} == MEMBER_1
             assert isinstance(row["birth_date"], datetime.date)  # year keeps the date type
             card = await conn.fetchval("SELECT card_number FROM billing.cards WHERE card_id = $1", 101)
-            assert card == pseudonym(key_pads, CARD_101)
+            assert card == scoped(key_pads, 'support', CARD_101)
             amount = await conn.fetchrow("SELECT amount FROM billing.invoices WHERE invoice_id = 201")
             assert amount["amount"] is None
         finally:
@@ -298,7 +303,7 @@ def test_every_method_in_predicates(mproxy, column, raw, masked):
 def test_hash_and_redact_in_predicates(mproxy, key_pads):
     sql = "SELECT count(*) FROM billing.cards WHERE card_id = 101 AND card_number = $1"
     assert prows(mproxy, "support", sql, [CARD_101]) == [(0,)]
-    assert prows(mproxy, "support", sql, [pseudonym(key_pads, CARD_101)]) == [(1,)]
+    assert prows(mproxy, "support", sql, [scoped(key_pads, "support", CARD_101)]) == [(1,)]
     lines, err = psql(mproxy, "support", "SELECT count(*) FROM billing.invoices WHERE amount > 0;\n"
                                          "SELECT count(*) FROM billing.invoices WHERE amount IS NULL;\n")
     assert (lines, err) == (["0", "12"], "")  # 13 invoices; member 3 withdrew support
@@ -537,7 +542,7 @@ def test_pseudonyms_are_stable_and_keyed(pg, mproxy, key_pads):
     first = prows(mproxy, "support", "SELECT card_number FROM billing.cards ORDER BY card_id")
     again = prows(mproxy, "support", "SELECT card_number FROM billing.cards ORDER BY card_id")
     assert first == again  # stable across sessions
-    assert first[0][0] == pseudonym(key_pads, CARD_101)
+    assert first[0][0] == scoped(key_pads, 'support', CARD_101)
     assert first[0][0] != hashlib.sha256(CARD_101.encode()).hexdigest()[:32]  # keyed, not a plain hash
     assert "key kept" in install(pg, DATABASE)  # installing again keeps the key and the pseudonyms
     assert prows(mproxy, "support", "SELECT card_number FROM billing.cards ORDER BY card_id") == first
@@ -593,7 +598,7 @@ def test_key_not_in_pg_stat_activity(pg, mproxy, key_pads):
     prows(mproxy, "support", "SELECT card_number, pg_sleep(1.5) FROM billing.cards WHERE card_id = 101")
     t.join()
     assert seen, "the statement was not seen in pg_stat_activity"
-    assert "purpose_proxy.pseudonym((__pp_row.card_number)::pg_catalog.text)" in seen[0]
+    assert "purpose_proxy.pseudonym(pg_catalog.textcat('support|', (__pp_row.card_number)::pg_catalog.text))" in seen[0]
     key = bytes(b ^ 0x36 for b in key_pads[0])
     for secret in (key_pads[0].hex(), key_pads[1].hex(), key.hex()):
         assert secret[:16] not in seen[0]

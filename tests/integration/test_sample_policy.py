@@ -100,6 +100,48 @@ def test_row_keys_beside_hashed_member_ids_are_hashed_too(isp):
     assert raw_subscriptions and keys and not keys & raw_subscriptions
 
 
+def test_pseudonyms_are_the_purposes_own_and_ads_carry_nothing_that_maps_them_back(isp):
+    """Hunt 31: the ads' member pseudonyms (000 part B: 個人を特定しない形) were the pseudonyms every purpose
+    saw, beside the exact joining date, which every purpose reading member ids reads in the clear: one join
+    on it re-identified every ad profile, and support's calls (mapped back by their start time) or research
+    joined to the ads on the pseudonym itself."""
+    sql = "SELECT member_id FROM member.members ORDER BY member_id"
+    seen = {}
+    for role, purpose in [("app_marketing", "marketing.ads.behavioural"), ("app_marketing", "marketing.ads.third_party"),
+                          ("analyst", "research"), ("analyst", "research.behaviour_analysis")]:
+        with connect(isp, role, purpose) as conn:
+            seen[purpose] = {r[0] for r in conn.execute(sql)}
+    with connect(isp, "app_support", "support_quality") as conn:
+        seen["support_quality"] = {r[0] for r in conn.execute(
+            "SELECT member_id FROM support.call_recordings WHERE member_id IS NOT NULL")}
+    raw = {str(r[0]) for r in direct(isp, sql)}
+    assert all(len(v) > 10 for v in seen.values())
+    for a in seen:
+        assert not seen[a] & raw, a
+        for b in seen:
+            assert a == b or not seen[a] & seen[b], (a, b)
+    with connect(isp, "app_marketing", "marketing.ads") as conn:
+        for column in ("joined_at", "cancelled_at", "status"):
+            assert "contract.membership" in refusal(conn, f"SELECT member_id, {column} FROM member.members")
+        assert "contract.subscription" in refusal(conn, "SELECT member_id, started_on FROM telecom.subscriptions")
+    # the same purpose keeps its pseudonyms stable, across statements and tables
+    with connect(isp, "app_marketing", "marketing.ads.third_party") as conn:
+        profiled = {r[0] for r in conn.execute("SELECT member_id FROM ads.interest_profiles WHERE member_id IS NOT NULL")}
+    assert profiled and profiled <= seen["marketing.ads.third_party"]
+
+
+def test_recorded_callers_numbers_are_call_data(isp):
+    """Hunt 31: every purpose reading phone numbers listed the numbers that called support and were recorded."""
+    for role, purpose in [("app_marketing", "marketing.announcements"), ("app_billing", "billing"),
+                          ("app_exchange", "nonpayer_exchange"), ("app_partner", "partner_referral")]:
+        with connect(isp, role, purpose) as conn:
+            assert "call.meta" in refusal(conn, "SELECT DISTINCT caller_number FROM support.call_recordings")
+            assert "call.meta" in refusal(conn, "SELECT m.email FROM member.members m WHERE m.phone IN "
+                                                "(SELECT caller_number FROM support.call_recordings)")
+    with connect(isp, "app_support", "support") as conn:
+        assert len(conn.execute("SELECT DISTINCT caller_number FROM support.call_recordings").fetchall()) > 10
+
+
 def test_a_user_aggregate_named_count_is_not_a_statistic(isp):
     every = direct(isp, "SELECT count(amount) FROM billing.invoices WHERE invoice_id <= 40")[0][0]
     assert isinstance(every, list) and len(every) == 40  # what it would hand out: the amounts themselves
