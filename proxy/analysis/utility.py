@@ -310,6 +310,83 @@ def ends_a_transaction_aside(sql: str) -> bool:
     return "chain" in low or "prepared" in low
 
 
+# --- temporary relations ---------------------------------------------------------------------------------
+
+_TEMP_WORDS = frozenset({"temp", "temporary"})
+_INTO_WORDS = frozenset({"temp", "temporary", "unlogged", "table", "global", "local"})
+
+
+def is_temp_schema(name: str) -> bool:
+    """Whether a search_path entry or schema name is a temporary schema (the ``pg_temp`` alias or a
+    ``pg_temp_N`` schema itself).
+
+    >>> [is_temp_schema(n) for n in ("pg_temp", "pg_temp_3", "pg_temporal", "public")]
+    [True, True, False, False]
+    """
+    return name == "pg_temp" or name.startswith("pg_temp_")
+
+
+def temporary_relations(tokens: tuple[Token, ...] | list[Token], temp_first: bool) -> list[str] | None:
+    """The names of the relations a DDL statement (or ``SELECT ... INTO``) may create in the session's
+    temporary schema: ``[]`` when it creates none there, None when it may create one whose name these
+    tokens do not tell. ``temp_first``: the search_path may make the temporary schema the one
+    unqualified names are created in (pg_temp listed first; documentation 5.9.3, "The Schema Search
+    Path": "the first schema in the search path is called the current schema ... new objects are
+    created there"). A temporary relation is searched before every schema unless pg_temp is listed
+    (the same section), where the proxy's loader, which cannot see another session's temporary
+    schema, knows nothing of it.
+
+    >>> from proxy.analysis.lexer import scan
+    >>> temporary_relations(scan("CREATE TEMP TABLE IF NOT EXISTS Members (id int)"), False)
+    ['members']
+    >>> temporary_relations(scan('CREATE TABLE pg_temp."X" (id int)'), False), temporary_relations(scan("CREATE TABLE t (temp int)"), False)
+    (['X'], [])
+    >>> temporary_relations(scan("WITH q AS (SELECT 1 AS a) SELECT a INTO TEMPORARY TABLE notes FROM q"), False)
+    ['notes']
+    >>> temporary_relations(scan("CREATE VIEW v AS SELECT 1"), True), temporary_relations(scan("ALTER TABLE pg_temp.a RENAME TO b"), False)
+    (['v'], None)
+    >>> temporary_relations(scan("DROP TABLE pg_temp.a"), True), temporary_relations(scan("CREATE INDEX ON pg_temp.a (x)"), False)
+    ([], [])
+    """
+    words = [word(t) for t in tokens]
+    if not ({"create", "into", "rename"} & set(words)) or "index" in words[:3]:
+        return []  # DROP, GRANT, COMMENT, CREATE INDEX ...: no relation one could read from
+    temp_named = any(w in _TEMP_WORDS for w in words) or any(
+        t.kind in (T.IDENT, T.QIDENT) and is_temp_schema(t.value) for t in tokens)
+    if not temp_named and not temp_first:
+        return []
+    unknown = None  # a form not read below (ALTER ... RENAME, CREATE ... AS EXECUTE into pg_temp ...)
+    try:
+        r = _Reader(tokens, "CREATE")
+        if r.accept("create"):
+            if r.accept("or"):
+                r.expect("replace")
+            r.accept("global", "local")
+            temp = r.accept("temp", "temporary") is not None
+            r.accept("unlogged")
+            r.accept("recursive")
+            if r.accept("table", "view", "sequence") is None:
+                return unknown
+            if r.accept("if"):
+                r.expect("not")
+                r.expect("exists")
+        else:  # SELECT ... INTO: the first INTO outside parentheses
+            depth, temp = 0, False
+            while True:
+                tok = r.next()
+                depth += (tok.kind is T.LPAREN) - (tok.kind is T.RPAREN)
+                if depth == 0 and word(tok) == "into":
+                    break
+            while (w := r.accept(*_INTO_WORDS)) is not None:
+                temp = temp or w in _TEMP_WORDS
+        parts = r.qualified_name()
+    except Unsupported:
+        return unknown
+    if len(parts) > 1:
+        return [parts[-1]] if is_temp_schema(parts[-2]) else []
+    return parts if temp or temp_first else []
+
+
 # --- EXPLAIN / PREPARE / EXECUTE / DECLARE / DEALLOCATE ------------------------------------------------------
 
 

@@ -20,11 +20,12 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from proxy.analysis.access import analyze
+from proxy.analysis.access import analyze, lex
+from proxy.analysis.lexer import LexError, T, split_statements, truncate_identifier
 from proxy.analysis.model import Analysis, Kind, Table
 from proxy.analysis.schema import format_search_path, parse_search_path
 from proxy.analysis.shape import shape
-from proxy.analysis.utility import ends_a_transaction_aside
+from proxy.analysis.utility import ends_a_transaction_aside, is_temp_schema, temporary_relations
 from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
@@ -104,6 +105,7 @@ MAX_CURSORS = 256  # cursors a session remembers the query of, for the audit of 
 
 _DEALLOCATE_ALL = re.compile(r"^\s*deallocate\s+(prepare\s+)?all\s*;?\s*$", re.I)
 _CLOSE_ALL = re.compile(r"^\s*close\s+all\s*;?\s*$", re.I)
+_DISCARD_TEMP = re.compile(r"^\s*discard\s+(temp|temporary|all)\s*;?\s*$", re.I)
 # What may run while the schema the proxy decides on is changing (DDL not yet committed in this
 # session, or committed and not yet loaded): statements that name no relation of that schema.
 _SCHEMA_FREE = frozenset({Kind.DDL, Kind.SET, Kind.SHOW, Kind.TRANSACTION, Kind.UTILITY, Kind.EMPTY})
@@ -187,6 +189,13 @@ class PurposeSession:
         # ReadyForQuery messages still to come that may follow a commit of DDL (see ``_apply``).
         self._news_ahead = 0
         self.holdable_cursors = False  # a DECLARE ... WITH HOLD may still be open
+        # Temporary relations this session may have created (CREATE TEMP TABLE, SELECT ... INTO TEMP, ...):
+        # PostgreSQL searches the session's temporary schema before every schema of the search_path unless
+        # pg_temp is listed, and the proxy's loader cannot see it, so an unqualified name of one of these is
+        # refused (``_temp_shadowing``). ``temp_unknown``: one may exist whose name the proxy could not tell.
+        self.temp_relations: set[str] = set()
+        self.temp_unknown = False
+        self._temp_created = 0  # DDL that may have created one, so far (see ``_temps_discarded``)
         self._holdable_declared = 0  # DECLARE ... WITH HOLD let through so far (see ``_cursors_closed``)
         # cursor name -> the explanation of the DECLARE that opened it, for the FETCHes from it (``_declared``)
         self.cursors: dict[str, Explanation] = {}
@@ -311,7 +320,8 @@ class PurposeSession:
         # While a SET is unconfirmed a statement is decided twice (below): no cache then; nor while
         # the schema is changing (every statement is checked by ``_schema_changing``).
         changing = self._ddl_open or self.database in self.runtime.stale
-        cache = self.runtime.cache if self._unsettled is None and not changing else None
+        temps = bool(self.temp_relations) or self.temp_unknown  # (checked on each statement: no cache)
+        cache = self.runtime.cache if self._unsettled is None and not changing and not temps else None
         shp = None
         if cache is not None:
             context = (self.role, self.purpose, usable[3], policy.version, db.schema.version, scs)
@@ -346,6 +356,8 @@ class PurposeSession:
         analysis = analyze(sql, db.schema, path, self.role, standard_conforming_strings=scs)
         statements = analysis.statements
         refused = self._session_rules(analysis, via)
+        if refused is None and temps:
+            refused = self._temp_shadowing(analysis, path, scs)
         if refused is not None:
             return refused, None
         if changing or any(st.kind is Kind.DDL for st in statements):
@@ -536,6 +548,8 @@ class PurposeSession:
         """Update the session state for an allowed (or masked) statement."""
         sql = analysis.sql
         before = (self.purpose, list(self.search_path))
+        if any(st.kind is Kind.DDL for st in analysis.statements):
+            self._temps_created(sql)
         for st in analysis.statements:
             for name, value, _ in st.settings:
                 if name in (self.setting, "search_path", "all") and self.relay is not None:
@@ -584,6 +598,96 @@ class PurposeSession:
             if analysis.statements[0].kind is Kind.UTILITY:  # DISCARD ALL also drops prepared statements
                 self._deallocated(None, via)
                 self._cursors_closed(via)
+        if (self.temp_relations or self.temp_unknown) and _DISCARD_TEMP.match(sql):
+            self._temps_discarded(via)
+
+    # --- temporary relations ------------------------------------------------------------------
+
+    def _temps_created(self, sql: str) -> None:
+        """Remember the temporary relations the DDL in ``sql`` may create (when it is decided: one that
+        fails in PostgreSQL only leaves a name refused that need not be). Renaming while some exist
+        may give one a name the proxy cannot follow."""
+        try:
+            parts = split_statements(sql, lex(sql, self._scs))
+        except LexError:
+            self.temp_unknown = True
+            self._temp_created += 1
+            return
+        temp_first = any(is_temp_schema(s) for s in self._search_path)
+        for part in parts:
+            words = {t.value for t in part.tokens if t.kind is T.IDENT}
+            names = temporary_relations(part.tokens, temp_first)
+            if names is None or ("rename" in words and (self.temp_relations or self.temp_unknown)):
+                self.temp_unknown = True
+                self._temp_created += 1
+            elif names:
+                self.temp_relations.update(names)
+                self._temp_created += 1
+
+    def _temps_discarded(self, via: str) -> None:
+        """DISCARD TEMP (or ALL) drops every temporary relation once it has run without an error, unless
+        another may have been created meanwhile. Through Parse it runs only if executed: the names stay."""
+        if via != "query":
+            return
+        created = self._temp_created
+
+        def done(errored: bool) -> None:
+            if not errored and self._temp_created == created:
+                self.temp_relations.clear()
+                self.temp_unknown = False
+
+        self._once_done(done, via)
+
+    def _temp_shadowing(self, analysis: Analysis, path: list[str], scs: bool) -> Block | None:
+        """The refusal of a statement that may read a temporary relation of this session where the proxy
+        resolves the name to a relation of its schema (or to none), else None.
+
+        PostgreSQL searches the session's temporary schema first unless pg_temp is listed in the
+        search_path, and then where it is listed (documentation 5.9.3, and the search_path setting in
+        20.11.1); the proxy's loader cannot see it. A temporary table named like a catalogued table
+        would otherwise be decided as that table (a hunt copied phone numbers into a temporary
+        ``members`` decided as crm.members under one purpose, then read them as the decoy
+        public.members under a purpose that may not read phone numbers)."""
+        if self.temp_unknown:
+            for st in flatten(analysis.statements):
+                if st.kind not in (Kind.SET, Kind.SHOW, Kind.TRANSACTION, Kind.EMPTY) and (
+                        st.tables or st.columns or st.references):
+                    return _refuse("statement refused: this session may have created a temporary relation whose "
+                                   "name purpose-proxy could not follow", sqlstate="0A000",
+                                   reason="temporary-relation",
+                                   hint="DISCARD TEMP, or create temporary relations with CREATE TEMP TABLE name "
+                                        "(without renaming them).")
+            return None
+        try:
+            tokens = lex(analysis.sql, scs)
+        except LexError:
+            return None  # the analysis refused it already
+        names = self.temp_relations
+        for i, tok in enumerate(tokens):
+            if tok.kind is not T.IDENT and tok.kind is not T.QIDENT:
+                continue
+            name = truncate_identifier(tok.value)
+            if name not in names or (i > 0 and tokens[i - 1].kind is T.DOT) or (
+                    i + 1 < len(tokens) and tokens[i + 1].kind is T.DOT):
+                continue  # qualified, or a qualifier (the relation it qualifies is named elsewhere)
+            if self._temp_first(name, path):
+                return _refuse(f"statement refused: \"{name}\" may name a temporary relation of this session, "
+                               "which purpose-proxy cannot see", sqlstate="0A000", reason="temporary-relation",
+                               hint=f"Qualify the name (pg_temp.{name}, or the schema of the relation meant), or "
+                                    "list pg_temp after that schema in search_path.")
+        return None
+
+    def _temp_first(self, name: str, path: list[str]) -> bool:
+        """Whether PostgreSQL would search the temporary schema for ``name`` before finding it elsewhere on
+        ``path`` (the schemas it searches): the temporary schema comes first unless listed."""
+        at = next((i for i, s in enumerate(path) if is_temp_schema(s)), None)
+        if at is None:
+            return True
+        before = [self.role if s == "$user" else s for s in path[:at]]
+        if "pg_catalog" not in path:  # searched first unless listed (after pg_temp, then)
+            before.insert(0, "pg_catalog")
+        schema = self.db.schema
+        return not any(schema.relation(s, name) is not None for s in before)
 
     def _once_done(self, callback, via: str) -> None:
         """Call ``callback(errored)`` when the statement being decided has run (at its batch's

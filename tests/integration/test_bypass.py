@@ -18,6 +18,7 @@ real PostgreSQL (tests/fixtures/enforce: schema with canary values, policy, corp
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
@@ -625,3 +626,59 @@ def test_scenario_role_at_connect_time_is_refused(options, pg, enforce_proxy):
                                     options=f"'-c pii.purpose=marketing {options}'")):
             pytest.fail("connected")
     assert "role at connect time" in str(info.value)
+
+
+def _after_reload(conn, sql: str):
+    """Run ``sql``, retrying while the proxy reloads the schema after DDL (40001, schema-reloading)."""
+    for _ in range(100):
+        try:
+            return conn.execute(sql)
+        except psycopg.Error as e:
+            if e.sqlstate != "40001":
+                raise
+            time.sleep(0.05)
+    return conn.execute(sql)
+
+
+def test_scenario_temp_table_shadowing_a_catalogued_table(pg, enforce_proxy):
+    """A temporary table is searched before the search_path's schemas (pg_temp comes first unless
+    listed) and the proxy's loader cannot see it. Hunt 30: under maintenance (which may run DDL) a
+    temporary ``members``; under support, with search_path crm, phone numbers copied into it as
+    "crm.members"; under marketing, with search_path public, read back as the decoy public.members."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
+        conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
+        conn.execute("SET pii.purpose = 'support'")
+        conn.execute("SET search_path = crm, public")
+        try:
+            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
+        except psycopg.Error as e:
+            assert e.sqlstate == "0A000", e
+        conn.execute("SET pii.purpose = 'marketing'")
+        conn.execute("SET search_path = public")
+        for sql in ("SELECT phone FROM members", "SELECT * FROM members", "SELECT m.phone FROM members m",
+                    'SELECT phone FROM "members"', "TABLE members"):
+            try:
+                rows = _after_reload(conn, sql).fetchall()
+            except psycopg.Error as e:
+                assert e.sqlstate == "0A000", e
+            else:
+                assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS {sql}: {rows}"
+        # Qualified names are not in question; and once the temporary relations are gone, the name is free.
+        assert _after_reload(conn, "SELECT phone FROM public.members ORDER BY 1").fetchone() == ("decoy-phone-1",)
+        conn.execute("DISCARD TEMP")
+        assert conn.execute("SELECT phone FROM members ORDER BY 1").fetchone() == ("decoy-phone-1",)
+
+
+def test_scenario_temp_view_over_a_temp_table(pg, enforce_proxy):
+    """A view over a temporary table is itself temporary (whatever its name): creating one that reads the
+    temporary ``members`` by an unqualified name is refused, as reading it is."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
+        conn.execute("SET search_path = crm, public")
+        conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
+        with pytest.raises(psycopg.Error) as e:
+            _after_reload(conn, "CREATE VIEW notes AS SELECT member_id, 1 AS note_id, phone AS body FROM members")
+        assert e.value.sqlstate == "0A000"
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("ALTER TABLE members RENAME TO notes")
+        assert e.value.sqlstate == "0A000"
+        conn.execute("DROP TABLE pg_temp.members")
