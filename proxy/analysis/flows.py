@@ -104,6 +104,62 @@ def called_as(cls: type) -> frozenset[str]:
     return _CALLED_AS.get(cls, frozenset())
 
 
+# What a boolean constant may be spelt as in a string (8.1.2.5 "Boolean Type"; unique prefixes aside).
+_BOOLEAN_TEXTS = {"true": True, "t": True, "on": True, "yes": True, "y": True, "1": True,
+                  "false": False, "f": False, "off": False, "no": False, "n": False, "0": False}
+
+
+def _sole_call(node: exp.Expr) -> bool:
+    """Whether ``node`` is the whole of its statement: ``SELECT f(...)`` or ``SELECT f(...) AS x``, with no
+    FROM, WHERE, LIMIT, set operation or anything else that could run it other than exactly once.
+
+    >>> import sqlglot
+    >>> [_sole_call(sqlglot.parse_one(q, read="postgres").find(exp.Anonymous)) for q in
+    ...  ("SELECT s.f(1) AS x", "SELECT f(1) WHERE false", "SELECT f(1), 2", "SELECT (SELECT f(1))")]
+    [True, False, False, False]
+    """
+    up = node.parent
+    if isinstance(up, exp.Dot) and up.expression is node:  # pg_catalog.f(...)
+        node, up = up, up.parent
+    if isinstance(up, exp.Alias) and up.this is node:
+        node, up = up, up.parent
+    return (isinstance(up, exp.Select) and up.parent is None and node.arg_key == "expressions"
+            and len(up.expressions) == 1 and all(k == "expressions" or not v for k, v in up.args.items()))
+
+
+def _pg_settings_row(node: exp.Expr, name: exp.Expr) -> str | None:
+    """The setting ``set_config(name, ...)`` names in ``SELECT set_config(name, ...) FROM pg_settings WHERE
+    name = 'x'`` (pg_dump's way of setting what the server may not have, restrict_nonsystem_relation_kind
+    since 15.8): 'x', lower case; None for any other form.
+
+    >>> import sqlglot
+    >>> q = "SELECT set_config(name, 'view', false) FROM pg_catalog.pg_settings WHERE name = 'Restrict_X'"
+    >>> call = sqlglot.parse_one(q, read="postgres").find(exp.Anonymous)
+    >>> _pg_settings_row(call, call.expressions[0])
+    'restrict_x'
+    """
+    select = node.parent.parent if isinstance(node.parent, exp.Alias) else node.parent
+    if not (isinstance(name, exp.Column) and not name.table and name.name == "name" and isinstance(select, exp.Select)
+            and select.parent is None and len(select.expressions) == 1):
+        return None
+    if any(v for k, v in select.args.items() if k not in ("expressions", "from_", "where")):
+        return None
+    source, where = select.args.get("from_"), select.args.get("where")
+    table = source.this if source is not None else None
+    if not (isinstance(table, exp.Table) and table.name == "pg_settings" and table.db in ("", "pg_catalog")
+            and not table.args.get("joins") and not table.alias and not table.catalog):
+        return None
+    cond = where.this if where is not None else None
+    if not isinstance(cond, exp.EQ):
+        return None
+    sides = (cond.this, cond.expression)
+    for col, lit in (sides, sides[::-1]):
+        if (isinstance(col, exp.Column) and not col.table and col.name == "name" and isinstance(lit, exp.Literal)
+                and lit.is_string):
+            return lit.name.lower()
+    return None
+
+
 # Expressions PostgreSQL names after their construct in a result column (FigureColname).
 _FIGURE_NAMES = ((exp.Case, "case"), (exp.Coalesce, "coalesce"), (exp.Nullif, "nullif"),
                  (exp.Greatest, "greatest"), (exp.Least, "least"), (exp.Exists, "exists"), (exp.Array, "array"))
@@ -2063,17 +2119,25 @@ class Analyzer:
         """
         args = node.expressions
         self.acc.reads_constants = True
+        if len(args) == 3 and (named := _pg_settings_row(node, args[0])) is not None:
+            table = node.find_ancestor(exp.Select).args["from_"].this
+            rel = resolve_relation(self.ctx.schema, self.path, table.name, table.db or None)
+            if (rel.schema, rel.name) == ("pg_catalog", "pg_settings"):  # (not a relation of that name elsewhere)
+                args = [exp.Literal.string(named), *args[1:]]
         if len(args) != 3 or not (isinstance(args[0], exp.Literal) and args[0].is_string):
             raise Unsupported("set_config with a setting name that is not a constant")
         value = args[1].this if isinstance(args[1], exp.Literal) and args[1].is_string else None
         local = args[2]
+        constant = True
         if isinstance(local, exp.Boolean):
             is_local = bool(local.this)
-        elif isinstance(local, exp.Literal) and local.is_string:
-            is_local = str(local.this).lower() in ("true", "t", "on", "yes", "y", "1")
+        elif isinstance(local, exp.Literal) and local.is_string and local.name.lower() in _BOOLEAN_TEXTS:
+            is_local = _BOOLEAN_TEXTS[local.name.lower()]
         else:
-            is_local = False
+            is_local, constant = False, False
         self.acc.settings.append((args[0].this.lower(), value, is_local))
+        if constant and value is not None and _sole_call(node) and len(self.acc.settings) == 1:
+            self.acc.set_command = True
 
     # --- naming -------------------------------------------------------------------------------------------------------
 

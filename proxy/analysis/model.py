@@ -225,6 +225,9 @@ class StatementAccess:
     # The analysis depended on the value of a constant (an ORDER BY/GROUP BY position, a
     # set_config name): a statement of the same shape with other constants may differ.
     reads_constants: bool = False
+    # The statement is ``SELECT [pg_catalog.]set_config('name', 'value', false|true)`` and nothing else: a SET
+    # by another name, run exactly once (pg_dump and pg_restore open with one for search_path).
+    set_command: bool = False
     # DECLARE ... WITH HOLD: the cursor outlives its transaction (read from the tokens).
     holdable: bool = False
     # DECLARE name / FETCH ... name: the cursor declared or read.

@@ -11,7 +11,9 @@ and ``current_setting`` answer as usual. Because the proxy must know the value
 PostgreSQL has, the settings the analysis depends on (the purpose and
 search_path) may only change at a quiet point of the session: outside a
 transaction block, with nothing else in flight, in a statement of their own,
-and never with ``SET LOCAL`` or ``set_config``. Anything else is refused.
+and never with ``SET LOCAL``; ``set_config`` only for search_path, as the whole
+statement, with constant arguments (``SELECT set_config('search_path', '', false)``,
+as pg_dump sends it). Anything else is refused.
 """
 
 from __future__ import annotations
@@ -448,7 +450,11 @@ class PurposeSession:
                                    hint=f"DEALLOCATE {st.prepared_name} (or DEALLOCATE ALL) first.")
             if "pg_catalog.set_config" in st.functions:
                 names = {name for name, _, _ in st.settings}
-                if not names or names & (_GUARDED | {self.setting}):
+                # ``SELECT set_config('search_path', '', false)`` alone, all constants, is a SET by another
+                # name (pg_dump's first statement): decided by the SET rules below, as SET search_path is.
+                # (The purpose is declared with SET only: its changes are what auditors read in the log.)
+                tracked = st.set_command and st.kind is Kind.SELECT and names == {"search_path"}
+                if not names or names & (_GUARDED | {self.setting}) and not tracked:
                     return _refuse(
                         "set_config() on the purpose, search_path, role or client_encoding is refused by "
                         "purpose-proxy",

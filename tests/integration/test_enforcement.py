@@ -228,6 +228,35 @@ def test_reset_goes_back_to_the_connect_time_purpose(pg, enforce_proxy):
             conn.execute("SELECT phone FROM crm.members WHERE member_id = 1")
 
 
+def test_set_config_of_search_path_alone_is_followed_as_a_set(pg, enforce_proxy):
+    """``SELECT set_config('search_path', '...', false)`` on its own, with constants, is how pg_dump and
+    pg_restore set search_path: the proxy follows it as SET search_path. Decided on the old path, the read
+    below would be refused (public.members has no email); any other use of set_config on it is refused."""
+    with psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True) as conn:
+        assert conn.execute("SELECT pg_catalog.set_config('search_path', 'crm', false)").fetchone() == ("crm",)
+        assert conn.execute("SELECT email FROM members WHERE member_id = 1").fetchone()
+        for sql in ("SELECT set_config('search_path', 'public', false) WHERE true",
+                    "SELECT set_config('search_path', 'public', true)",
+                    "SELECT set_config('pii.purpose', 'support', false)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+        assert conn.execute("SHOW search_path").fetchone() == ("crm",)
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.ActiveSqlTransaction):  # (25001) as SET search_path
+                conn.execute("SELECT set_config('search_path', 'public', false)")
+
+
+def test_pg_dump_through_the_proxy(pg, enforce_proxy):
+    """pg_dump opens with set_config('search_path', '', false) and a set_config over pg_settings; a schema's
+    dump goes through, its data under the purpose's rules."""
+    password = next(u.password for u in pg.users if u.name == "app")
+    env = {**os.environ, "PGPASSWORD": password, "PGOPTIONS": "-c pii.purpose=billing"}
+    r = subprocess.run(["pg_dump", "-h", enforce_proxy.host, "-p", str(enforce_proxy.port), "-U", "app", "-d", "app",
+                        "-s", "-n", "crm"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "CREATE TABLE crm.members" in r.stdout
+
+
 def test_set_purpose_inside_a_transaction_block_is_refused(pg, enforce_proxy):
     seen = error_of(pg, enforce_proxy, "marketing", "SET pii.purpose = 'support'", setup=("BEGIN",))
     assert seen.sqlstate == "25001" and seen.from_proxy()
