@@ -87,9 +87,11 @@ def catalog_tls(config: Config, dsn: str) -> ssl.SSLContext | None:
     card numbers look like another. They followed asyncpg's default (prefer: encrypt if the
     server agrees, verify nothing) even where the operator had asked require or verify-full
     of the upstream leg. Now require and verify-full (with upstream_tls_ca) apply to them
-    too. The DSN's own ``sslmode`` or ``ssl`` wins, and so does PGSSLMODE. Under prefer,
-    asyncpg's default stays. A unix-socket DSN gets no TLS either way (asyncpg uses none
-    there).
+    too. The DSN's own ``sslmode`` wins, and so does PGSSLMODE. Under prefer, asyncpg's
+    default stays. A unix-socket DSN gets no TLS either way (asyncpg uses none there).
+    Only ``sslmode`` is the DSN's say: asyncpg sends every query parameter it does not know
+    (``ssl=true`` among them) to the server as a setting, so exempting those fell back to
+    prefer, which an impostor that declines TLS satisfies (a real server refuses the setting).
 
     >>> catalog_tls(Config(upstream_tls="require"), "postgresql://reader@db/postgres").verify_mode.name
     'CERT_NONE'
@@ -97,10 +99,11 @@ def catalog_tls(config: Config, dsn: str) -> ssl.SSLContext | None:
     True
     >>> catalog_tls(Config(upstream_tls="prefer"), "postgresql://reader@db/postgres") is None
     True
+    >>> catalog_tls(Config(upstream_tls="require"), "postgresql://reader@db/postgres?ssl=false").verify_mode.name
+    'CERT_NONE'
     """
     if config.upstream_tls not in ("require", "verify-full") or os.environ.get("PGSSLMODE"):
         return None
-    query = parse_qs(urlsplit(dsn).query)
-    if "sslmode" in query or "ssl" in query:
+    if "sslmode" in parse_qs(urlsplit(dsn).query):  # (asyncpg's own reading: urllib's, the last value wins)
         return None
     return upstream_tls_context(config)

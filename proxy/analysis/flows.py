@@ -1864,21 +1864,35 @@ class Analyzer:
         """``x COLLATE name`` reads ``x``; the name is a collation's (24.2 "Collation Support"), which sqlglot
         makes a column when qualified (``COLLATE pg_catalog.default``, in every psql ``\\d`` pattern query).
 
+        sqlglot also reads a call of a function named collate (``"collate"(x, y)``, PostgreSQL's
+        4.2.6 "Function Calls": COLLATE is a reserved word, quoted it names any function) as this
+        node, its second argument an unqualified column: that form reads both arguments, and so
+        does a qualified name where a function named collate is on the path (``special`` has
+        recorded it: ``"collate"(x, m.card_number)`` and ``x COLLATE s.c`` are the same tree).
+
         >>> from proxy.analysis.access import analyze
         >>> from proxy.analysis.schema import Schema
         >>> s = Schema.from_dict({"schemas": {"app": {"tables": {"t": {"columns": ["a", "b"]}}}}})
-        >>> sql = 'SELECT a FROM t WHERE b > $1 COLLATE pg_catalog.default ORDER BY a COLLATE "C"'
+        >>> sql = 'SELECT a FROM t WHERE b > $1 COLLATE pg_catalog.default ORDER BY a COLLATE "C", a COLLATE ucs_basic'
         >>> st = analyze(sql, s, ["app"], "r").statements[0]
         >>> sorted((c.name, u.name) for c, u in st.columns.items()), st.unsupported
         ([('a', 'PROJECT|FILTER'), ('b', 'FILTER')], [])
+        >>> st = analyze('SELECT "collate"(a, b) FROM t', s, ["app"], "r").statements[0]
+        >>> sorted((c.name, u.name) for c, u in st.columns.items())
+        [('a', 'PROJECT'), ('b', 'PROJECT')]
         """
         _check_args(node, frozenset({"this", "expression"}), "COLLATE")
         name = node.expression
-        if not (isinstance(name, exp.Identifier)
-                or isinstance(name, exp.Column) and not name.args.get("db") and not name.args.get("catalog")
+        if isinstance(name, (exp.Identifier, exp.Var)):  # x COLLATE "C", x COLLATE ucs_basic
+            return self.expr(node.this, env)
+        if not (isinstance(name, exp.Column) and not name.args.get("db") and not name.args.get("catalog")
                 and isinstance(name.this, exp.Identifier)):
             raise Unsupported("a COLLATE clause the analysis does not read")
-        return self.expr(node.this, env)
+        if name.args.get("table") is not None and not self.shadowing(node):
+            return self.expr(node.this, env)  # x COLLATE schema.name
+        out = dict(self.expr(node.this, env))  # "collate"(x, y): a call, reading both
+        merge_into(out, self.expr(name, env))
+        return out
 
     def name_flow(self, node: exp.Var | exp.Identifier, env: Env) -> Flow:
         """A bare name sqlglot did not make a column (EXTRACT's field, date_part's or date_trunc's first

@@ -347,15 +347,23 @@ def temporary_relations(tokens: tuple[Token, ...] | list[Token], temp_first: boo
     (['v'], None)
     >>> temporary_relations(scan("DROP TABLE pg_temp.a"), True), temporary_relations(scan("CREATE INDEX ON pg_temp.a (x)"), False)
     ([], [])
+    >>> temporary_relations(scan("IMPORT FOREIGN SCHEMA crm FROM SERVER loop INTO pg_temp"), False) is None
+    True
+    >>> temporary_relations(scan("CREATE TABLE index (x int)"), True), temporary_relations(scan("CREATE UNIQUE INDEX i ON t (x)"), True)
+    (['index'], [])
     """
     words = [word(t) for t in tokens]
-    if not ({"create", "into", "rename"} & set(words)) or "index" in words[:3]:
-        return []  # DROP, GRANT, COMMENT, CREATE INDEX ...: no relation one could read from
+    if not ({"create", "into", "rename"} & set(words)) or words[:2] == ["create", "index"] or words[:3] == [
+            "create", "unique", "index"]:
+        return []  # DROP, GRANT, COMMENT, CREATE INDEX ...: no relation one could read from (a table may be
+        # named index: INDEX is an unreserved keyword, Appendix C)
     temp_named = any(w in _TEMP_WORDS for w in words) or any(
         t.kind in (T.IDENT, T.QIDENT) and is_temp_schema(t.value) for t in tokens)
     if not temp_named and not temp_first:
         return []
     unknown = None  # a form not read below (ALTER ... RENAME, CREATE ... AS EXECUTE into pg_temp ...)
+    if words[0] == "import":  # IMPORT FOREIGN SCHEMA ... INTO pg_temp: the remote server names the tables
+        return unknown if temp_named else []
     try:
         r = _Reader(tokens, "CREATE")
         if r.accept("create"):

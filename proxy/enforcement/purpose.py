@@ -632,8 +632,13 @@ class PurposeSession:
 
     def _temps_discarded(self, via: str) -> None:
         """DISCARD TEMP (or ALL) drops every temporary relation once it has run without an error, unless
-        another may have been created meanwhile. Through Parse it runs only if executed: the names stay."""
-        if via != "query":
+        another may have been created meanwhile. Through Parse it runs only if executed: the names stay.
+
+        Only at a quiet point (outside a transaction block, nothing in flight): DISCARD TEMP is allowed
+        in a transaction block (DISCARD ALL is not), and a ROLLBACK (or ROLLBACK TO SAVEPOINT) gives the
+        temporary relations back, as it does any dropped table (a hunt ran ``BEGIN; DISCARD TEMP`` and
+        ``ROLLBACK``, and the temporary ``members`` was read as the decoy public.members)."""
+        if via != "query" or not self._quiet():
             return
         created = self._temp_created
 

@@ -682,3 +682,32 @@ def test_scenario_temp_view_over_a_temp_table(pg, enforce_proxy):
             conn.execute("ALTER TABLE members RENAME TO notes")
         assert e.value.sqlstate == "0A000"
         conn.execute("DROP TABLE pg_temp.members")
+
+
+@pytest.mark.parametrize("block", [("BEGIN", "DISCARD TEMP", "ROLLBACK"),
+                                   ("BEGIN", "SAVEPOINT s", "DISCARD TEMP", "ROLLBACK TO SAVEPOINT s", "COMMIT")])
+def test_scenario_discard_temp_rolled_back(block, pg, enforce_proxy):
+    """DISCARD TEMP may run in a transaction block, and ROLLBACK gives the temporary relations back (DROP is
+    transactional): the proxy forgot the temporary ``members`` PostgreSQL kept, and the hunt-30 scenario ran
+    again (phone numbers copied in as "crm.members" under support, read as the decoy public.members under
+    marketing)."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
+        conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
+        for sql in block:
+            _after_reload(conn, sql)
+        conn.execute("SET pii.purpose = 'support'")
+        conn.execute("SET search_path = crm, public")
+        try:
+            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
+        except psycopg.Error as e:
+            assert e.sqlstate == "0A000", e
+        conn.execute("SET pii.purpose = 'marketing'")
+        conn.execute("SET search_path = public")
+        try:
+            rows = _after_reload(conn, "SELECT phone FROM members").fetchall()
+        except psycopg.Error as e:
+            assert e.sqlstate == "0A000", e
+        else:
+            assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS: {rows}"
+        conn.execute("DISCARD TEMP")  # (at a quiet point: the name is free again)
+        assert _after_reload(conn, "SELECT phone FROM members ORDER BY 1").fetchone() == ("decoy-phone-1",)

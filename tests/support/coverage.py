@@ -266,10 +266,12 @@ def legitimate(node: exp.Expr, read: dict[int, exp.Expr]) -> str | None:
                                            or isinstance(up.parent, exp.Insert)
                                            and isinstance(up.parent.parent, exp.When)):
             return "DEFAULT"
-    # x COLLATE name: a collation's name, which sqlglot makes a column when qualified (``Analyzer.collate``)
+    # x COLLATE name: a collation's name, which sqlglot makes a column when qualified (``Analyzer.collate``);
+    # an unqualified column there is the second argument of a call "collate"(x, y), which must be read
     if key == "expression" and isinstance(parent, exp.Collate) and (
-            isinstance(node, exp.Identifier)
-            or isinstance(node, exp.Column) and _only(node, "this", "table") and isinstance(node.this, exp.Identifier)):
+            isinstance(node, (exp.Identifier, exp.Var))
+            or isinstance(node, exp.Column) and _only(node, "this", "table") and node.args.get("table") is not None
+            and isinstance(node.this, exp.Identifier)):
         return "collation name"
     # the name parts of the tables of the two rules below
     if isinstance(node, exp.Identifier) and isinstance(parent, exp.Table) and key in ("this", "db", "catalog") \

@@ -641,3 +641,38 @@ def test_a_statement_with_thousands_of_relation_references_is_refused_not_analys
     assert reasons == [f"the statement references more than {MAX_REFERENCES} relations"]
     assert "specified more than once" in analyze("SELECT 1 FROM crm.members a, crm.members b, crm.members a",
                                                  SCHEMA).statements[0].unsupported[0]
+
+
+# --- COLLATE ---------------------------------------------------------------------------------------------
+
+
+def _collate_schema(with_function: bool) -> Schema:
+    tables = {"members": ["member_id", "name", "phone"]}
+    functions = {"collate": {"language": "sql", "volatility": "immutable"}} if with_function else {}
+    return Schema.from_dict({"schemas": {"crm": {"tables": tables}, "public": {"functions": functions}}})
+
+
+@pytest.mark.parametrize("sql", [
+    'SELECT "collate"(name, phone) FROM crm.members',
+    'SELECT "COLLATE"(name, phone) FROM crm.members',
+    'SELECT name FROM crm.members WHERE "collate"(name, phone) = $1',
+    'SELECT name FROM crm.members ORDER BY "collate"(name, phone)',
+])
+def test_a_call_of_a_function_named_collate_reads_both_arguments(sql):
+    """sqlglot reads ``"collate"(x, y)`` as ``x COLLATE y``: y was taken for a collation's name, and a
+    function named collate (declared in the catalog as reading nothing) was handed phone numbers unread."""
+    for with_function in (False, True):
+        st = analyze(sql, _collate_schema(with_function), ["crm", "public"], "app").statements[0]
+        assert Column("crm", "members", "phone") in st.columns, (sql, with_function)
+        assert ("public.collate" in st.functions) is with_function
+
+
+def test_a_qualified_collation_is_a_name_unless_a_function_named_collate_is_on_the_path():
+    sql = 'SELECT "collate"(name, m.phone) FROM crm.members m'  # the same tree as name COLLATE m.phone
+    st = analyze(sql, _collate_schema(False), ["crm", "public"], "app").statements[0]
+    assert sorted(c.name for c in st.columns) == ["name"] and not st.unsupported  # (PostgreSQL: no such collation)
+    st = analyze(sql, _collate_schema(True), ["crm", "public"], "app").statements[0]
+    assert Column("crm", "members", "phone") in st.columns and "public.collate" in st.functions
+    st = analyze('SELECT name COLLATE pg_catalog."default", name COLLATE ucs_basic FROM crm.members',
+                 _collate_schema(False), ["crm", "public"], "app").statements[0]
+    assert sorted(c.name for c in st.columns) == ["name"] and not st.unsupported

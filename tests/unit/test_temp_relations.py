@@ -7,6 +7,8 @@ be decided as that table.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from proxy.analysis.lexer import scan
@@ -45,6 +47,13 @@ def admin(monkeypatch):
     ("CREATE INDEX ON pg_temp.members (id)", False, []),
     ("ALTER TABLE pg_temp.members RENAME TO notes", False, None),
     ("CREATE TEMP FOREIGN TABLE x () SERVER s", False, None),
+    ("CREATE FOREIGN TABLE pg_temp.x () SERVER s", False, None),
+    # the tables IMPORT FOREIGN SCHEMA creates are named by the remote server (temporary in pg_temp)
+    ("IMPORT FOREIGN SCHEMA crm LIMIT TO (members) FROM SERVER loop INTO pg_temp", False, None),
+    ("IMPORT FOREIGN SCHEMA crm FROM SERVER loop INTO public", True, []),
+    # INDEX is an unreserved keyword: a table may be called so
+    ("CREATE TABLE index (id int)", True, ["index"]),
+    ("CREATE UNIQUE INDEX i ON pg_temp.members (id)", True, []),
 ])
 def test_temporary_relations_created(sql, temp_first, names):
     assert temporary_relations(scan(sql), temp_first) == names
@@ -97,3 +106,19 @@ def test_a_temp_relation_of_unknown_name_refuses_what_reads_relations(admin):
     s.decide("DISCARD ALL", "query")
     assert not s.temp_unknown and not s.temp_relations
     assert type(s.decide("SELECT email FROM members", "query")) is Allow
+
+
+def test_discard_temp_inside_a_transaction_block_forgets_nothing(admin):
+    """DISCARD TEMP runs in a transaction block, and ROLLBACK (or ROLLBACK TO SAVEPOINT) gives the temporary
+    relations back: a hunt ran ``BEGIN; DISCARD TEMP`` and ``ROLLBACK``, and the temporary ``members``, filled
+    with phone numbers, was then decided as the decoy public.members."""
+    s = admin()
+    s.decide("CREATE TEMP TABLE members (member_id int, email text)", "query")
+    s.relay = SimpleNamespace(quiet=False)  # in a transaction block (or with statements in flight)
+    assert type(s.decide("DISCARD TEMP", "query")) is Allow
+    assert s.temp_relations == {"members"}
+    assert s.decide("SELECT email FROM members", "query").reason == "temporary-relation"
+    s.relay = None  # a quiet point
+    s.decide("DISCARD TEMP", "query")
+    assert not s.temp_relations
+

@@ -28,7 +28,9 @@ def test_catalog_connections_verify_as_the_upstream_leg_does(tmp_path):
 def test_the_dsn_or_the_environment_decides_first(monkeypatch):
     strict = Config(upstream_tls="require")
     assert tls.catalog_tls(strict, DSN + "?sslmode=verify-full&sslrootcert=/etc/ca.pem") is None
-    assert tls.catalog_tls(strict, DSN + "?ssl=true") is None
+    # asyncpg reads no ``ssl`` from a DSN (it would send it to the server as a setting): upstream_tls still applies
+    assert tls.catalog_tls(strict, DSN + "?ssl=true").verify_mode == ssl.CERT_NONE
+    assert tls.catalog_tls(strict, DSN + "?ssl=false&application_name=x").verify_mode == ssl.CERT_NONE
     assert tls.catalog_tls(Config(upstream_tls="disable"), DSN) is None
     monkeypatch.setenv("PGSSLMODE", "disable")
     assert tls.catalog_tls(strict, DSN) is None
