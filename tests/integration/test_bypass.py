@@ -640,6 +640,27 @@ def _after_reload(conn, sql: str):
     return conn.execute(sql)
 
 
+def _copy_phones_then_read_as_decoy(conn, reads: tuple[str, ...]) -> None:
+    """With a temporary ``members`` in place: under support, with search_path crm, copy phone numbers into
+    "crm.members"; under marketing, with search_path public, read them back as the decoy public.members.
+    Each step may be refused (0A000); no read may return a phone number."""
+    conn.execute("SET pii.purpose = 'support'")
+    conn.execute("SET search_path = crm, public")
+    try:
+        _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
+    except psycopg.Error as e:
+        assert e.sqlstate == "0A000", e
+    conn.execute("SET pii.purpose = 'marketing'")
+    conn.execute("SET search_path = public")
+    for sql in reads:
+        try:
+            rows = _after_reload(conn, sql).fetchall()
+        except psycopg.Error as e:
+            assert e.sqlstate == "0A000", e
+        else:
+            assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS {sql}: {rows}"
+
+
 def test_scenario_temp_table_shadowing_a_catalogued_table(pg, enforce_proxy):
     """A temporary table is searched before the search_path's schemas (pg_temp comes first unless
     listed) and the proxy's loader cannot see it. Hunt 30: under maintenance (which may run DDL) a
@@ -647,22 +668,9 @@ def test_scenario_temp_table_shadowing_a_catalogued_table(pg, enforce_proxy):
     "crm.members"; under marketing, with search_path public, read back as the decoy public.members."""
     with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
         conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
-        conn.execute("SET pii.purpose = 'support'")
-        conn.execute("SET search_path = crm, public")
-        try:
-            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
-        except psycopg.Error as e:
-            assert e.sqlstate == "0A000", e
-        conn.execute("SET pii.purpose = 'marketing'")
-        conn.execute("SET search_path = public")
-        for sql in ("SELECT phone FROM members", "SELECT * FROM members", "SELECT m.phone FROM members m",
-                    'SELECT phone FROM "members"', "TABLE members"):
-            try:
-                rows = _after_reload(conn, sql).fetchall()
-            except psycopg.Error as e:
-                assert e.sqlstate == "0A000", e
-            else:
-                assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS {sql}: {rows}"
+        _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members", "SELECT * FROM members",
+                                               "SELECT m.phone FROM members m", 'SELECT phone FROM "members"',
+                                               "TABLE members"))
         # Qualified names are not in question; and once the temporary relations are gone, the name is free.
         assert _after_reload(conn, "SELECT phone FROM public.members ORDER BY 1").fetchone() == ("decoy-phone-1",)
         conn.execute("DISCARD TEMP")
@@ -695,19 +703,6 @@ def test_scenario_discard_temp_rolled_back(block, pg, enforce_proxy):
         conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
         for sql in block:
             _after_reload(conn, sql)
-        conn.execute("SET pii.purpose = 'support'")
-        conn.execute("SET search_path = crm, public")
-        try:
-            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
-        except psycopg.Error as e:
-            assert e.sqlstate == "0A000", e
-        conn.execute("SET pii.purpose = 'marketing'")
-        conn.execute("SET search_path = public")
-        try:
-            rows = _after_reload(conn, "SELECT phone FROM members").fetchall()
-        except psycopg.Error as e:
-            assert e.sqlstate == "0A000", e
-        else:
-            assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS: {rows}"
+        _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members",))
         conn.execute("DISCARD TEMP")  # (at a quiet point: the name is free again)
         assert _after_reload(conn, "SELECT phone FROM members ORDER BY 1").fetchone() == ("decoy-phone-1",)
