@@ -13,7 +13,11 @@ from proxy.analysis.schema import Schema, parse_search_path
 from proxy.enforcement.masks import NEEDS_TYPE
 from proxy.enforcement.rewrite import make_rewrite
 from proxy.policy.cases import load_policy_cases, run_policy_tests, summary
-from proxy.policy.checks import check_policy, consent_value_problems
+from proxy.policy.checks import (
+    check_policy,
+    consent_value_problems,
+    further_value_problems,
+)
 from proxy.policy.decision import Block, Mask
 from proxy.policy.engine import Policy
 from proxy.policy.verdict import Explanation, decide_statement, flatten
@@ -111,6 +115,27 @@ async def _consent_values(dsn: str, consent) -> tuple[dict, dict]:
         await conn.close(timeout=5)
 
 
+async def _further_values(dsn: str, source) -> tuple[dict, dict]:
+    """A further consent source's status and scope values (as text) with their row counts (at most 1000 of
+    each; {} for a column the declaration does not use)."""
+    import asyncpg
+
+    from proxy.analysis.schema import quote_ident
+
+    table = f"{quote_ident(source.table.schema)}.{quote_ident(source.table.name)}"
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        counted = []
+        for column in (source.status, source.scope):
+            rows = [] if column is None else await conn.fetch(
+                f"SELECT {quote_ident(column)}::text, count(*) FROM {table} GROUP BY 1 ORDER BY 2 DESC LIMIT 1000",
+                timeout=60)
+            counted.append({r[0]: r[1] for r in rows})
+        return counted[0], counted[1]
+    finally:
+        await conn.close(timeout=5)
+
+
 def check(args) -> int:
     policies = Path(args.directory)
     try:
@@ -133,6 +158,14 @@ def check(args) -> int:
             problems += consent_value_problems(policy, *asyncio.run(_consent_values(args.dsn, policy.catalog.consent)))
         except Exception as exc:  # the table's absence is reported above; a role that may not read it, here
             print(f"warning: the consent table's values could not be read: {exc.__class__.__name__}: {exc}")
+        for source in policy.catalog.consent.further:
+            if source.status is None and source.scope is None:
+                continue
+            try:
+                problems += further_value_problems(policy, source, *asyncio.run(_further_values(args.dsn, source)))
+            except Exception as exc:
+                print(f"warning: the values of consent source {source.table} could not be read: "
+                      f"{exc.__class__.__name__}: {exc}")
     failed = False
     for problem in problems:
         print(problem)

@@ -34,7 +34,7 @@ from proxy.analysis.schema import MATERIALIZED_VIEW, VIEW, Schema, quote_ident
 from proxy.analysis.shape import COPY, copy_of
 from proxy.enforcement.masks import MaskError, mask_sql
 from proxy.policy import vocabulary as v
-from proxy.policy.catalog import ConsentSource
+from proxy.policy.catalog import ConsentSource, FurtherSource
 from proxy.policy.decision import Allow, Block, Decision, Mask
 from proxy.policy.engine import Policy
 from proxy.policy.verdict import Explanation, flatten
@@ -42,6 +42,7 @@ from proxy.policy.verdict import Explanation, flatten
 ROW = "__pp_row"  # the relation inside its derived table
 CONSENT = "__pp_consent"  # the consent table inside the consent condition
 LATER = "__pp_later"  # a later consent record of the same subject and purpose
+FURTHER = "__pp_further"  # a further consent source's row inside its condition
 VIEW_BODY = "__pp_view"  # an inlined view definition
 ROW_ID = "__pp_ctid"  # a derived table's row identity (its relation's ctid), for the repetition check
 # Column types whose "=" with an integer, a string or a parameter is leakproof in
@@ -459,7 +460,47 @@ def consent_condition(source: ConsentSource, mode: str, purpose: str, subject_sq
     out = f"NOT {decided(source.withdrawn, above + below)}"
     if mode == "opt_in":
         out = f"{decided(source.granted, above)} AND {out}"
+    for further in source.further:
+        out += f" AND NOT {further_withdrawal(further, purpose, subject_sql)}"
     return f"({out})"
+
+
+def further_withdrawal(source: FurtherSource, purpose: str, subject_sql: str) -> str:
+    """True when a row of a further consent source withdraws the subject from ``purpose``: it is revoked
+    (``revoked`` not NULL, or ``status`` one of ``withdrawn``) or, with ``scope``, its scope is not
+    ``purpose`` or a purpose above it (a statement under ``marketing`` may serve any purpose under it, so
+    only a scope covering ``marketing`` itself covers it). With ``recorded_at``, only the subject's latest
+    row counts.
+
+    A NULL scope must not read as consent: ``=`` with NULL gives NULL, an OR of NULLs and falses is NULL
+    and NOT NULL is NULL (sections 9.2 and 9.1 of the PostgreSQL documentation), which the EXISTS' WHERE
+    treats as false, so ``IS NOT TRUE`` counts a NULL scope as covering nothing. A NULL status is not a
+    revocation, as in the consent table. A NULL ``recorded_at`` is never earlier than another row, so such
+    a row always counts.
+
+    >>> g = FurtherSource(Table("member", "guardian_consents"), "member_id", revoked="revoked_at", scope="scope")
+    >>> further_withdrawal(g, "marketing.email", "__pp_row.member_id")  # doctest: +NORMALIZE_WHITESPACE
+    "EXISTS (SELECT 1 FROM member.guardian_consents AS __pp_further WHERE __pp_further.member_id
+     OPERATOR(pg_catalog.=) __pp_row.member_id AND (__pp_further.revoked_at IS NOT NULL OR
+     (__pp_further.scope OPERATOR(pg_catalog.=) 'marketing.email' OR __pp_further.scope OPERATOR(pg_catalog.=)
+     'marketing') IS NOT TRUE))"
+    """
+    table = qualified(source.table)
+    subject = f"{FURTHER}.{quote_ident(source.subject)}"
+    withdraws = []
+    if source.revoked:
+        withdraws.append(f"{FURTHER}.{quote_ident(source.revoked)} IS NOT NULL")
+    if source.status:
+        withdraws.append(any_of(f"{FURTHER}.{quote_ident(source.status)}", source.withdrawn))
+    if source.scope:
+        withdraws.append(f"{any_of(f'{FURTHER}.{quote_ident(source.scope)}', v.ancestors(purpose))} IS NOT TRUE")
+    cond = [equals(subject, subject_sql), "(" + " OR ".join(withdraws) + ")"]
+    if source.recorded_at:
+        at = quote_ident(source.recorded_at)
+        cond.append(f"NOT EXISTS (SELECT 1 FROM {table} AS {LATER} WHERE "
+                    f"{equals(f'{LATER}.{quote_ident(source.subject)}', subject)} AND "
+                    f"{LATER}.{at} OPERATOR(pg_catalog.>) {FURTHER}.{at})")
+    return f"EXISTS (SELECT 1 FROM {table} AS {FURTHER} WHERE {' AND '.join(cond)})"
 
 
 def purposes_below(ctx: Context) -> tuple[str, ...]:

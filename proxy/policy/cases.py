@@ -1,9 +1,10 @@
 """Policy test cases (policies/tests/*.yaml): parsing them and running them against a policy.
 
 A case says: this role, under this purpose, running this SQL, gets this verdict
-(allow, mask or block), optionally because of this column or category, and for a
-mask with this method. The runner takes the SQL analyser as an argument, so it stays
-a pure function.
+(allow, mask or block), optionally because of this column or category, for a mask
+with this method, and with its rows filtered by the consent recorded in these
+tables. The runner takes the SQL analyser as an argument, so it stays a pure
+function.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from proxy.analysis.model import Analysis
+from proxy.analysis.model import Analysis, Column
 from proxy.policy import vocabulary as v
 from proxy.policy.decision import Allow, Block, Decision, Mask
 from proxy.policy.engine import Policy
 from proxy.policy.problems import Collector
 from proxy.policy.sources import YamlList, YamlMap, load_yaml
-from proxy.policy.verdict import Explanation, decide_statement
+from proxy.policy.verdict import Explanation, consent_tables, decide_statement, flatten
 
 VERDICTS = ("allow", "mask", "block")
-CASE_KEYS = ("name", "role", "purpose", "sql", "expect", "column", "category", "reason", "method", "search_path")
+CASE_KEYS = ("name", "role", "purpose", "sql", "expect", "column", "category", "reason", "method", "search_path",
+             "consent")
 DEFAULT_SEARCH_PATH = ("$user", "public")
 
 Analyze = Callable[..., Analysis]  # analyze(sql, schema, search_path=..., role=...) -> Analysis
@@ -44,6 +46,7 @@ class PolicyCase:
     file: str = ""
     line: int | None = None
     method: str | None = None
+    consent: tuple[str, ...] | None = None  # the tables whose consent decisions filter its rows; () for none
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}: " if self.file else ""
@@ -118,6 +121,11 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
             elif v.mask_reading(values["method"]) is None:
                 c.error(item.line_of("method"), f"method {values['method']!r} is not a masking method with a valid "
                                                 f"option (one of: {', '.join(v.MASK_METHODS)})")
+        consent = item.get("consent")
+        if consent is not None and (not isinstance(consent, list) or not all(isinstance(t, str) for t in consent)):
+            c.error(item.line_of("consent"), "consent must be a list of schema.table (the consent sources), [] for "
+                                             "none")
+            consent = None
         path = item.get("search_path", list(DEFAULT_SEARCH_PATH))
         if isinstance(path, str):
             path = [p.strip() for p in path.split(",")]
@@ -126,7 +134,7 @@ def parse_policy_cases(text: str, file: str = "tests.yaml") -> list[PolicyCase]:
             path = list(DEFAULT_SEARCH_PATH)
         out.append(PolicyCase(values["name"], values["role"], values["purpose"], values["sql"], values["expect"],
                               values["column"], values["category"], values["reason"], tuple(path), file, line,
-                              values["method"]))
+                              values["method"], tuple(consent) if consent is not None else None))
     c.raise_if_any()
     return out
 
@@ -191,6 +199,37 @@ def method_failures(expl: Explanation, method: str, column: str | None) -> list[
             if (v.mask_reading(r.method or "") or r.method) != (want or method)]
 
 
+def consent_failures(policy: Policy, analysis: Analysis, expl: Explanation, verdict: str,
+                     expected: Sequence[str]) -> list[str]:
+    """Why the consent sources filtering the statement's rows are not ``expected`` (in any order); [] when
+    they are. A statement is filtered when it gets a rewrite and consent filters a table it touches under
+    its purpose (``consent_tables``); it is then filtered by every source of ``Policy.consent_sources``.
+
+    >>> from proxy.devtools.sample import policies_dir
+    >>> pol = Policy.load(policies_dir())
+    >>> consent_failures(pol, Analysis("", ()), Explanation("r", "billing", "declared", "v", ()), "allow",
+    ...                  ["privacy.consents"])
+    ['rows filtered by no consent source, expected privacy.consents']
+    """
+    statements = list(flatten(analysis.statements))
+    filtered = verdict == "mask" and bool(consent_tables(statements, _touched_columns(statements, policy, expl),
+                                                         policy, expl.purpose))
+    actual = policy.consent_sources(expl.purpose) if filtered else ()
+    if sorted(actual) == sorted(expected):
+        return []
+    found, wanted = ", ".join(actual) or "no consent source", ", ".join(expected) or "no consent source"
+    return [f"rows filtered by {found}, expected {wanted}"]
+
+
+def _touched_columns(statements: Sequence, policy: Policy, expl: Explanation) -> list[Column]:
+    """The columns the statements use and those the declared functions they call read or write."""
+    out = [c for st in statements for c in st.columns]
+    for name in expl.functions:
+        entry = policy.catalog.functions.get(name)
+        out += [*entry.reads, *entry.writes] if entry is not None else []
+    return out
+
+
 def run_policy_tests(policy: Policy, cases: Iterable[PolicyCase], analyze: Analyze, schema: Any
                      ) -> list[CaseResult]:
     """Run ``cases`` against ``policy``, analysing SQL with ``analyze(sql, schema, search_path=, role=)``.
@@ -222,6 +261,8 @@ def run_policy_tests(policy: Policy, cases: Iterable[PolicyCase], analyze: Analy
                 failures.append(f"reason {expl.reason!r}, expected {case.reason!r}")
             if case.method:
                 failures += method_failures(expl, case.method, case.column)
+            if case.consent is not None:
+                failures += consent_failures(policy, analysis, expl, actual, case.consent)
         results.append(CaseResult(case, not failures, actual, tuple(failures), expl))
     return results
 

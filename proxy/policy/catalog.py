@@ -17,7 +17,9 @@ from proxy.policy.sources import YamlList, YamlMap, line_of, load_yaml
 
 FILE = "catalog.yaml"
 TOP_KEYS = ("categories", "schemas", "tables", "functions", "consent")
-CONSENT_KEYS = ("table", "subject", "purpose", "status", "withdrawn", "granted", "recorded_at", "barrier")
+CONSENT_KEYS = ("table", "subject", "purpose", "status", "withdrawn", "granted", "recorded_at", "barrier",
+                "further_sources")
+FURTHER_KEYS = ("table", "subject", "revoked", "status", "withdrawn", "scope", "recorded_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,39 @@ class FunctionEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class FurtherSource:
+    """Another table whose rows withdraw a data subject's consent (``consent: further_sources:``), such as
+    a guardian's consent for a minor: it only ever withdraws, never grants.
+
+    A row of subject ``subject`` withdraws every withdrawable purpose when it is revoked:
+    ``revoked`` (a column) is not NULL, or ``status`` (a column) holds one of ``withdrawn``.
+    With ``scope`` (a column holding a purpose name from purposes.yaml), a row that is not
+    revoked still withdraws the purposes its scope does not cover (the scope's purpose and
+    those under it are covered; a NULL scope or one naming no purpose covers nothing). With
+    ``recorded_at``, only each subject's latest row counts; without it, every row does.
+    """
+
+    table: Table
+    subject: str
+    revoked: str | None = None
+    status: str | None = None
+    withdrawn: tuple[str | bool | int, ...] = ()
+    scope: str | None = None
+    recorded_at: str | None = None
+    line: int | None = None
+
+    def columns(self) -> dict[str, str]:
+        """The declaration's keys naming columns, with the columns they name.
+
+        >>> FurtherSource(Table("m", "g"), "member_id", revoked="revoked_at").columns()
+        {'subject': 'member_id', 'revoked': 'revoked_at'}
+        """
+        named = {"subject": self.subject, "revoked": self.revoked, "status": self.status, "scope": self.scope,
+                 "recorded_at": self.recorded_at}
+        return {k: c for k, c in named.items() if c is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class ConsentSource:
     """The table in the database that records data subjects' consent decisions, per purpose.
 
@@ -58,7 +93,8 @@ class ConsentSource:
     row per subject and purpose counts; without it, every row counts. ``barrier`` (the
     default) makes PostgreSQL filter by consent before it evaluates anything of the
     statement on a row (no error or side effect can reveal a filtered row), at the cost
-    of predicates not reaching the table's indexes.
+    of predicates not reaching the table's indexes. ``further`` are the other tables whose
+    rows withdraw consent too (``FurtherSource``).
     """
 
     table: Table
@@ -70,6 +106,18 @@ class ConsentSource:
     recorded_at: str | None = None
     line: int | None = None
     barrier: bool = True
+    further: tuple[FurtherSource, ...] = ()
+
+    @property
+    def tables(self) -> tuple[Table, ...]:
+        """Every table whose rows decide consent: the consent table, then the further sources'.
+
+        >>> from dataclasses import replace
+        >>> guardians = FurtherSource(Table("crm", "guardians"), "member_id", revoked="revoked_at")
+        >>> replace(parse_catalog(EXAMPLE).consent, further=(guardians,)).tables
+        (Table(schema='privacy', name='consents'), Table(schema='crm', name='guardians'))
+        """
+        return (self.table, *(f.table for f in self.further))
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,38 +406,131 @@ def _parse_consent(node: Any, line: int | None, c: Collector) -> ConsentSource |
     if table is None:
         c.error(body.line_of("table") or line, "consent: table must be written schema.table")
         ok = False
-    names: dict[str, str | None] = {}
-    for key in ("subject", "purpose", "status", "recorded_at"):
-        value = body.get(key)
-        if value is None and key == "recorded_at":
-            names[key] = None
-            continue
-        if not isinstance(value, str) or not value or "." in value:
-            c.error(body.line_of(key) or line, f"consent: {key} must be a column name of the consent table")
-            ok = False
-        names[key] = value
+    names, named = _column_names(body, ("subject", "purpose", "status"), ("recorded_at",), line,
+                                 "consent: {key} must be a column name of the consent table", c)
+    ok = ok and named
     values: dict[str, tuple] = {}
     for key in ("withdrawn", "granted"):
         raw = body.get(key)
         if raw is None and key == "granted":
             values[key] = ()
             continue
-        if isinstance(raw, (str, bool, int)):
-            raw = [raw]
-        if not isinstance(raw, list) or not raw or not all(isinstance(x, (str, bool, int)) for x in raw):
+        found = _status_values(raw)
+        if found is None:
             c.error(body.line_of(key) or line, f"consent: {key} must be a list of status values (text, "
                                                 f"true/false or numbers)")
             ok = False
             continue
-        values[key] = tuple(raw)
+        values[key] = found
     barrier = body.get("barrier", True)
     if not isinstance(barrier, bool):
         c.error(body.line_of("barrier") or line, "consent: barrier must be true or false")
         ok = False
-    if not ok:
+    further = _parse_further(body.get("further_sources"), body.line_of("further_sources") or line, c)
+    if not ok or further is None:
+        return None
+    if any(f.table == Table(*table) for f in further):
+        c.error(body.line_of("further_sources") or line, f"consent: further_sources: {'.'.join(table)} is the "
+                                                          f"consent table itself")
         return None
     return ConsentSource(Table(*table), names["subject"], names["purpose"], names["status"], values["withdrawn"],
-                         values["granted"], names["recorded_at"], line, barrier)
+                         values["granted"], names["recorded_at"], line, barrier, further)
+
+
+def _column_names(body: YamlMap, required: tuple[str, ...], optional: tuple[str, ...], line: int | None,
+                  problem: str, c: Collector) -> tuple[dict[str, str | None], bool]:
+    """The column names a consent declaration gives under ``required`` and ``optional`` keys (None for an
+    optional one left out), and whether each is a plain column name; ``problem`` (with ``{key}``) says
+    what is wrong with one that is not."""
+    names: dict[str, str | None] = {}
+    ok = True
+    for key in (*required, *optional):
+        value = body.get(key)
+        if value is None and key in optional:
+            names[key] = None
+            continue
+        if not isinstance(value, str) or not value or "." in value:
+            c.error(body.line_of(key) or line, problem.replace("{key}", key))
+            ok = False
+        names[key] = value
+    return names, ok
+
+
+def _status_values(raw: Any) -> tuple | None:
+    """Status values as the catalog lists them (one value or a list of text, true/false or numbers); None if
+    malformed.
+
+    >>> _status_values("withdrawn"), _status_values([True, 2]), _status_values([]), _status_values([1.5])
+    (('withdrawn',), (True, 2), None, None)
+    """
+    if isinstance(raw, (str, bool, int)):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, (str, bool, int)) for x in raw):
+        return None
+    return tuple(raw)
+
+
+def _parse_further(node: Any, line: int | None, c: Collector) -> tuple[FurtherSource, ...] | None:
+    """``consent: further_sources:``, a list of tables whose rows withdraw consent; None after a problem
+    (reported: a declaration that cannot be read must not load as if it withdrew nothing)."""
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        c.error(line, "consent: further_sources must be a list of tables whose rows withdraw consent")
+        return None
+    out: list[FurtherSource] = []
+    ok = True
+    for i, item in enumerate(node):
+        at = node.line_of(i) if isinstance(node, YamlList) else line
+        if not isinstance(item, YamlMap):
+            c.error(at, "consent: further_sources: each source is a mapping (table, subject, revoked, ...)")
+            ok = False
+            continue
+        what = f"consent: further_sources: {item.get('table', '?')}"
+        _check_keys(item, FURTHER_KEYS, what, c)
+        ok = ok and all(k in FURTHER_KEYS for k in item)
+        table = split_qualified(item.get("table"), 2)
+        if table is None:
+            c.error(item.line_of("table") or at, "consent: further_sources: table must be written schema.table")
+            ok = False
+        names, named = _column_names(item, ("subject",), ("revoked", "status", "scope", "recorded_at"), at,
+                                     what + ": {key} must be a column name of the table", c)
+        ok = ok and named
+        withdrawn: tuple = ()
+        if "withdrawn" in item or names["status"] is not None:
+            found = _status_values(item.get("withdrawn"))
+            if found is None or names["status"] is None:
+                c.error(item.line_of("withdrawn") or item.line_of("status") or at,
+                        f"{what}: status and withdrawn go together: the status column and the values (text, "
+                        f"true/false or numbers) that mean the consent was withdrawn")
+                ok = False
+            withdrawn = found or ()
+        if not any(names[k] for k in ("revoked", "status", "scope")):
+            c.error(at, f"{what}: say when a row withdraws consent: revoked (a column, set when the consent is "
+                        f"revoked), status with withdrawn, or scope (a column naming the purpose it covers)")
+            ok = False
+        if table is not None and any(f.table == Table(*table) for f in out):
+            c.error(at, f"{what}: listed twice")
+            ok = False
+        if ok:
+            out.append(FurtherSource(Table(*table), names["subject"], names["revoked"], names["status"], withdrawn,
+                                     names["scope"], names["recorded_at"], at))
+    return tuple(out) if ok else None
+
+
+def _further_catalogued(consent: ConsentSource | None, tables: Mapping[Table, TableEntry], c: Collector) -> None:
+    """Each further source must be a catalogued table naming every column the declaration uses (an unknown
+    table or a misspelt column would otherwise surface only as every filtered statement failing)."""
+    for source in consent.further if consent is not None else ():
+        entry = tables.get(source.table)
+        if entry is None:
+            c.error(source.line, f"consent: further_sources: table {source.table} is not in the catalog's tables: "
+                                 f"catalogue it (its decision columns need a category)")
+            continue
+        for key, column in source.columns().items():
+            if column not in entry.columns:
+                c.error(source.line, f"consent: further_sources: {source.table}: {key} column {column!r} is not a "
+                                     f"column of the table in the catalog")
 
 
 def parse_catalog(text: str, file: str = FILE) -> Catalog:
@@ -412,5 +553,6 @@ def parse_catalog(text: str, file: str = FILE) -> Catalog:
     tables = _parse_tables(_mapping(doc.get("tables"), "tables", doc.line_of("tables"), c), categories, c)
     functions = _parse_functions(_mapping(doc.get("functions"), "functions", doc.line_of("functions"), c), c)
     consent = _parse_consent(doc.get("consent"), doc.line_of("consent"), c)
+    _further_catalogued(consent, tables, c)
     c.raise_if_any()
     return Catalog(categories, tables, schemas, functions, file, schema_lines, consent)

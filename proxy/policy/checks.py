@@ -9,7 +9,7 @@ implicitly (triggers, casts, operators...) that the catalog does not declare.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,6 +84,16 @@ def _schema_problems(policy: Policy, schema: Any) -> list[Problem]:
                 if name is not None and name not in cols:
                     out.append(Problem(cat.file, consent.line, f"consent: {key} column {consent.table}.{name} is not "
                                                                f"in the database schema"))
+        for further in consent.further:
+            cols = table_columns(schema, further.table)
+            if cols is None:
+                out.append(Problem(cat.file, further.line, f"consent: further source {further.table} is not in the "
+                                                           f"database schema"))
+                continue
+            for key, name in further.columns().items():
+                if name not in cols:
+                    out.append(Problem(cat.file, further.line, f"consent: further source {further.table}: {key} "
+                                                               f"column {name} is not in the database schema"))
     return out
 
 
@@ -230,6 +240,7 @@ def _consent_problems(policy: Policy) -> list[Problem]:
         out.append(Problem(policy.catalog.file, consent.line, (
             f"consent table {source}: {', '.join(loose)} not classified as personal data, so any purpose may "
             f"rewrite the consent decisions and switch the consent filter off: give them a category"), ERROR))
+    out += _further_problems(policy, own)
     for table, entry in sorted(policy.catalog.tables.items(), key=lambda kv: str(kv[0])):
         if not entry.subject or table == source:
             continue
@@ -245,6 +256,37 @@ def _consent_problems(policy: Policy) -> list[Problem]:
                 f"{consent.table}.{consent.subject} ({', '.join(sorted(own)) or 'no category'}), yet the consent "
                 f"filter matches the two under {', '.join(withdrawable)}: name the column that holds the consent "
                 f"table's subject"), ERROR))
+    return out
+
+
+def _further_problems(policy: Policy, own: set[str]) -> list[Problem]:
+    """The further consent sources' faults that turn the filter against the people it protects: decision
+    columns with no category (any purpose could clear a revocation, ``UPDATE ... SET revoked_at = NULL``),
+    and a subject column not classified like the consent table's (its ids would be some other people's:
+    the filter would leave out the wrong rows and keep those whose consent was revoked).
+
+    >>> from proxy.devtools.sample import policies_dir
+    >>> _further_problems(Policy.load(policies_dir()), {"identity.member_id"})
+    []
+    """
+    consent = policy.catalog.consent
+    out: list[Problem] = []
+    for further in consent.further:
+        table = further.table
+        columns = further.columns()
+        subject = set(policy.categories_of(Column(table.schema, table.name, columns.pop("subject"))))
+        loose = [c for c in columns.values() if not policy.categories_of(Column(table.schema, table.name, c))]
+        if loose:
+            out.append(Problem(policy.catalog.file, further.line, (
+                f"consent: further source {table}: {', '.join(loose)} not classified as personal data, so any "
+                f"purpose may rewrite the decisions and switch the consent filter off: give them a category"),
+                ERROR))
+        if not own & subject:
+            out.append(Problem(policy.catalog.file, further.line, (
+                f"consent: further source {table}: its subject column {further.subject!r} is not classified like "
+                f"the consent table's {consent.table}.{consent.subject} ({', '.join(sorted(own)) or 'no category'})"
+                f": its rows would withdraw other people's consent; name the column that holds the same subjects"),
+                ERROR))
     return out
 
 
@@ -276,8 +318,6 @@ def consent_value_problems(policy: Policy, statuses: Mapping[str | None, int],
     where = f"consent table {consent.table}"
     known = {_spelled(x) for x in consent.withdrawn + consent.granted}
     folded = {k.strip().lower(): k for k in known}
-    names = set(policy.purposes.purposes)
-    folded_names = {n.lower(): n for n in names}
     out: list[Problem] = []
     for value, count in sorted(statuses.items(), key=lambda kv: str(kv[0])):
         if value in known:
@@ -294,20 +334,71 @@ def consent_value_problems(policy: Policy, statuses: Mapping[str | None, int],
                 f"{where}: {rows} status {shown}, neither withdrawn ({', '.join(map(_spelled, consent.withdrawn))})"
                 f" nor granted ({', '.join(map(_spelled, consent.granted)) or 'none'}): they decide nothing"),
                 WARNING))
-    for value, count in sorted(purposes.items(), key=lambda kv: str(kv[0])):
+    out += _purpose_name_problems(policy, consent.line, purposes, lambda rows, shown, near: (
+        f"{where}: {rows} purpose {shown}, which names no purpose: the filter compares names exactly, so these "
+        f"decisions do not count for {near!r}; correct the rows" if near is not None else
+        f"{where}: {rows} purpose {shown}, not a purpose of purposes.yaml: they decide nothing"))
+    return out
+
+
+def _purpose_name_problems(policy: Policy, line: int | None, values: Mapping[str | None, int],
+                           message: Callable[[str, str, str | None], str]) -> list[Problem]:
+    """Problems with the purpose names a consent table's rows hold (``values``: each with its row count):
+    an error for one that differs from a purpose's name only in case or blanks (the filter compares
+    exactly), a warning for any other that names no purpose. ``message(rows, shown, near)`` says it
+    (``near``: the purpose meant, or None)."""
+    names = set(policy.purposes.purposes)
+    folded = {n.lower(): n for n in names}
+    out: list[Problem] = []
+    for value, count in sorted(values.items(), key=lambda kv: str(kv[0])):
         if value in names:
             continue
         rows = f"{count} rows have" if count != 1 else "1 row has"
-        near = folded_names.get(value.strip().lower()) if value is not None else None
+        near = folded.get(value.strip().lower()) if value is not None else None
         shown = "NULL" if value is None else repr(value)
-        if near is not None:
-            out.append(Problem(policy.catalog.file, consent.line, (
-                f"{where}: {rows} purpose {shown}, which names no purpose: the filter compares names "
-                f"exactly, so these decisions do not count for {near!r}; correct the rows"), ERROR))
-        else:
-            out.append(Problem(policy.catalog.file, consent.line, (
-                f"{where}: {rows} purpose {shown}, not a purpose of purposes.yaml: they decide nothing"),
-                WARNING))
+        severity = ERROR if near is not None else WARNING
+        out.append(Problem(policy.catalog.file, line, message(rows, shown, near), severity))
+    return out
+
+
+def further_value_problems(policy: Policy, source, statuses: Mapping[str | None, int],
+                           scopes: Mapping[str | None, int]) -> list[Problem]:
+    """What a further consent source holds that the filter will not read as the catalog means it: its
+    rows' status and scope values (as text, NULL as None, with their row counts; read by ``check --dsn``).
+    A status differing from a withdrawn value only in case or blanks is an error (those revocations count
+    for nothing); so is a scope differing so from a purpose name (the filter reads it as covering
+    nothing, and withdraws those members from every withdrawable purpose). A scope naming no purpose,
+    or NULL, is a warning: it covers nothing either.
+
+    >>> from proxy.policy.catalog import FurtherSource
+    >>> from proxy.analysis.model import Table
+    >>> from proxy.devtools.sample import policies_dir
+    >>> g = FurtherSource(Table("member", "guardian_consents"), "member_id", status="state",
+    ...                   withdrawn=("revoked",), scope="scope")
+    >>> for p in further_value_problems(Policy.load(policies_dir()), g, {"revoked": 2, "Revoked ": 1},
+    ...                                 {"marketing": 5, "Research": 1, "service_use": 7}):
+    ...     print(p.severity, p.message)  # doctest: +ELLIPSIS
+    error consent: further source member.guardian_consents: 1 row has status 'Revoked ', which the filter ...
+    error consent: further source member.guardian_consents: 1 row has scope 'Research', which names no purpose...
+    warning consent: further source member.guardian_consents: 7 rows have scope 'service_use', not a purpose ...
+    """
+    where = f"consent: further source {source.table}"
+    file, line = policy.catalog.file, source.line
+    known = {_spelled(x) for x in source.withdrawn}
+    folded = {k.strip().lower(): k for k in known}
+    out: list[Problem] = []
+    for value, count in sorted(statuses.items(), key=lambda kv: str(kv[0])):
+        near = folded.get(value.strip().lower()) if value is not None else None
+        if value not in known and near is not None:
+            rows = f"{count} rows have" if count != 1 else "1 row has"
+            out.append(Problem(file, line, (f"{where}: {rows} status {value!r}, which the filter does not read as "
+                                            f"{near!r} (it compares exactly): list it under withdrawn, or correct "
+                                            f"the rows"), ERROR))
+    out += _purpose_name_problems(policy, line, scopes, lambda rows, shown, near: (
+        f"{where}: {rows} scope {shown}, which names no purpose: the filter compares names exactly, so these "
+        f"consents do not cover {near!r}; correct the rows" if near is not None else
+        f"{where}: {rows} scope {shown}, not a purpose of purposes.yaml: they cover no purpose, and withdraw "
+        f"their subjects from every withdrawable one"))
     return out
 
 

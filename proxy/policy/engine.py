@@ -346,6 +346,19 @@ class Policy:
             return "opt_in"
         return "opt_out" if self.purposes.is_withdrawable(purpose) else None
 
+    def consent_sources(self, purpose: str | None) -> tuple[str, ...]:
+        """The tables whose rows decide which subjects' rows a statement under ``purpose`` may use: the consent
+        table and the further sources (``consent: further_sources:``); () where consent filters nothing.
+
+        >>> from proxy.devtools.sample import policies_dir
+        >>> pol = Policy.load(policies_dir())
+        >>> pol.consent_sources("marketing"), pol.consent_sources("billing")
+        (('privacy.consents', 'member.guardian_consents'), ())
+        """
+        if self.consent_mode(purpose) is None:
+            return ()
+        return tuple(str(t) for t in self.catalog.consent.tables)
+
     def categories_of(self, column: Column) -> tuple[str, ...]:
         """The personal-information categories of ``column``; () when it is not personal."""
         return self.catalog.categories_of(column)

@@ -11,6 +11,8 @@ rule, a purpose) is not its business.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from proxy.analysis.model import Column
 from proxy.policy import vocabulary as v
 from proxy.policy.engine import Policy
@@ -86,7 +88,14 @@ def _consent_losses(old: Policy, new: Policy) -> list[str]:
         return ["the consent section"]
     keep = ("table", "subject", "purpose", "status", "withdrawn", "granted", "recorded_at", "barrier")
     changed = [k for k in keep if getattr(oc, k, None) != getattr(nc, k, None)]
-    return [f"consent: {', '.join(changed)} changed"] if changed else []
+    out = [f"consent: {', '.join(changed)} changed"] if changed else []
+    now = {f.table: replace(f, line=None) for f in nc.further}
+    for source in oc.further:  # a further source gone or changed may withdraw less (or nothing)
+        if source.table not in now:
+            out.append(f"consent: further source {source.table} dropped")
+        elif now[source.table] != replace(source, line=None):
+            out.append(f"consent: further source {source.table} changed")
+    return out
 
 
 def _rule_losses(old: Policy, new: Policy) -> list[str]:

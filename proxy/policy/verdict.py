@@ -668,7 +668,7 @@ def _copy_block(statements: list[StatementAccess], purpose: str, policy: Policy,
     return None
 
 
-def _consent_tables(statements: list[StatementAccess], touched: Iterable[Column], policy: Policy,
+def consent_tables(statements: list[StatementAccess], touched: Iterable[Column], policy: Policy,
                     purpose: str | None) -> list[str]:
     """The tables the rewrite must filter by consent (also those touched through declared functions), when
     consent filters rows under ``purpose``: those with a data-subject column, and those with personal columns
@@ -757,7 +757,7 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
         return blocked
     if not needs_purpose:
         if purpose is not None and policy.is_purpose(purpose) and \
-                (consent := _consent_tables(statements, touched, policy, purpose)):
+                (consent := consent_tables(statements, touched, policy, purpose)):
             return _rewrite(analysis, expl, purpose, rewrite, consent)
         return Allow("no personal data"), replace(expl, verdict="allow", reason="no personal data")
 
@@ -778,7 +778,7 @@ def decide_statement(analysis: Analysis, *, role: str, purpose: str | None, poli
     if blocked := (_deny_block(expl, purpose, role, policy) or _aggregate_block(expl, purpose)
                    or _copy_block(statements, purpose, policy, expl)):
         return blocked
-    consent = _consent_tables(statements, touched, policy, purpose)
+    consent = consent_tables(statements, touched, policy, purpose)
     if expl.requirements or consent:
         return _rewrite(analysis, expl, purpose, rewrite, consent)
     return Allow("policy"), replace(expl, verdict="allow", reason="policy")

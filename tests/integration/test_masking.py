@@ -109,9 +109,9 @@ def scoped(pads: tuple[bytes, bytes], purpose: str, value: str) -> str:
 
 # --- clients ----------------------------------------------------------------------------------------
 
-def proxy_dsn(proxy, purpose: str | None) -> str:
+def proxy_dsn(proxy, purpose: str | None, dbname: str = DATABASE) -> str:
     opt = f" options='-c pii.purpose={purpose}'" if purpose else ""
-    return f"host=127.0.0.1 port={proxy.port} user=app password={PASSWORD} dbname={DATABASE}{opt}"
+    return f"host=127.0.0.1 port={proxy.port} user=app password={PASSWORD} dbname={dbname}{opt}"
 
 
 def psql(proxy, purpose: str | None, script: str) -> tuple[list[str], str]:
@@ -121,13 +121,14 @@ def psql(proxy, purpose: str | None, script: str) -> tuple[list[str], str]:
     return [line for line in r.stdout.splitlines() if line], r.stderr
 
 
-def pconnect(proxy, purpose: str | None):
-    return psycopg.connect(proxy_dsn(proxy, purpose), autocommit=True)
+def pconnect(proxy, purpose: str | None, dbname: str = DATABASE):
+    return psycopg.connect(proxy_dsn(proxy, purpose, dbname), autocommit=True)
 
 
-def prows(proxy, purpose: str | None, sql: str, params=None, prepare: bool | None = None) -> list[tuple]:
+def prows(proxy, purpose: str | None, sql: str, params=None, prepare: bool | None = None,
+          dbname: str = DATABASE) -> list[tuple]:
     """Rows through the proxy with psycopg: ``$n`` parameters (RawCursor; extended protocol)."""
-    with pconnect(proxy, purpose) as conn:
+    with pconnect(proxy, purpose, dbname) as conn:
         cur = psycopg.RawCursor(conn)
         cur.execute(sql, params, prepare=prepare)
         return cur.fetchall() if cur.description else []
@@ -181,10 +182,14 @@ def test_schema_yaml_matches_the_live_database(pg, masking_db):
 
 # --- the rewrite fixtures, run through the proxy --------------------------------------------------------
 
-def _row_cases():
+def _row_cases(policies: Path = POLICY_DIR):
+    """The fixture cases with ``rows`` whose file names ``policies`` (each policy has its own proxy)."""
     out = []
     for path in sorted(REWRITE_FIXTURES.glob("*.yaml")):
-        for case in yaml.safe_load(path.read_text())["cases"]:
+        doc = yaml.safe_load(path.read_text())
+        if REPO / doc["policies"] != policies:
+            continue
+        for case in doc["cases"]:
             if "rows" in case:
                 out.append(pytest.param(case, id=f"{path.stem}: {case['name']}"))
     return out
@@ -193,8 +198,12 @@ def _row_cases():
 @pytest.mark.parametrize("case", _row_cases())
 def test_rewrite_fixture_rows_through_the_proxy(mproxy, case):
     """Each fixture case with ``rows`` gives those rows through the proxy (changes rolled back)."""
+    assert_fixture_rows(mproxy, case)
+
+
+def assert_fixture_rows(proxy, case, dbname: str = DATABASE) -> None:
     search_path = case.get("search_path")
-    with pconnect(mproxy, case["purpose"]) as conn:
+    with pconnect(proxy, case["purpose"], dbname) as conn:
         if search_path:
             conn.execute("SET search_path = " + ", ".join(search_path), prepare=False)
         with conn.transaction(force_rollback=True):
@@ -202,6 +211,57 @@ def test_rewrite_fixture_rows_through_the_proxy(mproxy, case):
             cur.execute(case["sql"], case.get("params"))
             rows = [[cell(v) for v in r] for r in cur.fetchall()] if cur.description else []
     assert rows == case["rows"]
+
+
+# --- a further consent source: a guardian's consent for minors (tests/fixtures/guardians) ----------------
+
+GUARDIANS = REPO / "tests" / "fixtures" / "guardians"
+
+
+@pytest.fixture(scope="module")
+def guardians_proxy(pg):
+    """Database ``guardians``: the masking schema with crm.guardian_consents, behind a proxy enforcing
+    tests/fixtures/guardians/policies (the consent filter reads the guardians' consents too)."""
+    create_database(pg, "guardians")
+    with psycopg.connect(pg.dsn("app", "guardians"), autocommit=True) as conn:
+        conn.execute((MASKING / "schema.sql").read_text())
+        conn.execute((GUARDIANS / "schema.sql").read_text())
+        conn.execute("ANALYZE")
+    install(pg, "guardians")
+    p = ProxyProcess(pg.address, "--decider", "purpose", "--policies", str(GUARDIANS / "policies"),
+                     "--schema-dsn", admin_url(pg, "postgres"), "--policy-watch-interval", "0").start()
+    yield p
+    p.stop()
+
+
+def test_guardians_schema_yaml_matches_the_live_database(pg, guardians_proxy):
+    from proxy.analysis.schema import Schema
+    from proxy.enforcement.runtime import load_database_state
+
+    live = asyncio.run(load_database_state(admin_url(pg, "guardians"), None, 10)).schema
+    for rel in Schema.from_file(str(GUARDIANS / "schema.yaml")).relations:
+        assert live.relation(rel.schema, rel.name) == rel, f"{rel} differs from the database"
+
+
+@pytest.mark.parametrize("case", _row_cases(GUARDIANS / "policies"))
+def test_guardian_fixture_rows_through_the_proxy(guardians_proxy, case):
+    """The rewrites of tests/fixtures/rewrite/guardians.yaml give their rows on PostgreSQL."""
+    assert_fixture_rows(guardians_proxy, case, "guardians")
+
+
+def test_a_guardians_revocation_holds_from_the_next_statement(pg, guardians_proxy):
+    """The filter is SQL PostgreSQL evaluates: revoking (and restoring) a guardian's consent needs no reload."""
+    sql = "SELECT member_id FROM crm.members WHERE member_id = 10"
+    direct = pg.dsn("app", "guardians")
+    assert prows(guardians_proxy, "support", sql, dbname="guardians") == [(10,)]
+    with psycopg.connect(direct, autocommit=True) as conn:
+        conn.execute("UPDATE crm.guardian_consents SET revoked_at = now() WHERE consent_id = 4")
+    try:
+        assert prows(guardians_proxy, "support", sql, dbname="guardians") == []
+    finally:
+        with psycopg.connect(direct, autocommit=True) as conn:
+            conn.execute("UPDATE crm.guardian_consents SET revoked_at = NULL WHERE consent_id = 4")
+    assert prows(guardians_proxy, "support", sql, dbname="guardians") == [(10,)]
 
 
 # --- each masking method, in the output ----------------------------------------------------------------

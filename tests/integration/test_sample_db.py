@@ -95,6 +95,24 @@ def test_purpose_proxy_check_against_the_live_database(sample_db):
     assert "0 failed" in result.stdout
 
 
+def fetchval(dsn: str, sql: str):
+    """One value of ``sql``, run directly in the sample database."""
+    async def run():
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def check_live(policies: Path, dsn: str) -> subprocess.CompletedProcess:
+    """``purpose-proxy check POLICIES --dsn DSN``, as a security team runs it."""
+    return subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+
+
 def test_check_against_the_live_database_finds_a_deny_rule_for_a_role_it_does_not_have(sample_db, tmp_path):
     """Hunt 20: 'analysts' for 'analyst' kept a deny from ever applying, and check --dsn said nothing."""
     import shutil
@@ -104,8 +122,7 @@ def test_check_against_the_live_database_finds_a_deny_rule_for_a_role_it_does_no
     shutil.copytree(REPO / "policies", policies)
     with open(policies / "policy.csv", "a") as f:
         f.write("p, analysts, research, payment.invoice, read, deny\n")
-    result = subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
-                            capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    result = check_live(policies, dsn)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "rule for 'analysts', which is neither a database role nor a group: it can never match" in result.stdout
 
@@ -122,25 +139,48 @@ def test_check_against_the_live_database_finds_consent_values_the_filter_does_no
     catalog = policies / "catalog.yaml"
     catalog.write_text(catalog.read_text().replace("  withdrawn: [withdrawn]\n", "  withdrawn: [Withdrawn]\n"))
 
-    async def run(sql):
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetchval(sql)
-        finally:
-            await conn.close()
-
-    withdrawn = asyncio.run(run("SELECT count(*) FROM privacy.consents WHERE status = 'withdrawn'"))
-    asyncio.run(run("INSERT INTO privacy.consents (member_id, purpose, status, recorded_at) "
-                    "VALUES (2, 'Marketing', 'granted', '2000-01-01')"))
+    withdrawn = fetchval(dsn, "SELECT count(*) FROM privacy.consents WHERE status = 'withdrawn'")
+    fetchval(dsn, "INSERT INTO privacy.consents (member_id, purpose, status, recorded_at) "
+                    "VALUES (2, 'Marketing', 'granted', '2000-01-01')")
     try:
-        result = subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
-                                capture_output=True, text=True, timeout=300, cwd=str(REPO))
+        result = check_live(policies, dsn)
     finally:
-        asyncio.run(run("DELETE FROM privacy.consents WHERE recorded_at = '2000-01-01'"))
+        fetchval(dsn, "DELETE FROM privacy.consents WHERE recorded_at = '2000-01-01'")
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
     assert f"{withdrawn} rows have status 'withdrawn', which the filter does not read as 'Withdrawn'" in out, out
     assert "1 row has purpose 'Marketing', which names no purpose" in out, out
+
+
+def test_check_against_the_live_database_reads_the_further_consent_sources(sample_db, tmp_path):
+    """A further consent source (the guardians' consents) is checked like the consent table: its columns
+    against the live schema, and the scope values it holds against the purposes."""
+    import shutil
+
+    dsn = sample_db[0]
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    catalog = policies / "catalog.yaml"
+    text = catalog.read_text()
+    # A column the catalog lists (so the policy loads) but the database does not have; and a scope column.
+    text = text.replace("      revoked_at: [minor.guardian_consent]\n",
+                        "      revoked_at: [minor.guardian_consent]\n      withdrawn_on: [minor.guardian_consent]\n")
+    text = text.replace("      revoked: revoked_at\n", "      revoked: withdrawn_on\n      scope: scope\n")
+    catalog.write_text(text)
+
+    minors = fetchval(dsn, "SELECT count(*) FROM member.guardian_consents WHERE scope = 'service_use'")
+    fetchval(dsn, "INSERT INTO member.guardian_consents VALUES (9999, 2, 'g', '父', '000', 'Marketing', "
+                    "'2000-01-01', NULL)")
+    try:
+        result = check_live(policies, dsn)
+    finally:
+        fetchval(dsn, "DELETE FROM member.guardian_consents WHERE consent_id = 9999")
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "further source member.guardian_consents: revoked column withdrawn_on is not in the database " \
+           "schema" in out, out
+    assert "1 row has scope 'Marketing', which names no purpose" in out, out
+    assert f"{minors} rows have scope 'service_use', not a purpose of purposes.yaml" in out, out
 
 
 def test_the_consent_filter_hides_event_participants_who_are_members_that_withdrew(sample_db):

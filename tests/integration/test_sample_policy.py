@@ -80,6 +80,49 @@ def test_the_consent_table_does_not_list_who_withdrew_under_a_sibling_purpose(is
         assert "consent.decision" in refusal(conn, "SELECT DISTINCT member_id FROM privacy.consents")
 
 
+def test_a_minor_whose_guardian_revoked_consent_is_used_under_no_withdrawable_purpose(isp):
+    """The notice asks under-16s to give their data with a guardian's consent (000: 16歳未満の方 ...
+    保護者の方の同意). Member 115 is a minor whose guardian revoked that consent in 2024, with no
+    stop-of-use request of their own: the consent filter reads member.guardian_consents too, so the
+    member is left out under every withdrawable purpose, and kept under billing (a contract)."""
+    assert direct(isp, "SELECT revoked_at IS NOT NULL FROM member.guardian_consents WHERE member_id = 115") == \
+        [(True,)]
+    assert direct(isp, "SELECT pg_catalog.count(*) FROM privacy.consents WHERE member_id = 115") == [(0,)]
+    # (pg_catalog.count: this database has a user aggregate named count, see below)
+    members = "SELECT pg_catalog.count(*) FROM member.members WHERE member_id IN (114, 115, 116)"
+    assert direct(isp, members) == [(3,)]
+    for role, purpose in [("app_marketing", "marketing"), ("app_marketing", "marketing.announcements"),
+                          ("app_partner", "partner_referral")]:
+        with connect(isp, role, purpose) as conn:
+            assert conn.execute(members).fetchall() == [(2,)], purpose
+    # Research sees member ids only as pseudonyms: count everyone (no stop-of-use request names research).
+    assert direct(isp, "SELECT pg_catalog.count(*) FROM privacy.consents WHERE purpose LIKE 'research%'") == [(0,)]
+    kept = direct(isp, "SELECT pg_catalog.count(*) FROM member.members WHERE member_id NOT IN "
+                       "(SELECT member_id FROM member.guardian_consents WHERE revoked_at IS NOT NULL)")
+    assert kept != direct(isp, "SELECT pg_catalog.count(*) FROM member.members")
+    for purpose in ("research", "research.behaviour_analysis"):
+        with connect(isp, "analyst", purpose) as conn:
+            assert conn.execute("SELECT pg_catalog.count(*) FROM member.members").fetchall() == kept, purpose
+    with connect(isp, "app_marketing", "marketing.announcements") as conn:
+        assert conn.execute("SELECT member_id FROM member.members WHERE member_id = %s", (115,),
+                            prepare=True).fetchall() == []
+    # Every reference is filtered: a table of its own, a join, a subquery, a view.
+    views = "SELECT pg_catalog.count(*) FROM browsing.page_views WHERE member_id = 115"
+    assert direct(isp, views) != [(0,)]
+    with connect(isp, "app_marketing", "marketing.personalized") as conn:
+        for sql in [views,
+                    ("SELECT pg_catalog.count(*) FROM browsing.page_views v JOIN member.members m "
+                     "ON m.member_id = v.member_id WHERE m.member_id = 115"),
+                    ("SELECT pg_catalog.count(*) FROM browsing.page_views v WHERE v.member_id IN "
+                     "(SELECT member_id FROM member.members WHERE member_id = 115)"),
+                    "SELECT pg_catalog.count(*) FROM browsing.member_page_views WHERE member_id = 115"]:
+            assert conn.execute(sql).fetchall() == [(0,)], sql
+    with connect(isp, "app_billing", "billing") as conn:
+        assert conn.execute("SELECT member_id FROM member.members WHERE member_id = 115").fetchall() == [(115,)]
+        invoices = conn.execute("SELECT pg_catalog.count(*) FROM billing.invoices WHERE member_id = 115").fetchall()
+    assert invoices == direct(isp, "SELECT pg_catalog.count(*) FROM billing.invoices WHERE member_id = 115") != [(0,)]
+
+
 def test_row_keys_beside_hashed_member_ids_are_hashed_too(isp):
     raw_recordings = {r[0] for r in direct(isp, "SELECT recording_id::text FROM support.call_recordings")}
     raw_profiles = {r[0] for r in direct(isp, "SELECT profile_id::text FROM ads.interest_profiles")}

@@ -297,6 +297,31 @@ def withdrawn_members(policy, cur) -> dict[str, set[int]]:
             continue
         out[purpose] = {m - MEMBER_BASE for m, q, status in latest if status in source.withdrawn
                         and (q == purpose or purpose.startswith(q + ".") or q.startswith(purpose + "."))}
+    for further in source.further:  # rows that withdraw too (a guardian's revoked consent)
+        for purpose in out:
+            out[purpose] |= {m - MEMBER_BASE for m in further_withdrawn(further, purpose, cur)}
+    return out
+
+
+def further_withdrawn(further, purpose: str, cur) -> set[int]:
+    """Ids of the subjects a further consent source withdraws from ``purpose``: a row (their latest one, with
+    recorded_at) revoked, or whose scope is not the purpose or one above it."""
+    cols = [further.subject, further.revoked or "NULL", further.status or "NULL", further.scope or "NULL",
+            further.recorded_at or "NULL"]
+    cur.execute(f"SELECT {', '.join(cols)} FROM {further.table.schema}.{further.table.name}")
+    rows = cur.fetchall()
+    newest: dict[int, object] = {}
+    for subject, _, _, _, at in rows:
+        if at is not None:
+            newest[subject] = max(newest.get(subject, at), at)
+    out = set()
+    for subject, revoked, status, scope, at in rows:
+        if further.recorded_at and at is not None and at < newest[subject]:
+            continue
+        covered = scope is not None and (purpose == scope or purpose.startswith(scope + "."))
+        if (further.revoked and revoked is not None) or (further.status and status in further.withdrawn) or \
+                (further.scope and not covered):
+            out.add(subject)
     return out
 
 

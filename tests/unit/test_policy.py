@@ -1419,6 +1419,129 @@ def test_under_the_shipped_policy_only_the_stop_of_use_procedure_touches_consent
     assert readers <= {"disclosure_requests", "operations"}  # operations reads everything redacted
 
 
+# -- further consent sources: a guardian's consent for minors (catalog.yaml consent: further_sources) -------------
+
+GUARDIAN_SOURCE = "    - table: member.guardian_consents\n      subject: member_id\n      revoked: revoked_at\n"
+
+
+def sample_with(tmp_path: Path, old: str, new: str) -> tuple[Path, str]:
+    """A copy of the shipped policy with one change to catalog.yaml; its directory and the new catalog text."""
+    shutil.copytree(SAMPLE, tmp_path / "p")
+    catalog = tmp_path / "p" / "catalog.yaml"
+    catalog.write_text(swap(catalog.read_text(), old, new))
+    return tmp_path / "p", catalog.read_text()
+
+
+def test_the_shipped_policy_filters_by_the_guardians_consent_under_withdrawable_purposes_only(sample):
+    assert [str(f.table) for f in sample.catalog.consent.further] == ["member.guardian_consents"]
+    for purpose in ("marketing", "marketing.ads.third_party", "research", "research.behaviour_analysis",
+                    "partner_referral"):
+        assert sample.consent_sources(purpose) == ("privacy.consents", "member.guardian_consents"), purpose
+    for purpose in ("billing", "identity_verification", "support", "statistics", "disclosure_requests"):
+        assert sample.consent_sources(purpose) == (), purpose
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("member.guardian_consents", "member.guardian_consent"),
+     "table member.guardian_consent is not in the catalog's tables"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("revoked_at", "revoked_on"),
+     "member.guardian_consents: revoked column 'revoked_on' is not a column of the table in the catalog"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("subject: member_id", "subject: member"),
+     "member.guardian_consents: subject column 'member' is not a column of the table in the catalog"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE + "      scope: scopes\n",
+     "member.guardian_consents: scope column 'scopes' is not a column of the table in the catalog"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("      revoked: revoked_at\n", ""),
+     "say when a row withdraws consent"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("      revoked: revoked_at\n", "      status: scope\n"),
+     "status and withdrawn go together"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("      subject: member_id\n", ""), "subject must be a column name"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE + "      revoke: revoked_at\n", "unknown key 'revoke'"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("member.guardian_consents", "guardian_consents"),
+     "table must be written schema.table"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE + GUARDIAN_SOURCE, "listed twice"),
+    (GUARDIAN_SOURCE, GUARDIAN_SOURCE.replace("member.guardian_consents", "privacy.consents"),
+     "privacy.consents is the consent table itself"),
+    ("  further_sources:\n", "  further_sources: member.guardian_consents\n  old_sources:\n",
+     "further_sources must be a list"),
+    (GUARDIAN_SOURCE, "    - member.guardian_consents\n", "each source is a mapping"),
+])
+def test_a_broken_further_consent_source_is_not_loaded(tmp_path, old, new, message):
+    """A declaration that cannot be read, or names a table or column the catalog does not have, must not load
+    as if it withdrew nothing: `purpose-proxy check` reports it and the proxy keeps the policy in force."""
+    directory, _ = sample_with(tmp_path, old, new)
+    problems = check_directory(directory)
+    assert problems and all(p.severity == ERROR for p in problems), problems
+    assert any(message in p.message for p in problems), [p.message for p in problems]
+
+
+def test_further_consent_decisions_any_purpose_may_rewrite_are_an_error(tmp_path):
+    # Unclassified, revoked_at could be cleared by any purpose (UPDATE ... SET revoked_at = NULL).
+    directory, _ = sample_with(tmp_path, "      revoked_at: [minor.guardian_consent]", "      revoked_at: []")
+    problems = check_policy(Policy.load(directory))
+    assert [p.severity for p in problems] == [ERROR], problems
+    assert "further source member.guardian_consents: revoked_at not classified" in problems[0].message
+
+
+def test_a_further_consent_source_naming_other_people_is_an_error(tmp_path):
+    directory, _ = sample_with(tmp_path, "      member_id: [identity.member_id, minor.guardian_consent]",
+                               "      member_id: [minor.guardian_consent]")
+    problems = [p for p in check_policy(Policy.load(directory)) if "further source" in p.message]
+    assert [p.severity for p in problems] == [ERROR], problems
+    assert "its subject column 'member_id' is not classified like the consent table's" in problems[0].message
+
+
+def test_a_further_consent_source_is_compared_with_the_database_schema(sample):
+    from proxy.analysis.schema import Schema
+
+    full = Schema.from_file(str(SAMPLE / "schema.yaml"))
+    schema = {Table(r.schema, r.name): list(r.columns) for r in full.relations}
+    assert not [p for p in check_policy(sample, schema) if "further source" in p.message]
+    schema[Table("member", "guardian_consents")].remove("revoked_at")
+    problems = [p for p in check_policy(sample, schema) if "further source" in p.message]
+    assert [p.message for p in problems] == [
+        "consent: further source member.guardian_consents: revoked column revoked_at is not in the database schema"]
+    del schema[Table("member", "guardian_consents")]
+    problems = [p for p in check_policy(sample, schema) if "further source" in p.message]
+    assert [p.message for p in problems] == [
+        "consent: further source member.guardian_consents is not in the database schema"]
+
+
+def test_dropping_or_changing_a_further_consent_source_is_a_dropped_protection(tmp_path, sample):
+    from proxy.policy.narrowing import dropped_protections
+
+    directory, _ = sample_with(tmp_path, GUARDIAN_SOURCE, "")
+    text = (directory / "catalog.yaml").read_text()
+    (directory / "catalog.yaml").write_text(text.replace("  further_sources:\n", ""))
+    assert dropped_protections(sample, Policy.load(directory)) == [
+        "consent: further source member.guardian_consents dropped"]
+    (directory / "catalog.yaml").write_text(text.replace("  further_sources:\n", "  further_sources:\n" +
+                                            GUARDIAN_SOURCE.replace("revoked_at", "consented_at")))
+    assert dropped_protections(sample, Policy.load(directory)) == [
+        "consent: further source member.guardian_consents changed"]
+
+
+def test_policy_cases_pin_the_consent_sources(sample):
+    from proxy.analysis.access import analyze
+    from proxy.analysis.schema import Schema
+
+    schema = Schema.from_file(str(SAMPLE / "schema.yaml"))
+    cases = parse_policy_cases("""
+cases:
+  - {name: a, role: app_marketing, purpose: marketing, sql: SELECT family_name FROM member.members, expect: mask,
+     consent: [member.guardian_consents, privacy.consents]}
+  - {name: b, role: app_marketing, purpose: marketing, sql: SELECT family_name FROM member.members, expect: mask,
+     consent: [privacy.consents]}
+  - {name: c, role: app_billing, purpose: billing, sql: SELECT member_id FROM billing.invoices, expect: allow,
+     consent: []}
+""")
+    results = run_policy_tests(sample, cases, analyze, schema)
+    assert [r.passed for r in results] == [True, False, True]
+    assert results[1].failures == (
+        "rows filtered by privacy.consents, member.guardian_consents, expected privacy.consents",)
+    with pytest.raises(PolicyError, match="consent must be a list"):
+        parse_policy_cases("cases:\n  - {name: a, role: r, sql: SELECT 1, expect: allow, consent: yes}\n")
+
+
 # -- partitions and inheritance children (a security tester's finding) ----------------------------------------------
 # A partition or inheritance child of a catalogued table, placed in a schema the catalog does not list, was
 # not personal: its rows are the parent's rows, so reading it directly is decided as reading the parent.

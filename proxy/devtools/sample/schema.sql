@@ -73,6 +73,8 @@ CREATE TABLE member.guardian_consents (
     consented_at           timestamptz NOT NULL,
     revoked_at             timestamptz
 );
+-- The consent filter (a further source, catalog.yaml) looks up a member's guardian consents for each row it keeps.
+CREATE INDEX guardian_consents_member ON member.guardian_consents (member_id);
 
 -- Billing and payment (料金等の請求).
 CREATE TABLE billing.payment_methods (
