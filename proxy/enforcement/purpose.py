@@ -585,7 +585,10 @@ class PurposeSession:
             elif st.kind is Kind.UTILITY and _CLOSE_ALL.match(sql):
                 self._cursors_closed(via)
             elif st.kind is Kind.TRANSACTION and self.relay is not None:
-                if ends_a_transaction_aside(sql):
+                # COMMIT AND CHAIN commits this session's own transaction: news only when it ran DDL
+                # (each one made every session of the database wait for a schema load); COMMIT or
+                # ROLLBACK PREPARED may end any session's.
+                if ends_a_transaction_aside(sql) and (self._ddl_open or "prepared" in sql.lower()):
                     # It is decided when it arrives, but runs after whatever the client sent before
                     # it (a pipeline): every ReadyForQuery up to the one that ends its batch counts.
                     distance = getattr(self.relay, "batch_end_distance", None)

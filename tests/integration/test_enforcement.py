@@ -1152,6 +1152,21 @@ def test_ddl_committed_without_leaving_a_transaction_block_is_taken_up(pg, ddl_d
             admin.execute("ROLLBACK")
 
 
+def test_commit_and_chain_without_ddl_loads_no_schema(pg, enforce_proxy):
+    """COMMIT AND CHAIN ends only this session's transaction: without DDL in it, other sessions have nothing to
+    take up. Each one used to mark the database's schema stale, and every session on it got 40001 until the
+    schema was loaded again (hunt 30)."""
+    log = enforce_proxy.log_path
+    with psycopg.connect(dsn(pg, enforce_proxy, "billing"), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        before = log.read_text().count("(DDL committed)")
+        for sql in ("BEGIN", "SELECT email FROM crm.members WHERE member_id = 1", "COMMIT AND CHAIN",
+                    "ROLLBACK AND CHAIN", "COMMIT"):
+            conn.execute(sql)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert log.read_text().count("(DDL committed)") == before
+
+
 def test_a_user_defined_cast_function_counts_as_called_in_every_statement(pg, enforce_proxy):
     # Found by hunt 15: CREATE CAST (bigint AS text) WITH FUNCTION public.card_of(bigint) made
     # member_id::text return card numbers, while the analysis read the cast as a plain conversion.
