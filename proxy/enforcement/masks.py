@@ -115,20 +115,55 @@ def type_family(column_type: str | None) -> str | None:
     return None
 
 
+# Built-in types whose modifier (a length, a precision) ``format_type`` prints, as pg_catalog names: the
+# modifier is part of the result's shape (RowDescription's type modifier: ``varchar(20)``, ``numeric(10,2)``),
+# and an expression over the column (``CASE``, ``date_trunc``) loses it unless it is cast back.
+_MODIFIED_TYPES = (
+    (re.compile(r"character varying(\(\d+\))"), "pg_catalog.varchar"),
+    (re.compile(r"character(\(\d+\))"), "pg_catalog.bpchar"),
+    (re.compile(r"numeric(\(\d+(?:,-?\d+)?\))"), "pg_catalog.numeric"),
+    (re.compile(r"timestamp(\(\d\)) without time zone"), "pg_catalog.timestamp"),
+    (re.compile(r"timestamp(\(\d\)) with time zone"), "pg_catalog.timestamptz"),
+    (re.compile(r"time(\(\d\)) without time zone"), "pg_catalog.time"),
+    (re.compile(r"time(\(\d\)) with time zone"), "pg_catalog.timetz"),
+)
+
+
+def keep_modifier(expression: str, column_type: str | None) -> str:
+    """``expression`` cast back to the column's type where that type has a modifier, so that a result of the
+    column's own type keeps its length or precision too (other types, and unknown ones, are left as they are:
+    their expression already has the column's full type).
+
+    >>> keep_modifier("x", "character varying(20)"), keep_modifier("x", "numeric(10,2)")
+    ('(x)::pg_catalog.varchar(20)', '(x)::pg_catalog.numeric(10,2)')
+    >>> keep_modifier("x", "timestamp(0) with time zone"), keep_modifier("x", "text"), keep_modifier("x", None)
+    ('(x)::pg_catalog.timestamptz(0)', 'x', 'x')
+    """
+    for pattern, name in _MODIFIED_TYPES:
+        found = pattern.fullmatch(column_type or "")
+        if found:
+            return f"({expression})::{name}{found[1]}"
+    return expression
+
+
 # -- the methods -------------------------------------------------------------------------------------
 
 @method("redact")
 def redact(col: str, option: str | None = None, column_type: str | None = None) -> str:
     """NULL of the column's own type, or with an option that constant (of the column's type) for every row.
+    A type with a modifier keeps it (``keep_modifier``; a constant longer than a ``varchar(n)`` is cut to n
+    characters, as by any explicit cast).
 
     >>> redact("t.email")
     '(CASE WHEN false THEN t.email END)'
     >>> redact("t.email", "hidden")
     "(CASE WHEN false THEN t.email ELSE 'hidden' END)"
+    >>> redact("t.amount", None, "numeric(10,2)")
+    '((CASE WHEN false THEN t.amount END))::pg_catalog.numeric(10,2)'
     """
     if option:
-        return f"(CASE WHEN false THEN {col} ELSE {literal(option)} END)"
-    return f"(CASE WHEN false THEN {col} END)"
+        return keep_modifier(f"(CASE WHEN false THEN {col} ELSE {literal(option)} END)", column_type)
+    return keep_modifier(f"(CASE WHEN false THEN {col} END)", column_type)
 
 
 @method("partial")
@@ -226,10 +261,14 @@ def year(col: str, option: str | None = None, column_type: str | None = None) ->
     "(pg_catalog.date_trunc('year', (m.birth_date)::pg_catalog.timestamp))::pg_catalog.date"
     >>> year("e.seen_at", None, "timestamp with time zone")
     "pg_catalog.date_trunc('year', e.seen_at)"
+    >>> year("e.seen_at", None, "timestamp(0) without time zone")
+    "(pg_catalog.date_trunc('year', e.seen_at))::pg_catalog.timestamp(0)"
     """
     if option:
         raise MaskError("year takes no option")
-    return _YEAR_OF.get(type_family(column_type) or "date", _YEAR_OF["date"]).format(col=col)
+    family = type_family(column_type) or "date"
+    return keep_modifier(_YEAR_OF.get(family, _YEAR_OF["date"]).format(col=col),
+                         column_type if family in _YEAR_OF else None)
 
 
 _UNITS = ("year", "quarter", "month", "decade", "century")
@@ -280,7 +319,7 @@ def generalize(col: str, option: str | None = None, column_type: str | None = No
             raise MaskError(f"generalize: unit {unit!r} is not one of {', '.join(_UNITS)}")
         if family == "date":
             return f"(pg_catalog.date_trunc({literal(unit)}, ({col})::pg_catalog.timestamp))::pg_catalog.date"
-        return f"pg_catalog.date_trunc({literal(unit)}, {col})"
+        return keep_modifier(f"pg_catalog.date_trunc({literal(unit)}, {col})", column_type)
     if column_type is None:
         raise MaskError("generalize needs the type of the column (read the schema from the database)")
     raise MaskError(f"generalize does not handle columns of type {column_type}")

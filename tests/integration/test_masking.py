@@ -328,6 +328,28 @@ def test_row_description_and_parameters_in_the_extended_protocol(mproxy):
         assert cur.fetchone()[2] == "***@example.jp"
 
 
+def test_a_mask_of_the_columns_own_type_keeps_its_type_modifier(mproxy, masking_db):
+    """RowDescription through the proxy is PostgreSQL's own: a redacted numeric(10,2), varchar(40) or
+    timestamp(0) keeps its type modifier (a CASE over a column drops it unless cast back), in the simple
+    and the extended protocol."""
+    sql = "SELECT refund_id, amount, reason, refunded_at FROM billing.refunds ORDER BY refund_id"
+
+    def shape(conn, prepare):
+        cur = conn.cursor()
+        cur.execute(sql, prepare=prepare)
+        res = cur.pgresult
+        return [(res.ftype(i), res.fmod(i)) for i in range(res.nfields)], cur.fetchall()
+
+    with psycopg.connect(masking_db, autocommit=True) as conn:
+        direct, _ = shape(conn, False)
+    assert [m for _, m in direct[1:]] == [655366, 44, 0]  # numeric(10,2), varchar(40), timestamp(0)
+    for prepare in (False, True):
+        with pconnect(mproxy, "support") as conn:
+            masked, rows = shape(conn, prepare)
+        assert masked == direct
+        assert rows == [(301, None, None, None), (302, None, None, None)]
+
+
 # --- each masking method, in predicates ------------------------------------------------------------------
 
 PREDICATES = [  # column, a raw value, the masked value
