@@ -2115,6 +2115,12 @@ class Analyzer:
         res = self.record_function(node, sch)
         if res.name == "set_config" and res.schema == "pg_catalog":
             self.set_config(node)
+        elif res.name == "set_config" and sch is None:
+            # Read as the user-defined set_config on the path, but PostgreSQL picks among the functions of
+            # the name by argument types first (10.3): pg_catalog's may be the one that runs. Its settings
+            # count, but it is not followed as a SET (which of the two changes them is not known).
+            self.acc.functions.add("pg_catalog.set_config")
+            self.set_config(node, certain=False)
         if res.aggregate:
             stat = res.builtin_only and res.name in fn.STATISTICAL_AGGREGATES
             return self.aggregate(node, env, stat, windowed)
@@ -2125,11 +2131,12 @@ class Analyzer:
             self.copy(place, out)
         return out
 
-    def set_config(self, node: exp.Anonymous) -> None:
+    def set_config(self, node: exp.Anonymous, certain: bool = True) -> None:
         """Record set_config(name, value, is_local) as a setting.
 
         The name must be a constant; a value that is not one is recorded as None (unknown),
-        an is_local that is not one as False (the lasting case).
+        an is_local that is not one as False (the lasting case). ``certain``: the call is
+        pg_catalog.set_config (not possibly a user-defined one of the name).
         """
         args = node.expressions
         self.acc.reads_constants = True
@@ -2150,7 +2157,7 @@ class Analyzer:
         else:
             is_local, constant = False, False
         self.acc.settings.append((args[0].this.lower(), value, is_local))
-        if constant and value is not None and _sole_call(node) and len(self.acc.settings) == 1:
+        if certain and constant and value is not None and _sole_call(node) and len(self.acc.settings) == 1:
             self.acc.set_command = True
 
     # --- naming -------------------------------------------------------------------------------------------------------

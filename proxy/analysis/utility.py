@@ -326,6 +326,25 @@ def is_temp_schema(name: str) -> bool:
     return name == "pg_temp" or name.startswith("pg_temp_")
 
 
+def temp_schema_listed_at(path: list[str]) -> int | None:
+    """The earliest place in ``path`` (the search_path's entries) at which PostgreSQL may search the
+    session's temporary schema; None when it is searched before all of them (and before pg_catalog).
+
+    Only the ``pg_temp`` alias places it for sure: a ``pg_temp_N`` entry is the session's own temporary
+    schema only if N is its number, which the proxy does not know; any other is skipped like a schema
+    the role may not use (or that does not exist), and the session's temporary schema is then searched
+    first, as when none is listed (5.9.3 "The Schema Search Path"; recomputeNamespacePath in
+    catalog/namespace.c). With the alias listed, an own ``pg_temp_N`` before it would come earlier.
+
+    >>> [temp_schema_listed_at(p) for p in (["crm"], ["crm", "pg_temp"], ["crm", "pg_temp_99"],
+    ...                                     ["crm", "pg_temp_3", "public", "pg_temp"])]
+    [None, 1, None, 1]
+    """
+    if "pg_temp" not in path:
+        return None
+    return next(i for i, s in enumerate(path) if is_temp_schema(s))
+
+
 def temporary_relations(tokens: tuple[Token, ...] | list[Token], temp_first: bool) -> list[str] | None:
     """The names of the relations a DDL statement (or ``SELECT ... INTO``) may create in the session's
     temporary schema: ``[]`` when it creates none there, None when it may create one whose name these

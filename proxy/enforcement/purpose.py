@@ -27,7 +27,8 @@ from proxy.analysis.lexer import LexError, T, split_statements, truncate_identif
 from proxy.analysis.model import Analysis, Kind, Table
 from proxy.analysis.schema import format_search_path, parse_search_path
 from proxy.analysis.shape import shape
-from proxy.analysis.utility import ends_a_transaction_aside, is_temp_schema, temporary_relations
+from proxy.analysis.utility import (ends_a_transaction_aside, is_temp_schema, temp_schema_listed_at,
+                                    temporary_relations)
 from proxy.enforcement.cache import MAX_TEXT, Shaped, Verdict, shape_entry
 from proxy.enforcement.hook import SessionInfo, StartupRefused
 from proxy.enforcement.rewrite import make_rewrite
@@ -114,6 +115,19 @@ _SCHEMA_FREE = frozenset({Kind.DDL, Kind.SET, Kind.SHOW, Kind.TRANSACTION, Kind.
 SHAPED = True  # tags the cache keys of shape entries (a text without constants is its own shape)
 # An UPDATE of pg_settings runs set_config() for each row it changes.
 PG_SETTINGS = Table("pg_catalog", "pg_settings")
+
+
+def unreadable_search_path(value: str) -> bool:
+    """Whether PostgreSQL refuses ``value`` as a search_path (a list it cannot split).
+
+    >>> [unreadable_search_path(v) for v in ('crm, "Public"', '', '"a', 'a,', 'a b')]
+    [False, False, True, True, True]
+    """
+    try:
+        parse_search_path(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _refuse(message: str, *, reason: str, sqlstate: str = "42501", detail: str | None = None,
@@ -485,6 +499,12 @@ class PurposeSession:
                             sqlstate="25001", reason="setting-in-transaction",
                             hint="COMMIT or ROLLBACK first, and send the SET on its own (not pipelined "
                                  "behind other statements).")
+                    if name == "search_path" and value is not None and unreadable_search_path(value):
+                        # set_config passes its text as it is (SET quotes it first): PostgreSQL refuses a
+                        # list it cannot split, 22023 (check_search_path, SplitIdentifierString).
+                        # (The value stays out of the message: refusals reach the audit log.)
+                        return _refuse("invalid value for parameter \"search_path\"", sqlstate="22023",
+                                       reason="invalid-setting", detail="List syntax is invalid.")
                     if name in (self.setting, "all") and self.holdable_cursors:
                         return _refuse("the purpose cannot change while WITH HOLD cursors may be open",
                                        sqlstate="25001", reason="cursor-open",
@@ -693,8 +713,9 @@ class PurposeSession:
 
     def _temp_first(self, name: str, path: list[str]) -> bool:
         """Whether PostgreSQL would search the temporary schema for ``name`` before finding it elsewhere on
-        ``path`` (the schemas it searches): the temporary schema comes first unless listed."""
-        at = next((i for i, s in enumerate(path) if is_temp_schema(s)), None)
+        ``path`` (the schemas it searches): the temporary schema comes first unless the pg_temp alias is
+        listed (a hunt listed pg_temp_99999, another session's or none, which PostgreSQL skips)."""
+        at = temp_schema_listed_at(path)
         if at is None:
             return True
         before = [self.role if s == "$user" else s for s in path[:at]]

@@ -706,3 +706,30 @@ def test_scenario_discard_temp_rolled_back(block, pg, enforce_proxy):
         _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members",))
         conn.execute("DISCARD TEMP")  # (at a quiet point: the name is free again)
         assert _after_reload(conn, "SELECT phone FROM members ORDER BY 1").fetchone() == ("decoy-phone-1",)
+
+
+@pytest.mark.parametrize("set_path", ["SET search_path = {}", "SELECT set_config('search_path', '{}', false)"])
+def test_scenario_pg_temp_of_another_number_does_not_place_the_temp_schema(set_path, pg, enforce_proxy):
+    """Only the ``pg_temp`` alias (or the session's own pg_temp_N, whose number the proxy does not know) places
+    the temporary schema in the search_path: a ``pg_temp_N`` of another session, or of none, is skipped
+    like any schema the role may not use, and the session's temporary schema is searched first (5.9.3;
+    recomputeNamespacePath in catalog/namespace.c). A hunt listed pg_temp_99999 after crm and public to
+    copy phone numbers into a temporary ``members`` decided as crm.members, then read them as the decoy
+    public.members under marketing (set with SET or with set_config, as pg_dump does)."""
+    with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
+        conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
+        conn.execute("SET pii.purpose = 'support'")
+        _after_reload(conn, set_path.format("crm, pg_temp_99999"))
+        try:
+            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
+        except psycopg.Error as e:
+            assert e.sqlstate == "0A000", e
+        conn.execute("SET pii.purpose = 'marketing'")
+        _after_reload(conn, set_path.format("public, pg_temp_99999"))
+        for sql in ("SELECT phone FROM members", "TABLE members"):
+            try:
+                rows = _after_reload(conn, sql).fetchall()
+            except psycopg.Error as e:
+                assert e.sqlstate == "0A000", e
+            else:
+                assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS {sql}: {rows}"

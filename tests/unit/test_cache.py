@@ -237,6 +237,18 @@ def test_set_config_of_the_purpose_is_refused_after_a_harmless_one_of_the_same_s
     assert isinstance(attack, Block) and attack.reason == "set-config"
 
 
+@pytest.mark.parametrize("value", ['"crm', "crm,", "crm public", "crm,,public"])
+def test_set_config_of_a_search_path_postgresql_cannot_split_is_refused_as_postgresql_would(value):
+    """set_config hands PostgreSQL its text as it is (SET quotes a string first): a hunt's
+    ``SELECT set_config('search_path', '"crm', false)`` ended in an internal error of the proxy."""
+    s = _session(dict(CASES[0], purpose="support"), 1000)
+    before = list(s.search_path)
+    for _ in range(2):  # cold, then warm
+        refused = s.decide(f"SELECT set_config('search_path', '{value}', false)", "query")
+        assert isinstance(refused, Block) and refused.sqlstate == "22023", refused
+    assert s.search_path == before
+
+
 def test_the_cache_is_bounded_and_emptied_on_reload():
     case = CASES[0]
     runtime = _runtime(case, 3)

@@ -86,6 +86,21 @@ def test_where_pg_temp_is_listed_decides(admin):
     assert type(s.decide("SELECT email FROM members", "query")) is Allow
 
 
+def test_only_the_pg_temp_alias_places_the_temporary_schema(admin):
+    """A pg_temp_N entry may be another session's temporary schema (or none): PostgreSQL skips it and searches
+    the session's own first. A hunt set search_path to crm, pg_temp_99999 (SET, or set_config as pg_dump does)
+    and had a temporary ``members`` decided as crm.members."""
+    s = admin(["crm", "pg_temp_99999", "public"])
+    s.decide("CREATE TEMP TABLE members (member_id int)", "query")
+    assert s.decide("SELECT email FROM members", "query").reason == "temporary-relation"
+    s.decide("SELECT set_config('search_path', 'crm, pg_temp_3', false)", "query")
+    assert s.decide("SELECT email FROM members", "query").reason == "temporary-relation"
+    s.decide("SET search_path = pg_temp_3, crm, pg_temp", "query")  # the alias; an own pg_temp_3 before it
+    assert s.decide("SELECT email FROM members", "query").reason == "temporary-relation"
+    s.decide("SET search_path = crm, pg_temp, pg_temp_3", "query")
+    assert type(s.decide("SELECT email FROM members", "query")) is Allow  # crm.members comes first
+
+
 def test_the_cache_does_not_answer_for_a_session_with_temp_tables(admin):
     s = admin(size=1000)
     other = admin(size=1000)
