@@ -640,18 +640,20 @@ def _after_reload(conn, sql: str):
     return conn.execute(sql)
 
 
-def _copy_phones_then_read_as_decoy(conn, reads: tuple[str, ...]) -> None:
-    """With a temporary ``members`` in place: under support, with search_path crm, copy phone numbers into
-    "crm.members"; under marketing, with search_path public, read them back as the decoy public.members.
-    Each step may be refused (0A000); no read may return a phone number."""
+def _copy_phones_then_read_as_decoy(conn, reads: tuple[str, ...],
+                                    paths: tuple[str, str] = ("SET search_path = crm, public",
+                                                              "SET search_path = public")) -> None:
+    """With a temporary ``members`` in place: under support, with search_path crm (``paths[0]``), copy phone
+    numbers into "crm.members"; under marketing, with search_path public (``paths[1]``), read them back as
+    the decoy public.members. Each step may be refused (0A000); no read may return a phone number."""
     conn.execute("SET pii.purpose = 'support'")
-    conn.execute("SET search_path = crm, public")
+    _after_reload(conn, paths[0])
     try:
         _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
     except psycopg.Error as e:
         assert e.sqlstate == "0A000", e
     conn.execute("SET pii.purpose = 'marketing'")
-    conn.execute("SET search_path = public")
+    _after_reload(conn, paths[1])
     for sql in reads:
         try:
             rows = _after_reload(conn, sql).fetchall()
@@ -718,18 +720,5 @@ def test_scenario_pg_temp_of_another_number_does_not_place_the_temp_schema(set_p
     public.members under marketing (set with SET or with set_config, as pg_dump does)."""
     with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
         conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
-        conn.execute("SET pii.purpose = 'support'")
-        _after_reload(conn, set_path.format("crm, pg_temp_99999"))
-        try:
-            _after_reload(conn, "INSERT INTO members (phone) SELECT phone FROM crm.members")
-        except psycopg.Error as e:
-            assert e.sqlstate == "0A000", e
-        conn.execute("SET pii.purpose = 'marketing'")
-        _after_reload(conn, set_path.format("public, pg_temp_99999"))
-        for sql in ("SELECT phone FROM members", "TABLE members"):
-            try:
-                rows = _after_reload(conn, sql).fetchall()
-            except psycopg.Error as e:
-                assert e.sqlstate == "0A000", e
-            else:
-                assert not CANARIES["contact.phone"].search(repr(rows)), f"BYPASS {sql}: {rows}"
+        _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members", "TABLE members"),
+                                        (set_path.format("crm, pg_temp_99999"), set_path.format("public, pg_temp_99999")))
