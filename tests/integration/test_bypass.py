@@ -720,5 +720,5 @@ def test_scenario_pg_temp_of_another_number_does_not_place_the_temp_schema(set_p
     public.members under marketing (set with SET or with set_config, as pg_dump does)."""
     with psycopg_connect(proxy_dsn(pg, enforce_proxy, "maintenance")) as conn:
         conn.execute("CREATE TEMP TABLE members (member_id int, name text, email text, phone text)")
-        _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members", "TABLE members"),
-                                        (set_path.format("crm, pg_temp_99999"), set_path.format("public, pg_temp_99999")))
+        paths = (set_path.format("crm, pg_temp_99999"), set_path.format("public, pg_temp_99999"))
+        _copy_phones_then_read_as_decoy(conn, ("SELECT phone FROM members", "TABLE members"), paths)
