@@ -311,6 +311,7 @@ def _copy_positions(inner: StatementAccess, acc: StatementAccess) -> None:
     """Keep the references and aggregates of an inner query that is not ``acc.inner`` (COPY, CREATE AS)."""
     acc.references.extend(inner.references)
     acc.aggregates.extend(inner.aggregates)
+    acc.key_groups.extend(inner.key_groups)
 
 
 def _sub(st: Statement, i: int, j: int | None = None, prefix: str = "") -> Statement:

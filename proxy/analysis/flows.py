@@ -28,13 +28,14 @@ from sqlglot.dialects.postgres import Postgres
 from proxy.analysis import functions as fn
 from proxy.analysis import positions as pos
 from proxy.analysis.lexer import Statement, T, Token
-from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, Kind, RelationRef, StatementAccess, Table,
-                                  Use)
+from proxy.analysis.model import (AggregateBlock, AggregateCall, Column, KeyGroup, Kind, RelationRef, StatementAccess,
+                                  Table, Use)
 from proxy.analysis.resolve import (A, F, P, W, Env, Flow, Item, Level, Source, UnknownColumn, Unsupported, aggregated,
                                     check_conflicts, column_of, consumed, ident, lookup_qualified, lookup_refname,
                                     lookup_unqualified, merge_into, of_groups, resolve_relation, union, valued_columns,
                                     whole_row)
-from proxy.analysis.schema import BUILTIN_SCHEMAS, MATERIALIZED_VIEW, TABLE, VIEW, RelationInfo, Schema
+from proxy.analysis.schema import (BUILTIN_SCHEMAS, MATERIALIZED_VIEW, PARTITIONED_TABLE, TABLE, VIEW, RelationInfo,
+                                   Schema)
 
 # Unquoted names that PostgreSQL reads as keywords, never as columns.
 SQL_VALUE_KEYWORDS = frozenset({
@@ -413,6 +414,8 @@ class Analyzer:
                 for o in order.expressions:
                     self.order_key(o.this, inner, names, flows, groups=True)
             self.limits(node, inner)
+            if group is not None:
+                self.key_groups(node, group, inner)
         finally:
             self.frames.pop()
         rows = union(*(it.rows for it in level.items))
@@ -1176,6 +1179,68 @@ class Analyzer:
             block = text.blocks[sel] = AggregateBlock(sel + text.first, having, None if having else at,
                                                       None if having else token + text.first)
         return block
+
+    def key_groups(self, node: exp.Select, group: exp.Group, env: Env) -> None:
+        """Record the stored tables of this block whose whole primary key its GROUP BY holds, with the
+        columns of them the block uses outside aggregates (``KeyGroup``; statements only, not view
+        definitions).
+
+        PostgreSQL lets such a block use the table's other columns ungrouped (7.2.3: "unless the
+        grouped column is the primary key ... of the table containing the ungrouped column"), but
+        not with grouping sets (SELECT, GROUP BY clause: functional dependency is recognised only
+        for a plain GROUP BY list), so ROLLUP, CUBE, GROUPING SETS and parenthesized lists are left
+        alone. An item is a plain column of the table, by name (an input column first, then an
+        output column, as PostgreSQL resolves a GROUP BY name) or by position in the select list.
+        """
+        text = self.text
+        if text is None or self.view_depth:
+            return
+        if any(v not in _EMPTY for k, v in group.args.items() if k != "expressions"):
+            return  # GROUPING SETS, CUBE, ROLLUP, GROUP BY DISTINCT (or ALL), WITH TOTALS
+        items = [g.unnest() if isinstance(g, exp.Paren) else g for g in group.expressions]
+        if any(isinstance(g, (exp.GroupingSets, exp.Cube, exp.Rollup, exp.Tuple)) for g in items):
+            return
+        grouped: dict[int, tuple[Source, set[int]]] = {}
+        for g in items:
+            col = _grouped_column(g, node.expressions, lambda c: self.local_source(c, env) is not None)
+            src = self.local_source(col, env) if col is not None else None
+            if src is None or src.ref is None or not src.base or src.relation is None:
+                continue
+            if src.ref.kind not in (TABLE, PARTITIONED_TABLE) or not src.relation.primary_key:
+                continue
+            name = _column_parts(col, self.ctx.schema)[-1]
+            if name in src.columns:
+                grouped.setdefault(id(src), (src, set()))[1].add(src.columns.index(name))
+        keyed = []
+        for src, cols in grouped.values():
+            rel = src.relation
+            if len(src.columns) == len(rel.columns) and all(
+                    k in rel.columns and rel.columns.index(k) in cols for k in rel.primary_key):
+                keyed.append((src, cols))
+        if not keyed:
+            return
+        used: dict[int, set[int]] = {id(src): set() for src, _ in keyed}
+        whole: set[int] = set()
+        for e in _level_expressions(node):
+            for c in _outside_aggregates(e):
+                if isinstance(c, exp.Star) or isinstance(c.this, exp.Star):
+                    table = ident(c.args["table"].this) if isinstance(c, exp.Column) and c.args.get("table") else None
+                    for src, _ in keyed:
+                        if table is None or table == src.name:
+                            used[id(src)].update(range(len(src.columns)))
+                    continue
+                src = self.local_source(c, env)
+                if src is not None and id(src) in used:
+                    used[id(src)].add(src.columns.index(_column_parts(c, self.ctx.schema)[-1]))
+                elif not c.args.get("table") and src is None:
+                    whole.update(id(s) for s, _ in keyed if s.name == ident(c.this))
+        for src, cols in keyed:
+            sel = pos.block_start(text, src.ref.span.first - text.first) if src.ref.span is not None else None
+            end = pos.group_end(text, sel) if sel is not None else None
+            if end is None or any(kg.ref is src.ref for kg in self.acc.key_groups):
+                continue
+            self.acc.key_groups.append(KeyGroup(src.ref, end[0], end[1], frozenset(cols),
+                                                tuple(sorted(used[id(src)])), id(src) in whole))
 
     def record_aggregate(self, node: exp.Expr, args: list[exp.Expr], env: Env, flow: Flow,
                          other: Flow | None = None) -> None:
@@ -2270,6 +2335,80 @@ def _find_local(level: Level, name: str) -> Flow | None:
         raise Unsupported(f'cannot tell whether column "{name}" comes from a function whose output columns are '
                           f"unknown")
     return None
+
+
+def _grouped_column(g: exp.Expr, selects: list[exp.Expr], is_input: Callable[[exp.Column], bool]) -> exp.Column | None:
+    """The plain column a GROUP BY item groups by, if it is one: itself, the select list item at its
+    position (``GROUP BY 1``), or, for a bare name that is no input column (``is_input``), the select
+    list item of that output name (SELECT reference, GROUP BY clause).
+
+    >>> import sqlglot
+    >>> q = sqlglot.parse_one("SELECT m.id AS k, m.a + 1 FROM t m GROUP BY 1, 2, k, m.b", read="postgres")
+    >>> [getattr(_grouped_column(g, q.expressions, lambda c: False), "sql", lambda: None)()
+    ...  for g in q.args["group"].expressions]
+    ['m.id', None, 'm.id', 'm.b']
+    """
+    if isinstance(g, exp.Literal) and not g.is_string:
+        try:
+            i = int(g.this)
+        except ValueError:
+            return None
+        if not 1 <= i <= len(selects):
+            return None
+        g = selects[i - 1].unalias()
+    elif isinstance(g, exp.Column) and not g.args.get("table") and not isinstance(g.this, exp.Star) \
+            and not is_input(g):
+        named = [e.this for e in selects if isinstance(e, exp.Alias) and e.alias == ident(g.this)]
+        g = named[0] if len(named) == 1 else g
+    if isinstance(g, exp.Column) and not isinstance(g.this, exp.Star):
+        return g
+    return None
+
+
+def _level_expressions(node: exp.Select) -> list[exp.Expr]:
+    """What a grouped block evaluates per group: its select list, HAVING, window definitions, DISTINCT ON
+    and ORDER BY (WHERE, FROM and GROUP BY come before grouping)."""
+    out = list(node.expressions)
+    for key in ("having", "order"):
+        clause = node.args.get(key)
+        if clause is not None:
+            out.extend(o.this if isinstance(o, exp.Ordered) else o for o in (
+                clause.expressions if key == "order" else [clause.this]))
+    out.extend(node.args.get("windows") or [])
+    distinct = node.args.get("distinct")
+    on = distinct.args.get("on") if distinct is not None else None
+    if on is not None:
+        out.extend(on.expressions if isinstance(on, exp.Tuple) else [on])
+    return out
+
+
+def _outside_aggregates(node: exp.Expr, nested: bool = False):
+    """The column references (and stars) of ``node`` a grouped block evaluates per group: not inside an
+    aggregate of the block. A window function runs after grouping, on the groups (3.5): its arguments,
+    PARTITION BY and ORDER BY count. A subquery is read whole but for its stars: an outer column in it
+    must be grouped too (its own columns may add names, which only groups by more of the same row).
+
+    >>> import sqlglot
+    >>> e = sqlglot.parse_one("SELECT a, count(b), sum(c) OVER (PARTITION BY d), (SELECT max(e) FROM u), "
+    ...                       "count(*) FILTER (WHERE f), m.* FROM t m", read="postgres")
+    >>> [c.sql() for x in e.expressions for c in _outside_aggregates(x)]
+    ['a', 'c', 'd', 'e', 'm.*']
+    """
+    if isinstance(node, exp.Star) or isinstance(node, exp.Column) and isinstance(node.this, exp.Star):
+        if not nested:
+            yield node
+        return
+    if isinstance(node, exp.Column):
+        yield node
+        return
+    if isinstance(node, exp.Window) or nested:
+        pass
+    elif isinstance(node, exp.AggFunc) or isinstance(node, (exp.Filter, exp.WithinGroup)) and isinstance(
+            node.this, exp.AggFunc):
+        return
+    inner = nested or isinstance(node, (exp.Window, exp.Query))
+    for child in node.iter_expressions():
+        yield from _outside_aggregates(child, inner)
 
 
 def _group_extras(group: exp.Group) -> list[exp.Expr]:

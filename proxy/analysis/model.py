@@ -202,6 +202,26 @@ class AggregateCall:
     why: str = ""  # why it is not of the simple form
 
 
+@dataclass(slots=True, eq=False)
+class KeyGroup:
+    """A query block grouped by the whole primary key of a table reference in its FROM list.
+
+    PostgreSQL then lets the block use the table's other columns outside aggregates
+    (they are functionally dependent on the key; documentation 7.2.3, SELECT's GROUP BY
+    clause). A derived table has no key, so when the rewrite substitutes ``ref`` it
+    appends ``used`` to the GROUP BY, less ``grouped``. Columns are indexes into the
+    relation's columns; ``at`` is the character offset just after the GROUP BY list
+    (and ``token`` the index of the token after it).
+    """
+
+    ref: RelationRef
+    at: int
+    token: int
+    grouped: frozenset[int]
+    used: tuple[int, ...]
+    whole_row: bool = False  # the block uses the reference's whole row outside aggregates
+
+
 @dataclass(slots=True)
 class StatementAccess:
     """The analysis of one statement of a (possibly multi-statement) SQL string."""
@@ -222,6 +242,8 @@ class StatementAccess:
     # rewrite); for PREPARE/DECLARE/EXPLAIN those of the inner statement are on ``inner``.
     references: list[RelationRef] = field(default_factory=list)
     aggregates: list[AggregateCall] = field(default_factory=list)
+    # Blocks grouped by a relation's primary key (``KeyGroup``), for the rewrite.
+    key_groups: list[KeyGroup] = field(default_factory=list)
     # The analysis depended on the value of a constant (an ORDER BY/GROUP BY position, a
     # set_config name): a statement of the same shape with other constants may differ.
     reads_constants: bool = False

@@ -160,6 +160,27 @@ def having_position(text: Text, sel: int) -> tuple[Span | None, int, int]:
     return None, text.at(stop), stop
 
 
+def group_end(text: Text, sel: int) -> tuple[int, int] | None:
+    """Where the GROUP BY list of the block at SELECT ``sel`` ends: the character offset just after its
+    last item (in the whole string) and the index of the token after it; None without a GROUP BY.
+
+    >>> t = Text.of("SELECT a, count(*) FROM t GROUP BY a, (b) HAVING count(*) > 1")
+    >>> group_end(t, 0), t.tokens[16].text
+    ((41, 16), 'HAVING')
+    >>> group_end(Text.of("SELECT a FROM t GROUP BY a"), 0), group_end(Text.of("SELECT a FROM t"), 0)
+    ((26, 7), None)
+    """
+    found, end = _block_scan(text, sel)
+    group = found.get("group")
+    if group is None:
+        return None
+    later = [found[w] for w in ("having", *_AFTER_HAVING) if w in found and found[w] > group]
+    stop = min(later) if later else end
+    if stop <= group + 2:
+        return None
+    return text.tokens[stop - 1].end + text.offset, stop + text.first
+
+
 def dml_where(text: Text, verb: str) -> tuple[Span | None, int, int, str | None]:
     """For a top-level UPDATE or DELETE: the span of its WHERE condition (None without one), where a WHERE
     clause goes (before RETURNING or at the end: a character offset and the index of the token it goes

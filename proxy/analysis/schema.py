@@ -51,6 +51,9 @@ class RelationInfo:
     ``character varying(20)``, ``date``), in the same order; empty when unknown.
     ``parents`` are the tables it is a partition or an inheritance child of (its
     ``pg_inherits`` rows, in ``inhseqno`` order); ``Schema.ancestors`` follows them up.
+    ``primary_key`` names the columns of its primary key, in the key's order (empty
+    without one): PostgreSQL lets a query grouped by it select the table's other
+    columns (documentation 7.2.3), which the masking rewrite must keep working.
     """
 
     schema: str
@@ -60,6 +63,7 @@ class RelationInfo:
     definition: str | None = None
     types: tuple[str, ...] = ()
     parents: tuple[Table, ...] = ()
+    primary_key: tuple[str, ...] = ()
 
     def type_of(self, column: str) -> str | None:
         """The type of ``column``, or None when unknown.
@@ -293,6 +297,8 @@ class Schema:
             types = {"types": dict(zip(r.columns, r.types))} if r.types else {}
             if r.parents:
                 types["inherits"] = [[p.schema, p.name] for p in r.parents]
+            if r.primary_key:
+                types["primary_key"] = list(r.primary_key)
             if r.kind in (VIEW, MATERIALIZED_VIEW):
                 entry: dict[str, Any] = {"columns": list(r.columns), **types}
                 if r.definition is not None:
@@ -357,7 +363,13 @@ class Schema:
 
         A table (or foreign table) in the mapping form may give ``inherits``: the tables it is a
         partition or inheritance child of, each ``[schema, name]`` or ``"schema.name"`` (split at the
-        first dot); a file without it describes no inheritance.
+        first dot); a file without it describes no inheritance. It may also give ``primary_key``:
+        the columns of its primary key, in order (``primary_key: [member_id]``).
+
+        >>> k = Schema.from_dict({"schemas": {"crm": {"tables": {"members": {
+        ...     "columns": ["member_id", "email"], "primary_key": ["member_id"]}}}}})
+        >>> k.relation("crm", "members").primary_key
+        ('member_id',)
 
         ``implicit`` holds the code PostgreSQL runs without the statement naming it (see
         ``Schema.__init__``): ``functions: {fn: why}``, ``on_write`` and ``on_read``:
@@ -373,7 +385,8 @@ class Schema:
                         k = PARTITIONED_TABLE if cols.get("partitioned") else kind
                         names = tuple(cols.get("columns") or ())
                         relations.append(RelationInfo(sname, tname, k, names, None, _types(names, cols.get("types")),
-                                                      _parents(cols.get("inherits"))))
+                                                      _parents(cols.get("inherits")),
+                                                      tuple(cols.get("primary_key") or ())))
                     else:
                         relations.append(RelationInfo(sname, tname, kind, tuple(cols or ())))
             for key, kind in (("views", VIEW), ("materialized_views", MATERIALIZED_VIEW)):
@@ -479,7 +492,12 @@ SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
        coalesce((SELECT array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
                    FROM pg_catalog.pg_attribute a
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '{}') AS types,
-       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END AS definition
+       CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END AS definition,
+       coalesce((SELECT array_agg(a.attname::text ORDER BY k.i)
+                   FROM pg_catalog.pg_constraint co
+                  CROSS JOIN LATERAL pg_catalog.unnest(co.conkey) WITH ORDINALITY AS k(attnum, i)
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = co.conrelid AND a.attnum = k.attnum
+                  WHERE co.conrelid = c.oid AND co.contype = 'p'), '{}') AS primary_key
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')
@@ -766,7 +784,7 @@ SELECT
           UNION ALL SELECT p.xmin, p.polrelid FROM pg_catalog.pg_policy p
           UNION ALL SELECT h.xmin, h.inhrelid FROM pg_catalog.pg_inherits h
           UNION ALL SELECT co.xmin, co.conrelid FROM pg_catalog.pg_constraint co
-                     WHERE co.conrelid <> 0 AND co.contype IN ('c', 'f')) x
+                     WHERE co.conrelid <> 0 AND co.contype IN ('c', 'f', 'p')) x
     JOIN pg_catalog.pg_class c ON c.oid = x.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
    WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'),
  (SELECT count(*) || ':' || coalesce(sum(hashtext(i.indexrelid::text || ' ' || i.indrelid::text || ' '
@@ -830,7 +848,8 @@ async def load_schema(conn: Any) -> Schema:
             definition = definition.strip().rstrip(";").strip()
         relations.append(RelationInfo(r["schema"], r["name"], _RELKIND[r["relkind"]], tuple(r["columns"] or ()),
                                       definition, tuple(r["types"] or ()),
-                                      tuple(parents.get((r["schema"], r["name"]), ()))))
+                                      tuple(parents.get((r["schema"], r["name"]), ())),
+                                      tuple(r["primary_key"] or ())))
     functions = [
         FunctionInfo(r["schema"], r["name"], frozenset({r["language"]}),
                      _VOLATILITY.get(r["volatility"], "volatile"), frozenset({_PROKIND.get(r["kind"], FUNCTION)}),

@@ -12,7 +12,9 @@ who withdrew (or did not give) consent::
 so the mask holds wherever the column is used (select list, WHERE, JOIN, GROUP BY,
 ORDER BY, functions, whole-row references). Views over such relations are inlined
 as derived tables with the substitution inside. A query block that aggregates a
-column allowed only in aggregates gets ``HAVING count(DISTINCT subject) >= k``.
+column allowed only in aggregates gets ``HAVING count(DISTINCT subject) >= k``. A
+GROUP BY holding the primary key of a substituted table gets the table's columns the
+block uses outside aggregates (a derived table has no key: ``group_additions``).
 Everything else in the text, ``$n`` parameters included, is kept byte for byte.
 What cannot be rewritten with certainty is refused (``Block``).
 
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from proxy.analysis.functions import effective_search_path
-from proxy.analysis.model import AggregateCall, Analysis, Column, Kind, RelationRef, StatementAccess, Table, Use
+from proxy.analysis.model import (AggregateCall, Analysis, Column, KeyGroup, Kind, RelationRef, StatementAccess, Table,
+                                  Use)
 from proxy.analysis.schema import MATERIALIZED_VIEW, VIEW, Schema, quote_ident
 from proxy.analysis.shape import COPY, copy_of
 from proxy.enforcement.masks import MaskError, mask_sql
@@ -54,6 +57,9 @@ _PUSHABLE_TYPES = {
     "uuid": ("str", "param"), "boolean": ("str", "param"),
 }
 RESERVED_PREFIX = "__pp_"
+# Built-in types without an equality operator PostgreSQL can group by (no default btree or hash
+# operator class: "could not identify an equality operator for type json"), nor arrays of them.
+_UNGROUPABLE_TYPES = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
 
 Edit = tuple[int, int, str]  # replace text[start:end] by the string
 
@@ -723,8 +729,110 @@ def _group_size(call: AggregateCall, ctx: Context, rule: str) -> str:
                        "without joins.")
 
 
-def text_edits(text: str, refs: list[RelationRef], calls: list[AggregateCall], ctx: Context) -> list[Edit]:
-    """The edits of one text (a statement, or a view definition): references, DML targets and HAVING clauses."""
+def groupable(column_type: str | None) -> bool:
+    """Whether PostgreSQL can group by values of ``column_type`` (as ``format_type`` prints it; None:
+    unknown, taken as yes): GROUP BY needs the type's equality operator from a btree or hash operator
+    class (json, xml and the geometric types but box's area have none).
+
+    >>> groupable("integer"), groupable("character varying(20)"), groupable("json"), groupable("point[]")
+    (True, True, False, False)
+    >>> groupable(None), groupable("jsonb")
+    (True, True)
+    """
+    if column_type is None:
+        return True
+    base = column_type.split("(")[0].strip()
+    while base.endswith("[]"):
+        base = base[:-2].strip()
+    return base not in _UNGROUPABLE_TYPES
+
+
+def group_additions(group: KeyGroup, rel, tp: TablePlan) -> list[str]:
+    """What the rewrite appends to a GROUP BY that holds the primary key of a table it substitutes:
+    the columns of the reference the block uses outside aggregates and does not group by (and the
+    reference itself when the block uses its whole row).
+
+    PostgreSQL lets a block grouped by a table's primary key use its other columns ungrouped (7.2.3
+    "The GROUP BY and HAVING Clauses"; SELECT, GROUP BY clause: functional dependency); a derived
+    table has no key, so they must be grouped. Within a group every row has the same key, so the
+    same row of the table: grouping by its other columns as well leaves the groups as they were (a
+    masked column groups by the masked value the derived table shows, one per row). A column of a
+    type without equality cannot be grouped: refused.
+
+    >>> from proxy.analysis.model import RelationRef, Table
+    >>> from proxy.analysis.schema import RelationInfo
+    >>> rel = RelationInfo("crm", "m", columns=("id", "name", "doc"), types=("integer", "text", "json"),
+    ...                    primary_key=("id",))
+    >>> ref = RelationRef(Table("crm", "m"), "table", None, alias="p")
+    >>> tp = TablePlan(Table("crm", "m"), masks={"name": "partial"})
+    >>> group_additions(KeyGroup(ref, 0, 0, frozenset({0}), (0, 1)), rel, tp)
+    ['p.name']
+    >>> try:
+    ...     group_additions(KeyGroup(ref, 0, 0, frozenset({0}), (1, 2)), rel, tp)
+    ... except Refused as exc:
+    ...     print(str(exc).split(": ")[1].split(", but ")[1])
+    PostgreSQL cannot group by its type json
+    """
+    out = []
+    wanted = [i for i in group.used if i not in group.grouped and i < len(rel.columns)]
+    for i in wanted:
+        column_type = rel.type_of(rel.columns[i])
+        if not groupable(column_type):
+            raise Refused(f"{rel} must be rewritten ({_why_table(tp)}), and the query groups by its primary key "
+                          f"and uses its column {rel.columns[i]} ungrouped: a derived table has no primary key, "
+                          f"so the rewrite must group by {rel.columns[i]} too, but PostgreSQL cannot group by its "
+                          f"type {column_type}",
+                          hint=f"Select {rel.columns[i]} through an aggregate (e.g. (array_agg(x))[1]) or as "
+                               "text (x::text), and group by that.")
+        name = group.ref.alias_columns[i] if i < len(group.ref.alias_columns) else rel.columns[i]
+        out.append(f"{quote_ident(group.ref.name)}.{quote_ident(name)}")
+    if group.whole_row:
+        bad = [c for c in rel.columns if not groupable(rel.type_of(c))]
+        if bad:
+            raise Refused(f"{rel} must be rewritten ({_why_table(tp)}), and the query groups by its primary key "
+                          f"and uses its whole row ungrouped: a derived table has no primary key, so the rewrite "
+                          f"must group by the row too, but PostgreSQL cannot group by the type "
+                          f"{rel.type_of(bad[0])} of its column {bad[0]}",
+                          hint="Name the columns instead of the whole row.")
+        out.append(quote_ident(group.ref.name))
+    return out
+
+
+def group_edits(groups: Iterable[KeyGroup], ctx: Context) -> dict[int, str]:
+    """Offset -> the text to insert there (``, p.name, ...``) for each GROUP BY that must name more columns
+    because the table whose primary key it holds is substituted (``group_additions``)."""
+    out: dict[int, str] = {}
+    for group in groups:
+        tp = ctx.plan.tables.get(group.ref.table)
+        rel = ctx.schema.relation(group.ref.table.schema, group.ref.table.name)
+        if tp is None or not tp.substitute or rel is None or group.ref.target:
+            continue
+        added = group_additions(group, rel, tp)
+        if added:
+            out[group.at] = out.get(group.at, "") + "".join(f", {a}" for a in added)
+    return out
+
+
+def with_insertions(edits: list[Edit], inserts: dict[int, str]) -> list[Edit]:
+    """``edits`` with each text of ``inserts`` inserted at its offset: ahead of another insertion there
+    (a HAVING clause added after the GROUP BY list), as one edit, so that their order is fixed.
+
+    >>> with_insertions([(5, 5, " HAVING x"), (0, 1, "y")], {5: ", b", 3: ", c"})
+    [(5, 5, ', b HAVING x'), (0, 1, 'y'), (3, 3, ', c')]
+    """
+    out: list[Edit] = []
+    for start, end, new in edits:
+        if start == end and start in inserts:
+            new = inserts[start] + new
+            inserts = {k: v for k, v in inserts.items() if k != start}
+        out.append((start, end, new))
+    return out + [(at, at, text) for at, text in inserts.items()]
+
+
+def text_edits(text: str, refs: list[RelationRef], calls: list[AggregateCall], ctx: Context,
+               groups: Iterable[KeyGroup] = ()) -> list[Edit]:
+    """The edits of one text (a statement, or a view definition): references, DML targets, HAVING clauses
+    and GROUP BY lists (``groups``: statements only)."""
     edits: list[Edit] = []
     repeated = repeated_refs(calls, ctx)
     for ref in refs:
@@ -751,7 +859,7 @@ def text_edits(text: str, refs: list[RelationRef], calls: list[AggregateCall], c
                               hint="Give the table an alias and name its columns through the alias; no TABLESAMPLE.")
             edits.append((ref.span.start, ref.span.end, derived_table(ref, tp, ctx, id(ref) in repeated)))
     edits += having_edits(text, calls, ctx)
-    return edits
+    return with_insertions(edits, group_edits(groups, ctx))
 
 
 # -- 4. the rewrite ---------------------------------------------------------------------------------
@@ -778,7 +886,8 @@ def rewrite_with_edits(analysis: Analysis, expl: Explanation, policy: Policy, sc
             check_statement(st, ctx)
         refs = [r for st in statements for r in st.references]
         calls = [c for st in statements for c in st.aggregates]
-        edits = text_edits(analysis.sql, refs, calls, ctx)
+        groups = [g for st in statements for g in st.key_groups]
+        edits = text_edits(analysis.sql, refs, calls, ctx, groups)
     except Refused as exc:
         return Block(f"purpose-proxy refused the statement: {exc}", detail=None,
                      hint=exc.hint or "The proxy refuses what it cannot rewrite with certainty.",

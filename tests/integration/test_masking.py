@@ -543,6 +543,83 @@ def test_no_purpose_here_may_rewrite_the_consent_decisions(mproxy, masking_db):
                             "AND recorded_at > now()").fetchone() == (0,)
 
 
+# --- GROUP BY a primary key (hunt 35) ---------------------------------------------------------------------
+
+# Django's query for Member.objects.annotate(n=Count("cards")) on managed models: grouped by the primary
+# key only (allows_group_by_selected_pks), the other selected columns ungrouped.
+DJANGO_ANNOTATE = """
+import json, sys, types
+import django
+from django.conf import settings
+
+port, password, purpose = sys.argv[1:4]
+app = types.ModuleType("masking_app")  # an installed app for the models (reverse relations need one)
+app.__path__ = ["."]
+sys.modules["masking_app"] = app
+settings.configure(INSTALLED_APPS=["masking_app"], USE_TZ=True, DATABASES={"default": {
+    "ENGINE": "django.db.backends.postgresql", "HOST": "127.0.0.1", "PORT": port, "NAME": "masking",
+    "USER": "app", "PASSWORD": password,
+    "OPTIONS": {"options": f"-c pii.purpose={purpose} -c search_path=crm,billing"}}})
+django.setup()
+from django.db import models
+from django.db.models import Count
+
+
+class Member(models.Model):
+    member_id = models.IntegerField(primary_key=True)
+    name = models.TextField()
+    birth_date = models.DateField(null=True)
+
+    class Meta:
+        app_label = "masking_app"
+        db_table = "members"
+
+
+class Card(models.Model):
+    card_id = models.IntegerField(primary_key=True)
+    member = models.ForeignKey(Member, models.DO_NOTHING, db_column="member_id", related_name="cards")
+
+    class Meta:
+        app_label = "masking_app"
+        db_table = "cards"
+
+
+qs = Member.objects.annotate(n=Count("cards")).order_by("member_id")
+print(json.dumps({"sql": str(qs.query), "rows": [[m.member_id, m.name, str(m.birth_date), m.n] for m in qs]}))
+"""
+
+
+def test_group_by_a_primary_key_with_psycopg(mproxy):
+    """PostgreSQL lets a query grouped by a table's primary key select the table's other columns; the
+    derived table that masks or filters the table has no key, so the rewrite groups by them too (hunt 35:
+    42803 "must appear in the GROUP BY clause" for every purpose that rewrites the table)."""
+    sql = ("SELECT m.member_id, m.name, m.birth_date, count(c.card_id) AS n FROM crm.members m "
+           "LEFT JOIN billing.cards c ON c.member_id = m.member_id GROUP BY m.member_id ORDER BY m.member_id")
+    for prepare in (False, True):
+        rows = prows(mproxy, "support", sql, prepare=prepare)
+        assert [r[0] for r in rows] == [1, 2, 4, 5, 6, 7, 8, 9, 10], prepare  # member 3 withdrew from support
+        assert rows[0] == (1, "RA****", datetime.date(1961, 1, 1), 1), prepare
+        assert {r[1] for r in rows} == {"RA****"} and rows[-1] == (10, "RA****", None, 0), prepare
+    rows = prows(mproxy, "marketing", "SELECT m.member_id, m.name, m.email FROM crm.members m "
+                                      "GROUP BY m.member_id ORDER BY $1::int, 1", [1])
+    assert rows == [(1, RAW_1["name"], RAW_1["email"]), (2, "RAW-Suzuki Hanako", "raw.suzuki@example.jp"),
+                    (7, "RAW-Mori Aya", "raw.mori@example.jp")]  # opt-in: the members who consented
+    # GROUP BY ROLLUP: PostgreSQL applies no functional dependency there, directly either
+    with pytest.raises(psycopg.errors.GroupingError):
+        prows(mproxy, "support", "SELECT m.member_id, m.name FROM crm.members m GROUP BY ROLLUP (m.member_id)")
+
+
+def test_group_by_a_primary_key_from_django(mproxy):
+    """Django's .annotate() on managed models groups by the primary key only: it works through the proxy."""
+    r = subprocess.run([sys.executable, "-c", DJANGO_ANNOTATE, str(mproxy.port), PASSWORD, "support"],
+                       capture_output=True, text=True, timeout=120, cwd=str(REPO), check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert 'GROUP BY "members"."member_id"' in out["sql"] and '"members"."name"' in out["sql"], out["sql"]
+    assert out["rows"][:2] == [[1, "RA****", "1961-01-01", 1], [2, "RA****", "1972-01-01", 1]]
+    assert [row[0] for row in out["rows"]] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+
+
 # --- aggregate-only --------------------------------------------------------------------------------------------
 
 def test_aggregate_only_groups_and_suppression(mproxy):

@@ -67,7 +67,7 @@ def _existing_roles(pg) -> set[str]:
 
 def shape(schema: Schema) -> dict:
     return {
-        "relations": {f"{r.schema}.{r.name}": (r.kind, r.columns) for r in schema.relations
+        "relations": {f"{r.schema}.{r.name}": (r.kind, r.columns, r.primary_key) for r in schema.relations
                       if r.schema in SAMPLE_SCHEMAS},
         "functions": {f.qualified: (sorted(f.languages), f.volatility, sorted(f.kinds)) for f in schema.functions
                       if f.schema in SAMPLE_SCHEMAS},

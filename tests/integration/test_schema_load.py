@@ -353,6 +353,43 @@ def test_load_schema_reads_partitions_and_inheritance_children(pg):
     assert all(a != b for a, b in itertools.pairwise(versions)), versions
 
 
+PRIMARY_KEY_DDL = """
+CREATE SCHEMA crm;
+CREATE TABLE crm.members (member_id integer PRIMARY KEY, name text);
+CREATE TABLE crm.lines (line_no integer, "Member" integer, note text, PRIMARY KEY ("Member", line_no));
+CREATE TABLE crm.loose (a integer UNIQUE NOT NULL, b text);
+CREATE TABLE crm.parts (k integer, v text, PRIMARY KEY (k)) PARTITION BY RANGE (k);
+CREATE VIEW crm.names AS SELECT member_id, name FROM crm.members;
+"""
+
+
+def test_load_schema_reads_primary_keys(pg):
+    """Each table's primary key, in the key's column order (not the table's): a query grouped by it may
+    use the table's other columns, which the rewrite must keep working. Unique keys are not primary keys
+    (PostgreSQL infers functional dependency from the primary key only). Adding or dropping one moves the
+    catalog stamp."""
+
+    async def run(name: str) -> list:
+        conn = await asyncpg.connect(pg.url("app", dbname=name))
+        try:
+            seen = [(await catalog_stamp(conn), await load_schema(conn))]
+            await conn.execute("ALTER TABLE crm.loose ADD PRIMARY KEY (b)")
+            seen.append((await catalog_stamp(conn), await load_schema(conn)))
+            return seen
+        finally:
+            await conn.close()
+
+    with scratch_database(pg, "pp_pkey_", PRIMARY_KEY_DDL) as name:
+        (before, s), (after, t) = asyncio.run(run(name))
+    keys = {r.name: r.primary_key for r in s.relations if r.schema == "crm"}
+    assert keys == {"members": ("member_id",), "lines": ("Member", "line_no"), "loose": (), "parts": ("k",),
+                    "names": ()}
+    assert type(s).from_dict(s.to_dict()).relation("crm", "lines") == s.relation("crm", "lines")
+    assert type(s).from_dict(s.to_dict()).version == s.version
+    assert t.relation("crm", "loose").primary_key == ("b",)
+    assert before != after and s.version != t.version
+
+
 def test_catalog_stamp_is_the_same_from_an_old_connection_and_a_new_one(pg):
     # Found by a hunt: the stamp held the server's search_path as the session read it at start; after
     # ALTER DATABASE ... SET search_path the watch's kept connection and every load's new one differed

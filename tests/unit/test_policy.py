@@ -1552,7 +1552,7 @@ def _inheriting_schema():
     from proxy.analysis.schema import Schema
 
     data = yaml.safe_load((SAMPLE / "schema.yaml").read_text())
-    members = list(data["schemas"]["member"]["tables"]["members"])
+    members = list(data["schemas"]["member"]["tables"]["members"]["columns"])
     data["schemas"]["member"]["tables"]["contacts"] = {"columns": ["member_id", "email"], "partitioned": True}
     data["schemas"]["reporting"] = {"tables": {
         "contacts_p0": {"columns": ["member_id", "email"], "partitioned": True, "inherits": ["member.contacts"]},

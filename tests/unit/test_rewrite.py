@@ -348,3 +348,73 @@ def test_overlapping_edits_are_refused_and_repeated_ones_made_once():
     with pytest.raises(Refused):
         apply_edits(text, [same, (20, 20, "x")])
     assert apply_edits(text, [same, (14, 14, "/* */ ")]).startswith("SELECT a FROM /* */ (SELECT")
+
+
+# -- GROUP BY a primary key (hunt 35) --------------------------------------------------------------------------
+
+KEYED = Schema.from_dict({"schemas": {"crm": {
+    "tables": {"members": {"columns": ["member_id", "name", "prefs"], "primary_key": ["member_id"],
+                           "types": {"member_id": "integer", "name": "text", "prefs": "json"}},
+               "lines": {"columns": ["line_no", "member_id", "note"], "primary_key": ["member_id", "line_no"]}},
+    "views": {"named": {"columns": ["member_id", "name", "n"],
+                        "sql": "SELECT m.member_id, m.name, count(*) AS n FROM crm.members m GROUP BY m.member_id"}}}}})
+
+
+def key_groups(sql: str) -> list[tuple[str, list[int], list[int], bool]]:
+    st = analyze(sql, KEYED, DEFAULT_PATH, "app").statements[0]
+    assert not st.unsupported, st.unsupported
+    return [(g.ref.name, sorted(g.grouped), list(g.used), g.whole_row) for g in st.key_groups]
+
+
+@pytest.mark.parametrize("sql, expected", [
+    # the key by alias, by table name, by position, by output name; a composite key whole or not
+    ("SELECT m.member_id, m.name FROM crm.members m GROUP BY m.member_id", [("m", [0], [0, 1], False)]),
+    ("SELECT members.name, count(*) FROM crm.members GROUP BY members.member_id", [("members", [0], [1], False)]),
+    ("SELECT m.member_id, m.name FROM crm.members m GROUP BY 1", [("m", [0], [0, 1], False)]),
+    ("SELECT m.member_id AS k, m.name FROM crm.members m GROUP BY k", [("m", [0], [0, 1], False)]),
+    ("SELECT l.note FROM crm.lines l GROUP BY l.line_no, l.member_id", [("l", [0, 1], [2], False)]),
+    ("SELECT l.note FROM crm.lines l GROUP BY l.line_no", []),
+    # HAVING, ORDER BY, windows and subqueries count; aggregates' arguments do not
+    (("SELECT count(m.name) FROM crm.members m GROUP BY m.member_id HAVING max(m.prefs::text) > '' "
+      "ORDER BY m.name"), [("m", [0], [1], False)]),
+    ("SELECT rank() OVER (ORDER BY m.name) FROM crm.members m GROUP BY m.member_id", [("m", [0], [1], False)]),
+    ("SELECT (SELECT count(*) FROM crm.lines l WHERE l.note = m.name) FROM crm.members m GROUP BY m.member_id",
+     [("m", [0], [1], False)]),
+    ("SELECT m.*, count(l.note) FROM crm.members m JOIN crm.lines l USING (member_id) GROUP BY m.member_id",
+     [("m", [0], [0, 1, 2], False)]),
+    ("SELECT m FROM crm.members m GROUP BY m.member_id", [("m", [0], [], True)]),
+    # several tables in one block
+    (("SELECT m.name, l.note FROM crm.members m JOIN crm.lines l ON l.member_id = m.member_id "
+      "GROUP BY m.member_id, l.member_id, l.line_no"), [("m", [0], [1], False), ("l", [0, 1], [2], False)]),
+    # no functional dependency with grouping sets (SELECT, GROUP BY clause): left alone
+    ("SELECT m.member_id, m.name FROM crm.members m GROUP BY ROLLUP (m.member_id)", []),
+    ("SELECT m.member_id, m.name FROM crm.members m GROUP BY GROUPING SETS ((m.member_id))", []),
+    ("SELECT m.member_id, m.name FROM crm.members m GROUP BY CUBE (m.member_id)", []),
+    ("SELECT m.member_id FROM crm.members m GROUP BY m.member_id, ROLLUP (m.name)", []),
+    # a view's definition is not a statement: its own GROUP BY is not recorded (see REPORT)
+    ("SELECT n FROM crm.named", []),
+])
+def test_blocks_grouped_by_a_primary_key_are_recorded(sql, expected):
+    assert key_groups(sql) == expected
+
+
+def test_group_by_a_key_refuses_a_column_it_cannot_group_by():
+    """A column of a type without equality (json) that must be added to the GROUP BY is refused with a
+    message that says why; the same query without it is rewritten."""
+    policy = _load("policy", "tests/fixtures/masking/policies")
+    data = yaml.safe_load((MASKING / "schema.yaml").read_text())
+    members = data["schemas"]["crm"]["tables"]["members"]
+    members["columns"].append("prefs")
+    members["types"]["prefs"] = "json"
+    schema = Schema.from_dict(data)
+
+    def run(sql: str):
+        analysis = analyze(sql, schema, DEFAULT_PATH, "app")
+        return decide_statement(analysis, role="app", purpose="support", policy=policy,
+                                rewrite=make_rewrite(policy, schema, DEFAULT_PATH, "app"))[0]
+
+    refused = run("SELECT m.member_id, m.prefs FROM crm.members m GROUP BY m.member_id")
+    assert isinstance(refused, Block) and refused.reason == "rewrite-refused", refused
+    assert "must group by prefs too, but PostgreSQL cannot group by its type json" in refused.message
+    ok = run("SELECT m.member_id, m.name, json_agg(m.prefs) FROM crm.members m GROUP BY m.member_id")
+    assert isinstance(ok, Mask) and ok.sql.endswith("GROUP BY m.member_id, m.name"), ok

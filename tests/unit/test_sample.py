@@ -37,7 +37,10 @@ def schema_from_sql(text: str) -> Schema:
         if kind == "TABLE":
             table = st.this.this
             cols = tuple(c.name for c in st.this.expressions if isinstance(c, exp.ColumnDef))
-            relations.append(RelationInfo(table.db, table.name, TABLE, cols))
+            key = tuple(c.name for c in st.this.expressions if isinstance(c, exp.ColumnDef) and any(
+                isinstance(k.kind, exp.PrimaryKeyColumnConstraint) for k in c.constraints))
+            key += tuple(k.name for pk in st.this.expressions if isinstance(pk, exp.PrimaryKey) for k in pk.expressions)
+            relations.append(RelationInfo(table.db, table.name, TABLE, cols, primary_key=key))
         elif kind == "VIEW":
             select = st.expression
             relations.append(RelationInfo(st.this.db, st.this.name, VIEW, tuple(select.named_selects),
@@ -70,9 +73,9 @@ def policy() -> Policy:
 
 
 def shape(schema: Schema) -> dict:
-    """Relations (kind and ordered columns) and functions (languages, volatility, kinds) by name."""
+    """Relations (kind, ordered columns, primary key) and functions (languages, volatility, kinds) by name."""
     return {
-        "relations": {f"{r.schema}.{r.name}": (r.kind, r.columns) for r in schema.relations},
+        "relations": {f"{r.schema}.{r.name}": (r.kind, r.columns, r.primary_key) for r in schema.relations},
         "functions": {f.qualified: (sorted(f.languages), f.volatility, sorted(f.kinds)) for f in schema.functions},
     }
 
