@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Mapping
 from urllib.parse import parse_qs, urlsplit
 
 from proxy.config import Config, is_unix_dir, parse_hostport
@@ -27,7 +28,11 @@ def client_tls_context(config: Config) -> ssl.SSLContext | None:
 
 def warn_about_transport(config: Config) -> None:
     """Say so at startup when clients' TLS ends at the proxy and the upstream leg is plain TCP to another host:
-    passwords and results then cross it in clear, though the clients asked for encryption."""
+    passwords and results then cross it in clear, though the clients asked for encryption; and when the
+    schema connections are told to use weaker TLS than the upstream leg (``catalog_tls_warning``)."""
+    weaker = catalog_tls_warning(config, os.environ)
+    if weaker is not None:
+        log.warning("%s", weaker)
     upstream = config.upstream
     if not config.tls_cert or config.upstream_tls != "disable" or is_unix_dir(upstream):
         return
@@ -104,6 +109,44 @@ def catalog_tls(config: Config, dsn: str) -> ssl.SSLContext | None:
     """
     if config.upstream_tls not in ("require", "verify-full") or os.environ.get("PGSSLMODE"):
         return None
-    if "sslmode" in parse_qs(urlsplit(dsn).query):  # (asyncpg's own reading: urllib's, the last value wins)
+    if _dsn_sslmode(dsn) is not None:
         return None
     return upstream_tls_context(config)
+
+
+# libpq's sslmode values, weakest first (34.19 "SSL Support", Table 34.1).
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _dsn_sslmode(dsn: str) -> str | None:
+    """The sslmode a URL DSN names, if any (asyncpg's own reading: urllib's, the last value wins).
+
+    >>> _dsn_sslmode("postgresql://r@db/x?sslmode=prefer&sslmode=disable"), _dsn_sslmode("postgresql://r@db/x")
+    ('disable', None)
+    """
+    values = parse_qs(urlsplit(dsn).query).get("sslmode")
+    return values[-1] if values else None
+
+
+def catalog_tls_warning(config: Config, environ: Mapping[str, str]) -> str | None:
+    """What to say at startup when the schema connections will be less protected than upstream_tls asks of
+    the upstream leg: PGSSLMODE in the proxy's environment, or schema_dsn's own sslmode, names a weaker
+    mode (``catalog_tls`` lets either decide). None when nothing is weaker.
+
+    >>> cfg = Config(upstream_tls="verify-full", upstream_tls_ca="ca.pem", schema_dsn="postgresql://r@db/x")
+    >>> catalog_tls_warning(cfg, {"PGSSLMODE": "prefer"})[:60]
+    'PGSSLMODE=prefer in the environment decides the TLS of the p'
+    >>> catalog_tls_warning(cfg, {}) is None, catalog_tls_warning(Config(upstream_tls="prefer"), {"PGSSLMODE": "disable"})
+    (True, None)
+    """
+    wanted = config.upstream_tls
+    if wanted not in ("require", "verify-full") or not config.schema_dsn:
+        return None
+    env = environ.get("PGSSLMODE")
+    mode, where = (env, "PGSSLMODE={} in the environment") if env else (
+        _dsn_sslmode(config.schema_dsn), "schema_dsn's sslmode={}")
+    if mode is None or mode not in _SSLMODES or _SSLMODES.index(mode) >= _SSLMODES.index(wanted):
+        return None
+    return (f"{where.format(mode)} decides the TLS of the proxy's schema connections, which is weaker than "
+            f"upstream_tls = {wanted}: the schema every statement is analysed against can be read or changed "
+            f"in transit")

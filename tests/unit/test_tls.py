@@ -34,3 +34,17 @@ def test_the_dsn_or_the_environment_decides_first(monkeypatch):
     assert tls.catalog_tls(Config(upstream_tls="disable"), DSN) is None
     monkeypatch.setenv("PGSSLMODE", "disable")
     assert tls.catalog_tls(strict, DSN) is None
+
+
+def test_startup_says_when_the_schema_connections_get_weaker_tls(monkeypatch, caplog):
+    """PGSSLMODE in the proxy's environment, or schema_dsn's own sslmode, decides the schema connections' TLS
+    (``catalog_tls``); one weaker than upstream_tls is said at startup (hunt 33)."""
+    config = Config(upstream_tls="require", schema_dsn=DSN + "?sslmode=prefer")
+    with caplog.at_level("WARNING", logger="proxy.listener"):
+        tls.warn_about_transport(config)
+    assert "schema_dsn's sslmode=prefer decides the TLS of the proxy's schema connections" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("PGSSLMODE", "verify-full")
+    with caplog.at_level("WARNING", logger="proxy.listener"):
+        tls.warn_about_transport(config)  # the environment's mode decides, and it is not weaker
+    assert caplog.text == ""
