@@ -107,6 +107,13 @@ def fetchval(dsn: str, sql: str):
     return asyncio.run(run())
 
 
+def policies_copy(tmp_path: Path) -> Path:
+    """A copy of the shipped policy directory to break on purpose."""
+    import shutil
+
+    return Path(shutil.copytree(REPO / "policies", tmp_path / "policies"))
+
+
 def check_live(policies: Path, dsn: str) -> subprocess.CompletedProcess:
     """``purpose-proxy check POLICIES --dsn DSN``, as a security team runs it."""
     return subprocess.run([sys.executable, "-m", "proxy", "check", str(policies), "--dsn", dsn],
@@ -115,11 +122,8 @@ def check_live(policies: Path, dsn: str) -> subprocess.CompletedProcess:
 
 def test_check_against_the_live_database_finds_a_deny_rule_for_a_role_it_does_not_have(sample_db, tmp_path):
     """Hunt 20: 'analysts' for 'analyst' kept a deny from ever applying, and check --dsn said nothing."""
-    import shutil
-
     dsn = sample_db[0]
-    policies = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", policies)
+    policies = policies_copy(tmp_path)
     with open(policies / "policy.csv", "a") as f:
         f.write("p, analysts, research, payment.invoice, read, deny\n")
     result = check_live(policies, dsn)
@@ -131,17 +135,14 @@ def test_check_against_the_live_database_finds_consent_values_the_filter_does_no
     """Hunt 20: consent values that differ from the catalog's only in case (a purpose 'Marketing', or the
     catalog's 'Withdrawn' for the database's 'withdrawn') switch the filter off for those rows without a word;
     check --dsn now reads the values the consent table holds."""
-    import shutil
-
     dsn = sample_db[0]
-    policies = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", policies)
+    policies = policies_copy(tmp_path)
     catalog = policies / "catalog.yaml"
     catalog.write_text(catalog.read_text().replace("  withdrawn: [withdrawn]\n", "  withdrawn: [Withdrawn]\n"))
 
     withdrawn = fetchval(dsn, "SELECT count(*) FROM privacy.consents WHERE status = 'withdrawn'")
     fetchval(dsn, "INSERT INTO privacy.consents (member_id, purpose, status, recorded_at) "
-                    "VALUES (2, 'Marketing', 'granted', '2000-01-01')")
+                  "VALUES (2, 'Marketing', 'granted', '2000-01-01')")
     try:
         result = check_live(policies, dsn)
     finally:
@@ -155,11 +156,8 @@ def test_check_against_the_live_database_finds_consent_values_the_filter_does_no
 def test_check_against_the_live_database_reads_the_further_consent_sources(sample_db, tmp_path):
     """A further consent source (the guardians' consents) is checked like the consent table: its columns
     against the live schema, and the scope values it holds against the purposes."""
-    import shutil
-
     dsn = sample_db[0]
-    policies = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", policies)
+    policies = policies_copy(tmp_path)
     catalog = policies / "catalog.yaml"
     text = catalog.read_text()
     # A column the catalog lists (so the policy loads) but the database does not have; and a scope column.
@@ -170,7 +168,7 @@ def test_check_against_the_live_database_reads_the_further_consent_sources(sampl
 
     minors = fetchval(dsn, "SELECT count(*) FROM member.guardian_consents WHERE scope = 'service_use'")
     fetchval(dsn, "INSERT INTO member.guardian_consents VALUES (9999, 2, 'g', '父', '000', 'Marketing', "
-                    "'2000-01-01', NULL)")
+                  "'2000-01-01', NULL)")
     try:
         result = check_live(policies, dsn)
     finally:
